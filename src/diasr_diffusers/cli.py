@@ -1,0 +1,32 @@
+"""The ``diasr`` command line.
+
+Each subsystem owns its commands: a module listed in ``_COMMAND_MODULES`` exposes ``register(subparsers)``, which
+adds its sub-commands with ``set_defaults(func=...)``. ``func(args) -> int`` is the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = [
+    "diasr_diffusers.commands.generate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diasr", description="Multi-subject video generation with Diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``diasr`` CLI, one module per family."""

@@ -1,0 +1,79 @@
+"""Portable exact backend: group queries by bucket, one SDPA call per (sample, bucket) group.
+
+Queries of bucket ``s`` are gathered with ``index_select`` (no padding), attend to ``[shared | segment s]`` with
+plain SDPA (so the fused CPU/GPU kernels apply and no ``Lq x Lk`` score matrix or mask is ever built), and are
+scattered back with ``index_copy``. Autograd flows through gather, SDPA and scatter, so gradients are exact.
+The group sizes are read on the host (``.tolist()``): fine for eager use; the Triton backend avoids it.
+
+``segment_bias`` is folded into SDPA exactly by one extra head channel: with ``q' = [q, b / scale]`` and
+``k' = [k, 1]`` on segment keys (``[k, 0]`` on shared keys), ``scale * q'.k' = scale * q.k + b`` on the segment only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _visible(x: torch.Tensor, shared: int, start: int, length: int) -> torch.Tensor:
+    """Rows ``[0, shared) + [start, start + length)`` of ``x`` (L, H, D); a view when the two ranges touch."""
+    if start == shared or length == 0:
+        return x[: shared + length] if start == shared else x[:shared]
+    return torch.cat([x[:shared], x[start : start + length]])
+
+
+def _add_bias_channel(q, k, v, bias, shared: int, scale: float):
+    n, h, _ = q.shape
+    q = torch.cat([q, (bias / scale).to(q.dtype)[:, None, None].expand(n, h, 1)], dim=-1)
+    indicator = torch.zeros(k.shape[0], h, 1, dtype=k.dtype, device=k.device)
+    indicator[shared:] = 1
+    k = torch.cat([k, indicator], dim=-1)
+    v = torch.cat([v, torch.zeros_like(indicator)], dim=-1)
+    return q, k, v
+
+
+def torch_bucketed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_buckets: torch.Tensor,
+    segment_lengths: list[int],
+    *,
+    scale: float,
+    segment_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    batch, lq, heads, dim = query.shape
+    shared = key.shape[1] - sum(segment_lengths)
+    starts = [shared]
+    for n in segment_lengths[:-1]:
+        starts.append(starts[-1] + n)
+    num_segments = len(segment_lengths)
+
+    rows, index = [], []
+    for b in range(batch):
+        buckets = query_buckets[b]
+        order = torch.argsort(buckets, stable=True)
+        counts = torch.bincount(buckets + 1, minlength=num_segments + 1).tolist()
+        offset = 0
+        for s, n in zip(range(-1, num_segments), counts):
+            idx = order[offset : offset + n]
+            offset += n
+            length = segment_lengths[s] if s >= 0 else 0
+            if n == 0 or shared + length == 0:  # empty group, or nothing visible: output stays zero
+                continue
+            start = starts[s] if s >= 0 else shared
+            q = query[b].index_select(0, idx)
+            k = _visible(key[b], shared, start, length)
+            v = _visible(value[b], shared, start, length)
+            if segment_bias is not None and length > 0:
+                q, k, v = _add_bias_channel(q, k, v, segment_bias[b].index_select(0, idx), shared, scale)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
+            )[0].transpose(0, 1)
+            rows.append(out[..., :dim])
+            index.append(idx + b * lq)
+
+    out = query.new_zeros(batch * lq, heads, dim)
+    if rows:
+        out = out.index_copy(0, torch.cat(index), torch.cat(rows))
+    return out.view(batch, lq, heads, dim)

@@ -1,0 +1,144 @@
+"""Subject-sparse bucketed attention: the exact op behind DiasR's routing.
+
+Keys are laid out as ``[shared | segment 0 | segment 1 | ... | segment N-1]``. A query in bucket ``s`` sees the
+shared keys plus segment ``s``; a query in bucket ``-1`` sees the shared keys only. In a video transformer the
+shared keys are the video tokens and segment ``s`` holds subject ``s``'s reference tokens (self-attention), or
+the shared keys are the general prompt tokens and segment ``s`` holds subject ``s``'s phrase tokens
+(cross-attention).
+
+This module is the thin public interface: argument checks and backend dispatch. Backends live next to it:
+
+* ``"torch"`` (:mod:`._torch_backend`): portable and exact; one SDPA call per (sample, bucket) group, never an
+  ``Lq x Lk`` mask or score matrix.
+* ``"dense"`` (:mod:`._dense_backend`): the explicit boolean mask + SDPA reference, for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._dense_backend import dense_bucketed_attention
+from ._torch_backend import torch_bucketed_attention
+
+logger = logging.getLogger(__name__)
+
+BackendFn = Callable[..., torch.Tensor]
+
+_BACKENDS: dict[str, BackendFn] = {
+    "torch": torch_bucketed_attention,
+    "dense": dense_bucketed_attention,
+}
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``bucketed_attention(..., backend=...)``, ``"auto"`` included."""
+    return ["auto", *_BACKENDS]
+
+
+def register_backend(name: str, fn: BackendFn) -> None:
+    """Register an extra backend (used by the optional Triton and FlexAttention paths)."""
+    _BACKENDS[name] = fn
+
+
+def select_backend(query: torch.Tensor) -> str:
+    """The backend ``"auto"`` resolves to for tensors like ``query``."""
+    return "torch"
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_buckets: torch.Tensor,
+    segment_lengths: Sequence[int],
+    segment_bias: torch.Tensor | None,
+) -> list[int]:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"`{name}` must have shape (B, L, H, D), got shape {tuple(t.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    (b, lq, h, d), (bk, lk, hk, dk) = query.shape, key.shape
+    if (b, h, d) != (bk, hk, dk):
+        raise ValueError(
+            f"`query` {tuple(query.shape)} and `key` {tuple(key.shape)} must agree on batch, heads and head dim "
+            "(layout (B, L, H, D))"
+        )
+    if not query.dtype.is_floating_point or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"`query`, `key`, `value` must share one floating dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not isinstance(query_buckets, torch.Tensor) or query_buckets.shape != (b, lq):
+        shape = tuple(query_buckets.shape) if isinstance(query_buckets, torch.Tensor) else type(query_buckets).__name__
+        raise ValueError(f"`query_buckets` must be a tensor of shape (B, Lq) = {(b, lq)}, got {shape}")
+    if query_buckets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"`query_buckets` must be int64 (or int32), got {query_buckets.dtype}")
+    try:
+        lengths = [int(n) for n in segment_lengths]
+    except (TypeError, ValueError):
+        raise ValueError(f"`segment_lengths` must be a sequence of ints, got {segment_lengths!r}") from None
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"`segment_lengths` must be non-negative, got {lengths}")
+    if sum(lengths) > lk:
+        raise ValueError(f"`segment_lengths` sum to {sum(lengths)} but `key` has only Lk = {lk} tokens")
+    if query_buckets.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(query_buckets.min()), int(query_buckets.max())
+        if lo < -1 or hi >= len(lengths):
+            raise ValueError(
+                f"`query_buckets` must lie in [-1, {len(lengths)}) for {len(lengths)} segments, got values in [{lo}, {hi}]"
+            )
+    if segment_bias is not None and (not isinstance(segment_bias, torch.Tensor) or segment_bias.shape != (b, lq)):
+        shape = tuple(segment_bias.shape) if isinstance(segment_bias, torch.Tensor) else type(segment_bias).__name__
+        raise ValueError(f"`segment_bias` must be a tensor of shape (B, Lq) = {(b, lq)}, got {shape}")
+    return lengths
+
+
+def bucketed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_buckets: torch.Tensor,
+    segment_lengths: Sequence[int],
+    *,
+    scale: float | None = None,
+    segment_bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact softmax attention where each query sees the shared keys plus the private segment of its bucket.
+
+    Args:
+        query: ``(B, Lq, H, D)``.
+        key, value: ``(B, Lk, H, D)``, laid out as ``[shared | segment 0 | ... | segment N-1]``; the shared part
+            has ``Lk - sum(segment_lengths)`` tokens (may be 0).
+        query_buckets: ``(B, Lq)`` int64 in ``[-1, N)``. Bucket ``s`` sees shared + segment ``s``; ``-1`` sees
+            shared keys only. A query with no visible key returns zeros.
+        segment_lengths: ``N`` non-negative ints (zeros allowed), the same for every sample.
+        scale: softmax scale; defaults to ``1 / sqrt(D)``.
+        segment_bias: optional ``(B, Lq)`` float added to the logits of the query's own segment keys (not the shared
+            keys). Passing the router's log-probability of the chosen bucket, e.g. ``logp - logp.detach()``
+            (straight-through: the forward is unchanged), lets gradients reach a router whose forward is hard.
+        backend: ``"auto"`` (best available), ``"torch"`` or ``"dense"`` (reference, materialises the mask).
+
+    Returns:
+        ``(B, Lq, H, D)``, the dtype of ``query``.
+
+    Example:
+        >>> q = torch.randn(1, 10, 2, 8); k = v = torch.randn(1, 7, 2, 8)  # 4 shared keys, segments of 2 and 1
+        >>> buckets = torch.tensor([[0, 1, -1, 0, 1, 1, -1, 0, 0, 1]])
+        >>> bucketed_attention(q, k, v, buckets, [2, 1]).shape
+        torch.Size([1, 10, 2, 8])
+    """
+    if backend != "auto" and backend not in _BACKENDS:
+        raise ValueError(f"Unknown `backend` {backend!r}; expected one of {available_backends()}")
+    lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = select_backend(query)
+    query_buckets = query_buckets.long()
+    return _BACKENDS[backend](query, key, value, query_buckets, lengths, scale=scale, segment_bias=segment_bias)
