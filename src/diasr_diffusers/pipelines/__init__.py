@@ -1,0 +1,5 @@
+"""Pipelines."""
+
+from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
+
+__all__ = ["DiasRPipeline", "DiasRPipelineOutput"]

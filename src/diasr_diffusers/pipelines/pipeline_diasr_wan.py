@@ -1,0 +1,591 @@
+"""DiasRPipeline: multi-subject video generation on Wan2.1 with subject-sparse routed attention."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import get_module_execution_device
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ..processors import (
+    ROUTING_MODES,
+    SubjectRoutingState,
+    SubjectSparseAttnProcessor,
+    TextSegments,
+    set_subject_sparse_attn_processor,
+)
+from ..routing import IDRouter, masks_to_token_grid, routing_labels_from_coverage
+from ..utils.images import letterbox, normalize_subject_images
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers.utils import export_to_video, load_image
+        >>> from diasr_diffusers import DiasRPipeline
+
+        >>> pipe = DiasRPipeline.from_wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16).to("cuda")
+        >>> out = pipe(
+        ...     prompt="The man and the woman dance in a sunlit kitchen.",
+        ...     subject_images=[load_image("man.png"), load_image("woman.png")],
+        ...     subject_phrases=["the man", "the woman"],
+        ...     height=480, width=832, num_frames=81,
+        ...     return_routing_maps=True,
+        ... )
+        >>> export_to_video(out.frames[0], "dance.mp4", fps=16)
+        ```
+"""
+
+
+@dataclass
+class DiasRPipelineOutput(BaseOutput):
+    r"""Output of :class:`DiasRPipeline`.
+
+    Args:
+        frames: the videos: ``np.ndarray`` ``(B, F, H, W, 3)``, a list of lists of PIL images, a tensor, or latents.
+        routing_maps: when ``return_routing_maps=True`` and subjects were given, ``(B, F_lat, H_tok, W_tok)`` int64:
+            the subject index (or ``-1``, null) each video token was routed to at the last step, by majority over
+            the routed layers. ``None`` otherwise.
+    """
+
+    frames: Any
+    routing_maps: torch.Tensor | None = None
+
+
+def _phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """Character spans of every whole-word, case-insensitive occurrence of ``phrase`` in ``text``."""
+    pattern = r"(?<!\w)" + re.escape(phrase.strip()) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+
+
+class DiasRPipeline(WanPipeline):
+    r"""Multi-subject video generation with Wan2.1 and DiasR subject-sparse routed attention.
+
+    Reference images are VAE-encoded to one clean latent frame each and appended after the video latents
+    (Phantom-style). In every self-attention layer, each video token is routed to one subject (or to none) and
+    attends to the video plus that subject's reference tokens only; text cross-attention is routed the same way over
+    the subjects' phrases. Without subjects it is exactly :class:`~diffusers.WanPipeline`.
+
+    Components:
+        tokenizer, text_encoder, vae, scheduler, transformer: as in ``WanPipeline``.
+        id_router (:class:`~diasr_diffusers.IDRouter`, optional): the trained router; without it, the training-free
+            similarity router is used.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    # The router runs inside the transformer's forward; it is small, so it stays on the execution device.
+    _exclude_from_cpu_offload = ["id_router"]
+    _optional_components = ["id_router"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: WanTransformer3DModel,
+        id_router: IDRouter | None = None,
+    ):
+        # WanPipeline's own __init__ registers Wan2.2-only config (transformer_2, boundary_ratio): skip it.
+        super(WanPipeline, self).__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            id_router=id_router,
+        )
+        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
+        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
+        from diffusers.video_processor import VideoProcessor
+
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self.routing_state = SubjectRoutingState()
+        self._install_processors()
+
+    @property
+    def max_subjects(self) -> int | None:
+        """The most subjects per call: the router's limit, or ``None`` (no limit) with the similarity router."""
+        return self.id_router.config.max_subjects if self.id_router is not None else None
+
+    def _install_processors(self) -> None:
+        if self.transformer is None:
+            return
+        procs = self.transformer.attn_processors.values()
+        if not all(isinstance(p, SubjectSparseAttnProcessor) and p.state is self.routing_state for p in procs):
+            set_subject_sparse_attn_processor(self.transformer, self.routing_state)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
+        """Fetch a Hub repo with ``snapshot_download``.
+
+        Diffusers' own ``download`` checks every component's library against diffusers/transformers and rejects our
+        ``IDRouter``; a plain snapshot of the repo's weights and configs is all a DiasR repo needs.
+        """
+        local_files_only = bool(kwargs.get("local_files_only")) or hf_constants.HF_HUB_OFFLINE
+        ignore = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.onnx", "*.h5"]
+        if kwargs.get("use_safetensors") is False:
+            ignore = ["*.msgpack", "*.onnx", "*.h5"]
+        return snapshot_download(
+            pretrained_model_name,
+            cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            force_download=bool(kwargs.get("force_download", False)),
+            local_files_only=local_files_only,
+            ignore_patterns=ignore,
+        )
+
+    @classmethod
+    def from_wan(
+        cls, wan_pipeline_or_path: WanPipeline | str | os.PathLike, id_router: IDRouter | str | None = None, **kwargs
+    ) -> DiasRPipeline:
+        """Build from a stock Wan2.1 Diffusers pipeline (object, local folder or Hub id) plus an optional router
+        (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``torch_dtype``)."""
+        wan = wan_pipeline_or_path
+        if not isinstance(wan, WanPipeline):
+            wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
+        if getattr(wan, "transformer_2", None) is not None:
+            raise ValueError("`from_wan` supports single-transformer Wan2.1 checkpoints (got a Wan2.2 two-stage one)")
+        if isinstance(id_router, (str, os.PathLike)):
+            id_router = IDRouter.from_pretrained(id_router)
+        return cls(
+            tokenizer=wan.tokenizer,
+            text_encoder=wan.text_encoder,
+            vae=wan.vae,
+            scheduler=wan.scheduler,
+            transformer=wan.transformer,
+            id_router=id_router,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
+        # WanPipeline.check_inputs also reads Wan2.2's `boundary_ratio`, which this pipeline does not have.
+        if height % 16 != 0 or width % 16 != 0:
+            raise ValueError(f"`height` and `width` have to be divisible by 16 but are {height} and {width}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if bad:
+                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` has to be of type `str` or `list` but is {type(negative_prompt)}")
+
+    def _resolve_routing(self, routing: str, subject_masks: Any) -> str:
+        if routing == "auto":
+            if subject_masks is not None:
+                return "masks"
+            return "router" if self.id_router is not None else "similarity"
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"`routing` must be 'auto' or one of {ROUTING_MODES}, got {routing!r}")
+        if routing == "router" and self.id_router is None:
+            raise ValueError("`routing='router'` needs an `id_router` component; load one or use routing='similarity'")
+        if routing == "masks" and subject_masks is None:
+            raise ValueError("`routing='masks'` needs `subject_masks`")
+        return routing
+
+    def check_subject_inputs(
+        self,
+        prompts: list[str] | None,
+        subjects: list[list[PIL.Image.Image]],
+        subject_phrases: list[str] | None,
+        subject_masks: Any,
+        num_frames: int,
+        height: int,
+        width: int,
+        guidance_scale_ref: float | None,
+    ) -> None:
+        n = len(subjects)
+        if self.max_subjects is not None and n > self.max_subjects:
+            raise ValueError(f"{n} subjects given but the pipeline's `id_router` supports at most {self.max_subjects}")
+        if subject_phrases is not None:
+            if isinstance(subject_phrases, str) or len(subject_phrases) != n:
+                got = 1 if isinstance(subject_phrases, str) else len(subject_phrases)
+                raise ValueError(f"`subject_phrases` must give one phrase per subject: {n} subjects, {got} phrases")
+            if prompts is None:
+                raise ValueError("`subject_phrases` need `prompt` (text), not only `prompt_embeds`")
+            for phrase in subject_phrases:
+                if not isinstance(phrase, str) or not phrase.strip():
+                    raise ValueError(f"`subject_phrases` must be non-empty strings, got {phrase!r}")
+                for p in prompts:
+                    if not _phrase_spans(prompt_clean(p), phrase):
+                        raise ValueError(f"subject phrase {phrase!r} was not found in the prompt {p!r}")
+        if subject_masks is not None:
+            if n == 0:
+                raise ValueError("`subject_masks` were given without `subject_images`")
+            shape = tuple(getattr(subject_masks, "shape", ()))
+            if shape not in ((n, num_frames, height, width), (n, height, width)):
+                raise ValueError(
+                    f"`subject_masks` must have shape (N, num_frames, height, width) = {(n, num_frames, height, width)} "
+                    f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
+                )
+        if guidance_scale_ref is not None and guidance_scale_ref < 0:
+            raise ValueError(f"`guidance_scale_ref` must be >= 0 or None, got {guidance_scale_ref}")
+        rope_frames = self.transformer.config.rope_max_seq_len
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        total_refs = sum(len(s) for s in subjects)
+        if latent_frames + total_refs > rope_frames:
+            raise ValueError(
+                f"{latent_frames} latent frames + {total_refs} reference images exceed the transformer's "
+                f"rope_max_seq_len={rope_frames}"
+            )
+
+    def _text_routing(
+        self, prompts: list[str], phrases: list[str], max_sequence_length: int, num_videos_per_prompt: int
+    ) -> list[TextSegments]:
+        """Per (prompt, video) sample: text positions reordered ``[general | phrase_0 | ...]`` and phrase lengths."""
+        segments = []
+        for prompt in prompts:
+            text = prompt_clean(prompt)
+            enc = self.tokenizer(
+                text,
+                padding="max_length",
+                max_length=max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+            offsets = enc["offset_mapping"]
+            owner = [-1] * max_sequence_length
+            for s, phrase in enumerate(phrases):
+                for start, end in _phrase_spans(text, phrase):
+                    for t, (a, b) in enumerate(offsets):
+                        if b > a and a < end and b > start:
+                            if owner[t] not in (-1, s):
+                                raise ValueError(f"subject phrases {phrases[owner[t]]!r} and {phrase!r} overlap")
+                            owner[t] = s
+            order = [t for t in range(max_sequence_length) if owner[t] == -1]
+            lengths = []
+            for s in range(len(phrases)):
+                mine = [t for t in range(max_sequence_length) if owner[t] == s]
+                order += mine
+                lengths.append(len(mine))
+            seg = TextSegments(order=torch.tensor(order, dtype=torch.long), lengths=lengths)
+            segments += [seg] * num_videos_per_prompt
+        return segments
+
+    def encode_references(
+        self,
+        subjects: list[list[PIL.Image.Image]],
+        height: int,
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One clean latent frame per reference image: ``(1, C, K, h, w)``, subjects in order, normalised like the
+        video latents. Images are letterboxed onto white at the video size."""
+        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+        vae_device = get_module_execution_device(self.vae)
+        frames = [letterbox(img, height, width) for images in subjects for img in images]
+        pixels = self.video_processor.preprocess(frames, height=height, width=width)  # (K, 3, H, W) in [-1, 1]
+        pixels = pixels.to(vae_device, self.vae.dtype).unsqueeze(2)  # each image its own 1-frame clip
+        latents = torch.cat([retrieve_latents(self.vae.encode(p[None]), sample_mode="argmax") for p in pixels], dim=2)
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        return ((latents - mean) / std).to(device, dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        subject_images: list[Any] | None = None,
+        subject_phrases: list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_ref: float | None = None,
+        routing: str = "auto",
+        route_text: bool = True,
+        subject_masks: torch.Tensor | np.ndarray | None = None,
+        similarity_threshold: float = 0.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        return_routing_maps: bool = False,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 512,
+    ) -> DiasRPipelineOutput | tuple:
+        r"""Generate a video in which each reference subject keeps its identity.
+
+        Args:
+            prompt: the text; each subject's phrase should occur in it.
+            subject_images: one entry per subject: a PIL image, numpy array or tensor, or a list of several images of
+                the same subject. Any size/mode; fitted to the video size without distortion (white padding).
+            subject_phrases: the words in ``prompt`` naming each subject (``"the man"``); they tie each image to
+                its text anchor and route the text cross-attention.
+            negative_prompt, height, width, num_frames, num_inference_steps, generator, latents, prompt_embeds,
+            negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, max_sequence_length: as in ``WanPipeline``.
+            guidance_scale: text guidance. With ``guidance_scale_ref`` it is the text term of Phantom's three-way
+                guidance ``neg + g_ref (pos_ref - neg) + g_text (pos_ref_text - pos_ref)``.
+            guidance_scale_ref: reference guidance; ``None`` = plain two-way CFG (references always on in the
+                conditional branch). Phantom uses 5.0 with ``guidance_scale=7.5``.
+            routing: ``"auto"`` (router if loaded, masks if given, else similarity), ``"router"``, ``"similarity"``,
+                ``"masks"`` (layout control from ``subject_masks``) or ``"dense"`` (every token sees every subject:
+                the Phantom baseline).
+            route_text: also route text cross-attention over the subject phrases (needs ``subject_phrases``).
+            subject_masks: ``(N, num_frames, height, width)`` or ``(N, height, width)`` pixel masks, for
+                ``routing="masks"``.
+            similarity_threshold: null threshold of the training-free similarity router (mean cosine).
+            return_routing_maps: also return ``routing_maps`` (see :class:`DiasRPipelineOutput`).
+
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check everything before any expensive work.
+        self.check_inputs(
+            prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'np', 'pil', 'pt' or 'latent', got {output_type!r}")
+        if num_frames % self.vae_scale_factor_temporal != 1:
+            logger.warning(f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}. Rounding.")
+            num_frames = num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        num_frames = max(num_frames, 1)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        subjects = normalize_subject_images(subject_images)
+        self.check_subject_inputs(
+            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, guidance_scale_ref
+        )
+        routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
+
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        num_videos = batch_size * num_videos_per_prompt
+
+        # 2. Text.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        # 3. Latents and references.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(
+            num_videos,
+            self.transformer.config.in_channels,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+        num_latent_frames = latents.shape[2]
+        routing_inputs = None
+        if subjects:
+            routing_inputs = self._prepare_routing(
+                subjects, subject_phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
+                similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
+            )  # fmt: skip
+            ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype)
+            ref_latents = ref_latents.expand(num_videos, -1, -1, -1, -1)
+        three_way = subjects and guidance_scale_ref is not None and self.do_classifier_free_guidance
+        self._install_processors()
+        state = self.routing_state
+
+        # 4. Denoise.
+        self._num_timesteps = len(timesteps)
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self.scheduler.set_begin_index(0)
+        routing_maps = None
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(num_videos)
+                video_input = latents.to(transformer_dtype)
+                cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": self._num_timesteps}  # fmt: skip
+
+                if subjects:
+                    model_input = torch.cat([video_input, ref_latents], dim=2)
+                    record = return_routing_maps and i == len(timesteps) - 1
+                    with state.activate(**routing_inputs, record=record), self.transformer.cache_context("cond", **cache_kwargs):  # fmt: skip
+                        noise_pred = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+                        if record:
+                            routing_maps = self._routing_maps(state, latents.shape[2:])
+                    noise_pred = noise_pred[:, :, :num_latent_frames]
+                else:
+                    with self.transformer.cache_context("cond", **cache_kwargs):
+                        noise_pred = self.transformer(video_input, timestep, prompt_embeds, return_dict=False)[0]
+
+                if self.do_classifier_free_guidance:
+                    # The negative branch has no references: with every video token routed to null this is exactly
+                    # video-only attention, so the reference tokens need not be computed at all.
+                    with self.transformer.cache_context("uncond", **cache_kwargs):
+                        noise_uncond = self.transformer(video_input, timestep, negative_prompt_embeds, return_dict=False)[0]  # fmt: skip
+                    if three_way:
+                        ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
+                        with state.activate(**ref_only), self.transformer.cache_context("ref", **cache_kwargs):
+                            noise_ref = self.transformer(model_input, timestep, negative_prompt_embeds, return_dict=False)[0]  # fmt: skip
+                        noise_ref = noise_ref[:, :, :num_latent_frames]
+                        noise_pred = (
+                            noise_uncond
+                            + guidance_scale_ref * (noise_ref - noise_uncond)
+                            + guidance_scale * (noise_pred - noise_ref)
+                        )
+                    else:
+                        noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        self._current_timestep = None
+
+        # 5. Decode (as WanPipeline).
+        if output_type != "latent":
+            latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            # Same arithmetic as WanPipeline, so subject-free calls are bit-identical to it.
+            mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+            inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        else:
+            video = latents
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (video, routing_maps)
+        return DiasRPipelineOutput(frames=video, routing_maps=routing_maps)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prepare_routing(
+        self, subjects, phrases, prompts, prompt_embeds, subject_masks, routing, route_text, similarity_threshold,
+        num_videos_per_prompt, num_frames, latents, max_sequence_length,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The :class:`SubjectRoutingState` inputs for the conditional branches of this call."""
+        _, _, _, h, w = latents.shape
+        _, ph, pw = self.transformer.config.patch_size
+        tokens_per_frame = (h // ph) * (w // pw)
+        inputs: dict[str, Any] = {
+            "ref_lengths": [len(images) * tokens_per_frame for images in subjects],
+            "mode": routing,
+            "router": self.id_router if routing == "router" else None,
+            "similarity_threshold": similarity_threshold,
+            "text_segments": None,
+            "phrase_features": None,
+            "phrase_masks": None,
+            "mask_buckets": None,
+        }
+        if phrases is not None:
+            segments = self._text_routing(prompts, phrases, max_sequence_length, num_videos_per_prompt)
+            if route_text:
+                inputs["text_segments"] = segments
+            if routing == "router":
+                # Phrase features for the router's text anchors: the text encoder's output at each phrase's tokens.
+                feats, masks = [], []
+                for s in range(len(subjects)):
+                    longest = max(seg.lengths[s] for seg in segments)
+                    f = prompt_embeds.new_zeros(len(segments), longest, prompt_embeds.shape[-1])
+                    m = torch.zeros(len(segments), longest, dtype=torch.bool, device=prompt_embeds.device)
+                    for b, seg in enumerate(segments):
+                        start = len(seg.order) - sum(seg.lengths) + sum(seg.lengths[:s])
+                        idx = seg.order[start : start + seg.lengths[s]].to(prompt_embeds.device)
+                        f[b, : len(idx)] = prompt_embeds[b, idx]
+                        m[b, : len(idx)] = True
+                    feats.append(f)
+                    masks.append(m)
+                inputs["phrase_features"], inputs["phrase_masks"] = feats, masks
+        if routing == "router":
+            self.id_router.to(latents.device)
+        if routing == "masks":
+            masks = torch.as_tensor(np.asarray(subject_masks) if not isinstance(subject_masks, torch.Tensor) else subject_masks)
+            if masks.ndim == 3:  # static layout: the same mask on every frame
+                masks = masks[:, None].expand(-1, num_frames, -1, -1)
+            coverage = masks_to_token_grid(masks.float()[None], transformer=self.transformer, vae=self.vae)
+            labels = routing_labels_from_coverage(coverage)  # (1, Lv)
+            inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
+        return inputs
+
+    def _routing_maps(self, state: SubjectRoutingState, latent_shape: torch.Size) -> torch.Tensor | None:
+        """Majority vote over the routed layers of the last forward: ``(B, F_lat, H_tok, W_tok)`` int64."""
+        if not state.buckets:
+            return None
+        pt, ph, pw = self.transformer.config.patch_size
+        grid = (latent_shape[0] // pt, latent_shape[1] // ph, latent_shape[2] // pw)
+        stacked = torch.stack(list(state.buckets.values()))  # (layers, B, Lv)
+        votes = torch.nn.functional.one_hot(stacked + 1, state.num_subjects + 1).sum(dim=0)  # (B, Lv, N + 1)
+        return (votes.argmax(dim=-1) - 1).view(-1, *grid).cpu()

@@ -1,0 +1,130 @@
+"""Wan adapter: ``SubjectSparseAttnProcessor`` for Diffusers' ``WanAttention`` (self- and cross-attention).
+
+Only the Wan-specific part lives here (q/k/v projections, across-heads RMSNorm, interleaved rotary embedding);
+routing is :mod:`.core`. With no active subjects the processor runs the stock ``WanAttnProcessor`` code path
+itself, so outputs are identical to stock Wan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from .core import (
+    SubjectRoutingState,
+    route_video_tokens,
+    routed_cross_attention,
+    routed_self_attention,
+)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Wan's interleaved rotary (pairs (0,1), (2,3), ...), as in diffusers' WanAttnProcessor.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class SubjectSparseAttnProcessor:
+    r"""Subject-sparse attention for Wan (``WanAttention``), a drop-in for ``WanAttnProcessor``.
+
+    Without a state, or while the state has no subjects, it is the stock processor (same outputs). With subjects
+    active (see :class:`~diasr_diffusers.processors.SubjectRoutingState`), self-attention over
+    ``[video | ref_0 | ... | ref_{N-1}]`` routes each video token to one subject's references (or none), and
+    text cross-attention optionally routes it to that subject's phrase.
+
+    Args:
+        state: the routing state shared by all layers; ``None`` = always stock.
+        layer_idx: the transformer block this instance serves (needed for per-layer ``IDRouter`` routing; set by
+            :func:`set_subject_sparse_attn_processor`).
+
+    Example:
+        ```py
+        >>> from diasr_diffusers import SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
+        >>> pipe.transformer.set_attn_processor(SubjectSparseAttnProcessor())  # same frames as stock Wan
+        >>> state = set_subject_sparse_attn_processor(pipe.transformer)  # per-layer, sharing one state
+        >>> with state.activate(ref_lengths=[1560, 1560], mode="similarity"):
+        ...     noise_pred = pipe.transformer(torch.cat([latents, ref_latents], dim=2), t, prompt_embeds)[0]
+        ```
+    """
+
+    # Context parallelism (diffusers' rules): these class attributes are set by `enable_parallelism()`.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
+        self.state = state
+        self.layer_idx = layer_idx
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        state = self.state
+        if state is None or not state.active or state.mode == "dense" or attention_mask is not None:
+            return WanAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if self._parallel_config is not None:
+            raise NotImplementedError("subject-sparse attention does not support context parallelism yet")
+        if attn.is_cross_attention:
+            return self._cross_attention(attn, hidden_states, encoder_hidden_states, state)
+        return self._self_attention(attn, hidden_states, rotary_emb, state)
+
+    def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        return (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+
+    def _self_attention(self, attn, hidden_states, rotary_emb, state: SubjectRoutingState) -> torch.Tensor:
+        query, key, value = self._project(attn, hidden_states, None)
+        lv = hidden_states.shape[1] - sum(state.ref_lengths)
+        if lv <= 0:
+            raise ValueError(
+                f"the sequence has {hidden_states.shape[1]} tokens but the state declares {sum(state.ref_lengths)} "
+                "reference tokens"
+            )
+        buckets, bias = route_video_tokens(
+            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:]
+        )
+        state.current_buckets = buckets
+        if rotary_emb is not None:
+            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+        out = routed_self_attention(query, key, value, state, buckets, bias)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _cross_attention(self, attn, hidden_states, encoder_hidden_states, state: SubjectRoutingState) -> torch.Tensor:
+        if state.text_segments is None or state.current_buckets is None or attn.add_k_proj is not None:
+            # No text routing requested (or an I2V image branch we do not route): stock cross-attention.
+            return WanAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, None, None)
+        query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
+        out = routed_cross_attention(query, key, value, state, state.current_buckets)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def set_subject_sparse_attn_processor(
+    transformer: Any, state: SubjectRoutingState | None = None
+) -> SubjectRoutingState:
+    """Install one :class:`SubjectSparseAttnProcessor` per attention module of a Wan transformer, all sharing
+    ``state`` (a new one if ``None``), each knowing its block index. Returns the state.
+
+    Install it before ``enable_parallelism()`` (diffusers' context-parallel rule for custom processors).
+    """
+    state = state if state is not None else SubjectRoutingState()
+    processors = {}
+    for name in transformer.attn_processors:
+        # Names look like "blocks.{i}.attn1.processor".
+        parts = name.split(".")
+        layer_idx = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+        processors[name] = SubjectSparseAttnProcessor(state, layer_idx)
+    transformer.set_attn_processor(processors)
+    return state

@@ -1,0 +1,59 @@
+"""Routing supervision: Ingredients' routing cross-entropy and DiasR's ``L_mask``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routing_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Ingredients' routing loss: cross-entropy over subjects, background ignored.
+
+    Args:
+        logits: ``(B, L, N + 1)`` router logits (null last) or ``(B, L, N)`` subject logits only.
+        labels: ``(B, L)`` int64 in ``[-1, N)``; ``-1`` (background) is ignored, as in Ingredients.
+            To also teach the null anchor, map background to ``N`` yourself and pass ``ignore_index=-100``.
+
+    Returns:
+        Scalar mean over labelled tokens (0 with a gradient path if none is labelled).
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"`logits` (B, L, C) and `labels` (B, L) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
+    if not (labels != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+
+
+def mask_loss(
+    similarity_maps: torch.Tensor,
+    masks: torch.Tensor,
+    attention_maps: torch.Tensor | None = None,
+    subject_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DiasR's ``L_mask = sum_i ||S_i - M_i||^2 + ||A_i - M_i||^2``, averaged over tokens.
+
+    Args:
+        similarity_maps: ``(B, N, L)`` router map per subject in ``[0, 1]`` (e.g. the softmax probabilities
+            ``logits.softmax(-1)[..., :N].transpose(1, 2)``).
+        masks: ``(B, N, L)`` ground-truth subject masks on the token grid (coverage in ``[0, 1]`` or binary).
+        attention_maps: optional ``(B, N, L)`` attention mass each video token puts on subject ``i``'s reference
+            tokens.
+        subject_valid: optional ``(B, N)`` bool, False for padded subjects (excluded).
+
+    Returns:
+        Scalar: sum over subjects, mean over batch and tokens.
+    """
+    if similarity_maps.shape != masks.shape or similarity_maps.ndim != 3:
+        raise ValueError(
+            f"`similarity_maps` and `masks` must both be (B, N, L), got {tuple(similarity_maps.shape)} and {tuple(masks.shape)}"
+        )
+    if attention_maps is not None and attention_maps.shape != masks.shape:
+        raise ValueError(f"`attention_maps` must be (B, N, L) = {tuple(masks.shape)}, got {tuple(attention_maps.shape)}")
+    masks = masks.to(similarity_maps.dtype)
+    err = (similarity_maps - masks).pow(2)
+    if attention_maps is not None:
+        err = err + (attention_maps.to(masks.dtype) - masks).pow(2)
+    per_subject = err.mean(dim=-1)  # (B, N)
+    if subject_valid is not None:
+        per_subject = per_subject * subject_valid.to(per_subject.dtype)
+    return per_subject.sum(dim=1).mean()

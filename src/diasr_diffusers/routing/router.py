@@ -1,0 +1,202 @@
+"""The ID router: dual-modal identity anchors and per-layer similarity routing.
+
+Per subject ``s``, learnable identity queries cross-attend to the subject's reference-image tokens and, separately,
+to its phrase's text features; each result is pooled to one vector (Ingredients' ``W_aggr``) and the two are summed
+into the subject's *anchor* (DiasR's dual-modal identity anchor). Learnable *null* anchors absorb background.
+At a routed layer, every video token ``h_i`` is scored against every anchor:
+``S[i, s] = <f(LN(h_i)), g(a_s)> / sqrt(d)``, null last. Hard routing is the argmax (null -> bucket ``-1``).
+
+Gradients when the forward routing is hard: the router is trained by its own losses on ``S``
+(:func:`routing_cross_entropy`, :func:`mask_loss`), and optionally through the attention itself by passing
+``segment_bias = logp - logp.detach()`` (the log-probability of the chosen bucket, straight-through) to
+:func:`~diasr_diffusers.ops.bucketed_attention`: the forward is unchanged and the attention's gradient reaches ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+
+def buckets_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Hard routing from ``(B, L, N + 1)`` logits (null last): ``(B, L)`` int64, null -> ``-1``."""
+    idx = logits.argmax(dim=-1)
+    return torch.where(idx == logits.shape[-1] - 1, torch.full_like(idx, -1), idx)
+
+
+def chosen_log_prob(logits: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """Log-probability ``(B, L)`` of the chosen bucket (null included): the carrier of router gradients."""
+    idx = torch.where(buckets < 0, torch.full_like(buckets, logits.shape[-1] - 1), buckets)
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, idx[..., None]).squeeze(-1)
+
+
+def resolve_routed_layers(routed_layers: str | int | Sequence[int], num_layers: int) -> list[int]:
+    """``"all"`` -> every layer; ``k`` (int) -> every k-th layer from 0; a list -> those layers (sorted, unique)."""
+    if routed_layers == "all":
+        return list(range(num_layers))
+    if isinstance(routed_layers, int) and not isinstance(routed_layers, bool):
+        if routed_layers < 1:
+            raise ValueError(f"`routed_layers` as an int is a stride and must be >= 1, got {routed_layers}")
+        return list(range(0, num_layers, routed_layers))
+    if isinstance(routed_layers, Sequence) and not isinstance(routed_layers, str):
+        layers = sorted({int(i) for i in routed_layers})
+        if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError(f"`routed_layers` must be non-empty indices in [0, {num_layers}), got {list(routed_layers)}")
+        return layers
+    raise ValueError(f"`routed_layers` must be 'all', a stride (int) or a list of layer indices, got {routed_layers!r}")
+
+
+class _AnchorPooler(nn.Module):
+    """Identity queries cross-attend to one modality's tokens; a learned weighting pools them into one vector."""
+
+    def __init__(self, in_dim: int, dim: int, num_queries: int, num_heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.pool = nn.Linear(num_queries, 1)  # Ingredients' W_aggr / id_merge
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # queries (Q, dim); tokens (M, T, in_dim); mask (M, T) True = valid -> (M, dim)
+        kv = self.proj(self.norm(tokens))
+        q = queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        pad = None if mask is None else ~mask
+        out, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
+        return self.pool(out.transpose(1, 2)).squeeze(-1)
+
+
+class IDRouter(ModelMixin, ConfigMixin):
+    r"""Routes each video token to one subject (or to none) by similarity to dual-modal identity anchors.
+
+    Args:
+        hidden_dim: width of the video transformer's tokens (Wan2.1-1.3B: 1536).
+        text_dim: width of the text encoder's features used for phrase anchors (UMT5-XXL: 4096).
+        num_layers: transformer blocks in the host model.
+        routed_layers: ``"all"``, a stride ``k`` (every k-th layer from 0), or a list of layer indices. Other
+            layers reuse the routing of the nearest routed layer before them (the first routed layer before it).
+        router_dim: width of the similarity space.
+        num_identity_queries: learnable identity queries per modality.
+        num_heads: heads of the anchor cross-attention.
+        num_null_anchors: learnable null anchors (their best score is the null logit).
+        max_subjects: the most subjects one call may route.
+
+    Example:
+        ```py
+        >>> from diasr_diffusers import IDRouter
+        >>> router = IDRouter.from_transformer(pipe.transformer, routed_layers=2)
+        >>> router.save_pretrained("my-router")  # safetensors + config.json
+        >>> router = IDRouter.from_pretrained("my-router")
+        ```
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        hidden_dim: int = 1536,
+        text_dim: int = 4096,
+        num_layers: int = 30,
+        routed_layers: str | int | list[int] = "all",
+        router_dim: int = 256,
+        num_identity_queries: int = 8,
+        num_heads: int = 4,
+        num_null_anchors: int = 1,
+        max_subjects: int = 4,
+    ):
+        super().__init__()
+        self.routed_layer_indices = resolve_routed_layers(routed_layers, num_layers)
+        self.identity_queries = nn.Parameter(torch.randn(num_identity_queries, router_dim) * router_dim**-0.5)
+        self.image_pooler = _AnchorPooler(hidden_dim, router_dim, num_identity_queries, num_heads)
+        self.text_pooler = _AnchorPooler(text_dim, router_dim, num_identity_queries, num_heads)
+        self.anchor_norm = nn.LayerNorm(router_dim)
+        self.null_anchors = nn.Parameter(torch.randn(num_null_anchors, router_dim) * router_dim**-0.5)
+        # f (video tokens) and g (anchors), one pair per routed layer.
+        self.token_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
+        self.to_token = nn.ModuleList(nn.Linear(hidden_dim, router_dim) for _ in self.routed_layer_indices)
+        self.to_anchor = nn.ModuleList(nn.Linear(router_dim, router_dim) for _ in self.routed_layer_indices)
+
+    @classmethod
+    def from_transformer(cls, transformer: Any, **kwargs: Any) -> IDRouter:
+        """A router sized for a Diffusers video transformer (hidden size, text width and depth read off it)."""
+        cfg = transformer.config
+        hidden = cfg.num_attention_heads * cfg.attention_head_dim
+        text_dim = getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None)
+        num_layers = getattr(cfg, "num_layers", None) or len(transformer.blocks)
+        if text_dim is None:
+            raise ValueError(f"cannot read the text width of {type(transformer).__name__}; pass `text_dim=`")
+        return cls(hidden_dim=hidden, text_dim=text_dim, num_layers=num_layers, **kwargs)
+
+    # -- anchors ----------------------------------------------------------------------------------------------
+
+    def head_index(self, layer_idx: int) -> int:
+        """Index of the routing head serving ``layer_idx``: its own if routed, else the last routed one before it
+        (the first one for layers before any routed layer)."""
+        heads = [i for i, layer in enumerate(self.routed_layer_indices) if layer <= layer_idx]
+        return heads[-1] if heads else 0
+
+    def is_routed(self, layer_idx: int) -> bool:
+        return layer_idx in self.routed_layer_indices or layer_idx < self.routed_layer_indices[0]
+
+    def encode_anchors(
+        self,
+        image_tokens: Sequence[torch.Tensor],
+        text_tokens: Sequence[torch.Tensor | None] | None = None,
+        text_masks: Sequence[torch.Tensor | None] | None = None,
+        return_modalities: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Dual-modal anchors, one per subject.
+
+        Args:
+            image_tokens: per subject, ``(B, R_s, hidden_dim)`` reference-image tokens.
+            text_tokens: per subject, ``(B, T_s, text_dim)`` phrase features, or ``None`` (image-only anchor).
+            text_masks: per subject, ``(B, T_s)`` bool (True = valid) for padded phrase features.
+            return_modalities: also return the image-only and text-only anchors (for the alignment loss).
+
+        Returns:
+            ``(B, N, router_dim)`` anchors (and ``(B, N, router_dim)`` image, ``(B, N, router_dim)`` or ``None``
+            text anchors when ``return_modalities``).
+        """
+        n = len(image_tokens)
+        if n == 0:
+            raise ValueError("`image_tokens` must hold at least one subject")
+        if n > self.config.max_subjects:
+            raise ValueError(f"{n} subjects given but this router supports at most {self.config.max_subjects}")
+        text_tokens = list(text_tokens) if text_tokens is not None else [None] * n
+        text_masks = list(text_masks) if text_masks is not None else [None] * n
+        if len(text_tokens) != n or len(text_masks) != n:
+            raise ValueError(f"`text_tokens`/`text_masks` need one entry per subject ({n})")
+        img = torch.stack([self.image_pooler(self.identity_queries, t, None) for t in image_tokens], dim=1)
+        txt = None
+        if any(t is not None for t in text_tokens):
+            txt = torch.stack(
+                [
+                    self.text_pooler(self.identity_queries, t, m) if t is not None else torch.zeros_like(img[:, 0])
+                    for t, m in zip(text_tokens, text_masks)
+                ],
+                dim=1,
+            )
+        anchors = self.anchor_norm(img if txt is None else img + txt)
+        return (anchors, img, txt) if return_modalities else anchors
+
+    # -- routing ----------------------------------------------------------------------------------------------
+
+    def forward(self, video_tokens: torch.Tensor, anchors: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
+        """Routing logits ``(B, Lv, N + 1)`` (null last) for ``video_tokens (B, Lv, hidden_dim)`` and
+        ``anchors (B, N, router_dim)`` at transformer layer ``layer_idx``."""
+        head = self.head_index(layer_idx)
+        tokens = self.to_token[head](self.token_norm(video_tokens.to(self.dtype)))
+        keys = self.to_anchor[head](torch.cat([anchors.to(self.dtype), self.null_anchors.expand(anchors.shape[0], -1, -1)], 1))
+        sim = torch.einsum("bld,bnd->bln", tokens, keys) * tokens.shape[-1] ** -0.5
+        n = anchors.shape[1]
+        null = sim[..., n:].logsumexp(dim=-1, keepdim=True)
+        return torch.cat([sim[..., :n], null], dim=-1)
+
+    buckets = staticmethod(buckets_from_logits)
+    chosen_log_prob = staticmethod(chosen_log_prob)

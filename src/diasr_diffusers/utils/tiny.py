@@ -1,0 +1,86 @@
+"""A tiny, randomly initialised Wan2.1-architecture pipeline built in-process: no downloads.
+
+Used by the test suite and by ``diasr demo``. It has Wan's exact structure (UMT5 text encoder, causal video VAE,
+``WanTransformer3DModel``, flow-matching scheduler) at toy width, so every code path runs on a CPU in seconds.
+Its weights are random: it shows the mechanics (references, routing, guidance, export), not image quality.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# A small closed vocabulary: what the demo and the tests say. Anything else maps to [UNK].
+_WORDS = (
+    "a an the and with in on of to is are at by from while near into over under two three four one "
+    "man woman girl boy dog cat bottle blue red green yellow orange purple white black striped dotted "
+    "checkered solid star circle square triangle ball cup robot bird car tree park kitchen room street "
+    "walks runs dances sits plays holds talk talks smiles jumps looks together beside behind next each other "
+    "sunny sunlit bright dark video scene camera slowly quickly , ."
+).split()
+
+
+def tiny_tokenizer(max_length: int = 512):
+    """A word-level fast tokenizer (with offsets) standing in for UMT5's: ``</s>`` appended, ``<pad>`` = 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in _WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def tiny_wan_components(
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    text_dim: int = 32,
+) -> dict[str, Any]:
+    """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": scheduler,
+        "transformer": transformer,
+    }
