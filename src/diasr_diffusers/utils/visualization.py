@@ -47,12 +47,12 @@ def overlay_routing_maps(
         raise ValueError(f"`routing_maps` must be (F_lat, H_tok, W_tok) for one video, got shape {maps.shape}")
     num_frames, height, width, _ = frames.shape
     out = frames.astype(np.float32)
+    # Nearest-neighbour upsampling of the token grid to pixels.
+    rows = np.arange(height) * maps.shape[1] // height
+    cols = np.arange(width) * maps.shape[2] // width
     for f in range(num_frames):
         lat = min(0 if f == 0 else (f - 1) // temporal_compression + 1, maps.shape[0] - 1)
-        cell = np.asarray(
-            PIL.Image.fromarray(maps[lat].astype(np.int16) + 1, mode="I;16").resize((width, height), PIL.Image.NEAREST),
-            dtype=np.int64,
-        ) - 1
+        cell = maps[lat][rows][:, cols]
         routed = cell >= 0
         color = SUBJECT_COLORS[np.clip(cell, 0, None) % len(SUBJECT_COLORS)]
         out[f][routed] = (1 - alpha) * out[f][routed] + alpha * color[routed]
