@@ -100,11 +100,11 @@ def write_text_atomic(text: str, path: Path) -> None:
     _publish(tmp, path)
 
 
-def load_pipeline(model: str, router: str | None = None, torch_dtype: Any = None):
+def load_pipeline(model: str, router: str | None = None, dtype: Any = None):
     """A :class:`DiasRPipeline` from a DiasR checkpoint, or from a stock Wan2.1 one (+ optional router)."""
     from ..pipelines import DiasRPipeline
 
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     folder = model if os.path.isdir(model) else DiasRPipeline.download(model)
     index_path = Path(folder) / "model_index.json"
     if not index_path.is_file():
@@ -164,7 +164,7 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, args.router, torch_dtype=dtype).to(device)
+    pipe = load_pipeline(args.model, args.router, dtype=dtype).to(device)
     phrases = [p for p, _ in subjects]
     images = [[Image.open(p) for p in paths] for _, paths in subjects]
     result = pipe(

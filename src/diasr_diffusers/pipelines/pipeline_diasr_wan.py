@@ -40,7 +40,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers.utils import export_to_video, load_image
         >>> from diasr_diffusers import DiasRPipeline
 
-        >>> pipe = DiasRPipeline.from_wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = DiasRPipeline.from_wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16).to("cuda")
         >>> out = pipe(
         ...     prompt="The man and the woman dance in a sunlit kitchen.",
         ...     subject_images=[load_image("man.png"), load_image("woman.png")],
@@ -162,7 +162,7 @@ class DiasRPipeline(WanPipeline):
         cls, wan_pipeline_or_path: WanPipeline | str | os.PathLike, id_router: IDRouter | str | None = None, **kwargs
     ) -> DiasRPipeline:
         """Build from a stock Wan2.1 Diffusers pipeline (object, local folder or Hub id) plus an optional router
-        (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``torch_dtype``)."""
+        (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
         wan = wan_pipeline_or_path
         if not isinstance(wan, WanPipeline):
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
