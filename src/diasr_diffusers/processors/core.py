@@ -68,7 +68,10 @@ class SubjectRoutingState:
         backend: :func:`bucketed_attention` backend.
         record: keep per-layer buckets and router logits in ``buckets`` / ``logits`` (for maps and losses).
 
-    Outputs (filled during a forward): ``buckets[layer]`` ``(B, Lv)`` and ``logits[layer]`` ``(B, Lv, N + 1)``.
+    Outputs (filled during a forward): ``buckets[layer]`` ``(B, Lv)``; with ``record``, ``logits[layer]``
+    ``(B, Lv, N + 1)`` and ``anchors[layer]`` = (image anchors, text anchors or None), each ``(B, N, router_dim)``.
+    In ``mode="masks"`` with a ``router`` set, the router is scored alongside the given routing (teacher forcing:
+    its logits are recorded for losses but do not route).
     """
 
     ref_lengths: list[int] = field(default_factory=list)
@@ -85,6 +88,7 @@ class SubjectRoutingState:
     record: bool = False
     buckets: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    anchors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     current_buckets: torch.Tensor | None = None
 
     @property
@@ -101,7 +105,7 @@ class SubjectRoutingState:
             setattr(self, f.name, f.default_factory() if callable(f.default_factory) else f.default)
 
     def clear_outputs(self) -> None:
-        self.buckets, self.logits, self.current_buckets = {}, {}, None
+        self.buckets, self.logits, self.anchors, self.current_buckets = {}, {}, {}, None
 
     @contextlib.contextmanager
     def activate(self, **inputs: Any) -> Iterator[SubjectRoutingState]:
@@ -150,6 +154,18 @@ def similarity_logits(
     return torch.cat([sim, null], dim=-1)
 
 
+def _router_logits(
+    state: SubjectRoutingState, layer_idx: int, video_hidden: torch.Tensor, ref_hidden: torch.Tensor
+) -> torch.Tensor:
+    anchors, image_anchors, text_anchors = state.router.encode_anchors(
+        list(ref_hidden.split(state.ref_lengths, dim=1)), state.phrase_features, state.phrase_masks,
+        return_modalities=True,
+    )  # fmt: skip
+    if state.record:
+        state.anchors[layer_idx] = (image_anchors, text_anchors)
+    return state.router(video_hidden, anchors, layer_idx)
+
+
 def route_video_tokens(
     state: SubjectRoutingState,
     layer_idx: int | None,
@@ -183,15 +199,13 @@ def route_video_tokens(
             )
         source = router.routed_layer_indices[router.head_index(layer_idx)]
         if not router.is_routed(layer_idx) and source in state.buckets:
-            reuse = state.buckets[source]
-            return reuse, None
-        anchors = router.encode_anchors(
-            list(ref_hidden.split(state.ref_lengths, dim=1)), state.phrase_features, state.phrase_masks
-        )
-        logits = router(video_hidden, anchors, layer_idx)
+            return state.buckets[source], None
+        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden)
         buckets = buckets_from_logits(logits)
     else:
         raise ValueError(f"no bucket routing in mode {state.mode!r}")
+    if state.mode == "masks" and state.router is not None and layer_idx is not None and state.router.is_routed(layer_idx):
+        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden)
 
     if layer_idx is not None:
         state.buckets[layer_idx] = buckets

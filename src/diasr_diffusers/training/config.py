@@ -1,0 +1,137 @@
+"""Training configuration: one YAML file, checked completely before anything is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("align", "route")
+
+
+class ConfigError(ValueError):
+    """A bad training config: unknown key, missing file, wrong value."""
+
+
+@dataclass
+class TrainConfig:
+    """What ``diasr train`` reads from ``--config FILE.yaml``. Paths are relative to the YAML file's folder.
+
+    Stages (DiasR two-stage recipe, Ingredients-style supervision):
+        ``align``: identity anchors + LoRA; flow-matching loss + ``lambda_mask * L_mask`` (router similarity maps vs
+            subject masks) + ``lambda_align`` * (1 - cos(image anchor, text anchor)). Attention is routed by the
+            ground-truth masks (teacher forcing) while the router learns to predict them.
+        ``route``: router + LoRA; flow-matching loss + ``lambda_route`` * routing cross-entropy; attention routed by
+            the router itself (hard), with the straight-through log-probability bias so the diffusion loss also
+            reaches the router.
+    All base-model weights stay frozen.
+    """
+
+    stage: str
+    train_data: str
+    model: str | None = None
+    tiny_model: dict[str, Any] | None = None
+    init_from: str | None = None
+    allow_scratch: bool = False
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    height: int = 64
+    width: int = 64
+    num_frames: int = 9
+    frame_stride: int = 1
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    router_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_lora: bool = True
+    router: dict[str, Any] = field(default_factory=dict)
+    lambda_diffusion: float = 1.0
+    lambda_route: float = 1.0
+    lambda_mask: float = 1.0
+    lambda_align: float = 0.1
+    route_text: bool = True
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int = 2
+    log_every: int = 1
+    eval_sigmas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    seed: int = 0
+    config_dir: str = "."
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], config_dir: str | Path = ".") -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"config_dir"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        missing = [k for k in ("stage", "train_data") if k not in raw]
+        if missing:
+            raise ConfigError(f"missing required config key(s) {missing}")
+        cfg = cls(**raw, config_dir=str(config_dir))
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        return cls.from_dict(raw or {}, config_dir=path.parent)
+
+    def resolve(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.config_dir) / p
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"`stage` must be one of {STAGES}, got {self.stage!r}")
+        if (self.model is None) == (self.tiny_model is None):
+            raise ConfigError("give exactly one of `model` (a Wan2.1/DiasR Diffusers folder) or `tiny_model` (toy)")
+        if self.model is not None and not self.resolve(self.model).is_dir():
+            raise ConfigError(f"`model` folder not found: {self.resolve(self.model)}")
+        for key in ("train_data", "eval_data"):
+            value = getattr(self, key)
+            if value is not None and not self.resolve(value).exists():
+                raise ConfigError(f"`{key}` not found: {self.resolve(value)}")
+        if self.init_from is not None and not self.resolve(self.init_from).is_dir():
+            raise ConfigError(f"`init_from` checkpoint folder not found: {self.resolve(self.init_from)}")
+        if self.stage == "route" and self.init_from is None and not self.allow_scratch:
+            raise ConfigError(
+                "stage `route` starts from an `align` checkpoint: set `init_from: <align output dir>` "
+                "(or `allow_scratch: true` to train the router from scratch)"
+            )
+        positive = ("height", "width", "num_frames", "batch_size", "gradient_accumulation_steps", "max_steps",
+                    "checkpointing_steps", "checkpoints_total_limit", "lora_rank", "log_every", "frame_stride")  # fmt: skip
+        for key in positive:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"`{key}` must be a positive integer, got {getattr(self, key)!r}")
+        if (self.num_frames - 1) % 4:
+            raise ConfigError(f"`num_frames` must be 1 + 4k for Wan's VAE, got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ConfigError(f"`height` and `width` must be multiples of 16, got {self.height}x{self.width}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"`learning_rate` must be positive, got {self.learning_rate}")

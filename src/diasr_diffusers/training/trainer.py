@@ -1,0 +1,439 @@
+"""Two-stage DiasR training with accelerate + peft (the base model stays frozen).
+
+Determinism is by construction: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, and every
+sample's noise, timestep and augmentation are seeded by ``(seed, step, global sample index)``. A run resumed from a
+checkpoint therefore takes exactly the steps of an uninterrupted run, and N processes with batch B take the same
+steps as one process with batch N*B (up to the order of floating-point reductions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..pipelines import DiasRPipeline
+from ..routing import IDRouter, mask_loss, routing_cross_entropy
+from ..utils.images import to_pil_rgb
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class _Trainable(nn.Module):
+    """The trainable parts under one module, so DDP syncs the LoRA and the router together. The router is called
+    from inside the transformer's attention processors (through the routing state), never directly."""
+
+    def __init__(self, transformer: nn.Module, router: IDRouter):
+        super().__init__()
+        self.transformer = transformer
+        self.router = router
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.transformer(*args, **kwargs)
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    # A fixed mixing of (seed, step, global sample index) into a 63-bit seed.
+    return (seed * 1_000_003 + step * 10_007 + index * 101 + 12_345) % (2**63 - 1)
+
+
+def _optimizer_state_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Optimizer state as safetensors (tensors) + JSON (scalars, param groups): no pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _optimizer_state_from_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    meta = json.loads((path / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in load_file(str(path / "optimizer.safetensors")).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class DiasRTrainer:
+    """Runs one training stage from a :class:`TrainConfig`.
+
+    Example:
+        ```py
+        >>> from diasr_diffusers.training import DiasRTrainer, TrainConfig
+        >>> trainer = DiasRTrainer(TrainConfig.from_yaml("examples/configs/synthetic_tiny.yaml"), "runs/tiny")
+        >>> trainer.train()  # writes router/, pytorch_lora_weights.safetensors, metrics.jsonl, eval.json
+        ```
+    """
+
+    def __init__(self, config: TrainConfig, output_dir: str | os.PathLike, resume: bool = False):
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        self.skipped_records = 0
+        self.failed_samples = 0
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+
+    def _build_pipeline(self) -> DiasRPipeline:
+        cfg = self.config
+        if cfg.tiny_model is not None:
+            from ..utils.tiny import tiny_wan_components
+
+            return DiasRPipeline(**tiny_wan_components(**cfg.tiny_model))
+        from ..commands.generate import load_pipeline
+
+        return load_pipeline(str(cfg.resolve(cfg.model)))
+
+    def _build_datasets(self):
+        from ..data import MuSADataset, load_manifest
+
+        cfg = self.config
+        common = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, frame_stride=cfg.frame_stride)
+        train = load_manifest(cfg.resolve(cfg.train_data), skip_invalid=True)
+        self.skipped_records += train.num_skipped
+        records = list(train.records)
+        if not records:
+            raise ValueError(f"`train_data` {cfg.resolve(cfg.train_data)} has no valid record")
+        if cfg.eval_data is not None:
+            evaluation = load_manifest(cfg.resolve(cfg.eval_data), skip_invalid=True)
+            eval_records = list(evaluation.records)
+        else:
+            n_eval = int(round(len(records) * cfg.eval_fraction))
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            eval_records = [records[i] for i in order[:n_eval]]
+            records = [records[i] for i in order[n_eval:]]
+        return MuSADataset(records, augment=True, **common), MuSADataset(eval_records, augment=False, **common)
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+
+        cfg = self.config
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.pipe = self._build_pipeline()
+        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
+            module.requires_grad_(False)
+        transformer = self.pipe.transformer
+        if cfg.train_lora:
+            transformer.add_adapter(
+                LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
+            )
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        router = IDRouter.from_transformer(transformer, **cfg.router)
+        self.pipe.register_modules(id_router=router)
+        if cfg.init_from is not None:
+            self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
+        self.train_set, self.eval_set = self._build_datasets()
+
+        lora_params = [p for p in transformer.parameters() if p.requires_grad]
+        groups = [{"params": list(router.parameters()), "lr": cfg.router_learning_rate or cfg.learning_rate}]
+        if lora_params:
+            groups.append({"params": lora_params, "lr": cfg.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+        )
+        device = self.accelerator.device
+        self.pipe.to(device)
+        self.model, self.optimizer = self.accelerator.prepare(_Trainable(transformer, router), self.optimizer)
+        self.router = router
+        self.transformer = transformer
+        self.start_step = 0
+        if self.resume:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise ValueError(f"--resume: no checkpoint-* folder in {self.output_dir}")
+            self._load_checkpoint(latest)
+
+    # -- weights and checkpoints ---------------------------------------------------------------------------------
+
+    def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
+        """Router + LoRA from a finished stage or a checkpoint folder."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        router_dir = folder / "router"
+        if not (router_dir / "config.json").is_file():
+            raise ValueError(f"`init_from`/checkpoint {folder} has no router/ (expected a diasr train output)")
+        router.load_state_dict(IDRouter.from_pretrained(router_dir).state_dict())
+        lora_file = folder / LORA_WEIGHT_NAME
+        if lora_file.is_file() and self.config.train_lora:
+            sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
+            sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+            set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+
+    def _save_weights(self, folder: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        self.router.save_pretrained(folder / "router")
+        if self.config.train_lora:
+            DiasRPipeline.save_lora_weights(
+                str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=LORA_WEIGHT_NAME
+            )
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write ``checkpoint-{step}`` atomically (a temp folder renamed into place), keep the newest M."""
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._save_weights(tmp)
+        _optimizer_state_to_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, tmp)
+        state = {"step": step, "stage": self.config.stage, "seed": self.config.seed, "lr_scheduler": self.lr_scheduler.state_dict()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[: -self.config.checkpoints_total_limit]:
+            shutil.rmtree(old)
+        return final
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["stage"] != self.config.stage:
+            raise ValueError(f"checkpoint {folder} is from stage {state['stage']!r}, the config says {self.config.stage!r}")
+        self._load_weights(folder, self.router, self.transformer)
+        _optimizer_state_from_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, folder)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.start_step = int(state["step"])
+
+    # -- data -----------------------------------------------------------------------------------------------------
+
+    def _global_indices(self, step: int) -> list[int]:
+        """Dataset indices of the global batch of ``step`` (all processes), from the epoch permutation."""
+        n = len(self.train_set)
+        global_batch = self.config.batch_size * self.accelerator.num_processes
+        out = []
+        for g in range(step * global_batch, (step + 1) * global_batch):
+            epoch, pos = divmod(g, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+            out.append(int(perm[pos]))
+        return out
+
+    def _local_samples(self, step: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        indices = self._global_indices(step)
+        b = self.config.batch_size
+        rank = self.accelerator.process_index
+        for offset, idx in enumerate(indices[rank * b : (rank + 1) * b]):
+            global_i = rank * b + offset
+            try:
+                item = self.train_set.get(idx, seed=_sample_seed(self.config.seed, step, global_i))
+            except (OSError, ValueError, RuntimeError) as e:  # a clip that fails to decode is skipped, not fatal
+                logger.warning(f"skipping training sample {idx}: {e}")
+                self.failed_samples += 1
+                item = None
+            yield global_i, item
+
+    # -- one sample ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Frozen encoders: video latents, reference latents, prompt embeddings and routing inputs."""
+        pipe, device = self.pipe, self.accelerator.device
+        dtype = pipe.transformer.dtype
+        video = item["video"][None].to(device, pipe.vae.dtype)
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
+        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+        x0 = (retrieve_latents(pipe.vae.encode(video), sample_mode="argmax").float() - mean) / std
+        subjects = [[to_pil_rgb(img, "ref_images") for img in imgs] for imgs in item["ref_images"]]
+        refs = pipe.encode_references(subjects, self.config.height, self.config.width, device, dtype)
+        prompt_embeds, _ = pipe.encode_prompt(
+            item["caption"], do_classifier_free_guidance=False, max_sequence_length=512, device=device
+        )
+        prompt_embeds = prompt_embeds.to(dtype)
+        routing = pipe._prepare_routing(
+            subjects, item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
+            self.config.num_frames, x0, 512,
+        )  # fmt: skip
+        labels = item["token_labels"].reshape(1, -1).to(device)
+        coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
+        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(pipe.transformer.config.patch_size):
+            raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
+        if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
+            routing.update(mode="masks", mask_buckets=labels, router=self.router)
+        else:
+            routing.update(router=self.router, router_gradient="straight_through")
+        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "routing": routing, "labels": labels, "coverage": coverage}
+
+    def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
+        x0 = enc["x0"]
+        noisy = (1 - sigma) * x0 + sigma * noise
+        state = self.pipe.routing_state
+        dtype = self.pipe.transformer.dtype
+        with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
+            hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
+            pred = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"], return_dict=False)[0]
+            logits = dict(state.logits)
+            anchors = dict(state.anchors)
+            buckets = dict(state.buckets)
+        pred = pred[:, :, : x0.shape[2]].float()
+        return pred, logits, anchors, buckets
+
+    def _losses(self, enc, pred, noise, logits, anchors) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        losses = {"diffusion": F.mse_loss(pred, (noise - enc["x0"]).float())}
+        labels, coverage = enc["labels"], enc["coverage"]
+        n = coverage.shape[1]
+        layer_logits = list(logits.values())
+        if cfg.stage == "route":
+            # Background is taught to the null anchor (class N); Ingredients ignores it (`route_background` off).
+            target = torch.where(labels < 0, torch.full_like(labels, n), labels)
+            losses["route"] = torch.stack([routing_cross_entropy(lg, target, ignore_index=-100) for lg in layer_logits]).mean()
+        else:
+            maps = [lg.float().softmax(-1)[..., :n].transpose(1, 2) for lg in layer_logits]
+            losses["mask"] = torch.stack([mask_loss(m, coverage) for m in maps]).mean()
+            pairs = [(img, txt) for img, txt in anchors.values() if txt is not None]
+            if pairs:
+                losses["align"] = torch.stack([1 - F.cosine_similarity(img, txt, dim=-1).mean() for img, txt in pairs]).mean()
+        with torch.no_grad():
+            pred_cls = torch.stack([lg.argmax(-1) for lg in layer_logits]).mode(dim=0).values
+            truth = torch.where(labels < 0, torch.full_like(labels, n), labels)
+            losses["routing_accuracy"] = (pred_cls == truth).float().mean()
+        weights = {"diffusion": cfg.lambda_diffusion, "route": cfg.lambda_route, "mask": cfg.lambda_mask, "align": cfg.lambda_align}
+        losses["loss"] = sum(weights[k] * v for k, v in losses.items() if k in weights)
+        return losses
+
+    # -- loop -----------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        if not hasattr(self, "accelerator"):
+            self.setup()
+        cfg, acc = self.config, self.accelerator
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.output_dir / "metrics.jsonl"
+        if acc.is_main_process and not self.resume and metrics_path.exists():
+            metrics_path.unlink()
+        if acc.is_main_process and self.resume:  # drop lines past the checkpoint: they will be retaken
+            kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else []) if json.loads(ln)["step"] <= self.start_step]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        self.model.train()
+        bar = tqdm(range(self.start_step, cfg.max_steps), initial=self.start_step, total=cfg.max_steps, disable=not acc.is_main_process, desc=f"diasr train ({cfg.stage})")  # fmt: skip
+        for step in bar:
+            sums: dict[str, float] = {}
+            count = 0
+            for micro in range(cfg.gradient_accumulation_steps):
+                with acc.accumulate(self.model):
+                    micro_step = step * cfg.gradient_accumulation_steps + micro
+                    total = None
+                    for global_i, item in self._local_samples(micro_step):
+                        if item is None:
+                            continue
+                        gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, micro_step, global_i) + 1)
+                        enc = self._encode(item)
+                        sigma = torch.rand((), generator=gen).clamp(1e-3, 1 - 1e-3).to(acc.device)
+                        noise = torch.randn(enc["x0"].shape, generator=gen).to(acc.device)
+                        pred, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
+                        losses = self._losses(enc, pred, noise, logits, anchors)
+                        part = losses["loss"] / cfg.batch_size
+                        total = part if total is None else total + part
+                        for k, v in losses.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                        count += 1
+                    if total is not None:
+                        acc.backward(total)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            done = step + 1
+            record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
+            if acc.is_main_process and done % cfg.log_every == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "diffusion", "route", "mask", "routing_accuracy")})
+            if done % cfg.checkpointing_steps == 0 and acc.is_main_process:
+                self.save_checkpoint(done)
+            acc.wait_for_everyone()
+        result: dict[str, Any] = {}
+        if acc.is_main_process:
+            self._save_weights(self.output_dir)
+            result = self.evaluate()
+            result.update(skipped_records=self.skipped_records, failed_samples=self.failed_samples)
+            tmp = self.output_dir / ".eval.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2))
+            os.replace(tmp, self.output_dir / "eval.json")
+        acc.wait_for_everyone()
+        return result
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Routing IoU per subject slot, null accuracy and diffusion loss on the held-out set, routed by the router
+        (hard, as at inference) at each of ``eval_sigmas``."""
+        from ..eval.routing import routing_iou_from_labels
+
+        self.model.eval()
+        model = self.accelerator.unwrap_model(self.model)
+        ious: dict[int, list[float]] = {}
+        null_hits = null_total = 0
+        diff = []
+        for idx in range(len(self.eval_set)):
+            item = self.eval_set.get(idx, seed=_sample_seed(self.config.seed, -1, idx))
+            enc = self._encode(item)
+            enc["routing"].update(mode="router", router=self.router, mask_buckets=None, router_gradient="none")
+            for k, sigma in enumerate(self.config.eval_sigmas):
+                gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
+                noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
+                pred, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
+                diff.append(float(F.mse_loss(pred, (noise - enc["x0"]).float())))
+                n = enc["coverage"].shape[1]
+                votes = F.one_hot(torch.stack(list(buckets.values())) + 1, n + 1).sum(0)
+                predicted = votes.argmax(-1) - 1  # (1, Lv)
+                per_subject = routing_iou_from_labels(predicted[0], enc["labels"][0], n)
+                for s, v in per_subject.items():
+                    ious.setdefault(s, []).append(v)
+                bg = enc["labels"][0] < 0
+                null_hits += int((predicted[0][bg] < 0).sum())
+                null_total += int(bg.sum())
+        self.model.train()
+        per_slot = {str(s): sum(v) / len(v) for s, v in sorted(ious.items())}
+        all_ious = [x for v in ious.values() for x in v]
+        return {
+            "routing_iou_mean": sum(all_ious) / len(all_ious) if all_ious else float("nan"),
+            "routing_iou_per_subject": per_slot,
+            "null_accuracy": null_hits / null_total if null_total else float("nan"),
+            "diffusion_loss": sum(diff) / len(diff) if diff else float("nan"),
+            "num_eval_clips": len(self.eval_set),
+            "eval_sigmas": list(self.config.eval_sigmas),
+            "stage": self.config.stage,
+        }
