@@ -158,7 +158,13 @@ def test_metric_lists():
 
 def test_aggregation_clamps_and_normalises_like_opens2v():
     per_video = {
-        "a": {"aes_score": 3.0, "motion_amplitude": -0.4, "nexus_score": 0.0, "naturalscore_1": 5, "naturalscore_2": 3},
+        "a": {
+            "aes_score": 3.0,
+            "motion_amplitude": -0.4,
+            "nexus_score": 0.0,
+            "naturalscore_1": 5,
+            "naturalscore_2": 3,
+        },
         "b": {"aes_score": 8.0, "motion_amplitude": 2.0, "nexus_score": 0.08, "natural_score": 0.5},
         "c": {"aes_score": 5.5, "motion_amplitude": 0.1, "nexus_score": 0.02, "facesim_cur": 1.2},
     }

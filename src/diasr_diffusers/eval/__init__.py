@@ -16,6 +16,7 @@ from .identity import (
     TransformersImageEmbedder,
     cosine_similarity,
     identity_scores,
+    leakage_margins,
     leakage_score,
     match_one_to_one,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "cosine_similarity",
     "farneback_flows",
     "identity_scores",
+    "leakage_margins",
     "leakage_score",
     "load_cases",
     "match_one_to_one",

@@ -13,8 +13,10 @@ embeddings (one per subject) and the embeddings of the faces/subjects found in e
   low.
 
 The **leakage matrix** ``L[i, j]`` is the mean similarity of generated subject ``i`` (by label, else by the
-Hungarian assignment) to reference ``j``; the **leakage score** is ``mean_i(max_{j != i} L[i, j] - L[i, i])``: how
-much more a generated subject resembles another subject's reference than its own (> 0: identities leak or swap).
+Hungarian assignment) to reference ``j``. Subject ``i``'s **leakage margin** is ``max_{j != i} L[i, j] - L[i, i]``:
+how much more it resembles another subject's reference than its own; the **leakage score** is the worst (largest)
+margin, so one leaking subject is not averaged away by a well-separated one (> 0: an identity leaks, is copied or
+swapped).
 
 Embedders follow two small protocols so that any model can be plugged in: :class:`FaceEmbedder`
 (``embed`` + ``detect_and_embed``) and :class:`SubjectEmbedder` (``embed``).
@@ -349,9 +351,9 @@ class IdentityScores:
     presence: list[float]
     leakage_matrix: list[list[float]]
     leakage: float
+    leakage_margins: list[float] = field(default_factory=list)
     labeled: float | None = None
     num_frames: int = 0
-    extras: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -362,32 +364,41 @@ class IdentityScores:
             "presence": self.presence,
             "leakage_matrix": self.leakage_matrix,
             "leakage": self.leakage,
+            "leakage_margins": self.leakage_margins,
             "num_frames": self.num_frames,
         }
 
 
-def leakage_score(leakage_matrix: np.ndarray) -> float:
-    """``mean_i(max_{j != i} L[i, j] - L[i, i])`` over subjects with a finite row; NaN for fewer than 2 subjects.
-
-    Positive: generated subjects look more like another subject's reference than their own.
-
-    Example:
-        >>> round(leakage_score(np.array([[0.9, 0.5], [0.6, 0.8]])), 6)  # well separated
-        -0.3
-    """
+def leakage_margins(leakage_matrix: np.ndarray) -> list[float]:
+    """Per subject ``max_{j != i} L[i, j] - L[i, i]`` (NaN for a subject never generated; empty for one subject)."""
     matrix = np.asarray(leakage_matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"`leakage_matrix` must be square (subjects x references), got shape {matrix.shape}")
     n = matrix.shape[0]
     if n < 2:
-        return float("nan")
+        return []
     margins = []
     for i in range(n):
-        if not np.all(np.isfinite(matrix[i])):
-            continue
-        others = np.delete(matrix[i], i)
-        margins.append(float(others.max() - matrix[i, i]))
-    return float(np.mean(margins)) if margins else float("nan")
+        row = matrix[i]
+        margins.append(float(np.delete(row, i).max() - row[i]) if np.all(np.isfinite(row)) else float("nan"))
+    return margins
+
+
+def leakage_score(leakage_matrix: np.ndarray) -> float:
+    """The worst subject's leakage margin (see :func:`leakage_margins`); NaN for fewer than 2 subjects.
+
+    Positive: at least one generated subject looks more like another subject's reference than its own. The maximum
+    rather than the mean, because when subject B is rendered with A's face, A's own margin is very negative and
+    would cancel B's.
+
+    Example:
+        >>> round(leakage_score(np.array([[0.9, 0.5], [0.6, 0.8]])), 6)  # well separated
+        -0.2
+        >>> round(leakage_score(np.array([[0.9, 0.1], [0.9, 0.1]])), 6)  # subject 1 copies subject 0
+        0.8
+    """
+    margins = [m for m in leakage_margins(leakage_matrix) if np.isfinite(m)]
+    return float(max(margins)) if margins else float("nan")
 
 
 def identity_scores(
@@ -478,6 +489,7 @@ def identity_scores(
         presence=(present / frames).tolist(),
         leakage_matrix=matrix.tolist(),
         leakage=leakage_score(matrix),
+        leakage_margins=leakage_margins(matrix),
         labeled=float(np.mean(labeled)) if frame_labels is not None else None,
         num_frames=frames,
     )
