@@ -160,11 +160,14 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.face_frames < 1:
             raise _InputError(f"--face-frames must be >= 1, got {args.face_frames}")
         precomputed = _load_precomputed(args.precomputed) if args.precomputed else None
-        if "MotionAmplitude" in args.metrics or "Flicker" in args.metrics:
-            from ..eval._deps import require
+        from ..eval._deps import require
 
+        needed = (["cv2"] if {"MotionAmplitude", "Flicker"} & set(args.metrics) else []) + (
+            ["scipy"] if "FaceSim" in args.metrics else []
+        )
+        for module in needed:
             try:
-                require("cv2")
+                require(module)
             except ImportError as err:
                 raise _InputError(f"--metrics: {err}") from err
         models = _build_models(args)
