@@ -13,6 +13,7 @@ import sys
 _COMMAND_MODULES = [
     "diasr_diffusers.commands.generate",
     "diasr_diffusers.commands.train",
+    "diasr_diffusers.commands.eval",
 ]
 
 

@@ -1,0 +1,54 @@
+"""Evaluation: OpenS2V-Eval-compatible scores, identity matching and leakage, routing quality.
+
+Heavy or optional dependencies (OpenCV, dlib, scipy, matplotlib, transformers models) are imported only by the
+functions that need them; a missing one raises an ImportError naming the package to install.
+"""
+
+from .cases import EvalCase, load_cases
+from .flicker import warp_residual
+from .identity import (
+    ClipTextScorer,
+    DlibFaceEmbedder,
+    FaceEmbedder,
+    IdentityScores,
+    InsightFaceEmbedder,
+    SubjectEmbedder,
+    TransformersImageEmbedder,
+    cosine_similarity,
+    identity_scores,
+    leakage_margins,
+    leakage_score,
+    match_one_to_one,
+)
+from .motion import farneback_flows, motion_amplitude
+from .routing import routing_iou
+from .scores import TOTAL_SCORE_WEIGHTS, aggregate_video_scores, total_score, total_score_metrics
+from .video import VideoReadError, read_video, sample_frame_indices
+
+__all__ = [
+    "ClipTextScorer",
+    "DlibFaceEmbedder",
+    "EvalCase",
+    "FaceEmbedder",
+    "IdentityScores",
+    "InsightFaceEmbedder",
+    "SubjectEmbedder",
+    "TOTAL_SCORE_WEIGHTS",
+    "TransformersImageEmbedder",
+    "VideoReadError",
+    "aggregate_video_scores",
+    "cosine_similarity",
+    "farneback_flows",
+    "identity_scores",
+    "leakage_margins",
+    "leakage_score",
+    "load_cases",
+    "match_one_to_one",
+    "motion_amplitude",
+    "read_video",
+    "routing_iou",
+    "sample_frame_indices",
+    "total_score",
+    "total_score_metrics",
+    "warp_residual",
+]
