@@ -21,7 +21,7 @@ from .identity import (
     match_one_to_one,
 )
 from .motion import farneback_flows, motion_amplitude
-from .routing import routing_iou
+from .routing import label_iou, routing_iou
 from .scores import TOTAL_SCORE_WEIGHTS, aggregate_video_scores, total_score, total_score_metrics
 from .video import VideoReadError, read_video, sample_frame_indices
 
@@ -46,6 +46,7 @@ __all__ = [
     "match_one_to_one",
     "motion_amplitude",
     "read_video",
+    "label_iou",
     "routing_iou",
     "sample_frame_indices",
     "total_score",

@@ -84,7 +84,26 @@ def routing_iou(
             "check temporal_compression / spatial_compression / patch_size"
         )
     truth = routing_labels_from_coverage(coverage, threshold=threshold)  # (B, L)
-    pred = maps.reshape(maps.shape[0], -1).long()
+    return label_iou(maps.reshape(maps.shape[0], -1), truth, num_subjects)
+
+
+def label_iou(predicted: torch.Tensor, truth: torch.Tensor, num_subjects: int) -> dict[str, Any]:
+    """Per-subject IoU between predicted and ground-truth token labels (``-1`` = null / background).
+
+    Args:
+        predicted, truth: ``(B, L)`` or ``(L,)`` integer labels in ``[-1, num_subjects)``.
+        num_subjects: N.
+
+    Returns:
+        The dict of :func:`routing_iou`. Intersections and unions are summed over the batch; a subject absent from
+        both has IoU ``None`` and is left out of the means.
+    """
+    pred = torch.as_tensor(predicted).detach().cpu().long()
+    truth = torch.as_tensor(truth).detach().cpu().long()
+    if pred.ndim == 1:
+        pred, truth = pred[None], truth[None]
+    if pred.shape != truth.shape:
+        raise ValueError(f"`predicted` {tuple(pred.shape)} and `truth` {tuple(truth.shape)} must have the same shape")
 
     def iou(label: int, p: torch.Tensor, g: torch.Tensor) -> tuple[int, int]:
         inter = int(((p == label) & (g == label)).sum())

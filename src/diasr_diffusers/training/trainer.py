@@ -400,7 +400,7 @@ class DiasRTrainer:
     def evaluate(self) -> dict[str, Any]:
         """Routing IoU per subject slot, null accuracy and diffusion loss on the held-out set, routed by the router
         (hard, as at inference) at each of ``eval_sigmas``."""
-        from ..eval.routing import routing_iou_from_labels
+        from ..eval.routing import label_iou
 
         self.model.eval()
         model = self.accelerator.unwrap_model(self.model)
@@ -419,9 +419,9 @@ class DiasRTrainer:
                 n = enc["coverage"].shape[1]
                 votes = F.one_hot(torch.stack(list(buckets.values())) + 1, n + 1).sum(0)
                 predicted = votes.argmax(-1) - 1  # (1, Lv)
-                per_subject = routing_iou_from_labels(predicted[0], enc["labels"][0], n)
-                for s, v in per_subject.items():
-                    ious.setdefault(s, []).append(v)
+                for s, v in enumerate(label_iou(predicted[0], enc["labels"][0], n)["per_subject_iou"]):
+                    if v is not None:
+                        ious.setdefault(s, []).append(v)
                 bg = enc["labels"][0] < 0
                 null_hits += int((predicted[0][bg] < 0).sum())
                 null_total += int(bg.sum())
