@@ -412,7 +412,7 @@ def make_synthetic(
     out = Path(out_dir)
     manifest_path = out / "manifest.jsonl"
     if manifest_path.exists() and not overwrite:
-        raise FileExistsError(f"`out_dir` {out} already holds a manifest.jsonl; pass overwrite=True to replace it")
+        raise FileExistsError(f"`out_dir` {out} already holds a manifest.jsonl; pass overwrite=True (`--overwrite`) to replace it")
     # Fail on bad geometry before writing anything.
     render_clip(seed, 0, num_subjects=subjects[0], subjects=subjects, num_frames=1, height=height, width=width,
                 ref_size=ref_size)
