@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,7 +70,10 @@ def _decode_rle(rle: dict[str, Any]) -> np.ndarray:
         rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     else:
         rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools 2.0.x trips numpy 2's `__array__(copy=...)` deprecation inside its own decode.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 @dataclass

@@ -78,6 +78,7 @@ class SyntheticClip:
     caption: str
     background: str
     depth: list[int]
+    centers: np.ndarray  # (N, F, 2) sprite centre (x, y) in pixels
     angles: np.ndarray  # (N, F) rotation in degrees, for checking that references use another pose
     reference_angles: list[float]
     radii: np.ndarray  # (N,) sprite radius in the clip, pixels
@@ -359,6 +360,7 @@ def render_clip(
         caption=caption,
         background=background,
         depth=depth,
+        centers=centers,
         angles=angles,
         reference_angles=reference_angles,
         radii=radii,
