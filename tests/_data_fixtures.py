@@ -75,3 +75,20 @@ def write_jsonl(path: Path, lines: list) -> Path:
     """Write records (dicts, or raw strings for deliberately broken lines) one per line."""
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
+
+
+def tiny_vae():
+    """A 62k-parameter Wan VAE (8x spatial, 4x temporal compression, 4 latent channels), built in-process."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[2.0, 1.0, 0.5, 1.5],
+    ).eval()
