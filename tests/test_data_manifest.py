@@ -25,6 +25,7 @@ def clip_dir(tmp_path_factory):
     for m in masks:
         enc = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         rle.append({"size": list(enc["size"]), "counts": enc["counts"].decode("ascii")})
+    (root / "rle.json").write_text(json.dumps(rle))
     (root / "bad_size.npz").write_bytes(npz_bytes({"m": np.ones((9, 32, 32), dtype=bool)}))
     (root / "empty.npz").write_bytes(npz_bytes({"m": np.zeros((9, 64, 96), dtype=bool)}))
     (root / "short.npz").write_bytes(npz_bytes({"m": masks[:4]}))
@@ -53,11 +54,17 @@ def test_good_manifest_all_mask_kinds(clip_dir):
     root, record, rle = clip_dir
     png = _variant(record, subjects__0__masks={"png_dir": "red_png"})
     coco = _variant(record, subjects__0__masks={"rle": rle})
-    path = write_jsonl(root / "good.jsonl", [record, "", png, coco])
+    coco_file = _variant(record, subjects__0__masks={"rle": "rle.json"})
+    # Uncompressed RLE: column-major run lengths starting with a background run.
+    flat = np.load(root / "clip_masks.npz")["red"][0].flatten(order="F").astype(np.int8)
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[-1, flat, -1]) != 0)).tolist()
+    uncompressed = [{"size": [64, 96], "counts": runs}] * 9
+    raw = _variant(record, subjects__0__masks={"rle": uncompressed})
+    path = write_jsonl(root / "good.jsonl", [record, "", png, coco, coco_file, raw])
     report = validate_manifest(path)
     assert report.ok, report.format()
-    assert report.num_records == 3 and len(report.records) == 3
-    assert [r.line for r in report.records] == [1, 3, 4]
+    assert report.num_records == 5 and len(report.records) == 5
+    assert [r.line for r in report.records] == [1, 3, 4, 5, 6]
     first = report.records[0]
     assert first.num_video_frames == 9 and first.video_size == (64, 96)
     assert first.video == root / "clip.mp4"  # relative to the manifest's folder
