@@ -12,6 +12,7 @@ import sys
 
 _COMMAND_MODULES = [
     "diasr_diffusers.commands.generate",
+    "diasr_diffusers.commands.data",
     "diasr_diffusers.commands.train",
     "diasr_diffusers.commands.eval",
 ]

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+from _data_fixtures import tiny_vae
+
+from diasr_diffusers.cli import main
+from diasr_diffusers.data import LatentCacheDataset, MuSADataset, validate_manifest
+
+
+def test_make_synthetic_validate_and_cache_latents(tmp_path, capsys):
+    out = tmp_path / "synth"
+    rc = main(["make-synthetic", "--out", str(out), "--num-clips", "3", "--seed", "2", "--subjects", "2-3",
+               "--frames", "5", "--height", "32", "--width", "32", "--mask-format", "png"])
+    assert rc == 0
+    manifest = out / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 3 and all(2 <= len(r["subjects"]) <= 3 for r in records)
+    assert all("png_dir" in s["masks"] for r in records for s in r["subjects"])
+    assert validate_manifest(manifest).ok
+    assert len(MuSADataset(manifest, num_frames=5, height=32, width=32)) == 3
+
+    capsys.readouterr()
+    assert main(["validate-data", str(manifest)]) == 0
+    assert "3 records, 0 bad" in capsys.readouterr().out
+
+    # A broken copy: the CLI lists the bad line and fails.
+    lines = manifest.read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["subjects"][0]["phrase"] = "the invisible unicorn"
+    (out / "broken.jsonl").write_text("\n".join([lines[0], json.dumps(broken), "{oops"]) + "\n")
+    assert main(["validate-data", str(out / "broken.jsonl")]) == 1
+    text = capsys.readouterr().out
+    assert "line 2 (clip_000001): subject 0: phrase 'the invisible unicorn' does not occur" in text
+    assert "line 3: malformed JSON" in text
+
+    model = tmp_path / "model"
+    tiny_vae().save_pretrained(model / "vae")
+    rc = main(["cache-latents", "--data", str(manifest), "--model", str(model), "--out", str(tmp_path / "lat"),
+               "--frames", "5", "--height", "32", "--width", "32"])
+    assert rc == 0
+    cache = LatentCacheDataset(tmp_path / "lat")
+    assert len(cache) == 3 and cache[0]["latents"].shape == (4, 2, 4, 4)
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["validate-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["make-synthetic", "--out", str(tmp_path), "--num-clips", "1", "--subjects", "5"])
+    assert main(["make-synthetic", "--out", str(tmp_path / "x"), "--num-clips", "0"]) == 2
+    assert "`num_clips`" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
