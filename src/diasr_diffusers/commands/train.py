@@ -16,16 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..training import ConfigError, DiasRTrainer, TrainConfig
 
     try:
         config = TrainConfig.from_yaml(args.config)
         if args.eval_data is not None:
-            if not Path(args.eval_data).exists():
-                raise ConfigError(f"--eval-data not found: {args.eval_data}")
-            config.eval_data = str(Path(args.eval_data).resolve())
+            if not TrainConfig.manifest_path(args.eval_data).is_file():
+                raise ConfigError(f"--eval-data: no manifest at {TrainConfig.manifest_path(args.eval_data)}")
+            config.eval_data = args.eval_data
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     result = DiasRTrainer(config, args.output_dir, resume=args.resume).train()

@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
-def routing_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+def routing_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1, balanced: bool = False
+) -> torch.Tensor:
     """Ingredients' routing loss: cross-entropy over subjects, background ignored.
 
     Args:
         logits: ``(B, L, N + 1)`` router logits (null last) or ``(B, L, N)`` subject logits only.
         labels: ``(B, L)`` int64 in ``[-1, N)``; ``-1`` (background) is ignored, as in Ingredients.
             To also teach the null anchor, map background to ``N`` yourself and pass ``ignore_index=-100``.
+        balanced: weight each class present in ``labels`` equally (a small subject is not outvoted by a large
+            background).
 
     Returns:
         Scalar mean over labelled tokens (0 with a gradient path if none is labelled).
@@ -21,7 +25,14 @@ def routing_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
         raise ValueError(f"`logits` (B, L, C) and `labels` (B, L) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+    flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
+    if not balanced:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
+    keep = flat_labels != ignore_index
+    flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
+    counts = torch.bincount(flat_labels, minlength=logits.shape[-1]).float()
+    weight = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    return F.cross_entropy(flat_logits, flat_labels, weight=weight)
 
 
 def mask_loss(

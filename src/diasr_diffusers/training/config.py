@@ -16,7 +16,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """What ``diasr train`` reads from ``--config FILE.yaml``. Paths are relative to the YAML file's folder.
+    """What ``diasr train`` reads from ``--config FILE.yaml``. Relative paths are relative to the working directory;
+    a data path may be a manifest (``.jsonl``) or a folder holding ``manifest.jsonl`` (``diasr make-synthetic``'s output).
 
     Stages (DiasR two-stage recipe, Ingredients-style supervision):
         ``align``: identity anchors + LoRA; flow-matching loss + ``lambda_mask * L_mask`` (router similarity maps vs
@@ -24,7 +25,8 @@ class TrainConfig:
             ground-truth masks (teacher forcing) while the router learns to predict them.
         ``route``: router + LoRA; flow-matching loss + ``lambda_route`` * routing cross-entropy; attention routed by
             the router itself (hard), with the straight-through log-probability bias so the diffusion loss also
-            reaches the router.
+            reaches the router. ``route_background`` teaches background tokens to the null anchor (Ingredients
+            ignores them: set it false to match); ``balanced_routing_loss`` weights every class present equally.
     All base-model weights stay frozen.
     """
 
@@ -58,6 +60,8 @@ class TrainConfig:
     lambda_route: float = 1.0
     lambda_mask: float = 1.0
     lambda_align: float = 0.1
+    route_background: bool = True
+    balanced_routing_loss: bool = True
     route_text: bool = True
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -66,20 +70,19 @@ class TrainConfig:
     log_every: int = 1
     eval_sigmas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     seed: int = 0
-    config_dir: str = "."
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], config_dir: str | Path = ".") -> TrainConfig:
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"the config must be a mapping of keys to values, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"config_dir"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         missing = [k for k in ("stage", "train_data") if k not in raw]
         if missing:
             raise ConfigError(f"missing required config key(s) {missing}")
-        cfg = cls(**raw, config_dir=str(config_dir))
+        cfg = cls(**raw)
         cfg.validate()
         return cfg
 
@@ -94,13 +97,17 @@ class TrainConfig:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        return cls.from_dict(raw or {}, config_dir=path.parent)
+        return cls.from_dict(raw or {})
 
-    def resolve(self, value: str | None) -> Path | None:
-        if value is None:
-            return None
+    @staticmethod
+    def resolve(value: str | None) -> Path | None:
+        return None if value is None else Path(value).expanduser()
+
+    @staticmethod
+    def manifest_path(value: str) -> Path:
+        """A manifest file, or ``manifest.jsonl`` inside a folder."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(self.config_dir) / p
+        return p / "manifest.jsonl" if p.is_dir() else p
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -111,8 +118,8 @@ class TrainConfig:
             raise ConfigError(f"`model` folder not found: {self.resolve(self.model)}")
         for key in ("train_data", "eval_data"):
             value = getattr(self, key)
-            if value is not None and not self.resolve(value).exists():
-                raise ConfigError(f"`{key}` not found: {self.resolve(value)}")
+            if value is not None and not self.manifest_path(value).is_file():
+                raise ConfigError(f"`{key}` not found: {self.manifest_path(value)} (a manifest or a folder with manifest.jsonl)")
         if self.init_from is not None and not self.resolve(self.init_from).is_dir():
             raise ConfigError(f"`init_from` checkpoint folder not found: {self.resolve(self.init_from)}")
         if self.stage == "route" and self.init_from is None and not self.allow_scratch:

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..data import encode_latents
 from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
-from ..utils.images import to_pil_rgb
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -106,25 +106,31 @@ class DiasRTrainer:
 
         return load_pipeline(str(cfg.resolve(cfg.model)))
 
-    def _build_datasets(self):
-        from ..data import MuSADataset, load_manifest
+    def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
+        from ..data import MuSADataset, RefAugment, load_manifest
+        from ..routing import token_grid_factors
 
         cfg = self.config
-        common = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, frame_stride=cfg.frame_stride)
-        train = load_manifest(cfg.resolve(cfg.train_data), skip_invalid=True)
+        grid = token_grid_factors(transformer, vae)
+        common = dict(
+            num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, frame_stride=cfg.frame_stride,
+            seed=cfg.seed, **grid,
+        )  # fmt: skip
+        train = load_manifest(cfg.manifest_path(cfg.train_data), skip_invalid=True)
         self.skipped_records += train.num_skipped
         records = list(train.records)
         if not records:
-            raise ValueError(f"`train_data` {cfg.resolve(cfg.train_data)} has no valid record")
+            raise ValueError(f"`train_data` {cfg.manifest_path(cfg.train_data)} has no valid record")
         if cfg.eval_data is not None:
-            evaluation = load_manifest(cfg.resolve(cfg.eval_data), skip_invalid=True)
-            eval_records = list(evaluation.records)
+            eval_records = list(load_manifest(cfg.manifest_path(cfg.eval_data), skip_invalid=True).records)
         else:
             n_eval = int(round(len(records) * cfg.eval_fraction))
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             eval_records = [records[i] for i in order[:n_eval]]
             records = [records[i] for i in order[n_eval:]]
-        return MuSADataset(records, augment=True, **common), MuSADataset(eval_records, augment=False, **common)
+        train_set = MuSADataset(records, clip_sampling="random", crop="random", ref_augment=RefAugment(), **common)
+        eval_set = MuSADataset(eval_records, clip_sampling="start", crop="center", ref_augment=None, **common)
+        return train_set, eval_set
 
     def setup(self) -> None:
         from accelerate import Accelerator
@@ -153,7 +159,7 @@ class DiasRTrainer:
         self.pipe.register_modules(id_router=router)
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
-        self.train_set, self.eval_set = self._build_datasets()
+        self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
 
         lora_params = [p for p in transformer.parameters() if p.requires_grad]
         groups = [{"params": list(router.parameters()), "lr": cfg.router_learning_rate or cfg.learning_rate}]
@@ -233,30 +239,30 @@ class DiasRTrainer:
 
     # -- data -----------------------------------------------------------------------------------------------------
 
-    def _global_indices(self, step: int) -> list[int]:
-        """Dataset indices of the global batch of ``step`` (all processes), from the epoch permutation."""
+    def _global_indices(self, step: int) -> list[tuple[int, int]]:
+        """``(epoch, dataset index)`` of each sample of the global batch of ``step`` (all processes)."""
         n = len(self.train_set)
         global_batch = self.config.batch_size * self.accelerator.num_processes
         out = []
         for g in range(step * global_batch, (step + 1) * global_batch):
             epoch, pos = divmod(g, n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            out.append(int(perm[pos]))
+            out.append((epoch, int(perm[pos])))
         return out
 
     def _local_samples(self, step: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        indices = self._global_indices(step)
         b = self.config.batch_size
         rank = self.accelerator.process_index
-        for offset, idx in enumerate(indices[rank * b : (rank + 1) * b]):
-            global_i = rank * b + offset
+        for offset, (epoch, idx) in enumerate(self._global_indices(step)[rank * b : (rank + 1) * b]):
             try:
-                item = self.train_set.get(idx, seed=_sample_seed(self.config.seed, step, global_i))
+                # The dataset draws clip start, crop and augmentation from (seed, epoch, index).
+                self.train_set.set_epoch(epoch)
+                item = self.train_set[idx]
             except (OSError, ValueError, RuntimeError) as e:  # a clip that fails to decode is skipped, not fatal
                 logger.warning(f"skipping training sample {idx}: {e}")
                 self.failed_samples += 1
                 item = None
-            yield global_i, item
+            yield rank * b + offset, item
 
     # -- one sample ----------------------------------------------------------------------------------------------
 
@@ -265,14 +271,16 @@ class DiasRTrainer:
         """Frozen encoders: video latents, reference latents, prompt embeddings and routing inputs."""
         pipe, device = self.pipe, self.accelerator.device
         dtype = pipe.transformer.dtype
-        video = item["video"][None].to(device, pipe.vae.dtype)
-        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
-        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
-        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
-
-        x0 = (retrieve_latents(pipe.vae.encode(video), sample_mode="argmax").float() - mean) / std
-        subjects = [[to_pil_rgb(img, "ref_images") for img in imgs] for imgs in item["ref_images"]]
-        refs = pipe.encode_references(subjects, self.config.height, self.config.width, device, dtype)
+        if "latents" in item:  # from a latent cache (`diasr cache-latents`)
+            x0 = item["latents"][None].to(device).float()  # (1, C, F_lat, h, w)
+            ref_latents = item["ref_latents"].to(device)  # (N, C, 1, h, w)
+        else:
+            x0 = encode_latents(pipe.vae, item["video"][None].to(device))
+            ref_pixels = torch.stack(list(item["ref_images"]))[:, :, None].to(device)  # (N, 3, 1, H, W)
+            ref_latents = encode_latents(pipe.vae, ref_pixels)
+        # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
+        refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
+        subjects = [[None]] * len(item["phrases"])  # only the image count per subject matters below
         prompt_embeds, _ = pipe.encode_prompt(
             item["caption"], do_classifier_free_guidance=False, max_sequence_length=512, device=device
         )
@@ -312,9 +320,11 @@ class DiasRTrainer:
         n = coverage.shape[1]
         layer_logits = list(logits.values())
         if cfg.stage == "route":
-            # Background is taught to the null anchor (class N); Ingredients ignores it (`route_background` off).
-            target = torch.where(labels < 0, torch.full_like(labels, n), labels)
-            losses["route"] = torch.stack([routing_cross_entropy(lg, target, ignore_index=-100) for lg in layer_logits]).mean()
+            # Background is taught to the null anchor (class N) unless `route_background` is off (Ingredients).
+            target = torch.where(labels < 0, torch.full_like(labels, n if cfg.route_background else -100), labels)
+            losses["route"] = torch.stack(
+                [routing_cross_entropy(lg, target, ignore_index=-100, balanced=cfg.balanced_routing_loss) for lg in layer_logits]
+            ).mean()
         else:
             maps = [lg.float().softmax(-1)[..., :n].transpose(1, 2) for lg in layer_logits]
             losses["mask"] = torch.stack([mask_loss(m, coverage) for m in maps]).mean()
@@ -365,7 +375,7 @@ class DiasRTrainer:
                         part = losses["loss"] / cfg.batch_size
                         total = part if total is None else total + part
                         for k, v in losses.items():
-                            sums[k] = sums.get(k, 0.0) + float(v)
+                            sums[k] = sums.get(k, 0.0) + float(v.detach())
                         count += 1
                     if total is not None:
                         acc.backward(total)
@@ -408,7 +418,7 @@ class DiasRTrainer:
         null_hits = null_total = 0
         diff = []
         for idx in range(len(self.eval_set)):
-            item = self.eval_set.get(idx, seed=_sample_seed(self.config.seed, -1, idx))
+            item = self.eval_set[idx]
             enc = self._encode(item)
             enc["routing"].update(mode="router", router=self.router, mask_buckets=None, router_gradient="none")
             for k, sigma in enumerate(self.config.eval_sigmas):

@@ -21,13 +21,22 @@ _WORDS = (
 ).split()
 
 
+def _vocabulary() -> list[str]:
+    # The synthetic sprite generator's words too, so its phrases are real tokens for the toy text encoder.
+    from ..data.synthetic import BACKGROUNDS, COLORS, PATTERNS, SHAPES
+
+    extra = " ".join([*SHAPES, *COLORS, *PATTERNS, *BACKGROUNDS.values()]).split()
+    extra += "moves move drifts drift across moving turn turns pass front".split()
+    return list(dict.fromkeys([*_WORDS, *extra]))
+
+
 def tiny_tokenizer(max_length: int = 512):
     """A word-level fast tokenizer (with offsets) standing in for UMT5's: ``</s>`` appended, ``<pad>`` = 0."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _WORDS:
+    for w in _vocabulary():
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -44,6 +53,8 @@ def tiny_wan_components(
     num_attention_heads: int = 2,
     attention_head_dim: int = 12,
     text_dim: int = 32,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+    ffn_dim: int = 32,
 ) -> dict[str, Any]:
     """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -63,14 +74,14 @@ def tiny_wan_components(
     ).eval()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
+        patch_size=tuple(patch_size),
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
         in_channels=16,
         out_channels=16,
         text_dim=text_dim,
         freq_dim=256,
-        ffn_dim=32,
+        ffn_dim=ffn_dim,
         num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
