@@ -8,7 +8,6 @@ switched on (``TRITON_INTERPRET=1``) before the kernels are defined, i.e. before
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -19,14 +18,20 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-@functools.cache
+_AVAILABLE: bool | None = None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising something else at import time
-        return False
-    return True
+    """True when ``import triton`` works (probed once)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+
+            _AVAILABLE = True
+        except Exception:  # ImportError, or a broken install raising something else at import time
+            _AVAILABLE = False
+    return _AVAILABLE
 
 
 def interpreter_enabled() -> bool:
