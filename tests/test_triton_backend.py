@@ -40,7 +40,11 @@ triton = pytest.importorskip("triton")
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Run every kernel case once in a fresh interpreter process (TRITON_INTERPRET=1 set before any import)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
         [sys.executable, str(CASES_SCRIPT)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
     )

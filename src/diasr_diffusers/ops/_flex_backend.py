@@ -39,8 +39,10 @@ def flex_bucketed_attention(
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     on_cpu = query.device.type == "cpu"
-    if on_cpu and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, segment_bias)
+    if (
+        on_cpu
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (query, key, value, segment_bias))
     ):
         raise NotImplementedError(
             "backend='flex' is forward-only on CPU: FlexAttention's backward is not implemented on CPU in torch "

@@ -96,7 +96,9 @@ def _check_inputs(
         if t.ndim != 4:
             raise ValueError(f"`{name}` must have shape (B, L, H, D), got shape {tuple(t.shape)}")
     if key.shape != value.shape:
-        raise ValueError(f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     (b, lq, h, d), (bk, lk, hk, dk) = query.shape, key.shape
     if (b, h, d) != (bk, hk, dk):
         raise ValueError(

@@ -64,7 +64,9 @@ def attention_flops(
     factor = _check_pass(which)
     refs = [int(r) for r in reference_tokens]
     if video_tokens < 0 or any(r < 0 for r in refs):
-        raise ValueError(f"token counts must be non-negative, got video_tokens={video_tokens}, reference_tokens={refs}")
+        raise ValueError(
+            f"token counts must be non-negative, got video_tokens={video_tokens}, reference_tokens={refs}"
+        )
     if pattern == "video_only":
         pairs = video_tokens**2
     elif pattern == "dense_joint":
@@ -74,7 +76,9 @@ def attention_flops(
         if len(n) != len(refs):
             raise ValueError(f"`routed_tokens` needs one entry per subject ({len(refs)}), got {len(n)}")
         if any(x < 0 for x in n) or sum(n) > video_tokens:
-            raise ValueError(f"`routed_tokens` {n} must be non-negative and sum to at most video_tokens={video_tokens}")
+            raise ValueError(
+                f"`routed_tokens` {n} must be non-negative and sum to at most video_tokens={video_tokens}"
+            )
         pairs = video_tokens**2 + sum(a * r for a, r in zip(n, refs)) + sum(r * r for r in refs)
     else:
         raise ValueError(f"`pattern` must be one of {list(_PATTERNS)}, got {pattern!r}")
