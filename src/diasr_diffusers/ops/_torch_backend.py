@@ -22,6 +22,30 @@ def _visible(x: torch.Tensor, shared: int, start: int, length: int) -> torch.Ten
     return torch.cat([x[:shared], x[start : start + length]])
 
 
+class _KeyWindow:
+    """``[shared | segment]`` rows of one sample's keys (or values) for SDPA, with as few copies as possible.
+
+    Segment 0 follows the shared keys, so it is a view. For later segments, with autograd off, the shared rows are
+    copied once into a scratch buffer and each segment is copied behind them (``R_s`` rows per segment instead of
+    ``shared + R_s``); reusing the buffer is safe because every consumer runs before the next copy in stream order.
+    With autograd on, SDPA keeps its inputs for backward, so each window is a fresh ``torch.cat``.
+    """
+
+    def __init__(self, x: torch.Tensor, shared: int, max_length: int, reuse: bool):
+        self.x, self.shared, self.max_length, self.reuse = x, shared, max_length, reuse
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, start: int, length: int) -> torch.Tensor:
+        x, shared = self.x, self.shared
+        if start == shared or length == 0 or not self.reuse:
+            return _visible(x, shared, start, length)
+        if self.buffer is None:
+            self.buffer = x.new_empty((shared + self.max_length, *x.shape[1:]))
+            self.buffer[:shared].copy_(x[:shared])
+        self.buffer[shared : shared + length].copy_(x[start : start + length])
+        return self.buffer[: shared + length]
+
+
 def _add_bias_channel(q, k, v, bias, shared: int, scale: float):
     n, h, _ = q.shape
     q = torch.cat([q, (bias / scale).to(q.dtype)[:, None, None].expand(n, h, 1)], dim=-1)
@@ -49,8 +73,14 @@ def torch_bucketed_attention(
         starts.append(starts[-1] + n)
     num_segments = len(segment_lengths)
 
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, segment_bias)
+    )
+    max_length = max(segment_lengths, default=0)
     rows, index = [], []
     for b in range(batch):
+        keys = _KeyWindow(key[b], shared, max_length, reuse=not needs_grad)
+        values = _KeyWindow(value[b], shared, max_length, reuse=not needs_grad)
         buckets = query_buckets[b]
         order = torch.argsort(buckets, stable=True)
         counts = torch.bincount(buckets + 1, minlength=num_segments + 1).tolist()
@@ -63,8 +93,7 @@ def torch_bucketed_attention(
                 continue
             start = starts[s] if s >= 0 else shared
             q = query[b].index_select(0, idx)
-            k = _visible(key[b], shared, start, length)
-            v = _visible(value[b], shared, start, length)
+            k, v = keys(start, length), values(start, length)
             if segment_bias is not None and length > 0:
                 q, k, v = _add_bias_channel(q, k, v, segment_bias[b].index_select(0, idx), shared, scale)
             out = F.scaled_dot_product_attention(
