@@ -11,8 +11,9 @@ Workloads, all over one self-attention layer on ``[video | ref_1 | ... | ref_N]`
 
 Time is the median of ``--repeats`` runs after ``--warmup`` runs. TFLOP/s are counted on each workload's own pattern
 (the routed rows on the routed FLOPs). Peak memory: CUDA ``max_memory_allocated`` above the inputs; on CPU the
-increase of the peak RSS (``ru_maxrss``) over the RSS before the call, measured once per workload in a fresh
-subprocess (``--cpu-memory``), else reported as n/a.
+increase of the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the call; ``ru_maxrss`` where
+that is unavailable) over the RSS before the call, measured once per workload in a fresh subprocess
+(``--cpu-memory``), else reported as n/a.
 
 ``--wan-cpu-forward`` runs only the torch backend forward at the Wan-1.3B shape on CPU and reports its peak RSS next
 to the size an ``Lq x Lk`` score matrix would have.
@@ -161,8 +162,30 @@ def cuda_peak_memory(fn, inputs, backward: bool) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that import-time peaks cannot hide the run's (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss_bytes() -> int:
@@ -170,10 +193,16 @@ def _current_rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_baseline() -> int:
+    """Baseline for a peak-RSS delta: the current RSS after a reset of the peak mark, else the peak so far."""
+    return _current_rss_bytes() if _reset_peak_rss() else max(_current_rss_bytes(), _maxrss_bytes())
+
+
 def cpu_peak_memory_subprocess(args, name: str) -> int | None:
     """Peak-RSS increase of one run of ``name`` in a fresh process (so earlier runs cannot hide its peak)."""
     cmd = [sys.executable, __file__, "--_measure", name, "--preset", args.preset, "--dtype", args.dtype]
     cmd += ["--device", "cpu", "--backends", *args.backends] + (["--backward"] if args.backward else [])
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
@@ -185,7 +214,7 @@ def _measure_child(args) -> None:
     shape = PRESETS[args.preset]
     inputs = make_inputs(shape, "cpu", DTYPES[args.dtype], requires_grad=args.backward)
     fn = workloads(shape, args.backends)[args._measure]
-    before = max(_current_rss_bytes(), _maxrss_bytes())
+    before = _peak_baseline()
     qkv, vb, rb = inputs
     out = fn(*qkv, vb, rb)
     if args.backward:
@@ -263,7 +292,7 @@ def run_wan_cpu_forward(args) -> dict:
     shape = PRESETS["wan1.3b"]
     (q, k, v), vb, rb = make_inputs(shape, "cpu", torch.float32)
     lv, refs = shape.video, list(shape.refs)
-    before = max(_current_rss_bytes(), _maxrss_bytes())
+    before = _peak_baseline()
     start = time.perf_counter()
     with torch.no_grad():
         out = bucketed_attention(q[:, :lv], k, v, vb, refs, backend="torch")
@@ -354,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     p.add_argument("--backends", nargs="+", default=None, help="default: torch on CPU; triton flex torch on CUDA")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's choice")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cpu-memory", action="store_true", help="CPU: peak RSS per workload in fresh subprocesses")
@@ -365,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.backends = args.backends or (["triton", "flex", "torch"] if args.device == "cuda" else ["torch"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._measure:
         _measure_child(args)
         return
