@@ -128,8 +128,7 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
         o, lse = sdpa_lse(
             query.transpose(1, 2), key[:, :shared].transpose(1, 2), value[:, :shared].transpose(1, 2), scale=scale
         )[:2]
-        out = o.transpose(1, 2).contiguous()  # (B, Lq, H, D)
-        lse = lse.transpose(1, 2).contiguous()  # (B, Lq, H)
+        out, lse = o.transpose(1, 2), lse.transpose(1, 2)  # (B, Lq, H, D), (B, Lq, H) views: no copies
     else:
         out = query.new_zeros(batch, lq, heads, dim)
         lse = query.new_full((batch, lq, heads), float("-inf"))
