@@ -222,6 +222,16 @@ def _measure_child(args) -> None:
     print(max(0, _maxrss_bytes() - before))
 
 
+def load_average() -> str:
+    """1-minute load average before and after a run: other processes on the machine skew CPU timings."""
+    try:
+        import os
+
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def versions() -> dict[str, str]:
     info = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("triton", "diffusers"):
@@ -243,6 +253,7 @@ def device_name(device: str) -> str:
 def run_benchmark(args) -> dict:
     shape = PRESETS[args.preset]
     dtype = DTYPES[args.dtype]
+    load_before = load_average()
     inputs = make_inputs(shape, args.device, dtype, requires_grad=args.backward)
     which = "forward+backward" if args.backward else "forward"
     rows = []
@@ -283,6 +294,8 @@ def run_benchmark(args) -> dict:
         "pass": which,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": f"{load_before} -> {load_average()}",
         "rows": rows,
     }
 
@@ -290,6 +303,7 @@ def run_benchmark(args) -> dict:
 def run_wan_cpu_forward(args) -> dict:
     """Torch backend forward at the Wan-1.3B self-attention shape on CPU: show that no Lq x Lk buffer is needed."""
     shape = PRESETS["wan1.3b"]
+    load_before = load_average()
     (q, k, v), vb, rb = make_inputs(shape, "cpu", torch.float32)
     lv, refs = shape.video, list(shape.refs)
     before = _peak_baseline()
@@ -307,6 +321,7 @@ def run_wan_cpu_forward(args) -> dict:
         "versions": versions(),
         "shape": {"video": lv, "refs": refs, "heads": shape.heads, "head_dim": shape.head_dim, "dtype": "fp32"},
         "seconds": seconds,
+        "load_average_1min": f"{load_before} -> {load_average()}",
         "peak_rss_increase_bytes": peak_increase,
         "peak_rss_bytes": _maxrss_bytes(),
         "output_bytes": out.numel() * out.element_size(),
@@ -333,7 +348,8 @@ def markdown_benchmark(res: dict) -> str:
         f"Python {v['python']}",
         f"- Shape: Lv = {s['video']:,}, references {s['refs']}, H = {s['heads']}, D = {s['head_dim']}, B = 1; "
         f"video tokens routed per subject {res['routed_video_tokens']} (rest null)",
-        f"- Median of {res['repeats']} runs after {res['warmup']} warm-up runs, workloads interleaved round-robin. "
+        f"- Median of {res['repeats']} runs after {res['warmup']} warm-up runs, workloads interleaved round-robin; "
+        f"{res['threads']} torch threads; machine load average (1 min) {res['load_average_1min']}. "
         f"Command: `{res['command']}`",
         "",
         "| workload | median time | × video-only | × dense joint | GFLOP (own pattern) | TFLOP/s | peak memory |",
@@ -360,7 +376,8 @@ def markdown_wan_cpu(res: dict) -> str:
         f"Command: `{res['command']}`",
         f"- Lv = {s['video']:,} video queries, keys = video + references {s['refs']}, H = {s['heads']}, "
         f"D = {s['head_dim']}, fp32, one layer, forward (no grad)",
-        f"- Time: {res['seconds']:.1f} s ({res['flops'] / res['seconds'] / 1e12:.3f} TFLOP/s on the routed FLOPs)",
+        f"- Time: {res['seconds']:.1f} s ({res['flops'] / res['seconds'] / 1e12:.3f} TFLOP/s on the routed FLOPs; "
+        f"machine load average {res['load_average_1min']})",
         f"- Peak RSS increase during the call: {_gib(res['peak_rss_increase_bytes'])} (process peak "
         f"{_gib(res['peak_rss_bytes'])}; output alone {_gib(res['output_bytes'])}). An Lq × Lk fp32 score matrix "
         f"over all heads would be {_gib(res['score_matrix_bytes_lq_x_lk_fp32_all_heads'])}, a boolean Lq × Lk mask "

@@ -72,12 +72,12 @@ def test_choice_is_logged_once(monkeypatch, caplog):
 def test_unsupported_reason_checks(monkeypatch):
     monkeypatch.setattr(triton_backend, "triton_available", lambda: True)
     monkeypatch.setattr(triton_backend, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_backend, "_capability_major", lambda device: 9)
     assert triton_backend.unsupported_reason(_fake_cuda_query()) is None
     assert triton_backend.unsupported_reason(_fake_cuda_query(torch.bfloat16, 64)) is None
     assert "dtype" in triton_backend.unsupported_reason(_fake_cuda_query(torch.float64))
     assert "head dim" in triton_backend.unsupported_reason(_fake_cuda_query(dim=512))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(triton_backend, "_capability_major", lambda device: 7)
     assert "compute capability" in triton_backend.unsupported_reason(_fake_cuda_query())
     monkeypatch.setattr(triton_backend, "triton_available", lambda: False)
     assert "not installed" in triton_backend.unsupported_reason(_fake_cuda_query())

@@ -42,6 +42,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_CAPABILITY: dict[int, int] = {}
+
+
+def _capability_major(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index]
+
+
 def unsupported_reason(query: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take tensors like ``query`` (B, Lq, H, D) on this machine; ``None`` if they can.
 
@@ -56,7 +66,7 @@ def unsupported_reason(query: torch.Tensor) -> str | None:
     if query.device.type == "cuda":
         if interpreter_enabled():
             return "TRITON_INTERPRET=1 is set, so the kernels were built for the CPU interpreter"
-        major, _ = torch.cuda.get_device_capability(query.device)
+        major = _capability_major(query.device)
         if major < 8:  # Triton's tensor-core paths (and bf16) are only maintained for Ampere and newer
             return f"GPU compute capability {major}.x < 8.0"
         return None
@@ -78,6 +88,12 @@ def triton_bucketed_attention(
     segment_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``bucketed_attention`` backend running the Triton kernels (see :mod:`._kernels` for the design)."""
+    if torch.compiler.is_compiling():  # probed in eager already; keep the traced graph free of host-side checks
+        from ._op import triton_bucketed_attention_impl
+
+        return triton_bucketed_attention_impl(
+            query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias
+        )
     if not triton_available():
         raise RuntimeError(
             "backend='triton' needs the `triton` package (pip install 'diasr-diffusers[triton]', Linux only); "

@@ -88,7 +88,7 @@ def _fwd_kernel(
     KSeg (Lk,), BlkLo/BlkHi (B, num_m_blocks), Out (B, Lq, H, D), LSE (B, H, Lq) fp32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b overflows int32 beyond 2**31 elements
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Lq
@@ -195,7 +195,7 @@ def _bwd_dq_kernel(
     (per head, summed over heads on the host). Other arguments as in :func:`_fwd_kernel`."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b overflows int32 beyond 2**31 elements
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < Lq
@@ -253,7 +253,7 @@ def _bwd_dkdv_kernel(
     buckets can see some key of the tile (all queries for a tile holding shared keys). DK/DV (B, Lk, H, D)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b overflows int32 beyond 2**31 elements
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < Lk
