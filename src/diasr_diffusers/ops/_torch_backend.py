@@ -118,7 +118,7 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
     """Shared part for all queries at once, then each bucket's segment, merged exactly (CPU, fp32, no autograd).
 
     With ``(o1, l1)`` the output and log-sum-exp over the shared keys and ``(o2, l2)`` over the segment,
-    ``l = logaddexp(l1, l2)`` and ``o = o1 exp(l1 - l) + o2 exp(l2 - l)``. The segment bias is constant over a
+    ``l = logaddexp(l1, l2)`` and ``o = o1 exp(l1 - l) + o2 exp(l2 - l) = lerp(o1, o2, sigmoid(l2 - l1))``. The segment bias is constant over a
     query's segment keys, so it only shifts ``l2`` (``o2`` is unchanged). Rows that see no key keep ``o = 0``.
     """
     sdpa_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -149,8 +149,8 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
             o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
             if segment_bias is not None:
                 l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]
-            o1, l1 = out[b].index_select(0, idx), lse[b].index_select(0, idx)
-            merged = torch.logaddexp(l1, l2)
-            o = o1 * torch.exp(l1 - merged)[..., None] + o2 * torch.exp(l2 - merged)[..., None]
+            # exp(l2 - logaddexp(l1, l2)) = sigmoid(l2 - l1): the merge is one lerp (few ops: each is a parallel region)
+            weight = torch.sigmoid(l2 - lse[b].index_select(0, idx))[..., None]
+            o = torch.lerp(out[b].index_select(0, idx), o2, weight)
             out[b].index_copy_(0, idx, o)
     return out
