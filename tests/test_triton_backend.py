@@ -26,6 +26,7 @@ FP32_CASES = [
     "fp32_batch3_structured_routings",
     "fp32_shared0_null_rows",
     "fp32_d24_non_pow2",
+    "fp32_block_multiples",
     "fp32_no_segments",
     "compile_fullgraph_and_opcheck",
 ]

@@ -130,6 +130,7 @@ def cases():
     yield check("fp32_batch3_structured_routings", f32, 3, 45, 2, 16, 21, [6, 17, 9], buckets=mixed)
     yield check("fp32_shared0_null_rows", f32, 2, 40, 1, 16, 0, [12, 9])
     yield check("fp32_d24_non_pow2", f32, 1, 33, 2, 24, 18, [7, 5])
+    yield check("fp32_block_multiples", f32, 1, 48, 2, 16, 32, [16, 5])  # tile-aligned shared part and queries
     yield check("fp32_no_segments", f32, 1, 30, 1, 16, 25, [], buckets=torch.full((1, 30), -1))
     yield check("fp16_bias", f16, 2, 70, 2, 32, 37, [9, 0, 21])
     yield check("fp16_d64_shared0", f16, 1, 48, 2, 64, 0, [20, 11])

@@ -31,18 +31,24 @@ LN2: tl.constexpr = 0.6931471805599453
 def _attend_range(
     acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v, stride_kn, stride_vn, offs_d, d_valid,
     lo, hi, qk_scale,
-    SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEGMENT: tl.constexpr, MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) (M, D), (M,), (M,) with keys ``[lo, hi)``; q (M, D), qb (M,) buckets,
     bias2 (M,) = bias * log2(e). Shared keys (``SEGMENT=False``) are visible to all rows; segment keys only to the
-    rows whose bucket is their segment id, and carry the row's bias."""
+    rows whose bucket is their segment id, and carry the row's bias. ``MASK_N=False``: ``[lo, hi)`` is made of
+    whole tiles of shared keys, so no key mask at all (the bulk of the work)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        kt = tl.load(K + kv_base_k + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
-        v = tl.load(V + kv_base_v + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # (N, D)
+        kt_ptrs = K + kv_base_k + offs_n[None, :] * stride_kn + offs_d[:, None]  # (D, N)
+        v_ptrs = V + kv_base_v + offs_n[:, None] * stride_vn + offs_d[None, :]  # (N, D)
+        if MASK_N:
+            kt = tl.load(kt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
@@ -52,12 +58,11 @@ def _attend_range(
             s = tl.dot(q, kt) * qk_scale  # (M, N), log2 units
         if SEGMENT:
             kseg = tl.load(KSeg + offs_n, mask=n_valid, other=-3)
-            visible = qb[:, None] == kseg[None, :]
             if HAS_BIAS:
                 s += bias2[:, None]
-        else:
-            visible = n_valid[None, :] & (qb[:, None] > -3)  # qb > -3 always: it only broadcasts to (M, N)
-        s = tl.where(visible, s, float("-inf"))
+            s = tl.where(qb[:, None] == kseg[None, :], s, float("-inf"))
+        elif MASK_N:
+            s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -109,16 +114,20 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_base_k = b * stride_kb + h * stride_kh
     kv_base_v = b * stride_vb + h * stride_vh
-    # Shared keys: visible to every query of the tile.
+    # Shared keys: visible to every query of the tile; whole tiles unmasked, then the tail.
+    shared_full = (shared // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
-                                  stride_kn, stride_vn, offs_d, d_valid, 0, shared, qk_scale,
-                                  False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+                                  stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
+                                  False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                  stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
+                                  False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     # Private segments of the tile's buckets (contiguous keys), masked by bucket.
     lo = tl.load(BlkLo + b * num_m_blocks + pid_m)
     hi = tl.load(BlkHi + b * num_m_blocks + pid_m)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
                                   stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
-                                  True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+                                  True, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -142,15 +151,21 @@ def _fwd_kernel(
 def _dq_range(
     dq, dbias, q, do, qb, bias2, lse2, delta,  # dq (M, D), dbias (M,) accumulators; lse2 = LSE * log2(e)
     K, V, KSeg, kv_base_k, kv_base_v, stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
-    SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEGMENT: tl.constexpr, MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    """dQ / dBias contributions of keys ``[lo, hi)``; flags as in :func:`_attend_range`."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        kt = tl.load(K + kv_base_k + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
-        vt = tl.load(V + kv_base_v + offs_n[None, :] * stride_vn + offs_d[:, None],
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
+        kt_ptrs = K + kv_base_k + offs_n[None, :] * stride_kn + offs_d[:, None]  # (D, N)
+        vt_ptrs = V + kv_base_v + offs_n[None, :] * stride_vn + offs_d[:, None]  # (D, N)
+        if MASK_N:
+            kt = tl.load(kt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_valid[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -161,13 +176,14 @@ def _dq_range(
             s = tl.dot(q, kt) * qk_scale
             dp = tl.dot(do, vt)
         if SEGMENT:
-            kseg = tl.load(KSeg + offs_n, mask=n_valid, other=-3)
-            visible = qb[:, None] == kseg[None, :]
             if HAS_BIAS:
                 s += bias2[:, None]
-        else:
-            visible = n_valid[None, :] & (qb[:, None] > -3)
-        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.math.exp2(s - lse2[:, None])  # padded rows and rows without keys have LSE = +inf, hence P = 0
+        if SEGMENT:
+            kseg = tl.load(KSeg + offs_n, mask=n_valid, other=-3)
+            p = tl.where(qb[:, None] == kseg[None, :], p, 0.0)
+        elif MASK_N:
+            p = tl.where(n_valid[None, :], p, 0.0)
         ds = p * (dp - delta[:, None])  # (M, N), d loss / d natural logits
         if IEEE:
             dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
@@ -220,14 +236,18 @@ def _bwd_dq_kernel(
     dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
     kv_base_k = b * stride_kb + h * stride_kh
     kv_base_v = b * stride_vb + h * stride_vh
+    shared_full = (shared // BLOCK_N) * BLOCK_N
     dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
-                          stride_kn, stride_vn, offs_d, d_valid, 0, shared, qk_scale,
-                          False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+                          stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
+                          False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+    dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
+                          stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
+                          False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     lo = tl.load(BlkLo + b * num_m_blocks + pid_m)
     hi = tl.load(BlkHi + b * num_m_blocks + pid_m)
     dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
                           stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
-                          True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+                          True, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=md_mask)

@@ -35,8 +35,11 @@ def _config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _flags(dtype: torch.dtype) -> dict:
+    """fp32: fp32 dots without TF32. fp16/bf16: low-precision dot operands (P and dS rounded like FlashAttention)
+    with fp32 accumulation; the interpreter gets bf16 wrong, so there bf16 is upcast, while fp16 runs the GPU path."""
     fp32 = dtype == torch.float32
-    return dict(UPCAST=INTERPRET or fp32, IEEE=INTERPRET or fp32)
+    upcast = fp32 or (INTERPRET and dtype == torch.bfloat16)
+    return dict(UPCAST=upcast, IEEE=upcast)
 
 
 class _Plan:
