@@ -117,3 +117,12 @@ def test_works_without_triton_installed():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_select_backend_traces_under_fullgraph_compile():
+    # First call for this key happens while tracing: the one-time log must not break the graph.
+    def fn(q):
+        return q * (2.0 if select_backend(q) == "torch" else 3.0)
+
+    q = torch.randn(4)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(q), q * 2.0)

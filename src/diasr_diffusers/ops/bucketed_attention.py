@@ -68,7 +68,7 @@ def select_backend(query: torch.Tensor) -> str:
             reason = f"probing Triton failed ({type(err).__name__}: {err})"
     choice = "triton" if reason is None else "torch"
     key = (choice, query.device.type, reason)
-    if key not in _LOGGED_CHOICES:
+    if key not in _LOGGED_CHOICES and not torch.compiler.is_compiling():  # logging is not traceable
         _LOGGED_CHOICES.add(key)
         if reason is None:
             logger.info("bucketed_attention: backend='auto' uses 'triton' on %s", query.device)
