@@ -29,8 +29,11 @@ FP32_CASES = [
     "fp32_block_multiples",
     "fp32_no_segments",
     "compile_fullgraph_and_opcheck",
+    "hybrid_fp32_bias",
+    "hybrid_fp32_no_bias_short_shared",
 ]
-LOW_PRECISION_CASES = {"fp16_bias": 1e-4, "fp16_d64_shared0": 1e-4, "bf16_bias": 1e-3}  # absolute slack
+LOW_PRECISION_CASES = {"fp16_bias": 1e-4, "fp16_d64_shared0": 1e-4, "bf16_bias": 1e-3, "hybrid_fp16_bias": 1e-4}
+HYBRID_CASES = ["hybrid_fp32_bias", "hybrid_fp32_no_bias_short_shared", "hybrid_fp16_bias"]
 CASES_WITH_EMPTY_ROWS = ["fp32_d16_shared0_zero_len", "fp32_shared0_null_rows", "fp16_d64_shared0"]
 METRICS = ("out", "dq", "dk", "dv")
 
@@ -84,6 +87,12 @@ def test_rows_without_keys_are_zero(interpreted, case):
     assert res["empty_out"] == 0.0 and res["empty_dq"] == 0.0
 
 
+@pytest.mark.parametrize("case", HYBRID_CASES)
+def test_hybrid_cases_used_the_dense_shared_kernel(interpreted, case):
+    # Forward ran the dense kernel once for the shared keys (the backward never does: it is all Triton).
+    assert interpreted[case]["dense_shared_calls"] == 1
+
+
 def test_compile_fullgraph_and_opcheck(interpreted):
     assert interpreted["compile_fullgraph_and_opcheck"]["opcheck"] is True
 
@@ -128,7 +137,11 @@ def _fwd_bwd(backend, qkv, buckets, segs, bias, dout, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gpu_kernels_match_reference(dtype, dim):
+@pytest.mark.parametrize("shared_forward", ["auto", "triton"])
+def test_gpu_kernels_match_reference(dtype, dim, shared_forward, monkeypatch):
+    from diasr_diffusers.ops.triton import _op
+
+    monkeypatch.setattr(_op, "SHARED_FORWARD", shared_forward)
     qkv, buckets, segs, bias, dout = _gpu_inputs(dtype, dim)
     ref = _fwd_bwd("dense", qkv, buckets, segs, bias, dout, torch.float32)
     got = _fwd_bwd("triton", qkv, buckets, segs, bias, dout, dtype)

@@ -136,6 +136,33 @@ def cases():
     yield check("fp16_d64_shared0", f16, 1, 48, 2, 64, 0, [20, 11])
     yield check("bf16_bias", bf16, 2, 70, 2, 32, 37, [9, 0, 21])
     yield compile_and_opcheck()
+    yield from hybrid_cases()
+
+
+def hybrid_cases():
+    """Shared keys by a dense SDPA kernel (the CPU flash kernel standing in for cuDNN / FlashAttention-2 on GPU),
+    segments by the Triton continuation from its (O, LSE); backward from the merged O and LSE."""
+    f32, f16 = torch.float32, torch.float16
+    calls = []
+    dense_impl = _op._sdpa_cpu
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return dense_impl(*args, **kwargs)
+
+    _op.SHARED_FORWARD, _op._sdpa_cpu = "sdpa", counting
+    try:
+        for args, kwargs in (
+            (("hybrid_fp32_bias", f32, 2, 70, 2, 32, 37, [9, 0, 21]), {}),
+            (("hybrid_fp32_no_bias_short_shared", f32, 2, 45, 2, 16, 5, [6, 17, 0]), {"bias": False}),
+            (("hybrid_fp16_bias", f16, 2, 70, 2, 32, 37, [9, 0, 21]), {}),
+        ):
+            calls.clear()
+            name, res = check(*args, **kwargs)
+            res["dense_shared_calls"] = len(calls)
+            yield name, res
+    finally:
+        _op.SHARED_FORWARD, _op._sdpa_cpu = "auto", dense_impl
 
 
 def main() -> int:

@@ -86,11 +86,14 @@ def _fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_bb,
     H, Lq, shared, num_m_blocks, qk_scale, D,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SHARED_DONE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * H)``. Q (B, Lq, H, D), K/V (B, Lk, H, D), Bias (B, Lq), Order/QB (B, Lq),
-    KSeg (Lk,), BlkLo/BlkHi (B, num_m_blocks), Out (B, Lq, H, D), LSE (B, H, Lq) fp32."""
+    KSeg (Lk,), BlkLo/BlkHi (B, num_m_blocks), Out (B, Lq, H, D), LSE (B, H, Lq) fp32.
+
+    ``SHARED_DONE``: Out/LSE already hold attention over the shared keys alone (from a faster dense kernel); this
+    kernel only continues with the segment keys, in place (each row is read and written by one program)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b overflows int32 beyond 2**31 elements
@@ -109,19 +112,27 @@ def _fwd_kernel(
     if HAS_BIAS:
         bias2 = tl.load(Bias + b * stride_bb + rows, mask=m_valid, other=0.0).to(tl.float32) * LOG2E
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kv_base_k = b * stride_kb + h * stride_kh
     kv_base_v = b * stride_vb + h * stride_vh
-    # Shared keys: visible to every query of the tile; whole tiles unmasked, then the tail.
-    shared_full = (shared // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
-                                  stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
-                                  False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
-                                  stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
-                                  False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+    out_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+    if SHARED_DONE:
+        # With m = the shared part's LSE (log2 units), l = 1 and acc = its output, the online-softmax invariant
+        # (acc = sum_j 2^(s_j - m) v_j, l = sum_j 2^(s_j - m)) holds exactly; continue from there.
+        m_i = tl.load(LSE + pid_bh * Lq + rows, mask=m_valid, other=float("-inf")) * LOG2E
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        acc = tl.load(out_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Shared keys: visible to every query of the tile; whole tiles unmasked, then the tail.
+        shared_full = (shared // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                      stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
+                                      False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                      stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
+                                      False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     # Private segments of the tile's buckets (contiguous keys), masked by bucket.
     lo = tl.load(BlkLo + b * num_m_blocks + pid_m)
     hi = tl.load(BlkHi + b * num_m_blocks + pid_m)
@@ -133,8 +144,7 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # acc is 0 on empty rows
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     tl.store(LSE + pid_bh * Lq + rows, lse, mask=m_valid)
 
 

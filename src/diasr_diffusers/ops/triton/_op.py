@@ -12,6 +12,8 @@ segment keys), so there is no LSE merge to differentiate through.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 
@@ -20,6 +22,79 @@ from . import _kernels
 
 INTERPRET: bool = isinstance(_kernels._fwd_kernel, triton.runtime.interpreter.InterpretedFunction)
 _LOG2E = 1.4426950408889634
+logger = logging.getLogger(__name__)
+
+# How the forward computes the shared-key part (every query against every shared key, i.e. dense attention):
+#   "auto":   on CUDA fp16/bf16, the fastest SDPA kernel that returns the LSE (cuDNN, else FlashAttention-2), each
+#             validated once per (device, dtype, head dim) against the pure Triton path; else "triton".
+#   "sdpa":   like "auto", and on CPU the fused CPU flash kernel (used by the tests to check the continuation).
+#   "triton": the Triton kernel does shared and segment keys in one online softmax.
+# The segment keys always run in Triton, continuing exactly from the shared part's (O, LSE). The backward always
+# recomputes from the merged O and LSE with the Triton kernels, so nothing is differentiated through a merge.
+SHARED_FORWARD = "auto"
+_VALIDATED: dict[tuple, object] = {}
+
+
+def _sdpa_cudnn(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale
+    )[:2]
+    return out.transpose(1, 2), lse
+
+
+def _sdpa_flash(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
+    )[:2]
+    return out.transpose(1, 2), lse
+
+
+def _sdpa_cpu(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    )[:2]
+    return out.transpose(1, 2), lse
+
+
+def _self_check(impl, device, dtype, dim) -> bool:
+    """Does ``impl`` + the Triton continuation reproduce the pure Triton forward on a small random problem?"""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 300, 2, dim, device=device, generator=g).to(dtype)
+    k = torch.randn(1, 280, 2, dim, device=device, generator=g).to(dtype)
+    v = torch.randn(1, 280, 2, dim, device=device, generator=g).to(dtype)
+    buckets = torch.randint(-1, 3, (1, 300), device=device, generator=g)
+    segs = [40, 0, 33]
+    want, want_lse = _forward(q, k, v, buckets, None, segs, dim**-0.5, shared_impl=None)
+    got, got_lse = _forward(q, k, v, buckets, None, segs, dim**-0.5, shared_impl=impl)
+    return bool(((got.float() - want.float()).abs().max() < 2e-2) & ((got_lse - want_lse).abs().max() < 1e-2))
+
+
+def _shared_impl(q: torch.Tensor, shared: int):
+    """The dense kernel to use for the shared part of this call, or ``None`` for the pure Triton path."""
+    if SHARED_FORWARD == "triton" or shared == 0:
+        return None
+    if q.device.type == "cpu":
+        return _sdpa_cpu if SHARED_FORWARD == "sdpa" else None
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    key = (q.device.index, q.dtype, q.shape[-1])
+    if key not in _VALIDATED:
+        if torch.cuda.is_current_stream_capturing():  # the check syncs: not now, use the pure path this time
+            return None
+        chosen = None
+        for name, impl in (("cuDNN", _sdpa_cudnn), ("FlashAttention-2", _sdpa_flash)):
+            try:
+                ok = _self_check(impl, q.device, q.dtype, q.shape[-1])
+            except Exception as err:  # unsupported GPU/shape/build: try the next one
+                logger.info("bucketed_attention[triton]: %s shared part unavailable (%s)", name, err)
+                continue
+            if ok:
+                chosen = impl
+                logger.info("bucketed_attention[triton]: shared keys via %s SDPA, segments via Triton", name)
+                break
+            logger.warning("bucketed_attention[triton]: %s shared part failed its self-check; not used", name)
+        _VALIDATED[key] = chosen
+    return _VALIDATED[key]
 
 
 def _config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -84,14 +159,26 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, buckets, bias, segment_lengths, scale):
+def _forward(q, k, v, buckets, bias, segment_lengths, scale, shared_impl="auto"):
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
+    shared = lk - sum(segment_lengths)
     out = q.new_zeros(batch, lq, heads, dim)
     lse = q.new_full((batch, heads, lq), float("inf"), dtype=torch.float32)
     if batch * heads * lq == 0 or lk == 0:
         return out, lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if shared_impl == "auto":
+        shared_impl = _shared_impl(q, shared)
+    shared_done = False
+    if shared_impl is not None and shared > 0:  # (dense kernels may not survive zero keys)
+        try:
+            o_shared, lse_shared = shared_impl(q, k[:, :shared], v[:, :shared], scale)
+            out.copy_(o_shared)
+            lse.copy_(lse_shared.reshape(batch, heads, lq))
+            shared_done = True
+        except Exception as err:  # e.g. a shape this SDPA kernel rejects: the pure Triton path is always there
+            logger.debug("bucketed_attention[triton]: shared part fell back to Triton (%s)", err)
     cfg = _config(dim, q.dtype)
     block_m, block_n = cfg["fwd"]
     plan = _Plan(buckets, segment_lengths, lk)
@@ -102,8 +189,8 @@ def _forward(q, k, v, buckets, bias, segment_lengths, scale):
         q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, lo, hi, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         bias_arg.stride(0) if bias is not None else 0,
-        heads, lq, lk - sum(segment_lengths), lo.shape[1], scale * _LOG2E, dim,
-        HAS_BIAS=bias is not None, **_flags(q.dtype),
+        heads, lq, shared, lo.shape[1], scale * _LOG2E, dim,
+        HAS_BIAS=bias is not None, **_flags(q.dtype), SHARED_DONE=shared_done,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
