@@ -291,6 +291,7 @@ def run_benchmark(args) -> dict:
         "shape": {"video": shape.video, "refs": list(shape.refs), "heads": shape.heads, "head_dim": shape.head_dim},
         "routed_video_tokens": [int((inputs[1] == s).sum()) for s in range(len(shape.refs))],
         "dtype": args.dtype,
+        "triton_shared_forward": args.triton_shared_forward,
         "pass": which,
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -400,6 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     p.add_argument("--backends", nargs="+", default=None, help="default: torch on CPU; triton flex torch on CUDA")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument(
+        "--triton-shared-forward", choices=["auto", "triton"], default="auto",
+        help="Triton backend forward: shared keys by cuDNN/FA2 SDPA + Triton segments (auto), or all in Triton",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's choice")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
@@ -414,6 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     args.backends = args.backends or (["triton", "flex", "torch"] if args.device == "cuda" else ["torch"])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "triton" in args.backends and args.triton_shared_forward != "auto":
+        from diasr_diffusers.ops.triton import _op
+
+        _op.SHARED_FORWARD = args.triton_shared_forward
     if args._measure:
         _measure_child(args)
         return
