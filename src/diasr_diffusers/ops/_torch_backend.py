@@ -5,6 +5,10 @@ plain SDPA (so the fused CPU/GPU kernels apply and no ``Lq x Lk`` score matrix o
 scattered back with ``index_copy``. Autograd flows through gather, SDPA and scatter, so gradients are exact.
 The group sizes are read on the host (``.tolist()``): fine for eager use; the Triton backend avoids it.
 
+CPU inference (fp32, autograd off) takes a faster, leaner route (:func:`_cpu_inference`): one SDPA call of all queries
+over the shared keys, one per bucket over its segment (key views, no copies), merged exactly through the
+log-sum-exp. Nothing is differentiated through that merge, since it only runs without autograd.
+
 ``segment_bias`` is folded into SDPA exactly by one extra head channel: with ``q' = [q, b / scale]`` and
 ``k' = [k, 1]`` on segment keys (``[k, 0]`` on shared keys), ``scale * q'.k' = scale * q.k + b`` on the segment only.
 """
@@ -20,6 +24,30 @@ def _visible(x: torch.Tensor, shared: int, start: int, length: int) -> torch.Ten
     if start == shared or length == 0:
         return x[: shared + length] if start == shared else x[:shared]
     return torch.cat([x[:shared], x[start : start + length]])
+
+
+class _KeyWindow:
+    """``[shared | segment]`` rows of one sample's keys (or values) for SDPA, with as few copies as possible.
+
+    Segment 0 follows the shared keys, so it is a view. For later segments, with autograd off, the shared rows are
+    copied once into a scratch buffer and each segment is copied behind them (``R_s`` rows per segment instead of
+    ``shared + R_s``); reusing the buffer is safe because every consumer runs before the next copy in stream order.
+    With autograd on, SDPA keeps its inputs for backward, so each window is a fresh ``torch.cat``.
+    """
+
+    def __init__(self, x: torch.Tensor, shared: int, max_length: int, reuse: bool):
+        self.x, self.shared, self.max_length, self.reuse = x, shared, max_length, reuse
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, start: int, length: int) -> torch.Tensor:
+        x, shared = self.x, self.shared
+        if start == shared or length == 0 or not self.reuse:
+            return _visible(x, shared, start, length)
+        if self.buffer is None:
+            self.buffer = x.new_empty((shared + self.max_length, *x.shape[1:]))
+            self.buffer[:shared].copy_(x[:shared])
+        self.buffer[shared : shared + length].copy_(x[start : start + length])
+        return self.buffer[: shared + length]
 
 
 def _add_bias_channel(q, k, v, bias, shared: int, scale: float):
@@ -49,8 +77,16 @@ def torch_bucketed_attention(
         starts.append(starts[-1] + n)
     num_segments = len(segment_lengths)
 
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, segment_bias)
+    )
+    if not needs_grad and query.device.type == "cpu" and query.dtype == torch.float32:
+        return _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias)
+    max_length = max(segment_lengths, default=0)
     rows, index = [], []
     for b in range(batch):
+        keys = _KeyWindow(key[b], shared, max_length, reuse=not needs_grad)
+        values = _KeyWindow(value[b], shared, max_length, reuse=not needs_grad)
         buckets = query_buckets[b]
         order = torch.argsort(buckets, stable=True)
         counts = torch.bincount(buckets + 1, minlength=num_segments + 1).tolist()
@@ -63,8 +99,7 @@ def torch_bucketed_attention(
                 continue
             start = starts[s] if s >= 0 else shared
             q = query[b].index_select(0, idx)
-            k = _visible(key[b], shared, start, length)
-            v = _visible(value[b], shared, start, length)
+            k, v = keys(start, length), values(start, length)
             if segment_bias is not None and length > 0:
                 q, k, v = _add_bias_channel(q, k, v, segment_bias[b].index_select(0, idx), shared, scale)
             out = F.scaled_dot_product_attention(
@@ -77,3 +112,45 @@ def torch_bucketed_attention(
     if rows:
         out = out.index_copy(0, torch.cat(index), torch.cat(rows))
     return out.view(batch, lq, heads, dim)
+
+
+def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias):
+    """Shared part for all queries at once, then each bucket's segment, merged exactly (CPU, fp32, no autograd).
+
+    With ``(o1, l1)`` the output and log-sum-exp over the shared keys and ``(o2, l2)`` over the segment,
+    ``l = logaddexp(l1, l2)`` and ``o = o1 exp(l1 - l) + o2 exp(l2 - l) = lerp(o1, o2, sigmoid(l2 - l1))``. The segment bias is constant over a
+    query's segment keys, so it only shifts ``l2`` (``o2`` is unchanged). Rows that see no key keep ``o = 0``.
+    """
+    sdpa_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, lq, heads, dim = query.shape
+    shared = key.shape[1] - sum(segment_lengths)
+    if shared > 0:
+        o, lse = sdpa_lse(
+            query.transpose(1, 2), key[:, :shared].transpose(1, 2), value[:, :shared].transpose(1, 2), scale=scale
+        )[:2]
+        out, lse = o.transpose(1, 2), lse.transpose(1, 2)  # (B, Lq, H, D), (B, Lq, H) views: no copies
+    else:
+        out = query.new_zeros(batch, lq, heads, dim)
+        lse = query.new_full((batch, lq, heads), float("-inf"))
+    for b in range(batch):
+        buckets = query_buckets[b]
+        order = torch.argsort(buckets, stable=True)
+        counts = torch.bincount(buckets + 1, minlength=len(segment_lengths) + 1).tolist()
+        offset = counts[0]  # bucket -1: shared keys only, already done
+        for s, n in enumerate(counts[1:]):
+            idx = order[offset : offset + n]
+            offset += n
+            length = segment_lengths[s]
+            if n == 0 or length == 0:
+                continue
+            seg = slice(starts[s], starts[s] + length)
+            q = query[b].index_select(0, idx).transpose(0, 1)[None]  # (1, H, n, D)
+            o2, l2 = sdpa_lse(q, key[b, seg].transpose(0, 1)[None], value[b, seg].transpose(0, 1)[None], scale=scale)[:2]
+            o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
+            if segment_bias is not None:
+                l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]
+            # exp(l2 - logaddexp(l1, l2)) = sigmoid(l2 - l1): the merge is one lerp (few ops: each is a parallel region)
+            weight = torch.sigmoid(l2 - lse[b].index_select(0, idx))[..., None]
+            o = torch.lerp(out[b].index_select(0, idx), o2, weight)
+            out[b].index_copy_(0, idx, o)
+    return out

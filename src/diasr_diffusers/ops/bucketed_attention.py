@@ -11,6 +11,12 @@ This module is the thin public interface: argument checks and backend dispatch. 
 * ``"torch"`` (:mod:`._torch_backend`): portable and exact; one SDPA call per (sample, bucket) group, never an
   ``Lq x Lk`` mask or score matrix.
 * ``"dense"`` (:mod:`._dense_backend`): the explicit boolean mask + SDPA reference, for tests.
+* ``"triton"`` (:mod:`.triton`): fused forward/backward kernels, a ``torch.library`` custom op (``torch.compile``
+  and CUDA-graph friendly). CUDA, or CPU under ``TRITON_INTERPRET=1`` (for tests). Triton is imported lazily.
+* ``"flex"`` (:mod:`._flex_backend`): PyTorch FlexAttention with a bucket ``mask_mod``; forward-only on CPU.
+
+``"auto"`` picks ``"triton"`` on CUDA tensors when Triton imports and supports the GPU/dtype/head dim, else
+``"torch"``; the choice is logged once per distinct outcome.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._dense_backend import dense_bucketed_attention
+from ._flex_backend import flex_bucketed_attention
 from ._torch_backend import torch_bucketed_attention
+from .triton import triton_bucketed_attention, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +38,10 @@ BackendFn = Callable[..., torch.Tensor]
 _BACKENDS: dict[str, BackendFn] = {
     "torch": torch_bucketed_attention,
     "dense": dense_bucketed_attention,
+    "triton": triton_bucketed_attention,
+    "flex": flex_bucketed_attention,
 }
+_LOGGED_CHOICES: set[tuple[str, str, str | None]] = set()
 
 
 def available_backends() -> list[str]:
@@ -44,8 +55,31 @@ def register_backend(name: str, fn: BackendFn) -> None:
 
 
 def select_backend(query: torch.Tensor) -> str:
-    """The backend ``"auto"`` resolves to for tensors like ``query``."""
-    return "torch"
+    """The backend ``"auto"`` resolves to for tensors like ``query`` (B, Lq, H, D).
+
+    ``"triton"`` on CUDA tensors when Triton is importable and supports the GPU, dtype and head dim; otherwise
+    ``"torch"``. Never raises: any problem probing Triton means the portable backend.
+    """
+    reason: str | None = "not a CUDA tensor"
+    if query.device.type == "cuda":
+        try:
+            reason = unsupported_reason(query)
+        except Exception as err:  # a broken Triton/driver install must not break the op
+            reason = f"probing Triton failed ({type(err).__name__}: {err})"
+    choice = "triton" if reason is None else "torch"
+    key = (choice, query.device.type, reason)
+    if key not in _LOGGED_CHOICES and not torch.compiler.is_compiling():  # logging is not traceable
+        _LOGGED_CHOICES.add(key)
+        if reason is None:
+            logger.info("bucketed_attention: backend='auto' uses 'triton' on %s", query.device)
+        else:
+            logger.info("bucketed_attention: backend='auto' uses 'torch' on %s (Triton: %s)", query.device, reason)
+    return choice
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured: the bucket range check would sync the host, which is illegal."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_inputs(
@@ -62,7 +96,9 @@ def _check_inputs(
         if t.ndim != 4:
             raise ValueError(f"`{name}` must have shape (B, L, H, D), got shape {tuple(t.shape)}")
     if key.shape != value.shape:
-        raise ValueError(f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"`key` and `value` must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     (b, lq, h, d), (bk, lk, hk, dk) = query.shape, key.shape
     if (b, h, d) != (bk, hk, dk):
         raise ValueError(
@@ -86,7 +122,7 @@ def _check_inputs(
         raise ValueError(f"`segment_lengths` must be non-negative, got {lengths}")
     if sum(lengths) > lk:
         raise ValueError(f"`segment_lengths` sum to {sum(lengths)} but `key` has only Lk = {lk} tokens")
-    if query_buckets.numel() and not torch.compiler.is_compiling():
+    if query_buckets.numel() and not torch.compiler.is_compiling() and not _capturing(query):
         lo, hi = int(query_buckets.min()), int(query_buckets.max())
         if lo < -1 or hi >= len(lengths):
             raise ValueError(
@@ -122,7 +158,8 @@ def bucketed_attention(
         segment_bias: optional ``(B, Lq)`` float added to the logits of the query's own segment keys (not the shared
             keys). Passing the router's log-probability of the chosen bucket, e.g. ``logp - logp.detach()``
             (straight-through: the forward is unchanged), lets gradients reach a router whose forward is hard.
-        backend: ``"auto"`` (best available), ``"torch"`` or ``"dense"`` (reference, materialises the mask).
+        backend: ``"auto"`` (best available, see :func:`select_backend`), ``"torch"``, ``"triton"``, ``"flex"`` or
+            ``"dense"`` (reference, materialises the mask).
 
     Returns:
         ``(B, Lq, H, D)``, the dtype of ``query``.
