@@ -52,6 +52,10 @@ def resolve_routed_layers(routed_layers: str | int | Sequence[int], num_layers: 
     raise ValueError(f"`routed_layers` must be 'all', a stride (int) or a list of layer indices, got {routed_layers!r}")
 
 
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
 class _AnchorPooler(nn.Module):
     """Identity queries cross-attend to one modality's tokens; a learned weighting pools them into one vector."""
 
@@ -117,10 +121,10 @@ class IDRouter(ModelMixin, ConfigMixin):
         self.text_pooler = _AnchorPooler(text_dim, router_dim, num_identity_queries, num_heads)
         self.anchor_norm = nn.LayerNorm(router_dim)
         self.null_anchors = nn.Parameter(torch.randn(num_null_anchors, router_dim) * router_dim**-0.5)
-        # f (video tokens) and g (anchors), one pair per routed layer.
+        # f (video tokens) and g (anchors), two-layer MLPs as in Ingredients, one pair per routed layer.
         self.token_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
-        self.to_token = nn.ModuleList(nn.Linear(hidden_dim, router_dim) for _ in self.routed_layer_indices)
-        self.to_anchor = nn.ModuleList(nn.Linear(router_dim, router_dim) for _ in self.routed_layer_indices)
+        self.to_token = nn.ModuleList(_mlp(hidden_dim, router_dim) for _ in self.routed_layer_indices)
+        self.to_anchor = nn.ModuleList(_mlp(router_dim, router_dim) for _ in self.routed_layer_indices)
 
     @classmethod
     def from_transformer(cls, transformer: Any, **kwargs: Any) -> IDRouter:
