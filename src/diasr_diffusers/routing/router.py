@@ -52,8 +52,8 @@ def resolve_routed_layers(routed_layers: str | int | Sequence[int], num_layers: 
     raise ValueError(f"`routed_layers` must be 'all', a stride (int) or a list of layer indices, got {routed_layers!r}")
 
 
-def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+def _mlp(in_dim: int, out_dim: int, out_bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim, bias=out_bias))
 
 
 class _AnchorPooler(nn.Module):
@@ -64,7 +64,8 @@ class _AnchorPooler(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.pool = nn.Linear(num_queries, 1)  # Ingredients' W_aggr / id_merge
+        # Ingredients' W_aggr / id_merge. No bias: the anchor LayerNorm would remove it (zero gradient).
+        self.pool = nn.Linear(num_queries, 1, bias=False)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # queries (Q, dim); tokens (M, T, in_dim); mask (M, T) True = valid -> (M, dim)
@@ -124,7 +125,8 @@ class IDRouter(ModelMixin, ConfigMixin):
         # f (video tokens) and g (anchors), two-layer MLPs as in Ingredients, one pair per routed layer.
         self.token_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
         self.to_token = nn.ModuleList(_mlp(hidden_dim, router_dim) for _ in self.routed_layer_indices)
-        self.to_anchor = nn.ModuleList(_mlp(router_dim, router_dim) for _ in self.routed_layer_indices)
+        # A bias on g(a) shifts every class's logit of a token equally (softmax-invariant): none.
+        self.to_anchor = nn.ModuleList(_mlp(router_dim, router_dim, out_bias=False) for _ in self.routed_layer_indices)
 
     @classmethod
     def from_transformer(cls, transformer: Any, **kwargs: Any) -> IDRouter:

@@ -34,15 +34,18 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 class _Trainable(nn.Module):
     """The trainable parts under one module, so DDP syncs the LoRA and the router together. The router is called
-    from inside the transformer's attention processors (through the routing state), never directly."""
+    from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
+    are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any):
         super().__init__()
         self.transformer = transformer
         self.router = router
+        self.state = state
 
-    def forward(self, *args: Any, **kwargs: Any):
-        return self.transformer(*args, **kwargs)
+    def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        pred = self.transformer(hidden, timestep, text, return_dict=False)[0]
+        return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
@@ -129,7 +132,9 @@ class DiasRTrainer:
             eval_records = [records[i] for i in order[:n_eval]]
             records = [records[i] for i in order[n_eval:]]
         train_set = MuSADataset(records, clip_sampling="random", crop="random", ref_augment=RefAugment(), **common)
-        eval_set = MuSADataset(eval_records, clip_sampling="start", crop="center", ref_augment=None, **common)
+        eval_set = None
+        if eval_records:
+            eval_set = MuSADataset(eval_records, clip_sampling="start", crop="center", ref_augment=None, **common)
         return train_set, eval_set
 
     def setup(self) -> None:
@@ -171,7 +176,9 @@ class DiasRTrainer:
         )
         device = self.accelerator.device
         self.pipe.to(device)
-        self.model, self.optimizer = self.accelerator.prepare(_Trainable(transformer, router), self.optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(
+            _Trainable(transformer, router, self.pipe.routing_state), self.optimizer
+        )
         self.router = router
         self.transformer = transformer
         self.start_step = 0
@@ -306,10 +313,7 @@ class DiasRTrainer:
         dtype = self.pipe.transformer.dtype
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
             hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
-            pred = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"], return_dict=False)[0]
-            logits = dict(state.logits)
-            anchors = dict(state.anchors)
-            buckets = dict(state.buckets)
+            pred, logits, anchors, buckets = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"])
         pred = pred[:, :, : x0.shape[2]].float()
         return pred, logits, anchors, buckets
 
@@ -412,6 +416,8 @@ class DiasRTrainer:
         (hard, as at inference) at each of ``eval_sigmas``."""
         from ..eval.routing import label_iou
 
+        if self.eval_set is None:
+            return {"num_eval_clips": 0, "note": "no held-out clips (eval_fraction 0 and no eval_data)"}
         self.model.eval()
         model = self.accelerator.unwrap_model(self.model)
         ious: dict[int, list[float]] = {}

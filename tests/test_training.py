@@ -1,0 +1,195 @@
+"""Training: config checking, both stages learn, exact resume, outputs load into DiasRPipeline, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from diasr_diffusers import DiasRPipeline, IDRouter
+from diasr_diffusers.cli import main
+from diasr_diffusers.data import make_synthetic
+from diasr_diffusers.training import ConfigError, DiasRTrainer, TrainConfig
+from diasr_diffusers.utils.tiny import tiny_wan_components
+
+TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": [1, 1, 1], "ffn_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, num_clips=6, seed=0, subjects=(1, 2), num_frames=5, height=32, width=32)
+    return out
+
+
+def _config(data_dir: Path, **overrides) -> dict:
+    cfg = {
+        "stage": "route",
+        "allow_scratch": True,
+        "train_data": str(data_dir),
+        "tiny_model": TINY,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "batch_size": 2,
+        "max_steps": 4,
+        "learning_rate": 3e-3,
+        "router": {"routed_layers": "all", "router_dim": 16, "num_identity_queries": 2, "num_heads": 2},
+        "lora_rank": 2,
+        "lora_alpha": 2,
+        "checkpointing_steps": 2,
+        "eval_fraction": 0.34,
+        "eval_sigmas": [0.5],
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"learning_rat": 1e-4}, "unknown config key"),
+        ({"train_data": "/nonexistent/manifest.jsonl"}, "`train_data` not found"),
+        ({"allow_scratch": False}, "init_from"),
+        ({"stage": "fly"}, "`stage` must be one of"),
+        ({"num_frames": 6}, r"1 \+ 4k"),
+        ({"model": "/nonexistent"}, "exactly one of `model`"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_error(data_dir, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(_write(tmp_path, _config(data_dir, **change)))
+    with pytest.raises(SystemExit, match=message):
+        main(
+            [
+                "train",
+                "--config",
+                str(_write(tmp_path, _config(data_dir, **change))),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stage", ["align", "route"])
+def test_stage_decreases_its_losses_on_a_fixed_sample(data_dir, tmp_path, stage):
+    cfg = TrainConfig.from_dict(
+        _config(data_dir, stage=stage, max_steps=12, checkpointing_steps=100, eval_fraction=0.0, learning_rate=1e-2)
+    )
+    trainer = DiasRTrainer(cfg, tmp_path / "run")
+    trainer.setup()
+    item = trainer.train_set[0]
+
+    def losses():
+        enc = trainer._encode(item)
+        noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            pred, logits, anchors, _ = trainer._forward(enc, torch.tensor(0.4), noise, trainer.model)
+            return {k: float(v) for k, v in trainer._losses(enc, pred, noise, logits, anchors).items()}
+
+    before = losses()
+    trainer.train_set.records = trainer.train_set.records[:1] * 4  # overfit one clip
+    trainer.eval_set = trainer.train_set
+    trainer.train()
+    after = losses()
+    key = "route" if stage == "route" else "mask"
+    assert after[key] < before[key] * 0.9, (before, after)
+    assert after["loss"] < before["loss"]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert {"diffusion", key, "routing_accuracy", "lr"} <= set(metrics[0])
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0.0 <= result["routing_iou_mean"] <= 1.0 and "null_accuracy" in result
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    full = _write(tmp_path, _config(data_dir, max_steps=4), "full.yaml")
+    half = _write(tmp_path, _config(data_dir, max_steps=2), "half.yaml")
+    assert main(["train", "--config", str(full), "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(["train", "--config", str(half), "--output-dir", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert main(["train", "--config", str(full), "--output-dir", str(tmp_path / "b"), "--resume"]) == 0
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        for k in ma:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), (k, ma, mb)
+    wa = load_file(str(tmp_path / "a" / "router" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "router" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # Checkpoints were written whole (no temp folders left) and only the last `checkpoints_total_limit` kept.
+    assert not list((tmp_path / "b").glob(".checkpoint-*"))
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_without_checkpoint_fails_clearly(data_dir, tmp_path):
+    cfg = TrainConfig.from_dict(_config(data_dir))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        DiasRTrainer(cfg, tmp_path / "empty", resume=True).setup()
+
+
+def test_outputs_load_into_pipeline_and_change_it(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--config", str(_write(tmp_path, _config(data_dir, max_steps=3))), "--output-dir", str(out)])
+        == 0
+    )
+    assert (out / "router" / "config.json").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
+    align_cfg = _config(data_dir, stage="align", init_from=str(out), allow_scratch=False, max_steps=1)
+    TrainConfig.from_dict(align_cfg)  # either stage can start from the other's output
+
+    comps = tiny_wan_components(**{**TINY, "patch_size": tuple(TINY["patch_size"])})
+    router = IDRouter.from_pretrained(out / "router")
+    call = dict(
+        prompt="the red circle and the blue square move",
+        subject_images=[np.full((32, 32, 3), 200, np.uint8), np.full((32, 32, 3), 40, np.uint8)],
+        subject_phrases=["the red circle", "the blue square"],
+        height=32, width=32, num_frames=5, num_inference_steps=2, routing="router",
+    )  # fmt: skip
+    base = DiasRPipeline(
+        **comps, id_router=IDRouter.from_transformer(comps["transformer"], **_config(data_dir)["router"])
+    )
+    frames_base = base(**call, generator=torch.Generator().manual_seed(0)).frames
+    tuned = DiasRPipeline(**tiny_wan_components(**{**TINY, "patch_size": (1, 1, 1)}), id_router=router)
+    tuned.load_lora_weights(str(out))
+    frames_tuned = tuned(**call, generator=torch.Generator().manual_seed(0)).frames
+    assert np.abs(frames_base - frames_tuned).max() > 1e-4
+
+
+def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_path):
+    one = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=2, checkpointing_steps=100), "one.yaml")
+    two = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=2, checkpointing_steps=100), "two.yaml")
+    assert main(["train", "--config", str(one), "--output-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "diasr_diffusers.cli", "train", "--config", str(two), "--output-dir", str(tmp_path / "two"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in b] == [1, 2]
+    wa = load_file(str(tmp_path / "one" / "router" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "router" / "diffusion_pytorch_model.safetensors"))
+    # Same samples, noise and averaged gradients: equal up to float rounding (2 threads vs 1 per process) that
+    # Adam amplifies on small gradients. A wrong split of the batch would move every weight by ~lr (3e-3).
+    diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    assert a[0]["lr"] == b[0]["lr"]
