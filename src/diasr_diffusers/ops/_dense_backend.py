@@ -25,7 +25,7 @@ def dense_bucketed_attention(
     segment_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     seg = key_segment_ids(key.shape[1], segment_lengths, query.device)  # (Lk,)
-    in_own_segment = seg[None, None, :] == query_buckets[:, :, None]  # (B, Lq, Lk)
+    in_own_segment = (seg[None, None, :] == query_buckets[:, :, None]) & (query_buckets[:, :, None] >= 0)
     visible = (seg[None, None, :] == -1) | in_own_segment
     has_key = visible.any(dim=-1)  # (B, Lq)
     # Rows without any visible key would be NaN under SDPA; give them one dummy key and zero them afterwards.

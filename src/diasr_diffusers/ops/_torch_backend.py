@@ -108,9 +108,9 @@ def torch_bucketed_attention(
             rows.append(out[..., :dim])
             index.append(idx + b * lq)
 
-    out = query.new_zeros(batch * lq, heads, dim)
-    if rows:
-        out = out.index_copy(0, torch.cat(index), torch.cat(rows))
+    if not rows:  # no query sees any key: zeros, still attached to the graph so backward() works
+        return query.mul(0.0)
+    out = query.new_zeros(batch * lq, heads, dim).index_copy(0, torch.cat(index), torch.cat(rows))
     return out.view(batch, lq, heads, dim)
 
 

@@ -175,6 +175,8 @@ def bucketed_attention(
     lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    if query.shape[1] == 0:  # nothing to compute; some fused kernels fault on empty queries
+        return query.mul(0.0)
     if backend == "auto":
         backend = select_backend(query)
     query_buckets = query_buckets.long()

@@ -169,7 +169,8 @@ class DiasRPipeline(WanPipeline):
         if getattr(wan, "transformer_2", None) is not None:
             raise ValueError("`from_wan` supports single-transformer Wan2.1 checkpoints (got a Wan2.2 two-stage one)")
         if isinstance(id_router, (str, os.PathLike)):
-            id_router = IDRouter.from_pretrained(id_router)
+            hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
+            id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
         return cls(
             tokenizer=wan.tokenizer,
             text_encoder=wan.text_encoder,
@@ -233,9 +234,10 @@ class DiasRPipeline(WanPipeline):
         height: int,
         width: int,
         guidance_scale_ref: float | None,
+        routing: str,
     ) -> None:
         n = len(subjects)
-        if self.max_subjects is not None and n > self.max_subjects:
+        if routing == "router" and n > self.max_subjects:
             raise ValueError(f"{n} subjects given but the pipeline's `id_router` supports at most {self.max_subjects}")
         if subject_phrases is not None:
             if isinstance(subject_phrases, str) or len(subject_phrases) != n:
@@ -401,10 +403,10 @@ class DiasRPipeline(WanPipeline):
         num_frames = max(num_frames, 1)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         subjects = normalize_subject_images(subject_images)
-        self.check_subject_inputs(
-            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, guidance_scale_ref
-        )
         routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
+        self.check_subject_inputs(
+            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, guidance_scale_ref, routing
+        )
 
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -504,7 +506,9 @@ class DiasRPipeline(WanPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:  # not a comprehension: it has its own locals()
+                        callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

@@ -55,6 +55,7 @@ def tiny_wan_components(
     text_dim: int = 32,
     patch_size: tuple[int, int, int] = (1, 2, 2),
     ffn_dim: int = 32,
+    vae_base_dim: int = 3,
 ) -> dict[str, Any]:
     """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -70,7 +71,7 @@ def tiny_wan_components(
     ).eval()
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
