@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..utils.io import atomic_path, atomic_write_text
 
 DEMO_PROMPT = "the striped red star and the dotted blue bottle dance together in a sunny park"
 DEMO_SUBJECTS = [("the striped red star", "striped_red_star.png"), ("the dotted blue bottle", "dotted_blue_bottle.png")]
@@ -67,37 +68,15 @@ def parse_subject(spec: str) -> tuple[str, list[Path]]:
     return phrase.strip(), paths
 
 
-def _publish(tmp: str, path: Path) -> None:
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_video_atomic(frames: Any, path: Path, fps: int) -> None:
     """``export_to_video`` into a temp file beside ``path``, then rename: never a half-written video."""
     from diffusers.utils import export_to_video
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".mp4", prefix=f".{path.stem}-", dir=path.parent)
-    os.close(fd)
-    try:
-        frames = list(frames)
-        if frames and isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
-            frames = [f.astype(np.float32) / 255.0 for f in frames]  # export_to_video scales arrays by 255
-        export_to_video(frames, tmp, fps=fps)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    _publish(tmp, path)
+    frames = list(frames)
+    if frames and isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
+        frames = [f.astype(np.float32) / 255.0 for f in frames]  # export_to_video scales arrays by 255
+    with atomic_path(path) as tmp:
+        export_to_video(frames, str(tmp), fps=fps)
 
 
 def load_pipeline(model: str, router: str | None = None, dtype: Any = None):
@@ -251,6 +230,6 @@ def run_demo(args: argparse.Namespace) -> int:
         "Files: `demo.mp4` (the video), `routing_maps.mp4` (each pixel tinted by the subject its token attended to; "
         "blue = subject 0, orange = subject 1, untinted = null), `report.md` (this file).",
     ]
-    write_text_atomic("\n".join(report) + "\n", out_dir / "report.md")
+    atomic_write_text(out_dir / "report.md", "\n".join(report) + "\n")
     print("\n".join(report))
     return 0

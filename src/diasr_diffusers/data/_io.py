@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from ..utils.io import atomic_path, atomic_write_bytes, atomic_write_text
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "npz_bytes", "probe_video", "read_video_frames", "write_video"]
 
 # A fixed timestamp makes zip archives (``.npz``) byte-identical across runs; numpy's own ``savez`` stamps the
 # current time into every member.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    The temporary name keeps ``path``'s suffix so writers that pick a format from the extension (ffmpeg, PIL) work.
-    On error the temporary file is removed and ``path`` is left as it was: never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:

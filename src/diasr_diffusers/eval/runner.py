@@ -6,12 +6,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ..utils.io import atomic_write_bytes
 from .cases import EvalCase
 from .flicker import warp_residual
 from .identity import cosine_similarity, identity_scores
@@ -28,26 +28,6 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
     "SubjectSim": ("SubjectSim",),
 }
 OFFLINE_DEFAULT_METRICS = ("MotionAmplitude", "Flicker", "FaceSim")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    Readers see the old file or the new one, never half of one, even if the process dies mid-write.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(value: Any) -> Any:

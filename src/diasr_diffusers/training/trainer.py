@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..data import encode_latents
 from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
+from ..utils.io import atomic_write_text
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -402,9 +403,7 @@ class DiasRTrainer:
             self._save_weights(self.output_dir)
             result = self.evaluate()
             result.update(skipped_records=self.skipped_records, failed_samples=self.failed_samples)
-            tmp = self.output_dir / ".eval.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2))
-            os.replace(tmp, self.output_dir / "eval.json")
+            atomic_write_text(self.output_dir / "eval.json", json.dumps(result, indent=2))
         acc.wait_for_everyone()
         return result
 
