@@ -1,0 +1,129 @@
+"""How well can routing be learned on the synthetic sprites? Three reference points for issue 4's IoU target.
+
+1. ``colour``: no learning. Each video token (8x8 pixels, averaged per latent frame) goes to the subject whose
+   reference has the nearest mean colour, or to null past a distance threshold (swept; best reported).
+2. ``router-on-pixels``: an ``IDRouter`` trained with the routing loss on those oracle pixel features.
+3. ``router-on-toy-model``: the same router trained on what it sees inside the toy Wan model (the layer-0
+   attention inputs of video and reference tokens at sigma 0.3), as ``diasr train`` would.
+
+Held-out routing IoU (mean over subjects present) for each. Prints a markdown table.
+
+    PYTHONPATH=src python benchmarks/routing_ceiling.py --data runs/synthetic --clips 120 --epochs 15
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from diasr_diffusers.data import MuSADataset
+from diasr_diffusers.eval import label_iou
+from diasr_diffusers.routing import IDRouter, routing_cross_entropy
+
+
+def pixel_tokens(item) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(1, L, 3) mean colour of each 8x8 token per latent frame (Wan grouping) and per-subject reference tokens."""
+    v = item["video"]
+    groups = [v[:, :1]] + [v[:, i : i + 4] for i in range(1, v.shape[1], 4)]
+    frames = torch.stack([g.mean(1) for g in groups], 1)  # (3, F_lat, H, W)
+    video = F.avg_pool2d(frames.permute(1, 0, 2, 3), 8).permute(0, 2, 3, 1).reshape(1, -1, 3)
+    refs = [F.avg_pool2d(r[None], 8)[0].flatten(1).T[None] for r in item["ref_images"]]
+    return video, refs
+
+
+def colour_baseline(items) -> float:
+    best = 0.0
+    for thr in (0.1, 0.15, 0.2, 0.3, 0.5):
+        ious = []
+        for it in items:
+            video, _ = pixel_tokens(it)
+            cents = []
+            for r in it["ref_images"]:
+                p = r.flatten(1).T
+                keep = (p < 0.9).any(-1)  # non-white reference pixels
+                cents.append(p[keep].mean(0) if keep.any() else p.mean(0))
+            d = torch.cdist(video[0], torch.stack(cents))
+            dmin, arg = d.min(-1)
+            pred = torch.where(dmin < thr * 2 * 3**0.5, arg, torch.full_like(arg, -1))
+            ious += [u for u in label_iou(pred, it["token_labels"], len(cents))["per_subject_iou"] if u is not None]
+        best = max(best, sum(ious) / len(ious))
+    return best
+
+
+def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0) -> float:
+    """Train a router on (video tokens, per-subject reference tokens, labels); held-out IoU on the last 20%."""
+    torch.manual_seed(seed)
+    router = IDRouter(hidden_dim=hidden_dim, text_dim=8, num_layers=1, router_dim=64, num_identity_queries=4, num_heads=2)
+    opt = torch.optim.AdamW(router.parameters(), lr=1e-3)
+    split = int(len(samples) * 0.8)
+    for _ in range(epochs):
+        for video, refs, labels in samples[:split]:
+            logits = router(video, router.encode_anchors(refs), 0)
+            target = torch.where(labels < 0, torch.full_like(labels, len(refs)), labels)
+            loss = routing_cross_entropy(logits, target, ignore_index=-100, balanced=True)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    ious = []
+    with torch.no_grad():
+        for video, refs, labels in samples[split:]:
+            pred = IDRouter.buckets(router(video, router.encode_anchors(refs), 0))
+            ious += [u for u in label_iou(pred[0], labels[0], len(refs))["per_subject_iou"] if u is not None]
+    return sum(ious) / len(ious)
+
+
+def toy_model_samples(items, data: str, size: int):
+    from diasr_diffusers.training import DiasRTrainer, TrainConfig
+
+    cfg = TrainConfig.from_dict(
+        {
+            "stage": "route", "allow_scratch": True, "train_data": data, "height": size, "width": size,
+            "num_frames": 9, "eval_fraction": 0.0,
+            "tiny_model": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": [1, 1, 1], "ffn_dim": 64},
+        }
+    )  # fmt: skip
+    trainer = DiasRTrainer(cfg, "/tmp/routing_ceiling_unused")
+    trainer.setup()
+    captured = {}
+    hook = trainer.transformer.blocks[0].attn1.register_forward_pre_hook(lambda m, a: captured.__setitem__("h", a[0]))
+    samples = []
+    for item in items:
+        enc = trainer._encode(item)
+        noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            trainer._forward(enc, torch.tensor(0.3), noise, trainer.model)
+        lv = enc["labels"].shape[1]
+        hidden = captured["h"]
+        refs = list(hidden[:, lv:].split(enc["routing"]["ref_lengths"], dim=1))
+        samples.append((hidden[:, :lv], refs, enc["labels"]))
+    hook.remove()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True, help="a make-synthetic folder")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--clips", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=15)
+    args = parser.parse_args()
+    ds = MuSADataset(
+        f"{args.data}/manifest.jsonl", num_frames=9, height=args.size, width=args.size, patch_size=(1, 1, 1),
+        clip_sampling="start", crop="center",
+    )  # fmt: skip
+    items = [ds[i] for i in range(min(args.clips, len(ds)))]
+    rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :]))]
+    pixel_samples = [(*pixel_tokens(it), it["token_labels"][None]) for it in items]
+    rows.append(("router on oracle pixel features", fit_router(pixel_samples, 3, args.epochs)))
+    toy = toy_model_samples(items, args.data, args.size)
+    rows.append(("router on toy-model layer-0 features", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
+    print(f"| reference point ({len(items)} clips, 80/20 split, {args.epochs} epochs) | held-out routing IoU |")
+    print("|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
