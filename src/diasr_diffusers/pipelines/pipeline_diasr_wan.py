@@ -14,9 +14,11 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
+from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device
+from diffusers.video_processor import VideoProcessor
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 from transformers import AutoTokenizer, UMT5EncoderModel
@@ -115,8 +117,6 @@ class DiasRPipeline(WanPipeline):
         )
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
-        from diffusers.video_processor import VideoProcessor
-
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self.routing_state = SubjectRoutingState()
         self._install_processors()
@@ -315,8 +315,6 @@ class DiasRPipeline(WanPipeline):
     ) -> torch.Tensor:
         """One clean latent frame per reference image: ``(1, C, K, h, w)``, subjects in order, normalised like the
         video latents. Images are letterboxed onto white at the video size."""
-        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
-
         vae_device = get_module_execution_device(self.vae)
         frames = [letterbox(img, height, width) for images in subjects for img in images]
         pixels = self.video_processor.preprocess(frames, height=height, width=width)  # (K, 3, H, W) in [-1, 1]
@@ -450,7 +448,7 @@ class DiasRPipeline(WanPipeline):
         routing_inputs = None
         if subjects:
             routing_inputs = self._prepare_routing(
-                subjects, subject_phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
+                [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
                 similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
             )  # fmt: skip
             ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype)
@@ -537,15 +535,16 @@ class DiasRPipeline(WanPipeline):
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_routing(
-        self, subjects, phrases, prompts, prompt_embeds, subject_masks, routing, route_text, similarity_threshold,
-        num_videos_per_prompt, num_frames, latents, max_sequence_length,
+        self, images_per_subject, phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
+        similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
     ) -> dict[str, Any]:  # fmt: skip
-        """The :class:`SubjectRoutingState` inputs for the conditional branches of this call."""
+        """The :class:`SubjectRoutingState` inputs for the conditional branches of this call (also used by the
+        trainer). ``images_per_subject``: how many reference frames each subject has."""
         _, _, _, h, w = latents.shape
         _, ph, pw = self.transformer.config.patch_size
         tokens_per_frame = (h // ph) * (w // pw)
         inputs: dict[str, Any] = {
-            "ref_lengths": [len(images) * tokens_per_frame for images in subjects],
+            "ref_lengths": [n * tokens_per_frame for n in images_per_subject],
             "mode": routing,
             "router": self.id_router if routing == "router" else None,
             "similarity_threshold": similarity_threshold,
@@ -561,7 +560,7 @@ class DiasRPipeline(WanPipeline):
             if routing == "router":
                 # Phrase features for the router's text anchors: the text encoder's output at each phrase's tokens.
                 feats, masks = [], []
-                for s in range(len(subjects)):
+                for s in range(len(images_per_subject)):
                     longest = max(seg.lengths[s] for seg in segments)
                     f = prompt_embeds.new_zeros(len(segments), longest, prompt_embeds.shape[-1])
                     m = torch.zeros(len(segments), longest, dtype=torch.bool, device=prompt_embeds.device)

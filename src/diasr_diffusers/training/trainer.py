@@ -288,13 +288,12 @@ class DiasRTrainer:
             ref_latents = encode_latents(pipe.vae, ref_pixels)
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
-        subjects = [[None]] * len(item["phrases"])  # only the image count per subject matters below
         prompt_embeds, _ = pipe.encode_prompt(
             item["caption"], do_classifier_free_guidance=False, max_sequence_length=512, device=device
         )
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe._prepare_routing(
-            subjects, item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
+            [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
             self.config.num_frames, x0, 512,
         )  # fmt: skip
         labels = item["token_labels"].reshape(1, -1).to(device)
