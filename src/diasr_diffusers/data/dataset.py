@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..routing.masks import masks_to_token_grid, routing_labels_from_coverage
+from ..utils.latents import encode_latents
 from ._io import read_video_frames
 from .manifest import ClipRecord, LoadedManifest, ReferenceImage, load_manifest
 
@@ -471,16 +472,6 @@ class LatentCacheDataset(Dataset):
         return item
 
 
-def _vae_normalization(vae: Any, z_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is None or std is None:
-        return None
-    if len(mean) != z_dim or len(std) != z_dim:
-        raise ValueError(f"VAE config latents_mean/std have {len(mean)}/{len(std)} channels, latents have {z_dim}")
-    return torch.tensor(mean).view(1, -1, 1, 1, 1), torch.tensor(std).view(1, -1, 1, 1, 1)
-
-
 def _cached_with(path: Path, config_json: str) -> bool:
     """True if ``path`` is a finished cache file written with the same dataset settings (resume after a crash)."""
     if not path.is_file():
@@ -492,21 +483,6 @@ def _cached_with(path: Path, config_json: str) -> bool:
             return (f.metadata() or {}).get("config") == config_json
     except Exception:  # a corrupt file is simply rewritten
         return False
-
-
-@torch.no_grad()
-def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised latents of ``(B, 3, F, H, W)`` pixels in [-1, 1], as Wan pipelines compute them.
-
-    The posterior mean is used (deterministic), then ``(z - latents_mean) / latents_std`` from the VAE config.
-    """
-    param = next(vae.parameters())
-    z = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
-    norm = _vae_normalization(vae, z.shape[1])
-    if norm is not None:
-        mean, std = (t.to(z.device) for t in norm)
-        z = (z - mean) / std
-    return z
 
 
 def cache_latents(

@@ -14,7 +14,6 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
-from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -32,6 +31,7 @@ from ..processors import (
 )
 from ..routing import IDRouter, masks_to_token_grid, routing_labels_from_coverage
 from ..utils.images import letterbox, normalize_subject_images
+from ..utils.latents import encode_latents
 
 logger = logging.get_logger(__name__)
 
@@ -315,14 +315,10 @@ class DiasRPipeline(WanPipeline):
     ) -> torch.Tensor:
         """One clean latent frame per reference image: ``(1, C, K, h, w)``, subjects in order, normalised like the
         video latents. Images are letterboxed onto white at the video size."""
-        vae_device = get_module_execution_device(self.vae)
         frames = [letterbox(img, height, width) for images in subjects for img in images]
         pixels = self.video_processor.preprocess(frames, height=height, width=width)  # (K, 3, H, W) in [-1, 1]
-        pixels = pixels.to(vae_device, self.vae.dtype).unsqueeze(2)  # each image its own 1-frame clip
-        latents = torch.cat([retrieve_latents(self.vae.encode(p[None]), sample_mode="argmax") for p in pixels], dim=2)
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        return ((latents - mean) / std).to(device, dtype)
+        latents = encode_latents(self.vae, pixels.unsqueeze(2))  # each image its own 1-frame clip: (K, C, 1, h, w)
+        return latents[:, :, 0].transpose(0, 1)[None].to(device, dtype)
 
     # ------------------------------------------------------------------------------------------------------------
 

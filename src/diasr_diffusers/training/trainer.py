@@ -22,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..data import encode_latents
 from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
 from ..utils.io import atomic_write_text
+from ..utils.latents import encode_latents
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
