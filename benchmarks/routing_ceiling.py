@@ -79,14 +79,14 @@ def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0) -> float:
     return sum(ious) / len(ious)
 
 
-def toy_model_samples(items, data: str, size: int):
+def toy_model_samples(items, data: str, size: int, tiny_vae: str | None = None):
     from diasr_diffusers.training import DiasRTrainer, TrainConfig
 
     cfg = TrainConfig.from_dict(
         {
             "stage": "route", "allow_scratch": True, "train_data": data, "height": size, "width": size,
             "num_frames": 9, "eval_fraction": 0.0,
-            "tiny_model": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": [1, 1, 1], "ffn_dim": 64},
+            "tiny_model": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "patch_size": [1, 1, 1], "ffn_dim": 64, "vae": tiny_vae},
         }
     )  # fmt: skip
     trainer = DiasRTrainer(cfg, "/tmp/routing_ceiling_unused")
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--tiny-vae", default=None, help="a saved toy VAE folder (default: random weights)")
     args = parser.parse_args()
     ds = MuSADataset(
         f"{args.data}/manifest.jsonl", num_frames=9, height=args.size, width=args.size, patch_size=(1, 1, 1),
@@ -122,7 +123,7 @@ def main() -> None:
     rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :]))]
     pixel_samples = [(*pixel_tokens(it), it["token_labels"][None]) for it in items]
     rows.append(("router on oracle pixel features (token LayerNorm off)", fit_router(pixel_samples, 3, args.epochs)))
-    toy = toy_model_samples(items, args.data, args.size)
+    toy = toy_model_samples(items, args.data, args.size, args.tiny_vae)
     rows.append(("router on toy-model layer-0 features", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
     print(f"| reference point ({len(items)} clips, 80/20 split, {args.epochs} epochs) | held-out routing IoU |")
     print("|---|---:|")

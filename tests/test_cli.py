@@ -10,6 +10,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diasr_diffusers.cli import build_parser, main
@@ -111,3 +112,13 @@ def test_parser_lists_commands():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices
     assert {"generate", "demo"} <= set(choices)
+
+
+def test_tiny_components_load_a_saved_toy_vae(tmp_path):
+    saved = tiny_wan_components(seed=3)["vae"]
+    saved.save_pretrained(tmp_path / "vae")
+    loaded = tiny_wan_components(vae=str(tmp_path / "vae"))["vae"]
+    random_default = tiny_wan_components()["vae"]
+    first = next(iter(saved.state_dict()))
+    assert torch.equal(loaded.state_dict()[first], saved.state_dict()[first])
+    assert not torch.equal(random_default.state_dict()[first], saved.state_dict()[first])

@@ -55,9 +55,13 @@ def tiny_wan_components(
     text_dim: int = 32,
     patch_size: tuple[int, int, int] = (1, 2, 2),
     ffn_dim: int = 32,
-    vae_base_dim: int = 3,
+    vae: str | None = None,
 ) -> dict[str, Any]:
-    """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``."""
+    """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``.
+
+    ``vae``: ``None`` for a random toy VAE, or a folder with a saved ``AutoencoderKLWan`` (e.g. one trained by
+    ``examples/train_toy_vae.py``, whose latents keep appearance better than random weights do).
+    """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -69,10 +73,13 @@ def tiny_wan_components(
             relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
         )  # fmt: skip
     ).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(
-        base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
+    if vae is None:
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ).eval()
+    else:
+        vae = AutoencoderKLWan.from_pretrained(vae).eval()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=tuple(patch_size),
