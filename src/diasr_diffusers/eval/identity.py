@@ -155,6 +155,16 @@ def _missing_weights(argument: str, path: str, what: str, example: str) -> FileN
     )
 
 
+def _transformers_checkpoint(model_path: str | os.PathLike, what: str, repo_id: str) -> str:
+    """``model_path`` as a string if it holds a transformers checkpoint, else the clear missing-weights error."""
+    model_path = os.fspath(model_path)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise _missing_weights(
+            "model_path", model_path, what, f"huggingface-cli download {repo_id} --local-dir {model_path}"
+        )
+    return model_path
+
+
 class InsightFaceEmbedder:
     """ArcFace (or CurricularFace) embeddings through insightface, from model files already on disk.
 
@@ -234,14 +244,7 @@ class TransformersImageEmbedder:
     """
 
     def __init__(self, model_path: str | os.PathLike, device: str = "cpu") -> None:
-        model_path = os.fspath(model_path)
-        if not os.path.isfile(os.path.join(model_path, "config.json")):
-            raise _missing_weights(
-                "model_path",
-                model_path,
-                "a CLIP or DINOv2 checkpoint",
-                f"huggingface-cli download facebook/dinov2-base --local-dir {model_path}",
-            )
+        model_path = _transformers_checkpoint(model_path, "a CLIP or DINOv2 checkpoint", "facebook/dinov2-base")
         import torch
         from transformers import AutoImageProcessor, AutoModel
 
@@ -278,14 +281,7 @@ class ClipTextScorer:
     """
 
     def __init__(self, model_path: str | os.PathLike, device: str = "cpu") -> None:
-        model_path = os.fspath(model_path)
-        if not os.path.isfile(os.path.join(model_path, "config.json")):
-            raise _missing_weights(
-                "model_path",
-                model_path,
-                "a CLIP checkpoint",
-                f"huggingface-cli download openai/clip-vit-large-patch14 --local-dir {model_path}",
-            )
+        model_path = _transformers_checkpoint(model_path, "a CLIP checkpoint", "openai/clip-vit-large-patch14")
         import torch
         from transformers import AutoProcessor, CLIPModel
 
