@@ -1,15 +1,16 @@
 """How well can routing be learned on the synthetic sprites? Three reference points for issue 4's IoU target.
 
-1. ``colour``: no learning. Each video token (8x8 pixels, averaged per latent frame) goes to the subject whose
-   reference has the nearest mean colour, or to null past a distance threshold (swept; best reported).
+1. ``colour``: no learning. Each video token (its pixels averaged per latent frame, on the toy VAE's latent grid)
+   goes to the subject whose reference has the nearest mean colour, or to null past a distance threshold (swept;
+   best reported).
 2. ``router-on-pixels``: an ``IDRouter`` trained with the routing loss on those oracle pixel features (its token
    LayerNorm off: see ``fit_router``).
 3. ``router-on-toy-model``: the same router trained on what it sees inside the toy Wan model (the layer-0
-   attention inputs of video and reference tokens at sigma 0.3), as ``diasr train`` would.
+   attention inputs of video and reference tokens at ``--sigma``), as ``diasr train`` would.
 
 Held-out routing IoU (mean over subjects present) for each. Prints a markdown table.
 
-    PYTHONPATH=src python benchmarks/routing_ceiling.py --data runs/synthetic --clips 120 --epochs 15
+    PYTHONPATH=src python benchmarks/routing_ceiling.py --data runs/synthetic --clips 120 --epochs 15 [--tiny-vae sprites]
 """
 
 from __future__ import annotations
@@ -21,25 +22,26 @@ import torch.nn.functional as F
 
 from diasr_diffusers.data import MuSADataset
 from diasr_diffusers.eval import label_iou
-from diasr_diffusers.routing import IDRouter, routing_cross_entropy
+from diasr_diffusers.routing import IDRouter, routing_cross_entropy, token_grid_factors
+from diasr_diffusers.utils.tiny import tiny_wan_components
 
 
-def pixel_tokens(item) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(1, L, 3) mean colour of each 8x8 token per latent frame (Wan grouping) and per-subject reference tokens."""
+def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(1, L, 3) mean colour of each token (``spatial``^2 pixels, Wan's frame grouping) and per-subject references."""
     v = item["video"]
-    groups = [v[:, :1]] + [v[:, i : i + 4] for i in range(1, v.shape[1], 4)]
+    groups = [v[:, :1]] + [v[:, i : i + temporal] for i in range(1, v.shape[1], temporal)]
     frames = torch.stack([g.mean(1) for g in groups], 1)  # (3, F_lat, H, W)
-    video = F.avg_pool2d(frames.permute(1, 0, 2, 3), 8).permute(0, 2, 3, 1).reshape(1, -1, 3)
-    refs = [F.avg_pool2d(r[None], 8)[0].flatten(1).T[None] for r in item["ref_images"]]
+    video = F.avg_pool2d(frames.permute(1, 0, 2, 3), spatial).permute(0, 2, 3, 1).reshape(1, -1, 3)
+    refs = [F.avg_pool2d(r[None], spatial)[0].flatten(1).T[None] for r in item["ref_images"]]
     return video, refs
 
 
-def colour_baseline(items) -> float:
+def colour_baseline(items, spatial: int, temporal: int) -> float:
     best = 0.0
     for thr in (0.1, 0.15, 0.2, 0.3, 0.5):
         ious = []
         for it in items:
-            video, _ = pixel_tokens(it)
+            video, _ = pixel_tokens(it, spatial, temporal)
             cents = []
             for r in it["ref_images"]:
                 p = r.flatten(1).T
@@ -79,7 +81,7 @@ def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0) -> float:
     return sum(ious) / len(ious)
 
 
-def toy_model_samples(items, data: str, size: int, tiny_vae: str | None = None):
+def toy_model_samples(items, data: str, size: int, tiny_vae: str | None = None, sigma: float = 0.3):
     from diasr_diffusers.training import DiasRTrainer, TrainConfig
 
     cfg = TrainConfig.from_dict(
@@ -98,7 +100,7 @@ def toy_model_samples(items, data: str, size: int, tiny_vae: str | None = None):
         enc = trainer._encode(item)
         noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            trainer._forward(enc, torch.tensor(0.3), noise, trainer.model)
+            trainer._forward(enc, torch.tensor(sigma), noise, trainer.model)
         lv = enc["labels"].shape[1]
         hidden = captured["h"]
         refs = list(hidden[:, lv:].split(enc["routing"]["ref_lengths"], dim=1))
@@ -113,18 +115,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--tiny-vae", default=None, help="a saved toy VAE folder (default: random weights)")
+    parser.add_argument("--tiny-vae", default=None, help="'sprites' (the shipped toy VAE) or a saved VAE folder; default random")
+    parser.add_argument("--sigma", type=float, default=0.3, help="noise level of the toy model's video tokens")
     args = parser.parse_args()
+    grid = token_grid_factors(vae=tiny_wan_components(vae=args.tiny_vae)["vae"])
     ds = MuSADataset(
-        f"{args.data}/manifest.jsonl", num_frames=9, height=args.size, width=args.size, patch_size=(1, 1, 1),
-        clip_sampling="start", crop="center",
+        f"{args.data}/manifest.jsonl", num_frames=9, height=args.size, width=args.size, clip_sampling="start",
+        crop="center", temporal_compression=grid["temporal_compression"], spatial_compression=grid["spatial_compression"],
+        patch_size=(1, 1, 1),
     )  # fmt: skip
     items = [ds[i] for i in range(min(args.clips, len(ds)))]
-    rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :]))]
-    pixel_samples = [(*pixel_tokens(it), it["token_labels"][None]) for it in items]
+    cs, ct = grid["spatial_compression"], grid["temporal_compression"]
+    rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :], cs, ct))]
+    pixel_samples = [(*pixel_tokens(it, cs, ct), it["token_labels"][None]) for it in items]
     rows.append(("router on oracle pixel features (token LayerNorm off)", fit_router(pixel_samples, 3, args.epochs)))
-    toy = toy_model_samples(items, args.data, args.size, args.tiny_vae)
-    rows.append(("router on toy-model layer-0 features", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
+    toy = toy_model_samples(items, args.data, args.size, args.tiny_vae, args.sigma)
+    rows.append((f"router on toy-model layer-0 features (sigma {args.sigma})", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
+    print(f"toy VAE: {args.tiny_vae or 'random'}; latent grid: {cs}x spatial, {ct}x temporal")
     print(f"| reference point ({len(items)} clips, 80/20 split, {args.epochs} epochs) | held-out routing IoU |")
     print("|---|---:|")
     for name, value in rows:

@@ -18,6 +18,7 @@ from diasr_diffusers import DiasRPipeline, IDRouter
 from diasr_diffusers.cli import main
 from diasr_diffusers.data import make_synthetic
 from diasr_diffusers.training import ConfigError, DiasRTrainer, TrainConfig
+from diasr_diffusers.utils.latents import encode_latents
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
 TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": [1, 1, 1], "ffn_dim": 32}
@@ -68,6 +69,9 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
         ({"stage": "fly"}, "`stage` must be one of"),
         ({"num_frames": 6}, r"1 \+ 4k"),
         ({"model": "/nonexistent"}, "exactly one of `model`"),
+        ({"tiny_model": {**TINY, "layers": 3}}, "unknown `tiny_model` key"),
+        ({"weighting_scheme": "cosmic"}, "`weighting_scheme` must be one of"),
+        ({"tiny_model": {**TINY, "vae": "/nonexistent"}}, "`tiny_model.vae` must be"),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_error(data_dir, tmp_path, change, message):
@@ -117,9 +121,10 @@ def test_stage_decreases_its_losses_on_a_fixed_sample(data_dir, tmp_path, stage)
     assert 0.0 <= result["routing_iou_mean"] <= 1.0 and "null_accuracy" in result
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
-    full = _write(tmp_path, _config(data_dir, max_steps=4), "full.yaml")
-    half = _write(tmp_path, _config(data_dir, max_steps=2), "half.yaml")
+@pytest.mark.parametrize("extra", [{}, {"cache_latents": True, "weighting_scheme": "logit_normal", "logit_mean": -1.0}])
+def test_resume_continues_exactly(data_dir, tmp_path, extra):
+    full = _write(tmp_path, _config(data_dir, max_steps=4, **extra), "full.yaml")
+    half = _write(tmp_path, _config(data_dir, max_steps=2, **extra), "half.yaml")
     assert main(["train", "--config", str(full), "--output-dir", str(tmp_path / "a")]) == 0
     assert main(["train", "--config", str(half), "--output-dir", str(tmp_path / "b")]) == 0
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2"]
@@ -136,6 +141,21 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     # Checkpoints were written whole (no temp folders left) and only the last `checkpoints_total_limit` kept.
     assert not list((tmp_path / "b").glob(".checkpoint-*"))
     assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_cache_latents_encodes_each_clip_once(data_dir, tmp_path, cache, monkeypatch):
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir, max_steps=4, cache_latents=cache)), tmp_path / "r")
+    trainer.setup()
+    calls = []
+    encode = trainer._encode
+    monkeypatch.setattr(trainer, "_encode", lambda item: calls.append(item["index"]) or encode(item))
+    result = trainer.train()
+    n_train = len(trainer.train_set)  # 4 clips, 4 steps x batch 2 = 2 epochs
+    # Training encodes once per clip with the cache, once per sample without; evaluation encodes its clips.
+    assert len(calls) == (n_train if cache else 8) + result["num_eval_clips"]
+    assert {"routing_iou_per_sigma", "routing_iou_per_layer"} <= set(result)
+    assert list(result["routing_iou_per_sigma"]) == ["0.5"]
 
 
 def test_resume_without_checkpoint_fails_clearly(data_dir, tmp_path):
@@ -193,3 +213,35 @@ def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_pat
     diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
     assert a[0]["lr"] == b[0]["lr"]
+
+
+def test_training_reads_a_latent_cache(data_dir, tmp_path):
+    from diasr_diffusers.data import MuSADataset, cache_latents
+
+    tiny = {**TINY, "vae": "sprites"}  # a fixed VAE (4x spatial, 2x temporal): the cache must be written with it
+    vae = tiny_wan_components(vae="sprites")["vae"]
+    ds = MuSADataset(
+        data_dir / "manifest.jsonl", num_frames=5, height=32, width=32, clip_sampling="start", crop="center",
+        temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1), seed=0,
+    )  # fmt: skip
+    cache_latents(ds, vae, tmp_path / "latents", progress=False)
+    cfg = TrainConfig.from_dict(_config(data_dir, tiny_model=tiny, latent_cache=str(tmp_path / "latents"), max_steps=2))
+    trainer = DiasRTrainer(cfg, tmp_path / "run")
+    trainer.setup()
+    item = trainer.train_set[0]
+    assert "latents" in item and "video" not in item  # read from the cache, not decoded
+    enc = trainer._encode(item)
+    line = trainer.train_set.records[0].line
+    fresh = ds[[r.line for r in ds.records].index(line)]
+    torch.testing.assert_close(enc["x0"][0], encode_latents(trainer.pipe.vae, fresh["video"][None])[0])
+    result = trainer.train()
+    assert 0.0 <= result["routing_iou_mean"] <= 1.0
+
+    # A cache written with another VAE (the random toy VAE: 8x spatial, 4x temporal) is refused by name.
+    other = MuSADataset(data_dir / "manifest.jsonl", num_frames=5, height=32, width=32, clip_sampling="start", crop="center")
+    cache_latents(other, tiny_wan_components()["vae"], tmp_path / "other", progress=False)
+    cfg = TrainConfig.from_dict(_config(data_dir, tiny_model=tiny, latent_cache=str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="`latent_cache` .* another VAE"):
+        DiasRTrainer(cfg, tmp_path / "run2").setup()
+    with pytest.raises(ConfigError, match="needs a fixed VAE"):
+        TrainConfig.from_dict(_config(data_dir, latent_cache=str(tmp_path / "latents")))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # diffusers.training_utils.compute_density_for_timestep_sampling
 STAGES = ("align", "route")
 
 
@@ -28,6 +29,16 @@ class TrainConfig:
             reaches the router. ``route_background`` teaches background tokens to the null anchor (Ingredients
             ignores them: set it false to match); ``balanced_routing_loss`` weights every class present equally.
     All base-model weights stay frozen.
+
+    Sampling and speed:
+        ``weighting_scheme`` (``none`` = uniform, ``logit_normal``, ``mode``), ``logit_mean``, ``logit_std``,
+            ``mode_scale``: how noise levels are drawn (Diffusers' ``compute_density_for_timestep_sampling``).
+        ``cache_latents``: run the frozen VAE and text encoder once per training clip (its epoch-0 clip window, crop
+            and reference augmentation) and keep the results in memory. Faster, less augmentation.
+        ``latent_cache``: a folder written by ``diasr cache-latents`` (same frames, size and VAE): training clips are
+            read from it (first clip window, centre crop, no reference augmentation) and the VAE never runs on them.
+        ``tiny_model``: arguments of ``utils.tiny.tiny_wan_components`` (toy model built in-process); with its random
+            VAE (``vae`` unset) the VAE's latent statistics are measured on the first training clips.
     """
 
     stage: str
@@ -63,11 +74,17 @@ class TrainConfig:
     route_background: bool = True
     balanced_routing_loss: bool = True
     route_text: bool = True
+    cache_latents: bool = False
+    latent_cache: str | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 50
     checkpoints_total_limit: int = 2
     log_every: int = 1
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     eval_sigmas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     seed: int = 0
 
@@ -109,6 +126,21 @@ class TrainConfig:
         p = Path(value).expanduser()
         return p / "manifest.jsonl" if p.is_dir() else p
 
+    def _validate_tiny_model(self) -> None:
+        import inspect
+
+        from ..utils.tiny import SPRITES_VAE, tiny_wan_components
+
+        if not isinstance(self.tiny_model, dict):
+            raise ConfigError(f"`tiny_model` must be a mapping of tiny_wan_components arguments, got {self.tiny_model!r}")
+        allowed = set(inspect.signature(tiny_wan_components).parameters)
+        unknown = sorted(set(self.tiny_model) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
+        vae = self.tiny_model.get("vae")
+        if vae is not None and vae != SPRITES_VAE and not (Path(str(vae)).expanduser() / "config.json").is_file():
+            raise ConfigError(f"`tiny_model.vae` must be null, {SPRITES_VAE!r} or a saved AutoencoderKLWan folder, got {vae!r}")
+
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"`stage` must be one of {STAGES}, got {self.stage!r}")
@@ -116,10 +148,17 @@ class TrainConfig:
             raise ConfigError("give exactly one of `model` (a Wan2.1/DiasR Diffusers folder) or `tiny_model` (toy)")
         if self.model is not None and not self.resolve(self.model).is_dir():
             raise ConfigError(f"`model` folder not found: {self.resolve(self.model)}")
+        if self.tiny_model is not None:
+            self._validate_tiny_model()
         for key in ("train_data", "eval_data"):
             value = getattr(self, key)
             if value is not None and not self.manifest_path(value).is_file():
                 raise ConfigError(f"`{key}` not found: {self.manifest_path(value)} (a manifest or a folder with manifest.jsonl)")
+        if self.latent_cache is not None:
+            if not (self.resolve(self.latent_cache) / "index.json").is_file():
+                raise ConfigError(f"`latent_cache` has no index.json: {self.resolve(self.latent_cache)} (run `diasr cache-latents`)")
+            if self.tiny_model is not None and self.tiny_model.get("vae") is None:
+                raise ConfigError("`latent_cache` needs a fixed VAE; the random toy VAE (tiny_model without `vae`) has none")
         if self.init_from is not None and not self.resolve(self.init_from).is_dir():
             raise ConfigError(f"`init_from` checkpoint folder not found: {self.resolve(self.init_from)}")
         if self.stage == "route" and self.init_from is None and not self.allow_scratch:
@@ -136,6 +175,8 @@ class TrainConfig:
             raise ConfigError(f"`num_frames` must be 1 + 4k for Wan's VAE, got {self.num_frames}")
         if self.height % 16 or self.width % 16:
             raise ConfigError(f"`height` and `width` must be multiples of 16, got {self.height}x{self.width}")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ConfigError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if not 0.0 <= self.eval_fraction < 1.0:

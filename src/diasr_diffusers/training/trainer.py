@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
@@ -132,7 +133,12 @@ class DiasRTrainer:
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             eval_records = [records[i] for i in order[:n_eval]]
             records = [records[i] for i in order[n_eval:]]
-        train_set = MuSADataset(records, clip_sampling="random", crop="random", ref_augment=RefAugment(), **common)
+        if cfg.latent_cache is not None:
+            cache = cfg.resolve(cfg.latent_cache)
+            self._check_latent_cache(cache, vae)
+            train_set = MuSADataset(records, clip_sampling="start", crop="center", latent_cache=cache, **common)
+        else:
+            train_set = MuSADataset(records, clip_sampling="random", crop="random", ref_augment=RefAugment(), **common)
         eval_set = None
         if eval_records:
             eval_set = MuSADataset(eval_records, clip_sampling="start", crop="center", ref_augment=None, **common)
@@ -166,6 +172,8 @@ class DiasRTrainer:
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
+        if cfg.tiny_model is not None and cfg.tiny_model.get("vae") is None:
+            self._calibrate_toy_vae()
 
         lora_params = [p for p in transformer.parameters() if p.requires_grad]
         groups = [{"params": list(router.parameters()), "lr": cfg.router_learning_rate or cfg.learning_rate}]
@@ -183,11 +191,34 @@ class DiasRTrainer:
         self.router = router
         self.transformer = transformer
         self.start_step = 0
+        self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
         if self.resume:
             latest = self.latest_checkpoint()
             if latest is None:
                 raise ValueError(f"--resume: no checkpoint-* folder in {self.output_dir}")
             self._load_checkpoint(latest)
+
+    @staticmethod
+    def _check_latent_cache(cache: Path, vae: nn.Module) -> None:
+        """A cache written with another VAE has other latents: refuse it before training on them."""
+        written = json.loads((cache / "index.json").read_text()).get("vae", {})
+        ours = {k: getattr(vae.config, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
+        diff = {k: (written.get(k), v) for k, v in ours.items() if written.get(k) != v}
+        if diff:
+            raise ValueError(f"`latent_cache` {cache} was written with another VAE (cache, model): {diff}")
+
+    def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
+        """Give the random toy VAE latent statistics measured on the first training clips.
+
+        It inherits Wan's ``latents_mean/std``, which do not fit its random weights: its normalised latents then vary
+        by ~0.03 within a clip, under any noise level the model trains at, and the router has nothing to see.
+        Deterministic (the first clips of the seeded training set), so every process computes the same numbers.
+        """
+        from ..utils.latents import calibrate_latent_statistics
+
+        clips = [self.train_set[i]["video"][None] for i in range(min(num_clips, len(self.train_set)))]
+        mean, std = calibrate_latent_statistics(self.pipe.vae, clips)
+        logger.info(f"toy VAE latent statistics from {len(clips)} training clips: std {min(std):.3g}..{max(std):.3g}")
 
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
@@ -259,18 +290,26 @@ class DiasRTrainer:
         return out
 
     def _local_samples(self, step: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """``(global sample index, encoded sample or None if it failed)`` for this process's share of ``step``."""
         b = self.config.batch_size
         rank = self.accelerator.process_index
         for offset, (epoch, idx) in enumerate(self._global_indices(step)[rank * b : (rank + 1) * b]):
+            if self.config.cache_latents and idx in self._encoded:
+                yield rank * b + offset, self._encoded[idx]
+                continue
             try:
-                # The dataset draws clip start, crop and augmentation from (seed, epoch, index).
-                self.train_set.set_epoch(epoch)
+                # The dataset draws clip start, crop and augmentation from (seed, epoch, index); a cached sample
+                # keeps its epoch-0 draw, so a resumed run caches exactly what an uninterrupted one did.
+                self.train_set.set_epoch(0 if self.config.cache_latents else epoch)
                 item = self.train_set[idx]
             except (OSError, ValueError, RuntimeError) as e:  # a clip that fails to decode is skipped, not fatal
                 logger.warning(f"skipping training sample {idx}: {e}")
                 self.failed_samples += 1
                 item = None
-            yield rank * b + offset, item
+            enc = None if item is None else self._encode(item)
+            if self.config.cache_latents:
+                self._encoded[idx] = enc
+            yield rank * b + offset, enc
 
     # -- one sample ----------------------------------------------------------------------------------------------
 
@@ -367,12 +406,13 @@ class DiasRTrainer:
                 with acc.accumulate(self.model):
                     micro_step = step * cfg.gradient_accumulation_steps + micro
                     total = None
-                    for global_i, item in self._local_samples(micro_step):
-                        if item is None:
+                    for global_i, enc in self._local_samples(micro_step):
+                        if enc is None:
                             continue
                         gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, micro_step, global_i) + 1)
-                        enc = self._encode(item)
-                        sigma = torch.rand((), generator=gen).clamp(1e-3, 1 - 1e-3).to(acc.device)
+                        sigma = compute_density_for_timestep_sampling(
+                            cfg.weighting_scheme, 1, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, generator=gen
+                        )[0].clamp(1e-3, 1 - 1e-3).to(acc.device)  # fmt: skip
                         noise = torch.randn(enc["x0"].shape, generator=gen).to(acc.device)
                         pred, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
                         losses = self._losses(enc, pred, noise, logits, anchors)
@@ -419,6 +459,8 @@ class DiasRTrainer:
         self.model.eval()
         model = self.accelerator.unwrap_model(self.model)
         ious: dict[int, list[float]] = {}
+        by_sigma: dict[int, list[float]] = {}
+        by_layer: dict[str, list[float]] = {}
         null_hits = null_total = 0
         diff = []
         for idx in range(len(self.eval_set)):
@@ -436,6 +478,11 @@ class DiasRTrainer:
                 for s, v in enumerate(label_iou(predicted[0], enc["labels"][0], n)["per_subject_iou"]):
                     if v is not None:
                         ious.setdefault(s, []).append(v)
+                        by_sigma.setdefault(k, []).append(v)
+                for layer, b in buckets.items():
+                    by_layer.setdefault(str(layer), []).extend(
+                        v for v in label_iou(b[0], enc["labels"][0], n)["per_subject_iou"] if v is not None
+                    )
                 bg = enc["labels"][0] < 0
                 null_hits += int((predicted[0][bg] < 0).sum())
                 null_total += int(bg.sum())
@@ -445,6 +492,8 @@ class DiasRTrainer:
         return {
             "routing_iou_mean": sum(all_ious) / len(all_ious) if all_ious else float("nan"),
             "routing_iou_per_subject": per_slot,
+            "routing_iou_per_layer": {k: sum(v) / len(v) for k, v in by_layer.items() if v},
+            "routing_iou_per_sigma": {str(sig): sum(by_sigma[k]) / len(by_sigma[k]) for k, sig in enumerate(self.config.eval_sigmas) if k in by_sigma},
             "null_accuracy": null_hits / null_total if null_total else float("nan"),
             "diffusion_loss": sum(diff) / len(diff) if diff else float("nan"),
             "num_eval_clips": len(self.eval_set),

@@ -30,3 +30,31 @@ def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
         mean, std = (t.to(z.device) for t in norm)
         z = (z - mean) / std
     return z
+
+
+@torch.no_grad()
+def calibrate_latent_statistics(vae: Any, pixels: torch.Tensor | list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Measure per-channel ``latents_mean`` / ``latents_std`` on ``pixels`` and write them into ``vae.config``.
+
+    Wan's released VAE ships statistics that make its latents roughly unit-variance; a VAE with other weights (the
+    random toy VAE of ``utils.tiny``, or one trained from scratch) does not match them, and its normalised latents
+    can vary by only a few hundredths, far below the noise the flow-matching model adds. This recomputes them as they
+    were computed for Wan: over every latent position of the given clips.
+
+    Args:
+        vae: an ``AutoencoderKLWan`` (anything with ``encode(x).latent_dist`` and a ``latents_mean/std`` config).
+        pixels: ``(B, 3, F, H, W)`` in [-1, 1], or a list of such batches (shapes may differ between batches).
+
+    Returns:
+        ``(latents_mean, latents_std)`` as lists of ``z_dim`` floats, also registered in ``vae.config``.
+    """
+    batches = [pixels] if isinstance(pixels, torch.Tensor) else list(pixels)
+    if not batches or any(b.ndim != 5 or b.shape[1] != 3 for b in batches):
+        raise ValueError("`pixels` must be a (B, 3, F, H, W) tensor or a non-empty list of them")
+    param = next(vae.parameters())
+    z = [vae.encode(b.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float() for b in batches]
+    flat = torch.cat([t.transpose(0, 1).flatten(1) for t in z], dim=1)  # (C, N)
+    mean = flat.mean(1).tolist()
+    std = flat.std(1).clamp_min(1e-6).tolist()
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return mean, std

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+SPRITES_VAE = "sprites"  # `tiny_wan_components(vae=...)`: the toy VAE trained on synthetic sprites (package asset)
+
 # A small closed vocabulary: what the demo and the tests say. Anything else maps to [UNK].
 _WORDS = (
     "a an the and with in on of to is are at by from while near into over under two three four one "
@@ -59,8 +61,13 @@ def tiny_wan_components(
 ) -> dict[str, Any]:
     """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``.
 
-    ``vae``: ``None`` for a random toy VAE, or a folder with a saved ``AutoencoderKLWan`` (e.g. one trained by
-    ``examples/train_toy_vae.py``, whose latents keep appearance better than random weights do).
+    ``vae``:
+        - ``None``: a random toy VAE (8x spatial, 4x temporal, like Wan's). Fast, but its latents do not keep
+          appearance: a sprite and its reference image get unrelated latents.
+        - ``"sprites"``: the toy VAE shipped in ``diasr_diffusers/assets/toy_vae``, trained by
+          ``examples/train_toy_vae.py`` to reconstruct synthetic sprite clips (4x spatial, 2x temporal compression,
+          latent statistics measured on its training clips). Use it to train routing on ``make-synthetic`` data.
+        - a folder with a saved ``AutoencoderKLWan``.
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -79,6 +86,10 @@ def tiny_wan_components(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         ).eval()
     else:
+        if vae == SPRITES_VAE:
+            from importlib import resources
+
+            vae = str(resources.files("diasr_diffusers") / "assets" / "toy_vae")
         vae = AutoencoderKLWan.from_pretrained(vae).eval()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
