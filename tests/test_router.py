@@ -424,3 +424,22 @@ def test_routing_labels_from_coverage():
     assert routing_labels_from_coverage(torch.zeros(2, 0, 5)).tolist() == [[-1] * 5] * 2
     with pytest.raises(ValueError, match="coverage"):
         routing_labels_from_coverage(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("balanced, power", [(True, 1.0), (0.5, 0.5), (False, 0.0), (0.0, 0.0)])
+def test_routing_cross_entropy_balancing_weights_classes_by_count_power(balanced, power):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 10, 3)
+    labels = torch.tensor([[2, 2, 2, 2, 2, 2, 0, 0, 1, -100]])  # null (2) outnumbers the subjects
+    keep = labels[0] != -100
+    lg, lb = logits[0][keep], labels[0][keep]
+    counts = torch.bincount(lb, minlength=3).float()
+    per_token = F.cross_entropy(lg, lb, reduction="none")
+    w = counts[lb] ** -power
+    expected = (w * per_token).sum() / w.sum()
+    torch.testing.assert_close(routing_cross_entropy(logits, labels, ignore_index=-100, balanced=balanced), expected)
+
+
+def test_routing_cross_entropy_rejects_bad_balance():
+    with pytest.raises(ValueError, match="`balanced` must be"):
+        routing_cross_entropy(torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.long), balanced=1.5)

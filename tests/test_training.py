@@ -71,6 +71,7 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
         ({"model": "/nonexistent"}, "exactly one of `model`"),
         ({"tiny_model": {**TINY, "layers": 3}}, "unknown `tiny_model` key"),
         ({"weighting_scheme": "cosmic"}, "`weighting_scheme` must be one of"),
+        ({"balanced_routing_loss": 2.0}, "`balanced_routing_loss` must be"),
         ({"tiny_model": {**TINY, "vae": "/nonexistent"}}, "`tiny_model.vae` must be"),
     ],
 )

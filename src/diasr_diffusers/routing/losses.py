@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def routing_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1, balanced: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1, balanced: bool | float = False
 ) -> torch.Tensor:
     """Ingredients' routing loss: cross-entropy over subjects, background ignored.
 
@@ -16,7 +16,9 @@ def routing_cross_entropy(
         labels: ``(B, L)`` int64 in ``[-1, N)``; ``-1`` (background) is ignored, as in Ingredients.
             To also teach the null anchor, map background to ``N`` yourself and pass ``ignore_index=-100``.
         balanced: weight each class present in ``labels`` equally (a small subject is not outvoted by a large
-            background).
+            background). A float ``p`` in ``[0, 1]`` weights each class by ``count ** -p``: ``1.0`` (= ``True``)
+            balances fully, ``0.0`` (= ``False``) is plain cross-entropy, and values between trade subject recall
+            for background precision.
 
     Returns:
         Scalar mean over labelled tokens (0 with a gradient path if none is labelled).
@@ -25,13 +27,16 @@ def routing_cross_entropy(
         raise ValueError(f"`logits` (B, L, C) and `labels` (B, L) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
+    power = float(balanced)
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"`balanced` must be a bool or a float in [0, 1], got {balanced!r}")
     flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
-    if not balanced:
+    if power == 0.0:
         return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
     keep = flat_labels != ignore_index
     flat_logits, flat_labels = flat_logits[keep], flat_labels[keep]
     counts = torch.bincount(flat_labels, minlength=logits.shape[-1]).float()
-    weight = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    weight = torch.where(counts > 0, counts.clamp(min=1) ** -power, torch.zeros_like(counts))
     return F.cross_entropy(flat_logits, flat_labels, weight=weight)
 
 

@@ -27,7 +27,8 @@ class TrainConfig:
         ``route``: router + LoRA; flow-matching loss + ``lambda_route`` * routing cross-entropy; attention routed by
             the router itself (hard), with the straight-through log-probability bias so the diffusion loss also
             reaches the router. ``route_background`` teaches background tokens to the null anchor (Ingredients
-            ignores them: set it false to match); ``balanced_routing_loss`` weights every class present equally.
+            ignores them: set it false to match); ``balanced_routing_loss`` weights every class present equally
+            (``true``), by ``count ** -p`` (a float ``p``), or not at all (``false``).
     All base-model weights stay frozen.
 
     Sampling and speed:
@@ -72,7 +73,7 @@ class TrainConfig:
     lambda_mask: float = 1.0
     lambda_align: float = 0.1
     route_background: bool = True
-    balanced_routing_loss: bool = True
+    balanced_routing_loss: bool | float = True
     route_text: bool = True
     cache_latents: bool = False
     latent_cache: str | None = None
@@ -175,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"`num_frames` must be 1 + 4k for Wan's VAE, got {self.num_frames}")
         if self.height % 16 or self.width % 16:
             raise ConfigError(f"`height` and `width` must be multiples of 16, got {self.height}x{self.width}")
+        if isinstance(self.balanced_routing_loss, str) or not 0.0 <= float(self.balanced_routing_loss) <= 1.0:
+            raise ConfigError(f"`balanced_routing_loss` must be true, false or a float in [0, 1], got {self.balanced_routing_loss!r}")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ConfigError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
