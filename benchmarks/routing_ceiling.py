@@ -22,16 +22,14 @@ import torch.nn.functional as F
 
 from diasr_diffusers.data import MuSADataset
 from diasr_diffusers.eval import label_iou
-from diasr_diffusers.routing import IDRouter, routing_cross_entropy, token_grid_factors
+from diasr_diffusers.routing import IDRouter, masks_to_token_grid, routing_cross_entropy, token_grid_factors
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
 
 def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(1, L, 3) mean colour of each token (``spatial``^2 pixels, Wan's frame grouping) and per-subject references."""
-    v = item["video"]
-    groups = [v[:, :1]] + [v[:, i : i + temporal] for i in range(1, v.shape[1], temporal)]
-    frames = torch.stack([g.mean(1) for g in groups], 1)  # (3, F_lat, H, W)
-    video = F.avg_pool2d(frames.permute(1, 0, 2, 3), spatial).permute(0, 2, 3, 1).reshape(1, -1, 3)
+    grid = masks_to_token_grid(item["video"], temporal_compression=temporal, spatial_compression=spatial, patch_size=(1, 1, 1))
+    video = grid.flatten(1).T[None]  # (3, F_lat, h, w) -> (1, L, 3) in token order
     refs = [F.avg_pool2d(r[None], spatial)[0].flatten(1).T[None] for r in item["ref_images"]]
     return video, refs
 

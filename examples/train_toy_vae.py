@@ -13,15 +13,14 @@ Train it on clips from a seed the routing runs do not use, so the held-out routi
 
 import argparse
 import math
-import os
-import shutil
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from diasr_diffusers.data import MuSADataset
+from diasr_diffusers.routing import masks_to_token_grid
+from diasr_diffusers.utils.io import atomic_dir
 from diasr_diffusers.utils.latents import calibrate_latent_statistics
 
 parser = argparse.ArgumentParser()
@@ -53,9 +52,8 @@ preview = torch.nn.Conv3d(16, 3, 1)
 
 
 def pooled_colour(x: torch.Tensor) -> torch.Tensor:
-    """Pixels averaged onto the latent grid: frame 0 alone, then pairs of frames (2x temporal), 4x4 spatially."""
-    frames = torch.cat([x[:, :, :1], x[:, :, 1:].unflatten(2, (-1, 2)).mean(3)], dim=2) if x.shape[2] > 1 else x
-    return F.avg_pool3d(frames, (1, 4, 4))
+    """Pixels averaged onto the latent grid (frame 0 alone, then pairs of frames, 4x4 pixels): mask coverage's rule."""
+    return masks_to_token_grid(x, temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1))
 
 
 opt = torch.optim.AdamW([*vae.parameters(), *preview.parameters()], lr=args.lr)
@@ -83,10 +81,6 @@ with torch.no_grad():
     calibrate_latent_statistics(vae, [clips[i : i + 4] for i in range(0, min(len(clips), 32), 4)])
     rec = vae.decode(vae.encode(clips[:8]).latent_dist.mode()).sample
     print(f"final reconstruction MSE (8 clips, posterior mode): {float(F.mse_loss(rec, clips[:8])):.4f}")
-out = Path(args.out)
-tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed into place
-shutil.rmtree(tmp, ignore_errors=True)
-vae.save_pretrained(tmp)
-shutil.rmtree(out, ignore_errors=True)
-os.replace(tmp, out)
-print(f"saved {out}")
+with atomic_dir(args.out) as tmp:  # written whole, then renamed into place
+    vae.save_pretrained(tmp)
+print(f"saved {args.out}")

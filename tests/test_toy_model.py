@@ -40,6 +40,11 @@ def test_calibration_rejects_bad_pixels():
         calibrate_latent_statistics(vae, [])
 
 
+def test_tiny_components_reject_an_unknown_vae(tmp_path):
+    with pytest.raises(ValueError, match="`vae` must be None, 'sprites' or a saved AutoencoderKLWan folder"):
+        tiny_wan_components(vae=tmp_path / "missing")
+
+
 def _appearance_accuracy(vae, data_dir) -> tuple[float, float]:
     """(reconstruction MSE, nearest-reference accuracy): each video token well inside one sprite goes to the
     subject whose reference's sprite latents have the nearest mean, on clean latents."""

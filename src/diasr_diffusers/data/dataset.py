@@ -412,6 +412,12 @@ def dataset_cache_config(dataset: MuSADataset) -> dict[str, Any]:
     }
 
 
+def _vae_signature(vae: Any) -> dict[str, Any]:
+    """What a cache's latents depend on beyond the dataset settings: written to ``index.json``, checked on reuse."""
+    cfg = vae.config
+    return {k: getattr(cfg, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
+
+
 class LatentCacheDataset(Dataset):
     """Items read from a folder written by :func:`cache_latents` (``index.json`` + one ``.safetensors`` per clip).
 
@@ -440,6 +446,13 @@ class LatentCacheDataset(Dataset):
         missing = [r.line for r in dataset.records if _cache_key(r) not in self._by_key]
         if missing:
             raise ValueError(f"latent cache {self.cache_dir} lacks manifest lines {missing[:10]}; rerun cache-latents")
+
+    def check_vae(self, vae: Any) -> None:
+        """Refuse a cache written with a VAE of another latent layout than ``vae`` (its latents would not fit)."""
+        written = self.index.get("vae", {})
+        diff = {k: (written.get(k), v) for k, v in _vae_signature(vae).items() if written.get(k) != v}
+        if diff:
+            raise ValueError(f"latent cache {self.cache_dir} was written with another VAE (cache, model): {diff}")
 
     def _load(self, entry: dict[str, Any]) -> dict[str, Any]:
         from safetensors import safe_open
@@ -566,13 +579,8 @@ def cache_latents(
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "config": config,
-        "vae": {
-            "class": type(vae).__name__,
-            "z_dim": getattr(vae_cfg, "z_dim", None),
-            "scale_factor_temporal": getattr(vae_cfg, "scale_factor_temporal", None),
-            "scale_factor_spatial": getattr(vae_cfg, "scale_factor_spatial", None),
-            "normalized": getattr(vae_cfg, "latents_mean", None) is not None,
-        },
+        "vae": {"class": type(vae).__name__, **_vae_signature(vae),
+                "normalized": getattr(vae_cfg, "latents_mean", None) is not None},
         "storage_dtype": str(storage_dtype).replace("torch.", ""),
         "entries": entries,
     }

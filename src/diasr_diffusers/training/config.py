@@ -117,6 +117,11 @@ class TrainConfig:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         return cls.from_dict(raw or {})
 
+    @property
+    def random_toy_vae(self) -> bool:
+        """The toy model with its random VAE (no fixed latents; statistics measured on the training clips)."""
+        return self.tiny_model is not None and self.tiny_model.get("vae") is None
+
     @staticmethod
     def resolve(value: str | None) -> Path | None:
         return None if value is None else Path(value).expanduser()
@@ -130,7 +135,7 @@ class TrainConfig:
     def _validate_tiny_model(self) -> None:
         import inspect
 
-        from ..utils.tiny import SPRITES_VAE, tiny_wan_components
+        from ..utils.tiny import SPRITES_VAE, tiny_wan_components, toy_vae_path
 
         if not isinstance(self.tiny_model, dict):
             raise ConfigError(f"`tiny_model` must be a mapping of tiny_wan_components arguments, got {self.tiny_model!r}")
@@ -139,8 +144,11 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
         vae = self.tiny_model.get("vae")
-        if vae is not None and vae != SPRITES_VAE and not (Path(str(vae)).expanduser() / "config.json").is_file():
-            raise ConfigError(f"`tiny_model.vae` must be null, {SPRITES_VAE!r} or a saved AutoencoderKLWan folder, got {vae!r}")
+        if vae is not None:
+            try:
+                toy_vae_path(vae)
+            except ValueError:
+                raise ConfigError(f"`tiny_model.vae` must be null, {SPRITES_VAE!r} or a saved AutoencoderKLWan folder, got {vae!r}") from None
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -158,7 +166,7 @@ class TrainConfig:
         if self.latent_cache is not None:
             if not (self.resolve(self.latent_cache) / "index.json").is_file():
                 raise ConfigError(f"`latent_cache` has no index.json: {self.resolve(self.latent_cache)} (run `diasr cache-latents`)")
-            if self.tiny_model is not None and self.tiny_model.get("vae") is None:
+            if self.random_toy_vae:
                 raise ConfigError("`latent_cache` needs a fixed VAE; the random toy VAE (tiny_model without `vae`) has none")
         if self.init_from is not None and not self.resolve(self.init_from).is_dir():
             raise ConfigError(f"`init_from` checkpoint folder not found: {self.resolve(self.init_from)}")

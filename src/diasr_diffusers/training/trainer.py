@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_dir, atomic_write_text
 from ..utils.latents import encode_latents
 from .config import TrainConfig
 
@@ -112,7 +112,7 @@ class DiasRTrainer:
         return load_pipeline(str(cfg.resolve(cfg.model)))
 
     def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
-        from ..data import MuSADataset, RefAugment, load_manifest
+        from ..data import LatentCacheDataset, MuSADataset, RefAugment, load_manifest
         from ..routing import token_grid_factors
 
         cfg = self.config
@@ -135,8 +135,11 @@ class DiasRTrainer:
             records = [records[i] for i in order[n_eval:]]
         if cfg.latent_cache is not None:
             cache = cfg.resolve(cfg.latent_cache)
-            self._check_latent_cache(cache, vae)
-            train_set = MuSADataset(records, clip_sampling="start", crop="center", latent_cache=cache, **common)
+            try:  # the VAE first: a cache from another VAE also has another token grid, but the VAE is the cause
+                LatentCacheDataset(cache).check_vae(vae)
+                train_set = MuSADataset(records, clip_sampling="start", crop="center", latent_cache=cache, **common)
+            except ValueError as err:
+                raise ValueError(f"`latent_cache` is unusable: {err}") from err
         else:
             train_set = MuSADataset(records, clip_sampling="random", crop="random", ref_augment=RefAugment(), **common)
         eval_set = None
@@ -172,7 +175,7 @@ class DiasRTrainer:
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
-        if cfg.tiny_model is not None and cfg.tiny_model.get("vae") is None:
+        if cfg.random_toy_vae:
             self._calibrate_toy_vae()
 
         lora_params = [p for p in transformer.parameters() if p.requires_grad]
@@ -197,15 +200,6 @@ class DiasRTrainer:
             if latest is None:
                 raise ValueError(f"--resume: no checkpoint-* folder in {self.output_dir}")
             self._load_checkpoint(latest)
-
-    @staticmethod
-    def _check_latent_cache(cache: Path, vae: nn.Module) -> None:
-        """A cache written with another VAE has other latents: refuse it before training on them."""
-        written = json.loads((cache / "index.json").read_text()).get("vae", {})
-        ours = {k: getattr(vae.config, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
-        diff = {k: (written.get(k), v) for k, v in ours.items() if written.get(k) != v}
-        if diff:
-            raise ValueError(f"`latent_cache` {cache} was written with another VAE (cache, model): {diff}")
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
@@ -253,15 +247,11 @@ class DiasRTrainer:
     def save_checkpoint(self, step: int) -> Path:
         """Write ``checkpoint-{step}`` atomically (a temp folder renamed into place), keep the newest M."""
         final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".checkpoint-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self._save_weights(tmp)
-        _optimizer_state_to_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, tmp)
-        state = {"step": step, "stage": self.config.stage, "seed": self.config.seed, "lr_scheduler": self.lr_scheduler.state_dict()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            self._save_weights(tmp)
+            _optimizer_state_to_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, tmp)
+            state = {"step": step, "stage": self.config.stage, "seed": self.config.seed, "lr_scheduler": self.lr_scheduler.state_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
         ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[: -self.config.checkpoints_total_limit]:
             shutil.rmtree(old)

@@ -17,14 +17,19 @@ def _vae_normalization(vae: Any, z_dim: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.tensor(mean).view(1, -1, 1, 1, 1), torch.tensor(std).view(1, -1, 1, 1, 1)
 
 
+def _posterior_mode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Un-normalised float32 latents (the posterior mean) of ``(B, 3, F, H, W)`` pixels, on the VAE's device."""
+    param = next(vae.parameters())
+    return vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
+
+
 @torch.no_grad()
 def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised latents of ``(B, 3, F, H, W)`` pixels in [-1, 1], as Wan pipelines compute them.
 
     The posterior mean is used (deterministic), then ``(z - latents_mean) / latents_std`` from the VAE config.
     """
-    param = next(vae.parameters())
-    z = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
+    z = _posterior_mode(vae, pixels)
     norm = _vae_normalization(vae, z.shape[1])
     if norm is not None:
         mean, std = (t.to(z.device) for t in norm)
@@ -51,8 +56,7 @@ def calibrate_latent_statistics(vae: Any, pixels: torch.Tensor | list[torch.Tens
     batches = [pixels] if isinstance(pixels, torch.Tensor) else list(pixels)
     if not batches or any(b.ndim != 5 or b.shape[1] != 3 for b in batches):
         raise ValueError("`pixels` must be a (B, 3, F, H, W) tensor or a non-empty list of them")
-    param = next(vae.parameters())
-    z = [vae.encode(b.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float() for b in batches]
+    z = [_posterior_mode(vae, b) for b in batches]
     flat = torch.cat([t.transpose(0, 1).flatten(1) for t in z], dim=1)  # (C, N)
     mean = flat.mean(1).tolist()
     std = flat.std(1).clamp_min(1e-6).tolist()

@@ -7,6 +7,8 @@ Its weights are random: it shows the mechanics (references, routing, guidance, e
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +51,17 @@ def tiny_tokenizer(max_length: int = 512):
     )
 
 
+def toy_vae_path(vae: str | os.PathLike) -> str:
+    """The folder of a toy VAE: ``"sprites"`` (the package asset) or a saved ``AutoencoderKLWan`` folder."""
+    if vae == SPRITES_VAE:
+        from importlib import resources
+
+        return str(resources.files("diasr_diffusers") / "assets" / "toy_vae")
+    if not (Path(vae).expanduser() / "config.json").is_file():
+        raise ValueError(f"`vae` must be None, {SPRITES_VAE!r} or a saved AutoencoderKLWan folder, got {vae!r}")
+    return str(Path(vae).expanduser())
+
+
 def tiny_wan_components(
     seed: int = 0,
     num_layers: int = 2,
@@ -57,7 +70,7 @@ def tiny_wan_components(
     text_dim: int = 32,
     patch_size: tuple[int, int, int] = (1, 2, 2),
     ffn_dim: int = 32,
-    vae: str | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``tokenizer, text_encoder, vae, scheduler, transformer`` of a toy Wan2.1, deterministic in ``seed``.
 
@@ -86,11 +99,7 @@ def tiny_wan_components(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         ).eval()
     else:
-        if vae == SPRITES_VAE:
-            from importlib import resources
-
-            vae = str(resources.files("diasr_diffusers") / "assets" / "toy_vae")
-        vae = AutoencoderKLWan.from_pretrained(vae).eval()
+        vae = AutoencoderKLWan.from_pretrained(toy_vae_path(vae)).eval()
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=tuple(patch_size),
