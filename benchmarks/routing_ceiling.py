@@ -4,7 +4,7 @@
    goes to the subject whose reference has the nearest mean colour, or to null past a distance threshold (swept;
    best reported).
 2. ``router-on-pixels``: an ``IDRouter`` trained with the routing loss on those oracle pixel features (its token
-   LayerNorm off: see ``fit_router``).
+   LayerNorm off: see ``fit_router``), and on every pixel of each token (texture inside a token, e.g. stripes).
 3. ``router-on-toy-model``: the same router trained on what it sees inside the toy Wan model (the layer-0
    attention inputs of video and reference tokens at ``--sigma``), as ``diasr train`` would.
 
@@ -34,6 +34,14 @@ def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[
     return video, refs
 
 
+def pixel_patch_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(1, L, 3 * spatial^2) every pixel of each token (averaged over its frames): colour plus in-token texture."""
+    unshuffled = F.pixel_unshuffle(item["video"].transpose(0, 1), spatial).transpose(0, 1)  # (3 s^2, F, h, w)
+    grid = masks_to_token_grid(unshuffled, temporal_compression=temporal, spatial_compression=1, patch_size=(1, 1, 1))
+    refs = [F.pixel_unshuffle(r[None], spatial)[0].flatten(1).T[None] for r in item["ref_images"]]
+    return grid.flatten(1).T[None], refs
+
+
 def colour_baseline(items, spatial: int, temporal: int) -> float:
     best = 0.0
     for thr in (0.1, 0.15, 0.2, 0.3, 0.5):
@@ -53,11 +61,11 @@ def colour_baseline(items, spatial: int, temporal: int) -> float:
     return best
 
 
-def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0) -> float:
+def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0, pixels: bool = False) -> float:
     """Train a router on (video tokens, per-subject reference tokens, labels); held-out IoU on the last 20%."""
     torch.manual_seed(seed)
     router = IDRouter(hidden_dim=hidden_dim, text_dim=8, num_layers=1, router_dim=64, num_identity_queries=4, num_heads=2)
-    if hidden_dim == 3:
+    if pixels:
         # A LayerNorm over 3 colour channels keeps only their zero-mean direction (1 of 3 degrees of freedom). The
         # transformer's tokens the router normally sees are wide and already LayerNorm-ed by the block.
         router.token_norm = torch.nn.Identity()
@@ -126,7 +134,14 @@ def main() -> None:
     cs, ct = grid["spatial_compression"], grid["temporal_compression"]
     rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :], cs, ct))]
     pixel_samples = [(*pixel_tokens(it, cs, ct), it["token_labels"][None]) for it in items]
-    rows.append(("router on oracle pixel features (token LayerNorm off)", fit_router(pixel_samples, 3, args.epochs)))
+    rows.append(("router on oracle pixel features (token LayerNorm off)", fit_router(pixel_samples, 3, args.epochs, pixels=True)))
+    patch_samples = [(*pixel_patch_tokens(it, cs, ct), it["token_labels"][None]) for it in items]
+    rows.append(
+        (
+            f"router on oracle {cs}x{cs} pixel patches (colour + in-token texture)",
+            fit_router(patch_samples, 3 * cs * cs, args.epochs, pixels=True),
+        )
+    )
     toy = toy_model_samples(items, args.data, args.size, args.tiny_vae, args.sigma)
     rows.append((f"router on toy-model layer-0 features (sigma {args.sigma})", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
     print(f"toy VAE: {args.tiny_vae or 'random'}; latent grid: {cs}x spatial, {ct}x temporal")

@@ -73,6 +73,7 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
         ({"weighting_scheme": "cosmic"}, "`weighting_scheme` must be one of"),
         ({"balanced_routing_loss": 2.0}, "`balanced_routing_loss` must be"),
         ({"tiny_model": {**TINY, "vae": "/nonexistent"}}, "`tiny_model.vae` must be"),
+        ({"max_sequence_length": 0}, "`max_sequence_length` must be a positive integer"),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_error(data_dir, tmp_path, change, message):
@@ -157,6 +158,42 @@ def test_cache_latents_encodes_each_clip_once(data_dir, tmp_path, cache, monkeyp
     assert len(calls) == (n_train if cache else 8) + result["num_eval_clips"]
     assert {"routing_iou_per_sigma", "routing_iou_per_layer"} <= set(result)
     assert list(result["routing_iou_per_sigma"]) == ["0.5"]
+
+
+@pytest.mark.parametrize("length", [32, 512])
+def test_prompts_are_padded_to_max_sequence_length(data_dir, tmp_path, length):
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir, max_sequence_length=length)), tmp_path / "r")
+    trainer.setup()
+    enc = trainer._encode(trainer.train_set[0])
+    assert enc["prompt_embeds"].shape[1] == length
+    # Text routing permutes exactly those positions: every prompt token is in one segment.
+    assert sorted(enc["routing"]["text_segments"][0].order.tolist()) == list(range(length))
+
+
+def test_evaluate_details_list_every_scored_subject(data_dir, tmp_path):
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir, eval_sigmas=[0.3, 0.6])), tmp_path / "r")
+    trainer.setup()
+    result = trainer.evaluate(details=True)
+    subjects = result["subjects"]
+    assert subjects and {s["sigma"] for s in subjects} == {0.3, 0.6}
+    # The listed IoUs are exactly the ones averaged into routing_iou_mean.
+    assert sum(s["iou"] for s in subjects) / len(subjects) == pytest.approx(result["routing_iou_mean"])
+    for s in subjects:
+        item = next(trainer.eval_set[i] for i in range(len(trainer.eval_set)) if trainer.eval_set[i]["clip_id"] == s["clip_id"])
+        assert s["tokens"] == int((item["token_labels"] == s["subject"]).sum()) == sum(s["predicted"].values())
+        # IoU = hits / (own tokens + tokens wrongly routed to it) <= hits / own tokens.
+        assert s["predicted"].get(str(s["subject"]), 0) >= s["iou"] * s["tokens"] - 1e-9
+    assert "subjects" not in trainer.evaluate()
+
+
+def test_example_configs_use_known_keys():
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert set(yaml.safe_load(path.read_text())) <= known, path.name
 
 
 def test_resume_without_checkpoint_fails_clearly(data_dir, tmp_path):

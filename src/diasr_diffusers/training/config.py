@@ -38,6 +38,8 @@ class TrainConfig:
             and reference augmentation) and keep the results in memory. Faster, less augmentation.
         ``latent_cache``: a folder written by ``diasr cache-latents`` (same frames, size and VAE): training clips are
             read from it (first clip window, centre crop, no reference augmentation) and the VAE never runs on them.
+        ``max_sequence_length``: text tokens the prompt is padded to (Wan: 512). Use the same value when generating
+            with the trained weights (``DiasRPipeline(..., max_sequence_length=...)``).
         ``tiny_model``: arguments of ``utils.tiny.tiny_wan_components`` (toy model built in-process); with its random
             VAE (``vae`` unset) the VAE's latent statistics are measured on the first training clips.
     """
@@ -75,6 +77,7 @@ class TrainConfig:
     route_background: bool = True
     balanced_routing_loss: bool | float = True
     route_text: bool = True
+    max_sequence_length: int = 512
     cache_latents: bool = False
     latent_cache: str | None = None
     mixed_precision: str = "no"
@@ -176,7 +179,7 @@ class TrainConfig:
                 "(or `allow_scratch: true` to train the router from scratch)"
             )
         positive = ("height", "width", "num_frames", "batch_size", "gradient_accumulation_steps", "max_steps",
-                    "checkpointing_steps", "checkpoints_total_limit", "lora_rank", "log_every", "frame_stride")  # fmt: skip
+                    "checkpointing_steps", "checkpoints_total_limit", "lora_rank", "log_every", "frame_stride", "max_sequence_length")  # fmt: skip
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"`{key}` must be a positive integer, got {getattr(self, key)!r}")

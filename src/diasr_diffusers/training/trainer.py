@@ -318,12 +318,12 @@ class DiasRTrainer:
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
         prompt_embeds, _ = pipe.encode_prompt(
-            item["caption"], do_classifier_free_guidance=False, max_sequence_length=512, device=device
+            item["caption"], do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length, device=device
         )
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe._prepare_routing(
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
-            self.config.num_frames, x0, 512,
+            self.config.num_frames, x0, self.config.max_sequence_length,
         )  # fmt: skip
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
@@ -439,9 +439,13 @@ class DiasRTrainer:
     # -- evaluation -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, details: bool = False) -> dict[str, Any]:
         """Routing IoU per subject slot, null accuracy and diffusion loss on the held-out set, routed by the router
-        (hard, as at inference) at each of ``eval_sigmas``."""
+        (hard, as at inference) at each of ``eval_sigmas``.
+
+        With ``details``, ``"subjects"`` also lists every (clip, subject, σ) scored: ``clip_id``, ``subject``, ``sigma``,
+        ``iou``, ``tokens`` (its ground-truth tokens) and ``predicted`` (tokens of it routed to each label, ``-1`` =
+        null), for breakdowns such as ``benchmarks/routing_breakdown.py``."""
         from ..eval.routing import label_iou
 
         if self.eval_set is None:
@@ -453,6 +457,7 @@ class DiasRTrainer:
         by_layer: dict[str, list[float]] = {}
         null_hits = null_total = 0
         diff = []
+        subjects: list[dict[str, Any]] = []
         for idx in range(len(self.eval_set)):
             item = self.eval_set[idx]
             enc = self._encode(item)
@@ -469,6 +474,12 @@ class DiasRTrainer:
                     if v is not None:
                         ious.setdefault(s, []).append(v)
                         by_sigma.setdefault(k, []).append(v)
+                        if details:
+                            routed = (predicted[0][enc["labels"][0] == s] + 1).bincount(minlength=n + 1)  # index 0 = null
+                            subjects.append({
+                                "clip_id": item["clip_id"], "subject": s, "sigma": sigma, "iou": v,
+                                "tokens": int(routed.sum()), "predicted": {str(j - 1): int(c) for j, c in enumerate(routed.tolist()) if c},
+                            })  # fmt: skip
                 for layer, b in buckets.items():
                     by_layer.setdefault(str(layer), []).extend(
                         v for v in label_iou(b[0], enc["labels"][0], n)["per_subject_iou"] if v is not None
@@ -479,7 +490,7 @@ class DiasRTrainer:
         self.model.train()
         per_slot = {str(s): sum(v) / len(v) for s, v in sorted(ious.items())}
         all_ious = [x for v in ious.values() for x in v]
-        return {
+        result = {
             "routing_iou_mean": sum(all_ious) / len(all_ious) if all_ious else float("nan"),
             "routing_iou_per_subject": per_slot,
             "routing_iou_per_layer": {k: sum(v) / len(v) for k, v in by_layer.items() if v},
@@ -490,3 +501,6 @@ class DiasRTrainer:
             "eval_sigmas": list(self.config.eval_sigmas),
             "stage": self.config.stage,
         }
+        if details:
+            result["subjects"] = subjects
+        return result
