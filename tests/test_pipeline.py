@@ -96,6 +96,18 @@ def test_routing_modes_run_with_maps(pipe, router_pipe, n, routing):
     assert not p.routing_state.active  # the state is reset after the call
 
 
+def test_router_with_spatial_context_gets_the_token_grid(router_pipe):
+    comps = {name: getattr(router_pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+    torch.manual_seed(0)
+    router = IDRouter.from_transformer(comps["transformer"], router_dim=16, num_identity_queries=4, num_heads=2, context_kernel=3)
+    seen = []
+    local_mean = router._local_mean
+    router._local_mean = lambda tokens, grid: seen.append(grid) or local_mean(tokens, grid)
+    out = call(DiasRPipeline(**comps, id_router=router), routing="router", return_routing_maps=True)
+    assert seen and set(seen) == {MAP_SHAPE}  # (F_lat, H_tok, W_tok), the grid of the routing maps
+    assert out.routing_maps.shape == (1, *MAP_SHAPE)
+
+
 def test_auto_routing_picks_router_masks_or_similarity(pipe, router_pipe):
     lat = dict(output_type="latent")
     # with a router, "auto" == "router"

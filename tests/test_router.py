@@ -132,6 +132,37 @@ def test_logits_shape_and_buckets(n):
     torch.testing.assert_close(buckets, torch.where(argmax == n, -1, argmax))
 
 
+def test_context_kernel_adds_the_frame_neighbourhood_mean():
+    router = small_router(context_kernel=3)
+    anchors = router.encode_anchors(*anchor_inputs(batch=1, n=2))
+    grid = (2, 3, 4)  # F, H, W: 24 tokens in F-H-W order
+    tokens = torch.randn(1, 24, 24)
+    normed = router.token_norm(tokens).view(2, 3, 4, 24)
+    # Direct: mean over the in-frame 3x3 window clipped at the border.
+    want = torch.stack([
+        normed[f, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean(dim=(0, 1))
+        for f in range(2) for i in range(3) for j in range(4)
+    ])[None]  # fmt: skip
+    torch.testing.assert_close(router._local_mean(router.token_norm(tokens), grid), want)
+    logits = router(tokens, anchors, 0, grid=grid)
+    # A token's logits depend on its in-frame 3x3 neighbours only: change token (f=1, h=0, w=0).
+    changed = tokens.clone()
+    changed[0, 12] += 5.0
+    moved = (router(changed, anchors, 0, grid=grid) - logits).abs().sum(-1)[0].view(2, 3, 4)
+    assert (moved[1, :2, :2] > 0).all()
+    assert moved[0].abs().max() == 0 and moved[1, 2].abs().max() == 0 and moved[1, :, 2:].abs().max() == 0
+
+
+def test_context_kernel_errors():
+    with pytest.raises(ValueError, match="`context_kernel` must be an odd integer"):
+        small_router(context_kernel=2)
+    router = small_router(context_kernel=3)
+    anchors = router.encode_anchors(*anchor_inputs(batch=1, n=1))
+    for grid in (None, (1, 3, 3)):
+        with pytest.raises(ValueError, match="needs `grid=\\(F, H, W\\)`"):
+            router(torch.randn(1, 10, 24), anchors, 0, grid=grid)
+
+
 def test_buckets_from_logits_null_is_minus_one():
     logits = torch.tensor([[[5.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 9.0], [2.0, 2.0, 2.5]]])
     assert buckets_from_logits(logits).tolist() == [[0, 1, -1, -1]]

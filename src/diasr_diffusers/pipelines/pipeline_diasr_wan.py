@@ -536,11 +536,12 @@ class DiasRPipeline(WanPipeline):
     ) -> dict[str, Any]:  # fmt: skip
         """The :class:`SubjectRoutingState` inputs for the conditional branches of this call (also used by the
         trainer). ``images_per_subject``: how many reference frames each subject has."""
-        _, _, _, h, w = latents.shape
-        _, ph, pw = self.transformer.config.patch_size
+        _, _, f, h, w = latents.shape
+        pt, ph, pw = self.transformer.config.patch_size
         tokens_per_frame = (h // ph) * (w // pw)
         inputs: dict[str, Any] = {
             "ref_lengths": [n * tokens_per_frame for n in images_per_subject],
+            "video_grid": (f // pt, h // ph, w // pw),
             "mode": routing,
             "router": self.id_router if routing == "router" else None,
             "similarity_threshold": similarity_threshold,

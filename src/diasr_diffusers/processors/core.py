@@ -61,6 +61,8 @@ class SubjectRoutingState:
         text_segments: per sample :class:`TextSegments`; routes the text cross-attention when set.
         similarity_threshold: ``mode="similarity"``: a token whose best mean cosine similarity is below this is
             routed to null.
+        video_grid: ``(F, H, W)`` of the video tokens (after patchifying); needed by routers with spatial context
+            (``IDRouter(context_kernel > 1)``).
         ref_attends_video: whether reference queries also see video keys (default: only their own subject's
             references, which keeps reference features independent of the video).
         router_gradient: ``"straight_through"`` passes ``logp - logp.detach()`` of the chosen bucket as
@@ -82,6 +84,7 @@ class SubjectRoutingState:
     mask_buckets: torch.Tensor | None = None
     text_segments: list[TextSegments] | None = None
     similarity_threshold: float = 0.0
+    video_grid: tuple[int, int, int] | None = None
     ref_attends_video: bool = False
     router_gradient: str = "none"
     backend: str = "auto"
@@ -163,7 +166,7 @@ def _router_logits(
     )  # fmt: skip
     if state.record:
         state.anchors[layer_idx] = (image_anchors, text_anchors)
-    return state.router(video_hidden, anchors, layer_idx)
+    return state.router(video_hidden, anchors, layer_idx, grid=state.video_grid)
 
 
 def route_video_tokens(

@@ -14,6 +14,7 @@ Gradients when the forward routing is hard: the router is trained by its own los
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +91,9 @@ class IDRouter(ModelMixin, ConfigMixin):
         num_heads: heads of the anchor cross-attention.
         num_null_anchors: learnable null anchors (their best score is the null logit).
         max_subjects: the most subjects one call may route.
+        context_kernel: ``k > 1`` also feeds each video token's ``k x k`` neighbourhood mean (within its latent frame)
+            to ``f``: spatial context for shallow transformers, whose tokens carry little of it. Needs the token grid
+            (``forward(..., grid=(F, H, W))``; the processors pass ``SubjectRoutingState.video_grid``). ``1``: off.
 
     Example:
         ```py
@@ -114,8 +118,11 @@ class IDRouter(ModelMixin, ConfigMixin):
         num_heads: int = 4,
         num_null_anchors: int = 1,
         max_subjects: int = 4,
+        context_kernel: int = 1,
     ):
         super().__init__()
+        if context_kernel < 1 or context_kernel % 2 == 0:
+            raise ValueError(f"`context_kernel` must be an odd integer >= 1, got {context_kernel}")
         self.routed_layer_indices = resolve_routed_layers(routed_layers, num_layers)
         self.identity_queries = nn.Parameter(torch.randn(num_identity_queries, router_dim) * router_dim**-0.5)
         self.image_pooler = _AnchorPooler(hidden_dim, router_dim, num_identity_queries, num_heads)
@@ -124,7 +131,8 @@ class IDRouter(ModelMixin, ConfigMixin):
         self.null_anchors = nn.Parameter(torch.randn(num_null_anchors, router_dim) * router_dim**-0.5)
         # f (video tokens) and g (anchors), two-layer MLPs as in Ingredients, one pair per routed layer.
         self.token_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False)
-        self.to_token = nn.ModuleList(_mlp(hidden_dim, router_dim) for _ in self.routed_layer_indices)
+        token_dim = hidden_dim * (2 if context_kernel > 1 else 1)
+        self.to_token = nn.ModuleList(_mlp(token_dim, router_dim) for _ in self.routed_layer_indices)
         # A bias on g(a) shifts every class's logit of a token equally (softmax-invariant): none.
         self.to_anchor = nn.ModuleList(_mlp(router_dim, router_dim, out_bias=False) for _ in self.routed_layer_indices)
 
@@ -193,16 +201,39 @@ class IDRouter(ModelMixin, ConfigMixin):
 
     # -- routing ----------------------------------------------------------------------------------------------
 
-    def forward(self, video_tokens: torch.Tensor, anchors: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        video_tokens: torch.Tensor,
+        anchors: torch.Tensor,
+        layer_idx: int = 0,
+        grid: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Routing logits ``(B, Lv, N + 1)`` (null last) for ``video_tokens (B, Lv, hidden_dim)`` and
-        ``anchors (B, N, router_dim)`` at transformer layer ``layer_idx``."""
+        ``anchors (B, N, router_dim)`` at transformer layer ``layer_idx``. ``grid``: the ``(F, H, W)`` token grid
+        (``F * H * W = Lv``, tokens in that order), needed when ``context_kernel > 1``."""
         head = self.head_index(layer_idx)
-        tokens = self.to_token[head](self.token_norm(video_tokens.to(self.dtype)))
+        tokens = self.token_norm(video_tokens.to(self.dtype))
+        if self.config.context_kernel > 1:
+            tokens = torch.cat([tokens, self._local_mean(tokens, grid)], dim=-1)
+        tokens = self.to_token[head](tokens)
         keys = self.to_anchor[head](torch.cat([anchors.to(self.dtype), self.null_anchors.expand(anchors.shape[0], -1, -1)], 1))
         sim = torch.einsum("bld,bnd->bln", tokens, keys) * tokens.shape[-1] ** -0.5
         n = anchors.shape[1]
         null = sim[..., n:].logsumexp(dim=-1, keepdim=True)
         return torch.cat([sim[..., :n], null], dim=-1)
+
+    def _local_mean(self, tokens: torch.Tensor, grid: tuple[int, int, int] | None) -> torch.Tensor:
+        """``(B, Lv, D)`` mean of each token's ``k x k`` neighbourhood in its frame (border windows are smaller)."""
+        k = self.config.context_kernel
+        if grid is None or math.prod(grid) != tokens.shape[1]:
+            raise ValueError(
+                f"this router has `context_kernel={k}` and needs `grid=(F, H, W)` with F*H*W = {tokens.shape[1]} "
+                f"video tokens, got {grid} (through the processors: `state.activate(..., video_grid=(F, H, W))`)"
+            )
+        b, (f, h, w), d = tokens.shape[0], grid, tokens.shape[-1]
+        frames = tokens.view(b * f, h, w, d).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(frames, k, stride=1, padding=k // 2, count_include_pad=False)
+        return pooled.permute(0, 2, 3, 1).reshape(b, f * h * w, d)
 
     buckets = staticmethod(buckets_from_logits)
     chosen_log_prob = staticmethod(chosen_log_prob)
