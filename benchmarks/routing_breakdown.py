@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 from collections.abc import Callable
 from statistics import mean
@@ -58,12 +57,9 @@ def main() -> None:
         trainer.setup()
         result = trainer.evaluate(details=True)
 
-    manifest = config.manifest_path(config.eval_data)
-    records = {r["id"]: r for r in (json.loads(line) for line in manifest.read_text().splitlines() if line.strip())}
     subjects = []
     for s in result["subjects"]:
-        record = records[s["clip_id"]]
-        metas = [subject.get("meta", {}) for subject in record["subjects"]]
+        metas = [subject.meta for subject in trainer.eval_set.records[s["index"]].subjects]
         colours = [m.get("color") for m in metas]
         own = metas[s["subject"]]
         predicted = s["predicted"]
@@ -78,7 +74,7 @@ def main() -> None:
             }
         )  # fmt: skip
 
-    print(f"run {args.run}; held-out {manifest} ({result['num_eval_clips']} clips, σ {result['eval_sigmas']})")
+    print(f"run {args.run}; held-out {config.manifest_path(config.eval_data)} ({result['num_eval_clips']} clips, σ {result['eval_sigmas']})")
     print("| subjects | scored (subject × σ) | routing IoU | own tokens routed to null | to another subject |")
     print("|---|---:|---:|---:|---:|")
     for name, keep in _groups(subjects):

@@ -154,8 +154,9 @@ def test_context_kernel_adds_the_frame_neighbourhood_mean():
 
 
 def test_context_kernel_errors():
-    with pytest.raises(ValueError, match="`context_kernel` must be an odd integer"):
-        small_router(context_kernel=2)
+    for bad in (2, 0, 3.0, True):
+        with pytest.raises(ValueError, match="`context_kernel` must be an odd integer"):
+            small_router(context_kernel=bad)
     router = small_router(context_kernel=3)
     anchors = router.encode_anchors(*anchor_inputs(batch=1, n=1))
     for grid in (None, (1, 3, 3)):

@@ -179,7 +179,8 @@ def test_evaluate_details_list_every_scored_subject(data_dir, tmp_path):
     # The listed IoUs are exactly the ones averaged into routing_iou_mean.
     assert sum(s["iou"] for s in subjects) / len(subjects) == pytest.approx(result["routing_iou_mean"])
     for s in subjects:
-        item = next(trainer.eval_set[i] for i in range(len(trainer.eval_set)) if trainer.eval_set[i]["clip_id"] == s["clip_id"])
+        item = trainer.eval_set[s["index"]]
+        assert item["clip_id"] == s["clip_id"]
         assert s["tokens"] == int((item["token_labels"] == s["subject"]).sum()) == sum(s["predicted"].values())
         # IoU = hits / (own tokens + tokens wrongly routed to it) <= hits / own tokens.
         assert s["predicted"].get(str(s["subject"]), 0) >= s["iou"] * s["tokens"] - 1e-9

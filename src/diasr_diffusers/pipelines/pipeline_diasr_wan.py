@@ -473,7 +473,7 @@ class DiasRPipeline(WanPipeline):
                     with state.activate(**routing_inputs, record=record), self.transformer.cache_context("cond", **cache_kwargs):  # fmt: skip
                         noise_pred = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
                         if record:
-                            routing_maps = self._routing_maps(state, latents.shape[2:])
+                            routing_maps = self._routing_maps(state)
                     noise_pred = noise_pred[:, :, :num_latent_frames]
                 else:
                     with self.transformer.cache_context("cond", **cache_kwargs):
@@ -580,12 +580,10 @@ class DiasRPipeline(WanPipeline):
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs
 
-    def _routing_maps(self, state: SubjectRoutingState, latent_shape: torch.Size) -> torch.Tensor | None:
+    def _routing_maps(self, state: SubjectRoutingState) -> torch.Tensor | None:
         """Majority vote over the routed layers of the last forward: ``(B, F_lat, H_tok, W_tok)`` int64."""
         if not state.buckets:
             return None
-        pt, ph, pw = self.transformer.config.patch_size
-        grid = (latent_shape[0] // pt, latent_shape[1] // ph, latent_shape[2] // pw)
         stacked = torch.stack(list(state.buckets.values()))  # (layers, B, Lv)
         votes = torch.nn.functional.one_hot(stacked + 1, state.num_subjects + 1).sum(dim=0)  # (B, Lv, N + 1)
-        return (votes.argmax(dim=-1) - 1).view(-1, *grid).cpu()
+        return (votes.argmax(dim=-1) - 1).view(-1, *state.video_grid).cpu()

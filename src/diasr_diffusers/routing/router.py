@@ -121,7 +121,7 @@ class IDRouter(ModelMixin, ConfigMixin):
         context_kernel: int = 1,
     ):
         super().__init__()
-        if context_kernel < 1 or context_kernel % 2 == 0:
+        if isinstance(context_kernel, bool) or not isinstance(context_kernel, int) or context_kernel < 1 or context_kernel % 2 == 0:
             raise ValueError(f"`context_kernel` must be an odd integer >= 1, got {context_kernel}")
         self.routed_layer_indices = resolve_routed_layers(routed_layers, num_layers)
         self.identity_queries = nn.Parameter(torch.randn(num_identity_queries, router_dim) * router_dim**-0.5)

@@ -443,7 +443,8 @@ class DiasRTrainer:
         """Routing IoU per subject slot, null accuracy and diffusion loss on the held-out set, routed by the router
         (hard, as at inference) at each of ``eval_sigmas``.
 
-        With ``details``, ``"subjects"`` also lists every (clip, subject, σ) scored: ``clip_id``, ``subject``, ``sigma``,
+        With ``details``, ``"subjects"`` also lists every (clip, subject, σ) scored: ``index`` (of the clip in
+        ``self.eval_set``), ``clip_id``, ``subject``, ``sigma``,
         ``iou``, ``tokens`` (its ground-truth tokens) and ``predicted`` (tokens of it routed to each label, ``-1`` =
         null), for breakdowns such as ``benchmarks/routing_breakdown.py``."""
         from ..eval.routing import label_iou
@@ -477,7 +478,7 @@ class DiasRTrainer:
                         if details:
                             routed = (predicted[0][enc["labels"][0] == s] + 1).bincount(minlength=n + 1)  # index 0 = null
                             subjects.append({
-                                "clip_id": item["clip_id"], "subject": s, "sigma": sigma, "iou": v,
+                                "index": idx, "clip_id": item["clip_id"], "subject": s, "sigma": sigma, "iou": v,
                                 "tokens": int(routed.sum()), "predicted": {str(j - 1): int(c) for j, c in enumerate(routed.tolist()) if c},
                             })  # fmt: skip
                 for layer, b in buckets.items():
