@@ -1,9 +1,17 @@
-"""Reference backend: an explicit ``(B, Lq, Lk)`` visibility mask + SDPA. Exact but O(Lq * Lk) memory: tests only."""
+"""Reference backend: the explicit ``(B, Lq, Lk)`` visibility mask defines what each query sees. Tests only.
+
+Queries that see the same keys (one sample, one bucket) run through SDPA over exactly those keys. Masking the
+invisible keys inside one joint SDPA instead would let a NaN/inf in one segment's keys or values reach every query
+(``NaN + -inf`` is NaN, ``0 * NaN`` is NaN, in the forward and in the backward); gathering keeps it confined to the
+queries that do see it, as in the sparse backends. Exact, but O(Lq * Lk) memory for the mask.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._common import zeros_output
 
 
 def key_segment_ids(lk: int, segment_lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -12,6 +20,13 @@ def key_segment_ids(lk: int, segment_lengths: list[int], device: torch.device) -
     ids = [torch.full((shared,), -1, dtype=torch.long, device=device)]
     ids += [torch.full((n,), s, dtype=torch.long, device=device) for s, n in enumerate(segment_lengths)]
     return torch.cat(ids)
+
+
+def visibility_mask(query_buckets: torch.Tensor, segment_lengths: list[int], lk: int) -> torch.Tensor:
+    """``(B, Lq, Lk)`` bool: key ``j`` is visible to query ``i`` (shared, or in the segment of the query's bucket)."""
+    seg = key_segment_ids(lk, segment_lengths, query_buckets.device)
+    own = (seg[None, None, :] == query_buckets[:, :, None]) & (query_buckets[:, :, None] >= 0)
+    return (seg[None, None, :] == -1) | own
 
 
 def dense_bucketed_attention(
@@ -24,16 +39,30 @@ def dense_bucketed_attention(
     scale: float,
     segment_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    seg = key_segment_ids(key.shape[1], segment_lengths, query.device)  # (Lk,)
-    in_own_segment = (seg[None, None, :] == query_buckets[:, :, None]) & (query_buckets[:, :, None] >= 0)
-    visible = (seg[None, None, :] == -1) | in_own_segment
-    has_key = visible.any(dim=-1)  # (B, Lq)
-    # Rows without any visible key would be NaN under SDPA; give them one dummy key and zero them afterwards.
-    visible = visible | ~has_key[..., None]
-    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(~visible, float("-inf"))
-    if segment_bias is not None:
-        mask = mask + in_own_segment.to(query.dtype) * segment_bias[..., None].to(query.dtype)
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask[:, None], scale=scale
-    ).transpose(1, 2)
-    return torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    batch, lq, heads, dim = query.shape
+    seg = key_segment_ids(key.shape[1], segment_lengths, query.device)
+    visible = visibility_mask(query_buckets, segment_lengths, key.shape[1])
+    rows, index = [], []
+    for b in range(batch):
+        for s in range(-1, len(segment_lengths)):
+            idx = (query_buckets[b] == s).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            cols = visible[b, idx[0]].nonzero().squeeze(1)  # the same for every query of this bucket
+            if cols.numel() == 0:  # nothing visible: the row stays zero
+                continue
+            q = query[b].index_select(0, idx).transpose(0, 1)  # (H, n, D)
+            k = key[b].index_select(0, cols).transpose(0, 1)  # (H, m, D)
+            v = value[b].index_select(0, cols).transpose(0, 1)
+            mask = None
+            if segment_bias is not None:
+                own = (seg.index_select(0, cols) == s) & (s >= 0)  # (m,)
+                bias = segment_bias[b].index_select(0, idx).to(query.dtype)[:, None]  # (n, 1)
+                mask = torch.where(own[None, :], bias, torch.zeros((), dtype=query.dtype, device=query.device))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            rows.append(out.transpose(0, 1))  # (n, H, D)
+            index.append(idx + b * lq)
+    if not rows:  # no query sees any key
+        return zeros_output(query, key, value, segment_bias)
+    out = torch.zeros(batch * lq, heads, dim, dtype=query.dtype, device=query.device)
+    return out.index_copy(0, torch.cat(index), torch.cat(rows)).view(batch, lq, heads, dim)

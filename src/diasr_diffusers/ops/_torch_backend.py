@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import unit_stride_last_dim, zeros_output
+
 
 def _visible(x: torch.Tensor, shared: int, start: int, length: int) -> torch.Tensor:
     """Rows ``[0, shared) + [start, start + length)`` of ``x`` (L, H, D); a view when the two ranges touch."""
@@ -109,7 +111,7 @@ def torch_bucketed_attention(
             index.append(idx + b * lq)
 
     if not rows:  # no query sees any key: zeros, still attached to the graph so backward() works
-        return query.mul(0.0)
+        return zeros_output(query, key, value, segment_bias)
     out = query.new_zeros(batch * lq, heads, dim).index_copy(0, torch.cat(index), torch.cat(rows))
     return out.view(batch, lq, heads, dim)
 
@@ -122,6 +124,7 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
     query's segment keys, so it only shifts ``l2`` (``o2`` is unchanged). Rows that see no key keep ``o = 0``.
     """
     sdpa_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    query, key, value = (unit_stride_last_dim(t) for t in (query, key, value))
     batch, lq, heads, dim = query.shape
     shared = key.shape[1] - sum(segment_lengths)
     if shared > 0:
@@ -145,7 +148,8 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
                 continue
             seg = slice(starts[s], starts[s] + length)
             q = query[b].index_select(0, idx).transpose(0, 1)[None]  # (1, H, n, D)
-            o2, l2 = sdpa_lse(q, key[b, seg].transpose(0, 1)[None], value[b, seg].transpose(0, 1)[None], scale=scale)[:2]
+            k, v = key[b, seg].transpose(0, 1)[None], value[b, seg].transpose(0, 1)[None]
+            o2, l2 = sdpa_lse(q, k, v, scale=scale)[:2]
             o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
             if segment_bias is not None:
                 l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]

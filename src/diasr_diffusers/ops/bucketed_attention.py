@@ -10,7 +10,8 @@ This module is the thin public interface: argument checks and backend dispatch. 
 
 * ``"torch"`` (:mod:`._torch_backend`): portable and exact; one SDPA call per (sample, bucket) group, never an
   ``Lq x Lk`` mask or score matrix.
-* ``"dense"`` (:mod:`._dense_backend`): the explicit boolean mask + SDPA reference, for tests.
+* ``"dense"`` (:mod:`._dense_backend`): the reference, for tests: an explicit ``Lq x Lk`` visibility mask, SDPA
+  over exactly the keys each query sees.
 * ``"triton"`` (:mod:`.triton`): fused forward/backward kernels, a ``torch.library`` custom op (``torch.compile``
   and CUDA-graph friendly). CUDA, or CPU under ``TRITON_INTERPRET=1`` (for tests). Triton is imported lazily.
 * ``"flex"`` (:mod:`._flex_backend`): PyTorch FlexAttention with a bucket ``mask_mod``; forward-only on CPU.
@@ -22,10 +23,14 @@ This module is the thin public interface: argument checks and backend dispatch. 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import math
+import numbers
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 import torch
 
+from ._common import zeros_output
 from ._dense_backend import dense_bucketed_attention
 from ._flex_backend import flex_bucketed_attention
 from ._torch_backend import torch_bucketed_attention
@@ -51,6 +56,10 @@ def available_backends() -> list[str]:
 
 def register_backend(name: str, fn: BackendFn) -> None:
     """Register an extra backend (used by the optional Triton and FlexAttention paths)."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"`name` must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
     _BACKENDS[name] = fn
 
 
@@ -58,8 +67,10 @@ def select_backend(query: torch.Tensor) -> str:
     """The backend ``"auto"`` resolves to for tensors like ``query`` (B, Lq, H, D).
 
     ``"triton"`` on CUDA tensors when Triton is importable and supports the GPU, dtype and head dim; otherwise
-    ``"torch"``. Never raises: any problem probing Triton means the portable backend.
+    ``"torch"``. Never raises on a tensor: any problem probing Triton means the portable backend.
     """
+    if not all(hasattr(query, a) for a in ("device", "dtype", "shape")):
+        raise TypeError(f"`query` must be a torch.Tensor, got {type(query).__name__}")
     reason: str | None = "not a CUDA tensor"
     if query.device.type == "cuda":
         try:
@@ -80,6 +91,36 @@ def select_backend(query: torch.Tensor) -> str:
 def _capturing(t: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured: the bucket range check would sync the host, which is illegal."""
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_segment_lengths(segment_lengths: Sequence[int]) -> list[int]:
+    """Exact non-negative ints: ``int()`` would truncate 2.7 to 2 and take ``True`` or ``"3"`` as lengths."""
+    unordered = isinstance(segment_lengths, (Set, Mapping))  # a set would silently reorder the segments
+    if isinstance(segment_lengths, (str, bytes)) or unordered or not isinstance(segment_lengths, Iterable):
+        raise ValueError(f"`segment_lengths` must be a sequence of ints, got {type(segment_lengths).__name__}")
+    if getattr(segment_lengths, "ndim", 1) != 1:  # tensors and arrays
+        raise ValueError(f"`segment_lengths` must be 1-D, got shape {tuple(segment_lengths.shape)}")
+    lengths = []
+    for n in segment_lengths:
+        try:
+            if isinstance(n, bool) or (isinstance(n, torch.Tensor) and n.dtype == torch.bool):
+                raise TypeError
+            lengths.append(operator.index(n))
+        except TypeError:
+            raise ValueError(f"`segment_lengths` must be a sequence of ints, got {segment_lengths!r}") from None
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"`segment_lengths` must be non-negative, got {lengths}")
+    return lengths
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5 if head_dim > 0 else 1.0  # head dim 0 gives an empty output: any scale will do
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"`scale` must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"`scale` must be finite, got {scale}")
+    return float(scale)
 
 
 def _check_inputs(
@@ -114,23 +155,28 @@ def _check_inputs(
         raise ValueError(f"`query_buckets` must be a tensor of shape (B, Lq) = {(b, lq)}, got {shape}")
     if query_buckets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"`query_buckets` must be int64 (or int32), got {query_buckets.dtype}")
-    try:
-        lengths = [int(n) for n in segment_lengths]
-    except (TypeError, ValueError):
-        raise ValueError(f"`segment_lengths` must be a sequence of ints, got {segment_lengths!r}") from None
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"`segment_lengths` must be non-negative, got {lengths}")
+    if segment_bias is not None:
+        if not isinstance(segment_bias, torch.Tensor) or segment_bias.shape != (b, lq):
+            shape = (
+                tuple(segment_bias.shape) if isinstance(segment_bias, torch.Tensor) else type(segment_bias).__name__
+            )
+            raise ValueError(f"`segment_bias` must be a tensor of shape (B, Lq) = {(b, lq)}, got {shape}")
+        if not segment_bias.dtype.is_floating_point:
+            raise ValueError(f"`segment_bias` must be a floating tensor, got {segment_bias.dtype}")
+    # Every backend indexes one tensor with another: a device mismatch would fail deep inside torch.
+    for name, t in (("key", key), ("value", value), ("query_buckets", query_buckets), ("segment_bias", segment_bias)):
+        if t is not None and t.device != query.device:
+            raise ValueError(f"`{name}` is on {t.device} but `query` is on {query.device}; use one device")
+    lengths = _check_segment_lengths(segment_lengths)
     if sum(lengths) > lk:
         raise ValueError(f"`segment_lengths` sum to {sum(lengths)} but `key` has only Lk = {lk} tokens")
     if query_buckets.numel() and not torch.compiler.is_compiling() and not _capturing(query):
-        lo, hi = int(query_buckets.min()), int(query_buckets.max())
+        lo, hi = torch.aminmax(query_buckets)  # one host sync for both bounds
+        lo, hi = torch.stack([lo, hi]).tolist()
         if lo < -1 or hi >= len(lengths):
             raise ValueError(
                 f"`query_buckets` must lie in [-1, {len(lengths)}) for {len(lengths)} segments, got values in [{lo}, {hi}]"
             )
-    if segment_bias is not None and (not isinstance(segment_bias, torch.Tensor) or segment_bias.shape != (b, lq)):
-        shape = tuple(segment_bias.shape) if isinstance(segment_bias, torch.Tensor) else type(segment_bias).__name__
-        raise ValueError(f"`segment_bias` must be a tensor of shape (B, Lq) = {(b, lq)}, got {shape}")
     return lengths
 
 
@@ -154,7 +200,7 @@ def bucketed_attention(
         query_buckets: ``(B, Lq)`` int64 in ``[-1, N)``. Bucket ``s`` sees shared + segment ``s``; ``-1`` sees
             shared keys only. A query with no visible key returns zeros.
         segment_lengths: ``N`` non-negative ints (zeros allowed), the same for every sample.
-        scale: softmax scale; defaults to ``1 / sqrt(D)``.
+        scale: finite softmax scale; defaults to ``1 / sqrt(D)``.
         segment_bias: optional ``(B, Lq)`` float added to the logits of the query's own segment keys (not the shared
             keys). Passing the router's log-probability of the chosen bucket, e.g. ``logp - logp.detach()``
             (straight-through: the forward is unchanged), lets gradients reach a router whose forward is hard.
@@ -162,7 +208,8 @@ def bucketed_attention(
             ``"dense"`` (reference, materialises the mask).
 
     Returns:
-        ``(B, Lq, H, D)``, the dtype of ``query``.
+        ``(B, Lq, H, D)``, the dtype of ``query``. Any strides are accepted (views, expanded tensors). Empty sizes give
+        an empty (or, without keys, all-zero) result. A NaN/inf in a key or value reaches only the queries that see it.
 
     Example:
         >>> q = torch.randn(1, 10, 2, 8); k = v = torch.randn(1, 7, 2, 8)  # 4 shared keys, segments of 2 and 1
@@ -170,13 +217,14 @@ def bucketed_attention(
         >>> bucketed_attention(q, k, v, buckets, [2, 1]).shape
         torch.Size([1, 10, 2, 8])
     """
-    if backend != "auto" and backend not in _BACKENDS:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKENDS):
         raise ValueError(f"Unknown `backend` {backend!r}; expected one of {available_backends()}")
     lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    if query.shape[1] == 0:  # nothing to compute; some fused kernels fault on empty queries
-        return query.mul(0.0)
+    scale = _check_scale(scale, query.shape[-1])
+    # Empty sizes never reach a backend: the CPU flash kernel dies with SIGFPE on H = 0 and FlexAttention fails on
+    # B = 0 or Lk = 0. Without keys every query sees nothing, so the output is zeros.
+    if query.numel() == 0 or key.shape[1] == 0:
+        return zeros_output(query, key, value, segment_bias)
     if backend == "auto":
         backend = select_backend(query)
     query_buckets = query_buckets.long()
