@@ -15,7 +15,8 @@ Attention patterns over video tokens ``Lv`` and N references of ``R_s`` tokens e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 BACKWARD_FACTOR = 2.5
@@ -24,13 +25,33 @@ _PASSES = {"forward": 1.0, "backward": BACKWARD_FACTOR, "forward+backward": 1.0 
 
 
 def _check_pass(which: str) -> float:
-    if which not in _PASSES:
+    if not isinstance(which, str) or which not in _PASSES:
         raise ValueError(f"`which` must be one of {list(_PASSES)}, got {which!r}")
     return _PASSES[which]
 
 
+def _count(name: str, value: object, minimum: int = 0) -> int:
+    """An exact int >= ``minimum``: ``int()`` would truncate 2.7 and accept ``True`` as 1."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {n}")
+    return n
+
+
+def _counts(name: str, values: Iterable[int]) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"`{name}` must be a sequence of ints, got {type(values).__name__}")
+    return [_count(f"{name}[{i}]", x) for i, x in enumerate(values)]
+
+
 def equal_routing(video_tokens: int, num_subjects: int) -> list[int]:
     """Video tokens per subject when the video is split in equal shares between the N subjects and null."""
+    video_tokens, num_subjects = _count("video_tokens", video_tokens), _count("num_subjects", num_subjects)
     return [video_tokens // (num_subjects + 1)] * num_subjects
 
 
@@ -62,17 +83,18 @@ def attention_flops(
         True
     """
     factor = _check_pass(which)
-    refs = [int(r) for r in reference_tokens]
-    if video_tokens < 0 or any(r < 0 for r in refs):
-        raise ValueError(
-            f"token counts must be non-negative, got video_tokens={video_tokens}, reference_tokens={refs}"
-        )
+    video_tokens, refs = _count("video_tokens", video_tokens), _counts("reference_tokens", reference_tokens)
+    heads, head_dim, batch = _count("heads", heads), _count("head_dim", head_dim), _count("batch", batch)
     if pattern == "video_only":
         pairs = video_tokens**2
     elif pattern == "dense_joint":
         pairs = (video_tokens + sum(refs)) ** 2
     elif pattern == "routed":
-        n = list(routed_tokens) if routed_tokens is not None else equal_routing(video_tokens, len(refs))
+        n = (
+            _counts("routed_tokens", routed_tokens)
+            if routed_tokens is not None
+            else equal_routing(video_tokens, len(refs))
+        )
         if len(n) != len(refs):
             raise ValueError(f"`routed_tokens` needs one entry per subject ({len(refs)}), got {len(n)}")
         if any(x < 0 for x in n) or sum(n) > video_tokens:
@@ -93,6 +115,12 @@ class WanConfig:
     heads: int
     layers: int
     ffn_dim: int
+
+    def __post_init__(self):
+        for name in ("dim", "heads", "layers", "ffn_dim"):
+            _count(name, getattr(self, name), minimum=1)
+        if self.dim % self.heads:  # head_dim would be silently floored
+            raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
 
     @property
     def head_dim(self) -> int:
@@ -133,8 +161,17 @@ def wan_step_flops(
 
     Returns a dict with ``self_attention``, ``cross_attention``, ``projections``, ``ffn`` and ``total`` FLOPs.
     """
-    cfg = WAN_CONFIGS[model] if isinstance(model, str) else model
+    if isinstance(model, str):
+        if model not in WAN_CONFIGS:
+            raise ValueError(f"Unknown `model` {model!r}; expected one of {list(WAN_CONFIGS)} or a WanConfig")
+        cfg = WAN_CONFIGS[model]
+    elif isinstance(model, WanConfig):
+        cfg = model
+    else:
+        raise TypeError(f"`model` must be a name in {list(WAN_CONFIGS)} or a WanConfig, got {type(model).__name__}")
     factor = _check_pass(which)
+    num_subjects, text_tokens = _count("num_subjects", num_subjects), _count("text_tokens", text_tokens)
+    video_tokens, reference_tokens = _count("video_tokens", video_tokens), _count("reference_tokens", reference_tokens)
     refs = [reference_tokens] * num_subjects
     if pattern == "video_only":
         refs = []
