@@ -56,6 +56,8 @@ def _inputs(layout: str, which: str):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("backend", ["torch", "auto", "dense", "flex"])
 def test_any_strides_give_the_contiguous_answer(backend, layout, which):
+    if backend in ("auto", "flex") and which != "all":  # keep the suite fast: auto is torch on CPU, flex is slow
+        pytest.skip("covered by which='all'")
     q, k, v, buckets = _inputs(layout, which)
     assert not all(t.is_contiguous() for t in (q, k, v))
     ref = bucketed_attention(q.contiguous(), k.contiguous(), v.contiguous(), buckets, SEGS, backend="dense")

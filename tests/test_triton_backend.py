@@ -28,6 +28,7 @@ FP32_CASES = [
     "fp32_d24_non_pow2",
     "fp32_block_multiples",
     "fp32_no_segments",
+    "fp32_unusual_strides",
     "compile_fullgraph_and_opcheck",
     "hybrid_fp32_bias",
     "hybrid_fp32_no_bias_short_shared",

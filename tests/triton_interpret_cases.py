@@ -66,8 +66,18 @@ def max_err(a, b):
     return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
 
-def check(name, dtype, batch, lq, heads, dim, shared, segs, buckets=None, bias=True):
+def unusual_strides(q, k, v):
+    """Same shapes, no unit-stride last dim for q (step 2), zero strides for k (expanded heads) and v (head dim)."""
+    q = torch.stack([q, q], dim=-1).flatten(-2)[..., ::2]
+    k = k[:, :, :1].expand_as(k)
+    v = v[..., :1].expand_as(v)
+    return q, k, v
+
+
+def check(name, dtype, batch, lq, heads, dim, shared, segs, buckets=None, bias=True, strided=False):
     q, k, v, buckets, b, dout = make_inputs(batch, lq, heads, dim, shared, segs, buckets, bias)
+    if strided:
+        q, k, v = unusual_strides(q, k, v)
     if dtype != torch.float32:  # the fp32 reference sees exactly the low-precision inputs
         q, k, v, dout = (t.to(dtype).float() for t in (q, k, v, dout))
         b = b.to(dtype).float() if b is not None else None
@@ -132,6 +142,7 @@ def cases():
     yield check("fp32_d24_non_pow2", f32, 1, 33, 2, 24, 18, [7, 5])
     yield check("fp32_block_multiples", f32, 1, 48, 2, 16, 32, [16, 5])  # tile-aligned shared part and queries
     yield check("fp32_no_segments", f32, 1, 30, 1, 16, 25, [], buckets=torch.full((1, 30), -1))
+    yield check("fp32_unusual_strides", f32, 2, 29, 2, 16, 13, [6, 0, 9], strided=True)
     yield check("fp16_bias", f16, 2, 70, 2, 32, 37, [9, 0, 21])
     yield check("fp16_d64_shared0", f16, 1, 48, 2, 64, 0, [20, 11])
     yield check("bf16_bias", bf16, 2, 70, 2, 32, 37, [9, 0, 21])
