@@ -209,7 +209,8 @@ def bucketed_attention(
 
     Returns:
         ``(B, Lq, H, D)``, the dtype of ``query``. Any strides are accepted (views, expanded tensors). Empty sizes give
-        an empty (or, without keys, all-zero) result. A NaN/inf in a key or value reaches only the queries that see it.
+        an empty (or, without keys, all-zero) result. A NaN/inf in a key or value reaches only the queries that see it
+        (except for a value under ``"flex"`` on CPU, whose eager ``P @ V`` multiplies masked zeros by every value).
 
     Example:
         >>> q = torch.randn(1, 10, 2, 8); k = v = torch.randn(1, 7, 2, 8)  # 4 shared keys, segments of 2 and 1
