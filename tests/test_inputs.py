@@ -1,0 +1,139 @@
+"""User inputs that must never be read silently wrong: reference images, masks, router inputs and untrusted
+router / pipeline checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diasr_diffusers.utils.images import letterbox, normalize_subject_images, to_pil_rgb
+
+RS = np.random.RandomState(0)
+RGB = (RS.rand(12, 20, 3) * 255).astype(np.uint8)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(to_pil_rgb(image)).astype(int)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference images
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        RGB.astype(np.float32),  # float in [0, 255]
+        torch.from_numpy(RGB).float(),  # (H, W, C) float tensor in [0, 255]
+        torch.from_numpy(RGB).permute(2, 0, 1).double(),  # (C, H, W) float tensor in [0, 255]
+        RGB.astype(np.uint16) * 257,  # full-range 16-bit
+        torch.from_numpy(RGB.astype(np.float32) / 127.5 - 1),  # [-1, 1] as (H, W, C)
+        RGB.astype(np.float32) / 127.5 - 1,  # numpy in [-1, 1] (was clipped to [0, 1])
+        RGB.astype(np.int64),  # wide integers holding 8-bit values
+        torch.from_numpy(RGB).permute(2, 0, 1).bfloat16() / 255,  # bfloat16 has no numpy dtype
+    ],
+    ids=["np-f32-255", "pt-hwc-255", "pt-chw-255", "np-u16", "pt-hwc-pm1", "np-pm1", "np-i64", "pt-bf16"],
+)
+def test_value_ranges_and_layouts_read_as_the_uint8_picture(image):
+    # bfloat16 keeps 8 mantissa bits: a few levels of rounding; the others are exact up to the last level.
+    tol = 4 if isinstance(image, torch.Tensor) and image.dtype == torch.bfloat16 else 1
+    assert np.abs(pixels(image) - RGB.astype(int)).max() <= tol
+
+
+def test_16_bit_pil_images_are_rescaled_not_clipped_to_white():
+    gray16 = (RGB[..., 0].astype(np.uint16) * 257)
+    want = np.asarray(PIL.Image.fromarray(RGB[..., 0]).convert("RGB")).astype(int)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(gray16).save(buf, "PNG")
+    buf.seek(0)
+    png = PIL.Image.open(buf)
+    assert png.mode.startswith("I;16")
+    assert np.abs(pixels(png) - want).max() <= 1
+    # Older Pillow opens 16-bit PNGs as mode "I": still 16-bit, as PNG stores no more.
+    as_i = PIL.Image.fromarray(gray16.astype(np.int32))
+    as_i.format = "PNG"
+    assert np.abs(pixels(as_i) - want).max() <= 1
+    # A float "F" image in [0, 255] (e.g. convert("F")) and an "I" image of 8-bit values keep their picture.
+    assert np.abs(pixels(PIL.Image.fromarray(RGB[..., 0]).convert("F")) - want).max() <= 1
+    assert np.abs(pixels(PIL.Image.fromarray(RGB[..., 0]).convert("I")) - want).max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(4, 40, 3), (3, 10, 3), (1, 7, 4)])
+def test_ambiguous_tensor_layouts_are_refused(shape):
+    with pytest.raises(ValueError, match=r"`ref`: tensor shape .* is ambiguous"):
+        to_pil_rgb(torch.rand(shape), "ref")
+    # the documented way out: numpy is always channels-last
+    assert to_pil_rgb(torch.rand(shape).numpy(), "ref").size == (shape[1], shape[0])
+
+
+def test_unambiguous_tensor_layouts():
+    chw = torch.from_numpy(RGB).permute(2, 0, 1)
+    assert np.array_equal(pixels(chw), RGB) and np.array_equal(pixels(chw.permute(1, 2, 0)), RGB)
+    with pytest.raises(ValueError, match=r"looks channels-first"):
+        to_pil_rgb(np.ascontiguousarray(RGB.transpose(2, 0, 1)), "ref")
+
+
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((0, 5, 3), np.uint8), torch.zeros(3, 0, 5), np.zeros((5, 0)), PIL.Image.new("RGB", (0, 4))],
+)
+def test_empty_images_are_refused(image):
+    with pytest.raises(ValueError, match=r"`subject_images\[1\]` is an empty image"):
+        normalize_subject_images([RGB, image])
+
+
+def test_letterbox_refuses_empty_inputs():
+    with pytest.raises(ValueError, match="empty image"):
+        letterbox(PIL.Image.new("RGB", (0, 3)), 16, 16)
+    with pytest.raises(ValueError, match="height"):
+        letterbox(PIL.Image.new("RGB", (3, 3)), 0, 16)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.full((4, 4, 3), np.nan, np.float32), "NaN or infinite"),
+        (torch.full((8, 8, 3), float("inf")), "NaN or infinite"),
+        (np.full((4, 4, 3), 1.5, np.float32), r"span \[1.5, 1.5\]"),  # overshooting [0, 1] or a black [0, 255]?
+        (np.linspace(-1.2, 1.0, 48, dtype=np.float32).reshape(4, 4, 3), "none of the accepted ranges"),
+        (np.full((4, 4, 3), 300.0), "none of the accepted ranges"),
+        ((RS.rand(4, 4) * 1000).astype(np.int32), r"int32 image must hold 8-bit values"),
+        (np.full((4, 4, 3), -1, np.int16), r"8-bit values"),
+        (np.zeros((4, 4, 5), np.uint8), r"\(H, W\) or \(H, W, C\) with C in 1-4"),
+        (torch.zeros(1, 3, 8, 8), "one image per entry"),
+    ],
+)
+def test_bad_values_and_shapes_are_refused(image, match):
+    with pytest.raises(ValueError, match=match):
+        to_pil_rgb(image, "ref")
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 4, 3), np.complex64), np.zeros((4, 4), object), "ref.png"])
+def test_unsupported_types_are_type_errors(image):
+    with pytest.raises(TypeError, match="`ref`"):
+        to_pil_rgb(image, "ref")
+
+
+def test_small_modes_and_channel_counts():
+    assert pixels(np.ones((1, 1), bool)).tolist() == [[[255, 255, 255]]]  # one pixel, bool is black/white
+    assert pixels(np.array([[True, False]])).tolist() == [[[255] * 3, [0] * 3]]
+    gray_alpha = np.zeros((2, 2, 2), np.uint8)  # 2 channels: gray + alpha, transparent -> white
+    gray_alpha[0, 0] = (10, 255)
+    assert pixels(gray_alpha)[..., 0].tolist() == [[10, 255], [255, 255]]
+    palette = PIL.Image.fromarray(RGB).convert("P")
+    assert np.array_equal(pixels(palette), np.asarray(palette.convert("RGB")))
+    la = PIL.Image.fromarray(np.dstack([RGB[..., 0], np.zeros_like(RGB[..., 0])]))
+    assert la.mode == "LA" and (pixels(la) == 255).all()
+    assert (pixels(PIL.Image.new("RGBa", (3, 3))) == 255).all()  # premultiplied, fully transparent
+
+
+def test_truncated_file_is_a_clear_error():
+    buf = io.BytesIO()
+    PIL.Image.fromarray(RGB).save(buf, "PNG")
+    broken = PIL.Image.open(io.BytesIO(buf.getvalue()[:60]))
+    with pytest.raises(ValueError, match=r"`ref`: the image could not be decoded"):
+        to_pil_rgb(broken, "ref")
