@@ -45,7 +45,7 @@ def test_value_ranges_and_layouts_read_as_the_uint8_picture(image):
 
 
 def test_16_bit_pil_images_are_rescaled_not_clipped_to_white():
-    gray16 = (RGB[..., 0].astype(np.uint16) * 257)
+    gray16 = RGB[..., 0].astype(np.uint16) * 257
     want = np.asarray(PIL.Image.fromarray(RGB[..., 0]).convert("RGB")).astype(int)
     buf = io.BytesIO()
     PIL.Image.fromarray(gray16).save(buf, "PNG")
