@@ -10,6 +10,14 @@ import PIL.Image
 import pytest
 import torch
 
+from diasr_diffusers.routing import (
+    buckets_from_logits,
+    mask_loss,
+    masks_to_token_grid,
+    normalize_masks,
+    routing_cross_entropy,
+    routing_labels_from_coverage,
+)
 from diasr_diffusers.utils.images import letterbox, normalize_subject_images, to_pil_rgb
 
 RS = np.random.RandomState(0)
@@ -137,3 +145,154 @@ def test_truncated_file_is_a_clear_error():
     broken = PIL.Image.open(io.BytesIO(buf.getvalue()[:60]))
     with pytest.raises(ValueError, match=r"`ref`: the image could not be decoded"):
         to_pil_rgb(broken, "ref")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masks and routing losses
+
+GRID = dict(temporal_compression=4, spatial_compression=2, patch_size=(1, 2, 2))
+
+
+def block_masks() -> torch.Tensor:
+    """(1, 2, 5, 8, 8) bool: subject 0 left half, subject 1 top-right quarter."""
+    m = torch.zeros(1, 2, 5, 8, 8, dtype=torch.bool)
+    m[:, 0, :, :, :4] = True
+    m[:, 1, :, :4, 4:] = True
+    return m
+
+
+def test_8_bit_masks_give_the_same_coverage_as_bool_masks():
+    want = masks_to_token_grid(block_masks(), **GRID)
+    for masks in (block_masks().to(torch.uint8) * 255, block_masks().numpy().astype(np.uint8) * 255):
+        got = masks_to_token_grid(masks, **GRID)
+        assert torch.equal(got, want) and float(got.max()) == 1.0
+    m = block_masks().float().flatten(2)
+    assert mask_loss(m, m.to(torch.uint8) * 255).item() == 0.0  # was ~65000: coverage 255
+
+
+@pytest.mark.parametrize(
+    "masks, match",
+    [
+        (block_masks().float() * 255, r"float masks must be in \[0, 1\].*divide by 255"),
+        (block_masks().to(torch.int64) * 3, r"binary \(0/1\) or 8-bit.*label map"),
+        (torch.full((1, 1, 5, 8, 8), float("nan")), "NaN"),
+        (block_masks().float() - 1, r"must be in \[0, 1\]"),
+    ],
+)
+def test_mask_values_that_would_be_misread_are_refused(masks, match):
+    with pytest.raises(ValueError, match=match):
+        masks_to_token_grid(masks, **GRID)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temporal_compression": 0}, "`temporal_compression` must be a positive integer"),
+        ({"spatial_compression": -8}, "`spatial_compression` must be a positive integer"),
+        ({"patch_size": (1, 0, 2)}, "`patch_size` must be a positive integer"),
+        ({"patch_size": (2, 2)}, r"`patch_size` must be three positive integers"),
+        ({"temporal_compression": 2.0}, "`temporal_compression` must be a positive integer"),
+    ],
+)
+def test_token_grid_factors_are_validated_not_defaulted(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        masks_to_token_grid(block_masks(), **{**GRID, **kwargs})
+
+
+def test_subject_valid_must_be_b_by_n():
+    sim = torch.rand(2, 3, 16)
+    masks = (torch.rand(2, 3, 16) > 0.5).float()
+    for bad in (torch.ones(2, 3, 1, dtype=torch.bool), torch.ones(3, dtype=torch.bool), torch.ones(2, 4)):
+        with pytest.raises(ValueError, match=r"`subject_valid` must be \(B, N\) = \(2, 3\)"):
+            mask_loss(sim, masks, subject_valid=bad)
+    with pytest.raises(ValueError, match="bool"):
+        mask_loss(sim, masks, subject_valid=torch.full((2, 3), 0.5))
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    as_int = mask_loss(sim, masks, subject_valid=valid.long())
+    assert torch.equal(as_int, mask_loss(sim, masks, subject_valid=valid))
+
+
+def test_routing_labels_threshold_and_coverage_are_checked():
+    coverage = torch.tensor([[[0.0, 0.6], [0.0, 0.3]]])  # (B=1, N=2, L=2): token 0 uncovered
+    assert routing_labels_from_coverage(coverage).tolist() == [[-1, 0]]
+    for threshold in (0, 0.0, -0.5, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="`threshold` must be a number in"):
+            routing_labels_from_coverage(coverage, threshold=threshold)
+    with pytest.raises(ValueError, match="`coverage`"):
+        routing_labels_from_coverage(coverage * 255)
+
+
+def test_routing_cross_entropy_checks_labels_and_balance_early():
+    logits = torch.randn(1, 4, 3)
+    with pytest.raises(ValueError, match=r"`labels` must be in \[0, 3\)"):
+        routing_cross_entropy(logits, torch.tensor([[0, 1, 3, -1]]))
+    with pytest.raises(ValueError, match=r"`labels` must be in \[0, 3\)"):
+        routing_cross_entropy(logits, torch.tensor([[0, -2, 1, -1]]))
+    with pytest.raises(TypeError, match="integer class indices"):
+        routing_cross_entropy(logits, torch.zeros(1, 4))
+    # `balanced` is checked even when every label is ignored (the loss is 0 then)
+    for bad in (2.0, -1, "yes", float("nan")):
+        with pytest.raises(ValueError, match="`balanced`"):
+            routing_cross_entropy(logits, torch.full((1, 4), -1), balanced=bad)
+
+
+def test_nan_logits_route_to_null_not_subject_zero():
+    logits = torch.tensor([[[float("nan"), 0.0, 0.0], [0.0, float("nan"), 5.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]]])
+    assert buckets_from_logits(logits).tolist() == [[-1, -1, 0, -1]]
+    with pytest.raises(ValueError, match="null logit last"):
+        buckets_from_logits(torch.zeros(2, 0))
+
+
+def test_normalize_masks_types():
+    assert normalize_masks(np.array([[0, 255]], np.uint8)).tolist() == [[0.0, 1.0]]
+    with pytest.raises(TypeError, match="`m`"):
+        normalize_masks([[0, 1]], "m")
+    with pytest.raises(TypeError, match="`m`"):
+        normalize_masks(np.array([["a"]]), "m")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where images and masks enter the pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from diasr_diffusers import DiasRPipeline
+    from diasr_diffusers.utils.tiny import tiny_wan_components
+
+    return DiasRPipeline(**tiny_wan_components())
+
+
+def generate(pipe, **kwargs):
+    args = dict(prompt="a man and a woman walk", subject_phrases=["a man", "a woman"], height=32, width=32)
+    args.update(num_frames=1, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    args.update(generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).frames
+
+
+def test_pipeline_reads_8_bit_masks_like_bool_masks(tiny_pipe):
+    images = [RGB, RGB[::-1]]
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    # Subject 0 covers a quarter of the top-right token: null for a [0, 1] mask, subject 0 when read as coverage 64.
+    masks[0, :16, :20], masks[1, 16:, 20:] = True, True
+    want = generate(tiny_pipe, subject_images=images, subject_masks=masks)
+    got = generate(tiny_pipe, subject_images=images, subject_masks=masks.numpy().astype(np.uint8) * 255)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"subject_masks": np.arange(2 * 32 * 32).reshape(2, 32, 32) % 3}, r"`subject_masks`: integer masks"),
+        ({"subject_masks": np.full((2, 32, 32), np.nan, np.float32)}, r"`subject_masks` has NaN"),
+        ({"subject_images": [RGB, np.zeros((0, 4, 3), np.uint8)]}, r"`subject_images\[1\]` is an empty image"),
+        ({"subject_images": [RGB, torch.rand(4, 40, 3)]}, r"`subject_images\[1\]`: tensor shape .* ambiguous"),
+    ],
+)
+def test_pipeline_refuses_bad_images_and_masks_before_any_work(tiny_pipe, monkeypatch, kwargs, match):
+    def no_work(*args, **kw):
+        raise AssertionError("the prompt was encoded before the inputs were checked")
+
+    monkeypatch.setattr(tiny_pipe, "encode_prompt", no_work)
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_pipe, **{"subject_images": [RGB, RGB], **kwargs})

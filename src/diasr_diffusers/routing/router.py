@@ -26,9 +26,16 @@ from diffusers.models.modeling_utils import ModelMixin
 
 
 def buckets_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Hard routing from ``(B, L, N + 1)`` logits (null last): ``(B, L)`` int64, null -> ``-1``."""
+    """Hard routing from ``(B, L, N + 1)`` logits (null last): ``(B, L)`` int64, null -> ``-1``.
+
+    A row with a NaN logit goes to null (``-1``): argmax would hand it to whichever subject holds the NaN, and a
+    NaN token must not claim a subject (its NaN still shows in the output). No device sync, so no check is raised.
+    """
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"`logits` must be (..., N + 1) with the null logit last, got shape {tuple(logits.shape)}")
     idx = logits.argmax(dim=-1)
-    return torch.where(idx == logits.shape[-1] - 1, torch.full_like(idx, -1), idx)
+    null = (idx == logits.shape[-1] - 1) | logits.isnan().any(dim=-1)
+    return torch.where(null, torch.full_like(idx, -1), idx)
 
 
 def chosen_log_prob(logits: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
@@ -48,9 +55,13 @@ def resolve_routed_layers(routed_layers: str | int | Sequence[int], num_layers: 
     if isinstance(routed_layers, Sequence) and not isinstance(routed_layers, str):
         layers = sorted({int(i) for i in routed_layers})
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"`routed_layers` must be non-empty indices in [0, {num_layers}), got {list(routed_layers)}")
+            raise ValueError(
+                f"`routed_layers` must be non-empty indices in [0, {num_layers}), got {list(routed_layers)}"
+            )
         return layers
-    raise ValueError(f"`routed_layers` must be 'all', a stride (int) or a list of layer indices, got {routed_layers!r}")
+    raise ValueError(
+        f"`routed_layers` must be 'all', a stride (int) or a list of layer indices, got {routed_layers!r}"
+    )
 
 
 def _mlp(in_dim: int, out_dim: int, out_bias: bool = True) -> nn.Sequential:
@@ -121,7 +132,12 @@ class IDRouter(ModelMixin, ConfigMixin):
         context_kernel: int = 1,
     ):
         super().__init__()
-        if isinstance(context_kernel, bool) or not isinstance(context_kernel, int) or context_kernel < 1 or context_kernel % 2 == 0:
+        if (
+            isinstance(context_kernel, bool)
+            or not isinstance(context_kernel, int)
+            or context_kernel < 1
+            or context_kernel % 2 == 0
+        ):
             raise ValueError(f"`context_kernel` must be an odd integer >= 1, got {context_kernel}")
         self.routed_layer_indices = resolve_routed_layers(routed_layers, num_layers)
         self.identity_queries = nn.Parameter(torch.randn(num_identity_queries, router_dim) * router_dim**-0.5)
@@ -216,7 +232,9 @@ class IDRouter(ModelMixin, ConfigMixin):
         if self.config.context_kernel > 1:
             tokens = torch.cat([tokens, self._local_mean(tokens, grid)], dim=-1)
         tokens = self.to_token[head](tokens)
-        keys = self.to_anchor[head](torch.cat([anchors.to(self.dtype), self.null_anchors.expand(anchors.shape[0], -1, -1)], 1))
+        keys = self.to_anchor[head](
+            torch.cat([anchors.to(self.dtype), self.null_anchors.expand(anchors.shape[0], -1, -1)], 1)
+        )
         sim = torch.einsum("bld,bnd->bln", tokens, keys) * tokens.shape[-1] ** -0.5
         n = anchors.shape[1]
         null = sim[..., n:].logsumexp(dim=-1, keepdim=True)
