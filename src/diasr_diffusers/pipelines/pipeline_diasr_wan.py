@@ -107,6 +107,8 @@ class DiasRPipeline(WanPipeline):
     ):
         # WanPipeline's own __init__ registers Wan2.2-only config (transformer_2, boundary_ratio): skip it.
         super(WanPipeline, self).__init__()
+        if id_router is not None and transformer is not None:
+            id_router.check_compatible(transformer)  # one sentence now, not a matmul error mid-denoising
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
