@@ -4,12 +4,16 @@ router / pipeline checkpoints."""
 from __future__ import annotations
 
 import io
+import json
+import signal
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from diasr_diffusers import IDRouter
 from diasr_diffusers.routing import (
     buckets_from_logits,
     mask_loss,
@@ -296,3 +300,135 @@ def test_pipeline_refuses_bad_images_and_masks_before_any_work(tiny_pipe, monkey
     monkeypatch.setattr(tiny_pipe, "encode_prompt", no_work)
     with pytest.raises(ValueError, match=match):
         generate(tiny_pipe, **{"subject_images": [RGB, RGB], **kwargs})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The router: untrusted checkpoints, constructor and forward inputs
+
+
+ROUTER_CFG = dict(hidden_dim=24, text_dim=32, num_layers=3, router_dim=16, num_identity_queries=4, num_heads=2)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def saved_router(tmp_path):
+    torch.manual_seed(0)
+    IDRouter(**ROUTER_CFG).save_pretrained(tmp_path / "router")
+    return tmp_path / "router"
+
+
+def edit(folder, config=None, drop=(), add=None, reshape=None):
+    """Change a saved router's config.json and/or its tensors in place."""
+    if config:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    if drop or add or reshape:
+        tensors = load_file(folder / WEIGHTS)
+        for k in drop:
+            tensors.pop(k)
+        tensors.update(add or {})
+        for k, shape in (reshape or {}).items():
+            tensors[k] = torch.zeros(shape)
+        save_file(tensors, folder / WEIGHTS)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(drop=["null_anchors"]), r"missing 1 tensor\(s\): null_anchors"),
+        (dict(add={"backdoor": torch.zeros(2)}), r"unexpected 1 tensor\(s\): backdoor"),
+        (dict(reshape={"to_token.1.0.weight": (16, 48)}), r"to_token.1.0.weight expected \[16, 24\], got \[16, 48\]"),
+        (
+            dict(config={"hidden_dim": 48}),
+            r": 6 shape mismatch\(es\): image_pooler.norm.bias expected \[48\], got \[24\], ",
+        ),
+        (dict(config={"num_layers": 5}), r"missing 14 tensor\(s\): to_anchor.3.0.bias, .* and 10 more"),
+        (dict(config={"num_heads": 3}), r"`num_heads` \(3\) must divide `router_dim` \(16\)"),
+        (dict(config={"router_dim": 16.0}), r"`router_dim` must be an integer >= 1"),
+    ],
+)
+def test_router_checkpoint_that_does_not_match_its_config_is_refused(saved_router, change, match):
+    edit(saved_router, **change)
+    with pytest.raises(ValueError, match=match):
+        IDRouter.from_pretrained(saved_router)
+
+
+def test_router_checkpoint_pickle_and_garbage_are_refused(saved_router):
+    (saved_router / WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        IDRouter.from_pretrained(saved_router)
+    (saved_router / WEIGHTS).unlink()
+    torch.save(IDRouter(**ROUTER_CFG).state_dict(), saved_router / "diffusion_pytorch_model.bin")  # a pickle
+    with pytest.raises(OSError, match="safetensors"):
+        IDRouter.from_pretrained(saved_router)
+    with pytest.raises(ValueError, match="safetensors only"):
+        IDRouter.from_pretrained(saved_router, use_safetensors=False)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"num_layers": 2_000_000}, r"`num_layers` must be an integer >= 1 and <= 4096"),
+        ({"hidden_dim": 2**24, "router_dim": 4096, "num_heads": 4}, "would allocate"),
+        ({"num_identity_queries": 2**40}, "would allocate"),
+    ],
+)
+def test_huge_router_configs_fail_at_once(saved_router, config, match):
+    edit(saved_router, config=config)
+
+    def hung(*args):
+        raise TimeoutError("IDRouter.from_pretrained still running after 20 s: an untrusted config hangs it")
+
+    # A hang must fail this test, not stall the suite.
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=match):
+            IDRouter.from_pretrained(saved_router)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_router_constructor_and_forward_inputs_are_checked():
+    for bad, match in [
+        (dict(hidden_dim=0), "`hidden_dim` must be an integer >= 1"),
+        (dict(num_null_anchors=0), "`num_null_anchors`"),
+        (dict(max_subjects=True), "`max_subjects`"),
+        (dict(num_heads=32), r"`num_heads` \(32\) must divide"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            IDRouter(**{**ROUTER_CFG, **bad})
+    router = IDRouter(**ROUTER_CFG, context_kernel=3)
+    images = [torch.randn(2, 4, 24), torch.randn(2, 3, 24)]
+    anchors = router.encode_anchors(images, [torch.randn(2, 3, 32), None])
+    video = torch.randn(2, 6, 24)
+    assert router(video, anchors, 2, grid=(1, 2, 3)).shape == (2, 6, 3)
+    assert router(video, anchors[:, :0], 0, grid=(1, 2, 3)).shape == (2, 6, 1)  # zero subjects: null only
+    for args, kwargs, match in [
+        ((video, anchors, 3), {}, r"`layer_idx` must be an integer in \[0, 3\)"),
+        ((video, anchors, -1), {}, "`layer_idx`"),
+        ((video[..., :20], anchors, 0), {}, r"`video_tokens` must be \(B, Lv, 24\)"),
+        ((video, anchors[:1], 0), {}, r"`anchors` must be \(2, N, 16\)"),
+        ((video, anchors, 0), {"grid": (-1, -2, 3)}, "needs `grid=\\(F, H, W\\)`"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            router(*args, **{"grid": (1, 2, 3), **kwargs})
+    with pytest.raises(ValueError, match=r"`image_tokens\[1\]` has batch 1"):
+        router.encode_anchors([images[0], images[1][:1]])
+    with pytest.raises(ValueError, match=r"`image_tokens\[0\]` must be \(B, R >= 1, 24\)"):
+        router.encode_anchors([torch.randn(2, 0, 24)])
+    no_phrase = torch.tensor([[True, True, False], [False, False, False]])
+    with pytest.raises(ValueError, match=r"`text_masks\[0\]` has a sample with no valid phrase token"):
+        router.encode_anchors(images[:1], [torch.randn(2, 3, 32)], [no_phrase])
+    # a half-precision caller gets the router's dtype, not a LayerNorm dtype error
+    assert router.encode_anchors([images[0].half()]).dtype == torch.float32
+
+
+def test_pipeline_refuses_a_router_for_another_model():
+    from diasr_diffusers import DiasRPipeline
+    from diasr_diffusers.utils.tiny import tiny_wan_components
+
+    comps = tiny_wan_components()
+    with pytest.raises(ValueError, match=r"does not fit this WanTransformer3DModel: it has hidden_dim 48 \(.* 24\)"):
+        DiasRPipeline(**comps, id_router=IDRouter(**{**ROUTER_CFG, "hidden_dim": 48, "num_layers": 2}))
