@@ -170,8 +170,6 @@ def test_hub_config_template_names_a_loadable_router():
     assert any(c is not None and issubclass(class_obj, c) for c in candidates.values())
 
 
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Untrusted checkpoints: no pickle is executed, no code from the checkpoint is imported
 
