@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -432,3 +433,43 @@ def test_pipeline_refuses_a_router_for_another_model():
     comps = tiny_wan_components()
     with pytest.raises(ValueError, match=r"does not fit this WanTransformer3DModel: it has hidden_dim 48 \(.* 24\)"):
         DiasRPipeline(**comps, id_router=IDRouter(**{**ROUTER_CFG, "hidden_dim": 48, "num_layers": 2}))
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    from diasr_diffusers import DiasRPipeline
+    from diasr_diffusers.utils.tiny import tiny_wan_components
+
+    folder = tmp_path_factory.mktemp("pipeline") / "pipe"
+    DiasRPipeline(**tiny_wan_components()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"num_layers": 2_000_000}, r"says num_layers=2000000 but the weights hold 2 blocks"),
+        ({"num_attention_heads": 100_000}, r"do not match their config.json: .*shape mismatch"),
+        ({"ffn_dim": 10**12}, r"blocks.0.ffn.net.0.proj.weight expected \[1000000000000, 24\], got \[\d+, 24\]"),
+    ],
+)
+def test_hostile_transformer_config_fails_fast_when_loading_a_pipeline_folder(saved_pipeline, tmp_path, config, match):
+    from diasr_diffusers import DiasRPipeline
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    cfg_path = folder / "transformer" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **config}))
+
+    def hung(*args):
+        raise TimeoutError("loading still running after 20 s: an untrusted transformer config hangs it")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        for load in (DiasRPipeline.from_pretrained, DiasRPipeline.from_wan):
+            with pytest.raises(ValueError, match=match):
+                load(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

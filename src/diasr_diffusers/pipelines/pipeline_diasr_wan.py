@@ -30,6 +30,7 @@ from ..processors import (
     set_subject_sparse_attn_processor,
 )
 from ..routing import IDRouter, masks_to_token_grid, normalize_masks, routing_labels_from_coverage
+from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
 
@@ -160,6 +161,17 @@ class DiasRPipeline(WanPipeline):
         )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiasRPipeline:
+        """As ``DiffusionPipeline.from_pretrained``; the transformer's untrusted ``config.json`` is first checked
+        against its weights (:func:`~diasr_diffusers.utils.checkpoints.check_block_model_folder`)."""
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        if kwargs.get("transformer") is None:
+            check_block_model_folder(WanTransformer3DModel, os.path.join(folder, "transformer"), kwargs.get("variant"))
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
     def from_wan(
         cls, wan_pipeline_or_path: WanPipeline | str | os.PathLike, id_router: IDRouter | str | None = None, **kwargs
     ) -> DiasRPipeline:
@@ -167,6 +179,8 @@ class DiasRPipeline(WanPipeline):
         (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
         wan = wan_pipeline_or_path
         if not isinstance(wan, WanPipeline):
+            if os.path.isdir(wan) and kwargs.get("transformer") is None:
+                check_block_model_folder(WanTransformer3DModel, os.path.join(wan, "transformer"), kwargs.get("variant"))
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
         if getattr(wan, "transformer_2", None) is not None:
             raise ValueError("`from_wan` supports single-transformer Wan2.1 checkpoints (got a Wan2.2 two-stage one)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from diffusers.utils.hub_utils import _add_variant, _get_model_file
-from safetensors import SafetensorError, safe_open
+
+from ..utils.checkpoints import describe_mismatch, safetensors_shapes
 
 # Sanity bounds for configs read from untrusted files: far above any real router (Wan2.1-14B's is ~0.1 B parameters),
 # low enough that a hostile `num_layers: 2000000` fails at once instead of allocating for minutes.
@@ -43,32 +45,6 @@ def _check_size(value: Any, name: str, upper: int | None = None) -> int:
 
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _describe_mismatch(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], limit: int = 4
-) -> list[str]:
-    """Missing, unexpected and mis-shaped tensor names, a few of each, as sentence fragments."""
-
-    def some(names: list[str]) -> str:
-        more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        return ", ".join(names[:limit]) + more
-
-    missing = sorted(expected.keys() - found.keys())
-    unexpected = sorted(found.keys() - expected.keys())
-    shapes = [
-        f"{k} expected {list(expected[k])}, got {list(found[k])}"
-        for k in sorted(expected.keys() & found.keys())
-        if expected[k] != found[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {some(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): {some(shapes)}")
-    return problems
 
 
 def buckets_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -280,12 +256,8 @@ class IDRouter(ModelMixin, ConfigMixin):
                 expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
             except (TypeError, ValueError) as e:
                 raise ValueError(f"the IDRouter config next to {where} is invalid: {e}") from e
-        try:
-            with safe_open(where, framework="pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{where} is not a readable safetensors file: {e}") from e
-        problems = _describe_mismatch(expected, found)
+        found = safetensors_shapes([Path(where)])
+        problems = describe_mismatch(expected, found)
         if problems:
             raise ValueError(f"the IDRouter weights {where} do not match their config.json: {'; '.join(problems)}")
 
