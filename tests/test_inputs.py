@@ -397,6 +397,8 @@ def test_router_constructor_and_forward_inputs_are_checked():
         (dict(num_null_anchors=0), "`num_null_anchors`"),
         (dict(max_subjects=True), "`max_subjects`"),
         (dict(num_heads=32), r"`num_heads` \(32\) must divide"),
+        (dict(routed_layers=[0, 1.5]), "integer layer indices"),
+        (dict(routed_layers=[True]), "integer layer indices"),
     ]:
         with pytest.raises(ValueError, match=match):
             IDRouter(**{**ROUTER_CFG, **bad})

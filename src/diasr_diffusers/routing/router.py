@@ -75,7 +75,10 @@ def resolve_routed_layers(routed_layers: str | int | Sequence[int], num_layers: 
             raise ValueError(f"`routed_layers` as an int is a stride and must be >= 1, got {routed_layers}")
         return list(range(0, num_layers, routed_layers))
     if isinstance(routed_layers, Sequence) and not isinstance(routed_layers, str):
-        layers = sorted({int(i) for i in routed_layers})
+        # int(1.5) == 1 and int(True) == 1 would pick a layer nobody asked for.
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in routed_layers):
+            raise ValueError(f"`routed_layers` must hold integer layer indices, got {list(routed_layers)}")
+        layers = sorted(set(routed_layers))
         if not layers or layers[0] < 0 or layers[-1] >= num_layers:
             raise ValueError(
                 f"`routed_layers` must be non-empty indices in [0, {num_layers}), got {list(routed_layers)}"
