@@ -399,6 +399,7 @@ def test_router_constructor_and_forward_inputs_are_checked():
         (dict(num_heads=32), r"`num_heads` \(32\) must divide"),
         (dict(routed_layers=[0, 1.5]), "integer layer indices"),
         (dict(routed_layers=[True]), "integer layer indices"),
+        (dict(context_kernel=10**6 + 1), r"`context_kernel` must be an odd integer in \[1, 63\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             IDRouter(**{**ROUTER_CFG, **bad})

@@ -34,6 +34,7 @@ from ..utils.checkpoints import describe_mismatch, safetensors_shapes
 # low enough that a hostile `num_layers: 2000000` fails at once instead of allocating for minutes.
 MAX_ROUTER_LAYERS = 4096
 MAX_ROUTER_PARAMETERS = 2**30
+MAX_CONTEXT_KERNEL = 63
 
 
 def _check_size(value: Any, name: str, upper: int | None = None) -> int:
@@ -162,8 +163,11 @@ class IDRouter(ModelMixin, ConfigMixin):
             or not isinstance(context_kernel, int)
             or context_kernel < 1
             or context_kernel % 2 == 0
+            or context_kernel > MAX_CONTEXT_KERNEL  # the pooling costs k^2 per token: a huge k hangs the forward
         ):
-            raise ValueError(f"`context_kernel` must be an odd integer >= 1, got {context_kernel}")
+            raise ValueError(
+                f"`context_kernel` must be an odd integer in [1, {MAX_CONTEXT_KERNEL}], got {context_kernel}"
+            )
         for name, value in (("hidden_dim", hidden_dim), ("text_dim", text_dim), ("router_dim", router_dim)):
             _check_size(value, name)
         _check_size(num_layers, "num_layers", MAX_ROUTER_LAYERS)
