@@ -170,3 +170,65 @@ def test_hub_config_template_names_a_loadable_router():
     assert any(c is not None and issubclass(class_obj, c) for c in candidates.values())
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Untrusted checkpoints: no pickle is executed, no code from the checkpoint is imported
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``: what a hostile ``.bin`` would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def saved_pipe(original, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("untrusted") / "pipe"
+    original.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("component", ["id_router", "transformer"])
+def test_pickle_weights_are_never_executed(saved_pipe, tmp_path, component):
+    import pickle
+
+    folder, marker = tmp_path / "pipe", tmp_path / "pwned"
+    shutil.copytree(saved_pipe, folder)
+    for f in (folder / component).glob("*.safetensors"):
+        f.unlink()
+    (folder / component / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(OSError):
+        DiasRPipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["id_router", "_class_name"])
+def test_custom_code_in_model_index_is_refused(saved_pipe, tmp_path, entry):
+    folder, marker = tmp_path / "pipe", tmp_path / "pwned"
+    shutil.copytree(saved_pipe, folder)
+    code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\nclass Evil:\n    pass\n"
+    for where in (folder, folder / "id_router"):
+        (where / "evil.py").write_text(code)
+    index = json.loads((folder / "model_index.json").read_text())
+    index[entry] = ["evil", "Evil"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiasRPipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+def test_source_never_unpickles_or_trusts_remote_code():
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "diasr_diffusers"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), path
+        assert "trust_remote_code=True" not in text and "allow_pickle=True" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)

@@ -63,9 +63,9 @@ def test_from_transformer_reads_sizes(transformer):
     images = [torch.randn(1, 4, 24)]
     anchors = router.encode_anchors(images, [torch.randn(1, 3, 32)])
     assert router(torch.randn(1, 5, 24), anchors, layer_idx=2).shape == (1, 5, 2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"`image_tokens\[0\]` must be \(B, R >= 1, 24\)"):
         router.encode_anchors([torch.randn(1, 4, 25)])
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"`text_tokens\[0\]` must be \(1, T, 32\)"):
         router.encode_anchors(images, [torch.randn(1, 3, 31)])
     # kwargs are forwarded
     router2 = IDRouter.from_transformer(transformer, routed_layers=[2], router_dim=8, max_subjects=3)

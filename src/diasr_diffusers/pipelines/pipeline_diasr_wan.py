@@ -29,7 +29,8 @@ from ..processors import (
     TextSegments,
     set_subject_sparse_attn_processor,
 )
-from ..routing import IDRouter, masks_to_token_grid, routing_labels_from_coverage
+from ..routing import IDRouter, masks_to_token_grid, normalize_masks, routing_labels_from_coverage
+from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
 
@@ -107,6 +108,8 @@ class DiasRPipeline(WanPipeline):
     ):
         # WanPipeline's own __init__ registers Wan2.2-only config (transformer_2, boundary_ratio): skip it.
         super(WanPipeline, self).__init__()
+        if id_router is not None and transformer is not None:
+            id_router.check_compatible(transformer)  # one sentence now, not a matmul error mid-denoising
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -158,6 +161,17 @@ class DiasRPipeline(WanPipeline):
         )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiasRPipeline:
+        """As ``DiffusionPipeline.from_pretrained``; the transformer's untrusted ``config.json`` is first checked
+        against its weights (:func:`~diasr_diffusers.utils.checkpoints.check_block_model_folder`)."""
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        if kwargs.get("transformer") is None:
+            check_block_model_folder(WanTransformer3DModel, os.path.join(folder, "transformer"), kwargs.get("variant"))
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
     def from_wan(
         cls, wan_pipeline_or_path: WanPipeline | str | os.PathLike, id_router: IDRouter | str | None = None, **kwargs
     ) -> DiasRPipeline:
@@ -165,6 +179,8 @@ class DiasRPipeline(WanPipeline):
         (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
         wan = wan_pipeline_or_path
         if not isinstance(wan, WanPipeline):
+            if os.path.isdir(wan) and kwargs.get("transformer") is None:
+                check_block_model_folder(WanTransformer3DModel, os.path.join(wan, "transformer"), kwargs.get("variant"))
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
         if getattr(wan, "transformer_2", None) is not None:
             raise ValueError("`from_wan` supports single-transformer Wan2.1 checkpoints (got a Wan2.2 two-stage one)")
@@ -260,6 +276,7 @@ class DiasRPipeline(WanPipeline):
                     f"`subject_masks` must have shape (N, num_frames, height, width) = {(n, num_frames, height, width)} "
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
+            normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
         if guidance_scale_ref is not None and guidance_scale_ref < 0:
             raise ValueError(f"`guidance_scale_ref` must be >= 0 or None, got {guidance_scale_ref}")
         rope_frames = self.transformer.config.rope_max_seq_len
@@ -375,7 +392,8 @@ class DiasRPipeline(WanPipeline):
                 the Phantom baseline).
             route_text: also route text cross-attention over the subject phrases (needs ``subject_phrases``).
             subject_masks: ``(N, num_frames, height, width)`` or ``(N, height, width)`` pixel masks, for
-                ``routing="masks"``.
+                ``routing="masks"``: bool, 0/1 or 0..255 integers, or floats in ``[0, 1]`` (see
+                :func:`~diasr_diffusers.routing.normalize_masks`).
             similarity_threshold: null threshold of the training-free similarity router (mean cosine).
             return_routing_maps: also return ``routing_maps`` (see :class:`DiasRPipelineOutput`).
 
@@ -572,10 +590,10 @@ class DiasRPipeline(WanPipeline):
         if routing == "router":
             self.id_router.to(latents.device)
         if routing == "masks":
-            masks = torch.as_tensor(np.asarray(subject_masks) if not isinstance(subject_masks, torch.Tensor) else subject_masks)
+            masks = normalize_masks(subject_masks, "subject_masks")
             if masks.ndim == 3:  # static layout: the same mask on every frame
                 masks = masks[:, None].expand(-1, num_frames, -1, -1)
-            coverage = masks_to_token_grid(masks.float()[None], transformer=self.transformer, vae=self.vae)
+            coverage = masks_to_token_grid(masks[None], transformer=self.transformer, vae=self.vae)
             labels = routing_labels_from_coverage(coverage)  # (1, Lv)
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs

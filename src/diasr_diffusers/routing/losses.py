@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
+
+from .masks import normalize_masks
 
 
 def routing_cross_entropy(
@@ -24,12 +28,28 @@ def routing_cross_entropy(
         Scalar mean over labelled tokens (0 with a gradient path if none is labelled).
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"`logits` (B, L, C) and `labels` (B, L) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
-    if not (labels != ignore_index).any():
-        return logits.sum() * 0.0
-    power = float(balanced)
-    if not 0.0 <= power <= 1.0:
+        raise ValueError(
+            f"`logits` (B, L, C) and `labels` (B, L) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}"
+        )
+    if not logits.is_floating_point() or logits.shape[-1] == 0:
+        raise ValueError(
+            f"`logits` must be floating point with at least one class, got {logits.dtype} {tuple(logits.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must hold integer class indices, got dtype {labels.dtype}")
+    # Checked before the all-ignored shortcut, so a bad value is never accepted silently.
+    if not isinstance(balanced, numbers.Real) or not 0.0 <= float(balanced) <= 1.0:
         raise ValueError(f"`balanced` must be a bool or a float in [0, 1], got {balanced!r}")
+    power = float(balanced)
+    labelled = labels != ignore_index
+    if not labelled.any():
+        return logits.sum() * 0.0
+    # An out-of-range label is an IndexError on CPU and a device-side assert (a dead process) on CUDA.
+    bad = labelled & ((labels < 0) | (labels >= logits.shape[-1]))
+    if bad.any():
+        raise ValueError(
+            f"`labels` must be in [0, {logits.shape[-1]}) or `ignore_index`={ignore_index}, got {labels[bad][0].item()}"
+        )
     flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
     if power == 0.0:
         return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
@@ -54,7 +74,7 @@ def mask_loss(
         masks: ``(B, N, L)`` ground-truth subject masks on the token grid (coverage in ``[0, 1]`` or binary).
         attention_maps: optional ``(B, N, L)`` attention mass each video token puts on subject ``i``'s reference
             tokens.
-        subject_valid: optional ``(B, N)`` bool, False for padded subjects (excluded).
+        subject_valid: optional ``(B, N)`` bool (or 0/1), False for padded subjects (excluded).
 
     Returns:
         Scalar: sum over subjects, mean over batch and tokens.
@@ -64,12 +84,21 @@ def mask_loss(
             f"`similarity_maps` and `masks` must both be (B, N, L), got {tuple(similarity_maps.shape)} and {tuple(masks.shape)}"
         )
     if attention_maps is not None and attention_maps.shape != masks.shape:
-        raise ValueError(f"`attention_maps` must be (B, N, L) = {tuple(masks.shape)}, got {tuple(attention_maps.shape)}")
-    masks = masks.to(similarity_maps.dtype)
+        raise ValueError(
+            f"`attention_maps` must be (B, N, L) = {tuple(masks.shape)}, got {tuple(attention_maps.shape)}"
+        )
+    masks = normalize_masks(masks).to(similarity_maps.dtype)
     err = (similarity_maps - masks).pow(2)
     if attention_maps is not None:
         err = err + (attention_maps.to(masks.dtype) - masks).pow(2)
     per_subject = err.mean(dim=-1)  # (B, N)
     if subject_valid is not None:
+        # A (B, N, 1) or (N,) tensor would broadcast into a wrong sum without an error.
+        if not isinstance(subject_valid, torch.Tensor) or tuple(subject_valid.shape) != tuple(per_subject.shape):
+            raise ValueError(
+                f"`subject_valid` must be (B, N) = {tuple(per_subject.shape)}, got {tuple(getattr(subject_valid, 'shape', ())) or subject_valid!r}"
+            )
+        if subject_valid.dtype != torch.bool and ((subject_valid != 0) & (subject_valid != 1)).any():
+            raise ValueError("`subject_valid` must be bool (or 0/1): True for real subjects, False for padding")
         per_subject = per_subject * subject_valid.to(per_subject.dtype)
     return per_subject.sum(dim=1).mean()

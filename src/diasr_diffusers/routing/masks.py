@@ -8,10 +8,57 @@ one token. A token's *coverage* of a subject is the fraction of its pixels insid
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def normalize_masks(masks: torch.Tensor | np.ndarray, name: str = "masks") -> torch.Tensor:
+    """``masks`` as float32 values in ``[0, 1]`` (same device), refusing values that would be read wrongly.
+
+    Accepted: bool; integers that are binary (``{0, 1}``) or 8-bit (``0..255`` reaching 255, as PNG masks are,
+    scaled by ``1 / 255``); floats in ``[0, 1]`` (binary or coverage fractions). Anything else (a label map with
+    values 0..N, floats in [0, 255], NaN, negative values) raises a ``ValueError`` naming ``name``.
+    """
+    if isinstance(masks, np.ndarray):
+        if masks.dtype == object or not (np.issubdtype(masks.dtype, np.number) or masks.dtype == np.bool_):
+            raise TypeError(f"`{name}` must hold bool, integer or float values, got dtype {masks.dtype}")
+        masks = torch.from_numpy(masks)
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array, got {type(masks).__name__}")
+    if masks.dtype == torch.bool:
+        return masks.float()
+    if masks.is_complex():
+        raise TypeError(f"`{name}` must hold bool, integer or float values, got dtype {masks.dtype}")
+    if masks.numel() == 0:
+        return masks.float()
+    if not masks.is_floating_point():
+        lo, hi = int(masks.min()), int(masks.max())
+        if lo >= 0 and hi <= 1:
+            return masks.float()
+        if lo >= 0 and hi == 255:
+            return masks.float() / 255.0
+        raise ValueError(
+            f"`{name}`: integer masks must be binary (0/1) or 8-bit (0..255, reaching 255), got values {lo}..{hi}"
+            " (a label map? give one mask per subject)"
+        )
+    masks = masks.float()
+    lo, hi = masks.min(), masks.max()
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise ValueError(f"`{name}` has NaN or infinite values")
+    if lo < 0 or hi > 1:
+        hint = " (8-bit masks: pass them as uint8, or divide by 255)" if hi <= 255 and lo >= 0 else ""
+        raise ValueError(f"`{name}`: float masks must be in [0, 1], got values {float(lo):g}..{float(hi):g}{hint}")
+    return masks
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, Any]:
@@ -40,7 +87,8 @@ def masks_to_token_grid(
     """Downsample per-frame masks to per-token coverage fractions.
 
     Args:
-        masks: ``(..., F, H, W)`` bool or float in ``[0, 1]`` (e.g. ``(B, N, F, H, W)`` for N subjects), with
+        masks: ``(..., F, H, W)`` masks (e.g. ``(B, N, F, H, W)`` for N subjects) as accepted by
+            :func:`normalize_masks` (bool, 0/1 or 0..255 integers, floats in ``[0, 1]``), with
             ``F = 1 + temporal_compression * k`` and ``H, W`` divisible by ``spatial_compression * patch``.
         transformer, vae: read the factors from these (see :func:`token_grid_factors`); explicit factors win.
 
@@ -49,12 +97,21 @@ def masks_to_token_grid(
         transformer's token order (frame-major, then rows, then columns).
     """
     factors = token_grid_factors(transformer, vae)
-    ct = temporal_compression or factors["temporal_compression"]
-    cs = spatial_compression or factors["spatial_compression"]
-    pt, ph, pw = patch_size or factors["patch_size"]
-    if not isinstance(masks, torch.Tensor) or masks.ndim < 3:
+    # `is None`, not `or`: an explicit 0 must be refused, not replaced by the default.
+    ct = _positive_int(factors["temporal_compression"] if temporal_compression is None else temporal_compression,
+                       "temporal_compression")  # fmt: skip
+    cs = _positive_int(factors["spatial_compression"] if spatial_compression is None else spatial_compression,
+                       "spatial_compression")  # fmt: skip
+    patch = factors["patch_size"] if patch_size is None else patch_size
+    if not isinstance(patch, (tuple, list)) or len(patch) != 3:
+        raise ValueError(f"`patch_size` must be three positive integers (p_t, p_h, p_w), got {patch!r}")
+    pt, ph, pw = (_positive_int(p, "patch_size") for p in patch)
+    if not isinstance(masks, (torch.Tensor, np.ndarray)) or masks.ndim < 3:
         raise ValueError(f"`masks` must be a tensor of shape (..., F, H, W), got {getattr(masks, 'shape', masks)}")
+    masks = normalize_masks(masks)
     *lead, frames, height, width = masks.shape
+    if 0 in masks.shape:
+        raise ValueError(f"`masks` is empty: shape {tuple(masks.shape)}")
     if (frames - 1) % ct != 0:
         raise ValueError(f"`masks` has {frames} frames; expected 1 + {ct} * k frames for temporal compression {ct}")
     if height % (cs * ph) or width % (cs * pw):
@@ -62,7 +119,7 @@ def masks_to_token_grid(
             f"`masks` is {height}x{width}; height and width must be divisible by {cs * ph} and {cs * pw} "
             f"(VAE factor {cs} x patch {ph}x{pw})"
         )
-    x = masks.reshape(-1, frames, height, width).float()
+    x = masks.reshape(-1, frames, height, width)
     # Temporal: latent frame 0 <- frame 0; latent t <- the next c_t frames. Average = coverage over time.
     first, rest = x[:, :1], x[:, 1:]
     if rest.shape[1]:
@@ -81,11 +138,18 @@ def routing_labels_from_coverage(coverage: torch.Tensor, threshold: float = 0.5)
 
     Args:
         coverage: ``(B, N, L)`` or ``(B, N, F, H, W)`` coverage fractions of N subjects.
-        threshold: a token belongs to its best-covering subject if that coverage is at least this, else -1.
+        threshold: in ``(0, 1]``; a token belongs to its best-covering subject if that coverage is at least this,
+            else -1.
 
     Returns:
         ``(B, L)`` int64 in ``[-1, N)`` (``-1`` = background / null), tokens flattened in transformer order.
     """
+    # threshold 0 would hand every uncovered token to subject 0.
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
+    if not isinstance(coverage, torch.Tensor):
+        raise TypeError(f"`coverage` must be a torch.Tensor, got {type(coverage).__name__}")
+    coverage = normalize_masks(coverage, "coverage")
     if coverage.ndim == 5:
         coverage = coverage.flatten(2)
     if coverage.ndim != 3:
