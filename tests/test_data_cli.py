@@ -22,6 +22,9 @@ def test_make_synthetic_validate_and_cache_latents(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate-data", str(manifest)]) == 0
     assert "3 records, 0 bad" in capsys.readouterr().out
+    # Regression: the folder (what make-synthetic prints and training accepts) was "does not exist".
+    assert main(["validate-data", str(out), "--quick"]) == 0
+    assert "3 records, 0 bad" in capsys.readouterr().out
 
     # A broken copy: the CLI lists the bad line and fails.
     lines = manifest.read_text().splitlines()
@@ -50,3 +53,22 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["make-synthetic", "--out", str(tmp_path / "x"), "--num-clips", "0"]) == 2
     assert "`num_clips`" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_validate_data_refuses_outside_paths_unless_allowed(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    record = {"id": "x", "video": "/etc/passwd", "caption": "a cat", "subjects": [
+        {"phrase": "a cat", "references": ["../cat.png"], "masks": {"npz": "m.npz"}}]}
+    (ds / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["validate-data", str(ds), "--quick"]) == 1
+    text = capsys.readouterr().out
+    assert text.count("leads outside the dataset root") == 2 and "--allow-outside-root" in text
+    assert main(["validate-data", str(ds), "--quick", "--allow-outside-root"]) == 1
+    text = capsys.readouterr().out
+    assert "outside" not in text and "missing file" in text
+    assert main(["validate-data", str(ds), "--workers", "-1"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    (tmp_path / "lat").write_text("")
+    assert main(["cache-latents", "--data", str(ds), "--model", str(tmp_path), "--out", str(tmp_path / "lat")]) == 2
+    assert "--out" in capsys.readouterr().err

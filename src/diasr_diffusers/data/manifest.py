@@ -560,6 +560,7 @@ def validate_manifest(
     problems: list[Problem] = []
     parsed: list[ClipRecord] = []
     first_line_of_id: dict[str, int] = {}
+    duplicates: set[int] = set()
     lines = _read_lines(path)
     for line, text in lines:
         if isinstance(text, UnicodeDecodeError):
@@ -579,7 +580,7 @@ def validate_manifest(
         if clip_id:
             if clip_id in first_line_of_id:
                 errs = [*errs, f"duplicate id {clip_id!r} (first used on line {first_line_of_id[clip_id]}); ids must be unique"]
-                record = None
+                duplicates.add(line)  # still checked below, so every problem of the line is reported at once
             else:
                 first_line_of_id[clip_id] = line
         problems.extend(Problem(line, e, clip_id) for e in errs)
@@ -597,7 +598,7 @@ def validate_manifest(
     good: list[ClipRecord] = []
     for rec, errs in zip(parsed, results):
         problems.extend(Problem(rec.line, e, rec.id) for e in errs)
-        if not errs:
+        if not errs and rec.line not in duplicates:
             good.append(rec)
     problems.sort(key=lambda p: p.line)  # stable: a record's problems keep their order
     return ValidationReport(path=path, num_records=len(lines), problems=problems, records=good)
