@@ -72,3 +72,30 @@ def test_validate_data_refuses_outside_paths_unless_allowed(tmp_path, capsys):
     (tmp_path / "lat").write_text("")
     assert main(["cache-latents", "--data", str(ds), "--model", str(tmp_path), "--out", str(tmp_path / "lat")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fps", "nan"], "`fps` must be a number"),  # was "cannot convert NaN to integer ratio"
+        (["--fps", "inf"], "`fps` must be a number"),  # was an OverflowError traceback
+        (["--height", "100000", "--width", "100000"], "must be <= 4096"),  # was a 116 GiB allocation
+        (["--frames", "100000000"], "GiB of frames"),  # was a hang
+        (["--num-clips", "99999999999999999999"], "`num_clips` must be an integer in"),  # was a hang
+        (["--seed", "-1"], "`seed`"),
+    ],
+)
+def test_make_synthetic_refuses_absurd_sizes(tmp_path, capsys, extra, message):
+    argv = ["make-synthetic", "--out", str(tmp_path / "s"), "--num-clips", "1", "--frames", "3", "--height", "16",
+            "--width", "16", *extra]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_make_synthetic_out_is_a_file(tmp_path, capsys):
+    # Regression: NotADirectoryError traceback from deep inside pathlib, after rendering started.
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert main(["make-synthetic", "--out", str(out), "--num-clips", "1"]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err

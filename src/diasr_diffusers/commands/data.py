@@ -34,7 +34,7 @@ def _make_synthetic(args: argparse.Namespace) -> int:
             mask_format=args.mask_format,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.num_clips} clips: {path}")
