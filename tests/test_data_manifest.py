@@ -215,3 +215,13 @@ def test_paths_are_confined_to_the_dataset_root(clip_dir, tmp_path):
     opted_in = validate_manifest(path, check_media=False, allow_outside_root=True)
     assert [r.line for r in opted_in.records] == [4]  # lines 1-3 keep their other problem: references not in ds/
     assert not any("outside" in p.reason for p in opted_in.problems)
+
+
+def test_empty_manifest_is_not_ok(tmp_path):
+    # Regression: an empty (or blank-only) manifest validated as "0 records, 0 bad" with exit code 0.
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n  \n")
+    report = validate_manifest(tmp_path, check_media=False)
+    assert not report.ok and "holds no records" in report.format()
+    with pytest.raises(ValueError, match="invalid manifest"):
+        load_manifest(path, skip_invalid=False)

@@ -207,6 +207,30 @@ class MuSADataset(Dataset):
         num_workers: int = 0,
         allow_outside_root: bool = False,
     ) -> None:
+        # Types and ranges first: a float size or a zero factor would otherwise fail deep inside numpy / torch.
+        for name, value, low in (
+            ("num_frames", num_frames, 1),
+            ("height", height, 1),
+            ("width", width, 1),
+            ("frame_stride", frame_stride, 1),
+            ("temporal_compression", temporal_compression, 1),
+            ("spatial_compression", spatial_compression, 1),
+            ("seed", seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"`{name}` must be an integer, got {value!r}")
+            if not low <= value < 2**31:
+                raise ValueError(f"`{name}` must be an integer in [{low}, 2**31), got {value}")
+        if not isinstance(patch_size, Sequence) or len(patch_size) != 3 or not all(
+            isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in patch_size
+        ):
+            raise ValueError(f"`patch_size` must be three positive integers (t, h, w), got {patch_size!r}")
+        if ref_size is not None and (
+            not isinstance(ref_size, Sequence)
+            or len(ref_size) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in ref_size)
+        ):
+            raise ValueError(f"`ref_size` must be (height, width) with positive integer sides, got {ref_size!r}")
         if num_frames < 1 or (num_frames - 1) % temporal_compression:
             raise ValueError(
                 f"`num_frames` must be 1 + {temporal_compression} * k (e.g. {1 + temporal_compression * 4}), "
@@ -308,6 +332,8 @@ class MuSADataset(Dataset):
         return coverage, labels
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"`index` must be an integer, got {index!r}")
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} records")
         record = self.records[index]

@@ -230,7 +230,8 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """No problem, and at least one record (an empty manifest is a mistake, not a valid dataset)."""
+        return not self.problems and self.num_records > 0
 
     @property
     def bad_lines(self) -> list[int]:
@@ -245,6 +246,8 @@ class ValidationReport:
 
     def format(self) -> str:
         head = f"{self.path}: {self.num_records} records, {self.num_bad} bad"
+        if not self.num_records:
+            head += " (the manifest holds no records)"
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
     def __str__(self) -> str:
