@@ -99,3 +99,21 @@ def test_make_synthetic_out_is_a_file(tmp_path, capsys):
     for out in (tmp_path / "f", tmp_path / "f" / "sub"):
         assert main(["make-synthetic", "--out", str(out), "--num-clips", "1"]) == 2
         assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_cache_latents_model_and_device_errors_are_one_line(tmp_path, capsys):
+    # Regression: a typo'd --model raised diffusers' OSError with a traceback (rc 1).
+    main(["make-synthetic", "--out", str(tmp_path / "d"), "--num-clips", "1", "--frames", "1", "--height", "16",
+          "--width", "16"])  # fmt: skip
+    base = ["cache-latents", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "lat"), "--frames", "1",
+            "--height", "16", "--width", "16"]  # fmt: skip
+    for extra, message in (
+        (["--model", str(tmp_path / "nowhere")], "--model: folder"),
+        (["--model", str(tmp_path / "d")], "has no vae/config.json"),
+        (["--model", str(tmp_path / "d"), "--device", "bogus"], "--device"),
+    ):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "lat").exists()

@@ -47,6 +47,10 @@ def _cli_words(err: BaseException) -> str:
     for api, flag in (
         ("`path`", "manifest"),
         ("`num_workers`", "--workers"),
+        ("`num_frames`", "--frames"),
+        ("`frame_stride`", "--stride"),
+        ("`height`", "--height"),
+        ("`width`", "--width"),
         ("allow_outside_root=True (CLI: --allow-outside-root)", "--allow-outside-root"),
     ):
         text = text.replace(api, flag)
@@ -99,9 +103,35 @@ def _cache_latents(args: argparse.Namespace) -> int:
         return 2
     if dataset.num_skipped:
         print(f"skipping {dataset.num_skipped} bad or too-short records (see `diasr validate-data {args.data}`)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        print(f"error: --device: {err}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this torch build sees no CUDA device", file=sys.stderr)
+        return 2
+    model = Path(args.model).expanduser()
+    if model.is_dir() and not (model / "vae" / "config.json").is_file():
+        print(
+            f"error: --model: {model} has no vae/config.json (expected a Diffusers Wan model folder)", file=sys.stderr
+        )
+        return 2
+    if not model.is_dir() and (model.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
+        print(
+            f"error: --model: folder {model} not found (expected a Diffusers Wan model folder or a Hub id)",
+            file=sys.stderr,
+        )
+        return 2
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype).to(args.device).eval()
+    try:
+        vae = AutoencoderKLWan.from_pretrained(str(model) if model.is_dir() else args.model, subfolder="vae",
+                                               torch_dtype=dtype)  # fmt: skip
+    except (OSError, ValueError) as err:  # Hub errors (missing repo, no network) are OSErrors
+        print(f"error: --model: cannot load the VAE of {args.model}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    vae = vae.to(device).eval()
     try:
         index = cache_latents(dataset, vae, args.out, storage_dtype=dtype, overwrite=args.overwrite)
     except FileExistsError as err:
