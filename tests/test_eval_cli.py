@@ -331,3 +331,33 @@ def test_eval_routing_bad_input(tmp_path, capsys, kind, message):
     if kind == "wrong_key":
         assert "'routing_maps'" in err and "found: ['maps']" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--temporal-compression", "0"], "--temporal-compression must be a positive integer"),  # was rc 0, IoU 1.0
+        (["--spatial-compression", "0"], "--spatial-compression must be a positive integer"),  # was rc 0, IoU 1.0
+        (["--spatial-compression", "-8"], "--spatial-compression"),  # was a RuntimeError from torch's pooling
+        (["--patch-size", "0", "2", "2"], "--patch-size"),  # was ZeroDivisionError
+        (["--threshold", "nan"], "--threshold must be in (0, 1]"),  # was rc 0 with every token background
+        (["--threshold", "5"], "--threshold"),
+        ("masks255", "divide 0/255 masks by 255"),  # was rc 0 (coverage 255 counted as a full subject)
+        ("masks_nan", "--masks values must be in [0, 1]"),  # was rc 0, IoU 0
+        ("out_is_input", "would overwrite the --maps file"),
+    ],
+)
+def test_eval_routing_refuses_silently_wrong_settings(tmp_path, capsys, extra, message):
+    maps, masks = _layout()
+    if extra == "masks255":
+        masks, extra = masks * 255, []
+    elif extra == "masks_nan":
+        masks, extra = np.where(masks > 0, np.nan, 0.0), []
+    args = _routing_files(tmp_path, maps, masks)
+    out = tmp_path / "routing.json"
+    if extra == "out_is_input":
+        out, extra = tmp_path / "maps.npz", []
+    before = (tmp_path / "maps.npz").read_bytes()
+    assert run(["eval-routing", *args, "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "maps.npz").read_bytes() == before and not (tmp_path / "routing.json").exists()

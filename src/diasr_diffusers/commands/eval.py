@@ -284,7 +284,17 @@ def run_eval_routing(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
             )
         except ValueError as err:
-            raise _InputError(str(err).replace("`routing_maps`", "--maps").replace("`masks`", "--masks")) from err
+            text = str(err)
+            for api, flag in (
+                ("`routing_maps`", "--maps"),
+                ("`masks`", "--masks"),
+                ("`temporal_compression`", "--temporal-compression"),
+                ("`spatial_compression`", "--spatial-compression"),
+                ("`patch_size`", "--patch-size"),
+                ("`threshold`", "--threshold"),
+            ):
+                text = text.replace(api, flag)
+            raise _InputError(text) from err
     except _InputError as err:
         return _error(str(err))
     result["config"] = {
