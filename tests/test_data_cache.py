@@ -139,3 +139,26 @@ def test_old_line_keyed_cache_is_refused(synth, tmp_path):
     (out / "index.json").write_text("[" * 100000)
     with pytest.raises(ValueError, match="not valid JSON"):
         LatentCacheDataset(out)
+
+
+def test_hostile_cache_folders(cache_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    index = json.loads((copy / "index.json").read_text())
+    first = copy / index["entries"][0]["file"]
+    first.write_bytes(first.read_bytes()[:100])  # truncated by a full disk / a killed copy
+    with pytest.raises(ValueError, match="unreadable.*re-run `diasr cache-latents`"):
+        LatentCacheDataset(copy)[0]
+    # A file of another record under this record's name would silently serve the wrong clip.
+    shutil.copy(copy / index["entries"][1]["file"], first)
+    with pytest.raises(ValueError, match="belongs to another record"):
+        LatentCacheDataset(copy)[0]
+    index["entries"][0]["file"] = "../../outside.safetensors"
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a file name inside the cache"):
+        LatentCacheDataset(copy)
+    (copy / "index.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a diasr-latent-cache index"):
+        LatentCacheDataset(copy)
