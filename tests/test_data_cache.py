@@ -25,17 +25,24 @@ def _dataset(manifest, **kwargs):
     return MuSADataset(manifest, num_frames=5, height=32, width=32, clip_sampling="start", crop="center", **kwargs)
 
 
-def test_cache_round_trip(synth, tmp_path):
+@pytest.fixture(scope="module")
+def cache_dir(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cached") / "latents"
+    cache_latents(_dataset(synth), tiny_vae(), out, progress=False)
+    return out
+
+
+def test_cache_round_trip(synth, cache_dir):
     vae = tiny_vae()
     ds = _dataset(synth)
-    index_path = cache_latents(ds, vae, tmp_path / "latents", progress=False)
+    index_path = cache_dir / "index.json"
     index = json.loads(index_path.read_text())
     assert index["format"] == "diasr-latent-cache" and len(index["entries"]) == 3
     assert index["vae"]["normalized"] is True
-    files = sorted(p.name for p in (tmp_path / "latents").iterdir())
-    assert files == ["index.json"] + sorted(e["file"] for e in index["entries"])  # no temp files left behind
+    files = sorted(p.name for p in cache_dir.iterdir())
+    assert files == sorted(["index.json", *(e["file"] for e in index["entries"])])  # no temp files left behind
 
-    cached = _dataset(synth, latent_cache=tmp_path / "latents")
+    cached = _dataset(synth, latent_cache=cache_dir)
     for i in range(len(ds)):
         item, hit = ds[i], cached[i]
         assert "video" not in hit and "ref_images" not in hit
@@ -55,10 +62,10 @@ def test_cache_round_trip(synth, tmp_path):
     batch = collate_fn([cached[i] for i in range(len(cached))])
     n = int(batch["num_subjects"].max())
     assert batch["latents"].shape == (3, 4, 2, 4, 4) and batch["ref_latents"].shape == (3, n, 4, 1, 4, 4)
-    assert len(LatentCacheDataset(tmp_path / "latents")) == 3
+    assert len(LatentCacheDataset(cache_dir)) == 3
 
     # Stored with safetensors (no pickle), caption in the header.
-    with safe_open(str(tmp_path / "latents" / index["entries"][0]["file"]), framework="pt") as f:
+    with safe_open(str(cache_dir / index["entries"][0]["file"]), framework="pt") as f:
         assert f.metadata()["caption"] == ds[0]["caption"]
 
 
@@ -67,9 +74,10 @@ def test_cache_resume_and_mismatched_settings(synth, tmp_path):
     ds = _dataset(synth)
     out = tmp_path / "latents"
     cache_latents(ds, vae, out, progress=False)
-    first = out / "line_0000001.safetensors"
+    entries = json.loads((out / "index.json").read_text())["entries"]
+    first = out / entries[0]["file"]
     stamp = first.stat().st_mtime_ns
-    first_other = (out / "line_0000002.safetensors")
+    first_other = out / entries[1]["file"]
     first_other.unlink()  # as if the run had been interrupted
     cache_latents(ds, vae, out, progress=False)
     assert first.stat().st_mtime_ns == stamp and first_other.is_file()  # kept vs redone
@@ -80,3 +88,77 @@ def test_cache_resume_and_mismatched_settings(synth, tmp_path):
         cache_latents(other, vae, out, progress=False)
     with pytest.raises(FileNotFoundError, match="index.json"):
         LatentCacheDataset(tmp_path / "nothing")
+
+
+def _manifest_lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_cache_is_keyed_by_content_not_line(synth, cache_dir):
+    # Regression: entries were keyed by manifest line, so after removing or reordering records the dataset served
+    # other clips' latents without a word.
+    out = cache_dir
+    lines = _manifest_lines(synth)
+    reordered = synth.parent / "reordered.jsonl"
+    reordered.write_text("\n".join([lines[2], lines[0]]) + "\n")  # line 1 is now clip 2, line 2 is clip 0
+    plain, cached = _dataset(reordered), _dataset(reordered, latent_cache=out)
+    for i in range(len(plain)):
+        hit = cached[i]
+        assert hit["clip_id"] == plain[i]["clip_id"] and hit["caption"] == plain[i]["caption"]
+        assert torch.equal(hit["token_labels"], plain[i]["token_labels"])
+
+
+def test_cache_refuses_records_whose_files_changed(synth, cache_dir, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth.parent, root)  # copy2 keeps sizes and mtimes: the copy still matches the cache
+    manifest = root / "manifest.jsonl"
+    out = cache_dir
+    _dataset(manifest, latent_cache=out)
+    record = json.loads(_manifest_lines(manifest)[1])
+    video = root / record["video"]
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a re-encoded clip
+    with pytest.raises(ValueError, match=rf"line 2 \(id '{record['id']}'\).*re-run `diasr cache-latents`"):
+        _dataset(manifest, latent_cache=out)
+    edited = json.loads(_manifest_lines(manifest)[0])
+    edited["caption"] = edited["caption"] + " Again."
+    (root / "one.jsonl").write_text(json.dumps(edited) + "\n")
+    with pytest.raises(ValueError, match="changed since caching"):
+        _dataset(root / "one.jsonl", latent_cache=out)
+
+
+def test_old_line_keyed_cache_is_refused(synth, tmp_path):
+    out = tmp_path / "latents"
+    out.mkdir()
+    (out / "index.json").write_text(json.dumps({"format": "diasr-latent-cache", "version": 1, "entries": []}))
+    with pytest.raises(ValueError, match="v1 index.*re-run `diasr cache-latents`"):
+        LatentCacheDataset(out)
+    (out / "index.json").write_text("[" * 100000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LatentCacheDataset(out)
+
+
+def test_hostile_cache_folders(cache_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    index = json.loads((copy / "index.json").read_text())
+    first = copy / index["entries"][0]["file"]
+    first.write_bytes(first.read_bytes()[:100])  # truncated by a full disk / a killed copy
+    with pytest.raises(ValueError, match="unreadable.*re-run `diasr cache-latents`"):
+        LatentCacheDataset(copy)[0]
+    # A file of another record under this record's name would silently serve the wrong clip.
+    shutil.copy(copy / index["entries"][1]["file"], first)
+    with pytest.raises(ValueError, match="belongs to another record"):
+        LatentCacheDataset(copy)[0]
+    index["entries"][0]["file"] = "../../outside.safetensors"
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a file name inside the cache"):
+        LatentCacheDataset(copy)
+    (copy / "index.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a diasr-latent-cache index"):
+        LatentCacheDataset(copy)

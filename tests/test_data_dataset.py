@@ -147,3 +147,23 @@ def test_bad_arguments_and_short_records(squares):
         MuSADataset(squares, num_frames=13, height=32, width=32)  # video has 9 frames
     with pytest.raises(ValueError, match="9 frames < 13 needed"):
         MuSADataset(squares, num_frames=13, height=32, width=32, skip_invalid=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"height": 64.0}, TypeError, "`height` must be an integer"),  # was a TypeError deep in torch on first item
+        ({"num_frames": True}, TypeError, "`num_frames`"),  # was taken as 1 frame
+        ({"temporal_compression": 0}, ValueError, "`temporal_compression`"),  # was ZeroDivisionError
+        ({"spatial_compression": 0}, ValueError, "`spatial_compression`"),
+        ({"patch_size": (0, 2, 2)}, ValueError, "`patch_size`"),
+        ({"patch_size": (1, 2)}, ValueError, "`patch_size`"),  # was "not enough values to unpack"
+        ({"seed": -1}, ValueError, "`seed`"),  # was a numpy error on the first item
+        ({"ref_size": (16.5, 16)}, ValueError, "`ref_size`"),
+        ({"frame_stride": 10**30}, ValueError, "`frame_stride`"),  # was an OverflowError on the first item
+    ],
+)
+def test_dataset_argument_types_are_checked_before_loading(tmp_path, kwargs, error, message):
+    base = {"num_frames": 1, "height": 64, "width": 64, **kwargs}
+    with pytest.raises(error, match=message):
+        MuSADataset(tmp_path / "not-read.jsonl", **base)

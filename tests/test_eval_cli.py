@@ -138,6 +138,19 @@ def _bad_cases(tmp_path, content):
             "`prompt` must be a string",
         ),
         (lambda t, c: ["--cases", _bad_cases(t, "{}"), "--videos", str(c / "videos")], "holds no cases"),
+        # Regression: a deeply nested file raised RecursionError (rc 1, traceback).
+        (lambda t, c: ["--cases", _bad_cases(t, "[" * 100000), "--videos", str(c / "videos")], "nested too deeply"),
+        (
+            lambda t, c: [
+                "--cases",
+                str(c / "cases.json"),
+                "--videos",
+                str(c / "videos"),
+                "--precomputed",
+                _bad_cases(t, '{"a": ' * 100000),
+            ],  # fmt: skip
+            "--precomputed: not valid JSON: nested too deeply",
+        ),
         (
             lambda t, c: ["--cases", str(c / "cases.json"), "--videos", str(t / "missing")],
             "--videos: folder not found",
@@ -184,6 +197,72 @@ def test_eval_bad_input(case_set, tmp_path, capsys, make_args, message):
     assert rc == 2
     assert message in err
     assert not out.exists()
+
+
+def test_eval_outputs_stay_distinct(case_set, tmp_path, capsys):
+    # Regression: `--out res.png` wrote the bar chart over the results file.
+    base = ["eval", "--cases", str(case_set / "cases.json"), "--videos", str(case_set / "videos"), "--no-progress",
+            "--metrics", "MotionAmplitude"]  # fmt: skip
+    out = tmp_path / "res.png"
+    assert run([*base, "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err and not out.exists()
+    copy = tmp_path / "cases.json"
+    copy.write_text((case_set / "cases.json").read_text())
+    assert run([*base[:2], str(copy), *base[3:], "--out", str(copy), "--no-plot"]) == 2
+    assert "would overwrite the --cases file" in capsys.readouterr().err
+    assert run([*base, "--out", str(out), "--no-plot"]) == 0  # no chart: the name is free
+    assert json.loads(out.read_text())["complete"] is True
+
+
+def _bomb_png(path):
+    """A PNG whose header claims 30000x30000 pixels (PIL refuses it with DecompressionBombError)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+class _NoFaces:
+    def embed(self, images):
+        return np.full((len(images), 4), np.nan)
+
+    def detect_and_embed(self, frame):
+        return []
+
+
+def test_bad_case_is_skipped_and_other_results_survive(case_set, tmp_path, monkeypatch, capsys):
+    from diasr_diffusers.eval import load_cases, runner
+
+    # Regression: a reference whose header claims 30000x30000 raised DecompressionBombError out of the whole run.
+    _bomb_png(tmp_path / "bomb.png")
+    cases = load_cases(case_set / "cases.json")
+    cases["singleobj_2"].img_paths = [str(tmp_path / "bomb.png")]
+    results = runner.evaluate_cases(cases, case_set / "videos", metrics=["FaceSim"], face_embedder=_NoFaces(),
+                             progress=False)  # fmt: skip
+    assert results["skipped"]["singleobj_2"].startswith("unreadable reference image")
+    assert "DecompressionBombError" in results["skipped"]["singleobj_2"]
+    assert set(results["cases"]) == {"singleobj_1", "singleface_1"}
+
+    # Regression: results were written once at the end, so a crash in the last case lost every other result.
+    real_read = runner.read_video
+
+    def crash_on_singleface(path, *args, **kwargs):
+        if "singleface_1" in str(path):
+            raise KeyboardInterrupt
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "read_video", crash_on_singleface)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        run(["eval", "--cases", str(case_set / "cases.json"), "--videos", str(case_set / "videos"), "--out", str(out),
+             "--metrics", "MotionAmplitude", "--no-progress"])  # fmt: skip
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and set(partial["cases"]) == {"singleobj_1", "singleobj_2"}
+    assert partial["cases"]["singleobj_1"]["metrics"]["MotionAmplitude"] > 0
 
 
 def test_eval_out_folder_must_exist(case_set, tmp_path, capsys):
@@ -252,3 +331,33 @@ def test_eval_routing_bad_input(tmp_path, capsys, kind, message):
     if kind == "wrong_key":
         assert "'routing_maps'" in err and "found: ['maps']" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--temporal-compression", "0"], "--temporal-compression must be a positive integer"),  # was rc 0, IoU 1.0
+        (["--spatial-compression", "0"], "--spatial-compression must be a positive integer"),  # was rc 0, IoU 1.0
+        (["--spatial-compression", "-8"], "--spatial-compression"),  # was a RuntimeError from torch's pooling
+        (["--patch-size", "0", "2", "2"], "--patch-size"),  # was ZeroDivisionError
+        (["--threshold", "nan"], "--threshold must be in (0, 1]"),  # was rc 0 with every token background
+        (["--threshold", "5"], "--threshold"),
+        ("masks255", "divide 0/255 masks by 255"),  # was rc 0 (coverage 255 counted as a full subject)
+        ("masks_nan", "--masks values must be in [0, 1]"),  # was rc 0, IoU 0
+        ("out_is_input", "would overwrite the --maps file"),
+    ],
+)
+def test_eval_routing_refuses_silently_wrong_settings(tmp_path, capsys, extra, message):
+    maps, masks = _layout()
+    if extra == "masks255":
+        masks, extra = masks * 255, []
+    elif extra == "masks_nan":
+        masks, extra = np.where(masks > 0, np.nan, 0.0), []
+    args = _routing_files(tmp_path, maps, masks)
+    out = tmp_path / "routing.json"
+    if extra == "out_is_input":
+        out, extra = tmp_path / "maps.npz", []
+    before = (tmp_path / "maps.npz").read_bytes()
+    assert run(["eval-routing", *args, "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "maps.npz").read_bytes() == before and not (tmp_path / "routing.json").exists()

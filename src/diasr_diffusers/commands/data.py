@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _subject_range(text: str) -> tuple[int, int]:
@@ -33,20 +34,41 @@ def _make_synthetic(args: argparse.Namespace) -> int:
             mask_format=args.mask_format,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.num_clips} clips: {path}")
     return 0
 
 
+def _cli_words(err: BaseException) -> str:
+    """An API error in command-line words (``--workers`` rather than ``num_workers``)."""
+    text = str(err)
+    for api, flag in (
+        ("`path`", "manifest"),
+        ("`num_workers`", "--workers"),
+        ("`num_frames`", "--frames"),
+        ("`frame_stride`", "--stride"),
+        ("`height`", "--height"),
+        ("`width`", "--width"),
+        ("allow_outside_root=True (CLI: --allow-outside-root)", "--allow-outside-root"),
+    ):
+        text = text.replace(api, flag)
+    return text
+
+
 def _validate_data(args: argparse.Namespace) -> int:
     from ..data.manifest import validate_manifest
 
     try:
-        report = validate_manifest(args.manifest, check_media=not args.quick, num_workers=args.workers)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report = validate_manifest(
+            args.manifest,
+            check_media=not args.quick,
+            num_workers=args.workers,
+            allow_outside_root=args.allow_outside_root,
+        )
+    except (OSError, ValueError) as err:
+        print(f"error: {_cli_words(err)}", file=sys.stderr)
         return 2
     print(report.format())
     return 0 if report.ok else 1
@@ -58,6 +80,10 @@ def _cache_latents(args: argparse.Namespace) -> int:
     from ..data.dataset import MuSADataset, cache_latents
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file; give a folder for the cache", file=sys.stderr)
+        return 2
     try:
         # Validate the data before loading a model: a bad manifest should fail in seconds.
         dataset = MuSADataset(
@@ -70,16 +96,47 @@ def _cache_latents(args: argparse.Namespace) -> int:
             crop="center",
             ref_augment=None,
             num_workers=args.workers,
+            allow_outside_root=args.allow_outside_root,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {_cli_words(err)}", file=sys.stderr)
         return 2
     if dataset.num_skipped:
         print(f"skipping {dataset.num_skipped} bad or too-short records (see `diasr validate-data {args.data}`)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        print(f"error: --device: {err}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this torch build sees no CUDA device", file=sys.stderr)
+        return 2
+    model = Path(args.model).expanduser()
+    if model.is_dir() and not (model / "vae" / "config.json").is_file():
+        print(
+            f"error: --model: {model} has no vae/config.json (expected a Diffusers Wan model folder)", file=sys.stderr
+        )
+        return 2
+    if not model.is_dir() and (model.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
+        print(
+            f"error: --model: folder {model} not found (expected a Diffusers Wan model folder or a Hub id)",
+            file=sys.stderr,
+        )
+        return 2
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype).to(args.device).eval()
-    index = cache_latents(dataset, vae, args.out, storage_dtype=dtype, overwrite=args.overwrite)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(str(model) if model.is_dir() else args.model, subfolder="vae",
+                                               torch_dtype=dtype)  # fmt: skip
+    except (OSError, ValueError) as err:  # Hub errors (missing repo, no network) are OSErrors
+        print(f"error: --model: cannot load the VAE of {args.model}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    vae = vae.to(device).eval()
+    try:
+        index = cache_latents(dataset, vae, args.out, storage_dtype=dtype, overwrite=args.overwrite)
+    except FileExistsError as err:
+        print(f"error: --out: {err}".replace("overwrite=True", "--overwrite"), file=sys.stderr)
+        return 2
     print(f"cached {len(dataset)} clips: {index}")
     return 0
 
@@ -99,13 +156,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=_make_synthetic)
 
     p = subparsers.add_parser("validate-data", help="check a JSONL manifest; lists every bad record")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help="manifest.jsonl, or the folder holding it")
     p.add_argument("--quick", action="store_true", help="structure and file existence only (no video/mask decoding)")
     p.add_argument("--workers", type=int, default=0, help="threads for media checks")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept paths leading outside the manifest's folder (../, absolute paths, symlinks)",
+    )
     p.set_defaults(func=_validate_data)
 
     p = subparsers.add_parser("cache-latents", help="pre-compute VAE latents of a manifest's clips and references")
-    p.add_argument("--data", required=True, help="manifest.jsonl")
+    p.add_argument("--data", required=True, help="manifest.jsonl, or the folder holding it")
     p.add_argument("--model", required=True, help="Diffusers Wan model folder or Hub id (VAE in its `vae` subfolder)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--frames", type=int, default=17)
@@ -115,5 +177,10 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="threads for manifest validation")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept paths leading outside the manifest's folder (../, absolute paths, symlinks)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cache_latents)

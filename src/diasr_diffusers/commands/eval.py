@@ -36,6 +36,37 @@ def _check_out(path: str, flag: str = "--out") -> str:
     return path
 
 
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _plot_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".png"
+
+
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    """Every file ``diasr eval`` writes must be distinct from the others and from its inputs."""
+    _check_out(args.out)
+    inputs = [("--cases", args.cases)] + ([("--precomputed", args.precomputed)] if args.precomputed else [])
+    outputs = [("--out", args.out)]
+    if not args.no_plot:
+        plot = _plot_path(args.out)
+        if _same_file(plot, args.out):
+            raise _InputError(
+                f"--out: {args.out} is also where the bar chart goes (<name>.png); give a .json name such as "
+                f"{os.path.splitext(args.out)[0]}.json, or pass --no-plot"
+            )
+        if os.path.isdir(plot):
+            raise _InputError(
+                f"--out: the bar chart would go to {plot}, which is a folder; rename --out or pass --no-plot"
+            )
+        outputs.append(("the bar chart", plot))
+    for what, out in outputs:
+        for flag, given in inputs:
+            if os.path.exists(given) and _same_file(out, given):
+                raise _InputError(f"--out: {what} ({out}) would overwrite the {flag} file")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``eval-routing`` to the ``diasr`` command line."""
     from ..eval.runner import METRIC_GROUPS, OFFLINE_DEFAULT_METRICS
@@ -107,6 +138,8 @@ def _load_precomputed(path: str) -> dict[str, dict[str, float]]:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _InputError(f"--precomputed: not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise _InputError("--precomputed: not valid JSON: nested too deeply") from err
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise _InputError("--precomputed: expected a JSON object {case_id: {score_name: number}}")
     for case_id, scores in data.items():
@@ -156,7 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise _InputError(str(err).replace("`cases`", "--cases", 1)) from err
         if not os.path.isdir(args.videos):
             raise _InputError(f"--videos: folder not found: {args.videos}")
-        _check_out(args.out)
+        _check_eval_outputs(args)
         if args.face_frames < 1:
             raise _InputError(f"--face-frames must be >= 1, got {args.face_frames}")
         precomputed = _load_precomputed(args.precomputed) if args.precomputed else None
@@ -174,6 +207,13 @@ def run_eval(args: argparse.Namespace) -> int:
     except _InputError as err:
         return _error(str(err))
 
+    cases_path = os.path.abspath(args.cases)
+
+    def save(partial: dict[str, Any]) -> None:
+        # After every case: a crash or a kill later in the run keeps what was already scored.
+        partial["config"]["cases"] = cases_path
+        atomic_write_json(args.out, partial)
+
     results = evaluate_cases(
         cases,
         args.videos,
@@ -184,13 +224,13 @@ def run_eval(args: argparse.Namespace) -> int:
         domain=args.domain,
         face_frames=args.face_frames,
         progress=not args.no_progress,
+        on_case_done=save,
         **models,
     )
-    results["config"]["cases"] = os.path.abspath(args.cases)
-    atomic_write_json(args.out, results)
+    save(results)
     plot_path = None
     if not args.no_plot:
-        plot_path = os.path.splitext(args.out)[0] + ".png"
+        plot_path = _plot_path(args.out)
         if not plot_category_scores(results, plot_path):
             plot_path = None
 
@@ -231,6 +271,9 @@ def run_eval_routing(args: argparse.Namespace) -> int:
         maps = _load_npz_array(args.maps, ROUTING_MAPS_KEY, "--maps")
         masks = _load_npz_array(args.masks, MASKS_KEY, "--masks")
         _check_out(args.out)
+        for flag, given in (("--maps", args.maps), ("--masks", args.masks)):
+            if _same_file(args.out, given):
+                raise _InputError(f"--out: {args.out} would overwrite the {flag} file")
         try:
             result = routing_iou(
                 maps,
@@ -241,7 +284,17 @@ def run_eval_routing(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
             )
         except ValueError as err:
-            raise _InputError(str(err).replace("`routing_maps`", "--maps").replace("`masks`", "--masks")) from err
+            text = str(err)
+            for api, flag in (
+                ("`routing_maps`", "--maps"),
+                ("`masks`", "--masks"),
+                ("`temporal_compression`", "--temporal-compression"),
+                ("`spatial_compression`", "--spatial-compression"),
+                ("`patch_size`", "--patch-size"),
+                ("`threshold`", "--threshold"),
+            ):
+                text = text.replace(api, flag)
+            raise _InputError(text) from err
     except _InputError as err:
         return _error(str(err))
     result["config"] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 
@@ -11,7 +12,16 @@ import numpy as np
 
 from ..utils.io import atomic_path, atomic_write_bytes, atomic_write_text
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "npz_bytes", "probe_video", "read_video_frames", "write_video"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "ffmpeg_error_summary",
+    "npz_bytes",
+    "probe_video",
+    "read_video_frames",
+    "write_video",
+]
 
 # A fixed timestamp makes zip archives (``.npz``) byte-identical across runs; numpy's own ``savez`` stamps the
 # current time into every member.
@@ -30,6 +40,23 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
             info.external_attr = 0o644 << 16
             zf.writestr(info, member.getvalue())
     return buf.getvalue()
+
+
+_FFMPEG_NOISE = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
+
+
+def ffmpeg_error_summary(err: BaseException) -> str:
+    """One line for an ffmpeg failure: imageio-ffmpeg's errors carry ffmpeg's whole banner and build configuration.
+
+    Keeps the error's first line and ffmpeg's last stderr line (the actual reason), e.g. ``"Could not load meta
+    information: Error opening input files: Invalid data found when processing input"``.
+    """
+    text = str(err).strip()
+    head, _, stderr = text.partition("=== stderr ===")
+    first = next((line.strip() for line in head.splitlines() if line.strip()), type(err).__name__)
+    lines = [_FFMPEG_NOISE.sub("", line).strip() for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    return f"{first}: {lines[-1]}" if lines and lines[-1] != first else first
 
 
 def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:

@@ -19,6 +19,7 @@ index) gives the same sample in any worker, in any order, after a resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from torch.utils.data import Dataset
 from ..routing.masks import masks_to_token_grid, routing_labels_from_coverage
 from ..utils.latents import encode_latents
 from ._io import read_video_frames
-from .manifest import ClipRecord, LoadedManifest, ReferenceImage, load_manifest
+from .manifest import ClipRecord, LoadedManifest, MaskTrack, ReferenceImage, load_manifest
 
 
 @dataclass
@@ -169,8 +170,14 @@ class MuSADataset(Dataset):
         label_threshold: coverage a token needs to be labelled with a subject (else -1, background).
         seed: base seed of every random draw.
         latent_cache: a folder written by :func:`cache_latents`; items are then read from it (no video decoding).
+            Entries are keyed by each record's content (id, caption, phrases, frame range and the size and mtime of
+            its video, reference and mask files), so a reordered or edited manifest still finds its own clips; a
+            record that is not in the cache or whose files changed since is refused at construction, naming the
+            record: re-run ``diasr cache-latents``.
         skip_invalid: skip (and count) bad records instead of raising.
         num_workers: threads used to validate the manifest.
+        allow_outside_root: accept manifest paths outside the manifest's folder (see
+            :func:`~diasr_diffusers.data.validate_manifest`).
 
     Items are dicts: ``video`` (3, F, H, W) float in [-1, 1]; ``ref_images`` list of (3, h, w); ``phrases``;
     ``caption``; ``masks`` (N, F, H, W) bool; ``token_masks`` (N, F_tok, H_tok, W_tok) coverage; ``token_labels``
@@ -198,7 +205,32 @@ class MuSADataset(Dataset):
         latent_cache: str | os.PathLike | None = None,
         skip_invalid: bool = True,
         num_workers: int = 0,
+        allow_outside_root: bool = False,
     ) -> None:
+        # Types and ranges first: a float size or a zero factor would otherwise fail deep inside numpy / torch.
+        for name, value, low in (
+            ("num_frames", num_frames, 1),
+            ("height", height, 1),
+            ("width", width, 1),
+            ("frame_stride", frame_stride, 1),
+            ("temporal_compression", temporal_compression, 1),
+            ("spatial_compression", spatial_compression, 1),
+            ("seed", seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"`{name}` must be an integer, got {value!r}")
+            if not low <= value < 2**31:
+                raise ValueError(f"`{name}` must be an integer in [{low}, 2**31), got {value}")
+        if not isinstance(patch_size, Sequence) or len(patch_size) != 3 or not all(
+            isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in patch_size
+        ):
+            raise ValueError(f"`patch_size` must be three positive integers (t, h, w), got {patch_size!r}")
+        if ref_size is not None and (
+            not isinstance(ref_size, Sequence)
+            or len(ref_size) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in ref_size)
+        ):
+            raise ValueError(f"`ref_size` must be (height, width) with positive integer sides, got {ref_size!r}")
         if num_frames < 1 or (num_frames - 1) % temporal_compression:
             raise ValueError(
                 f"`num_frames` must be 1 + {temporal_compression} * k (e.g. {1 + temporal_compression * 4}), "
@@ -231,7 +263,9 @@ class MuSADataset(Dataset):
         self.label_threshold, self.seed, self.epoch = label_threshold, seed, 0
 
         if isinstance(manifest, (str, os.PathLike)):
-            manifest = load_manifest(manifest, skip_invalid=skip_invalid, num_workers=num_workers)
+            manifest = load_manifest(
+                manifest, skip_invalid=skip_invalid, num_workers=num_workers, allow_outside_root=allow_outside_root
+            )
         if isinstance(manifest, LoadedManifest):
             records, skipped = list(manifest.records), manifest.num_skipped
             self.skipped_reasons = [str(p) for p in manifest.report.problems]
@@ -298,6 +332,8 @@ class MuSADataset(Dataset):
         return coverage, labels
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"`index` must be an integer, got {index!r}")
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} records")
         record = self.records[index]
@@ -387,11 +423,44 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
 # Latent cache
 
 CACHE_FORMAT = "diasr-latent-cache"
-CACHE_VERSION = 1
+# v2: entries keyed by record content instead of manifest line (v1 served other clips' latents after an edit).
+CACHE_VERSION = 2
+
+
+def _file_identity(path: Path | None) -> list[Any] | None:
+    """``[size, mtime_ns]`` of a file, or of every PNG in a mask folder: cheap, and changes when the file does."""
+    if path is None:
+        return None
+    try:
+        if path.is_dir():
+            return [[p.name, *_file_identity(p)] for p in MaskTrack(kind="png_dir", path=path)._png_files()]
+        stat = path.stat()
+    except OSError:
+        return ["missing"]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _cache_key(record: ClipRecord) -> str:
-    return f"line_{record.line:07d}"
+    """A content key for a record: what its cached tensors depend on, not where it sits in the manifest."""
+    content = {
+        "id": record.id,
+        "caption": record.caption,
+        "frames": [record.frame_start, record.frame_end],
+        "video": _file_identity(record.video),
+        "subjects": [
+            {
+                "phrase": s.phrase,
+                "references": [[_file_identity(r.image), _file_identity(r.mask)] for r in s.references],
+                "masks": [s.masks.kind, s.masks.key, _file_identity(s.masks.path), s.masks.rle],
+            }
+            for s in record.subjects
+        ],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _describe(record: ClipRecord) -> str:
+    return f"manifest line {record.line}" + (f" (id {record.id!r})" if record.id else "")
 
 
 def dataset_cache_config(dataset: MuSADataset) -> dict[str, Any]:
@@ -413,9 +482,18 @@ def dataset_cache_config(dataset: MuSADataset) -> dict[str, Any]:
 
 
 def _vae_signature(vae: Any) -> dict[str, Any]:
-    """What a cache's latents depend on beyond the dataset settings: written to ``index.json``, checked on reuse."""
+    """What a cache's latents depend on beyond the dataset settings: written to ``index.json``, checked on reuse.
+
+    ``config_sha256`` covers the whole VAE config (architecture, ``latents_mean`` / ``latents_std``), so two VAEs
+    with the same latent layout but another normalisation are told apart; the weights themselves are not hashed.
+    """
     cfg = vae.config
-    return {k: getattr(cfg, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
+    signature = {k: getattr(cfg, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
+    public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+    signature["config_sha256"] = hashlib.sha256(
+        json.dumps(public, sort_keys=True, default=str).encode("utf-8")
+    ).hexdigest()
+    return signature
 
 
 class LatentCacheDataset(Dataset):
@@ -429,10 +507,27 @@ class LatentCacheDataset(Dataset):
         index_path = self.cache_dir / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"`cache_dir` {self.cache_dir} has no index.json; run `diasr cache-latents` first")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != CACHE_FORMAT or self.index.get("version") != CACHE_VERSION:
-            raise ValueError(f"{index_path} is not a {CACHE_FORMAT} v{CACHE_VERSION} index")
-        self.entries: list[dict[str, Any]] = self.index["entries"]
+        try:
+            self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{index_path} is not valid JSON ({err}); re-run `diasr cache-latents`") from err
+        if not isinstance(self.index, dict) or self.index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{index_path} is not a {CACHE_FORMAT} index; re-run `diasr cache-latents`")
+        if self.index.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"{index_path} is a {CACHE_FORMAT} v{self.index.get('version')} index, this version reads "
+                f"v{CACHE_VERSION}; re-run `diasr cache-latents` (with --overwrite)"
+            )
+        entries = self.index.get("entries")
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("file"), str) for e in entries
+        ):
+            raise ValueError(f"{index_path}: `entries` must be a list of {{key, file}} objects; re-run cache-latents")
+        for e in entries:
+            # A cache file name is ours (a bare name): an edited index cannot point the reader elsewhere.
+            if Path(e["file"]).name != e["file"] or e["file"] in (".", ".."):
+                raise ValueError(f"{index_path}: entry file {e['file']!r} is not a file name inside the cache")
+        self.entries: list[dict[str, Any]] = entries
         self._by_key = {e["key"]: e for e in self.entries}
 
     def __len__(self) -> int:
@@ -443,9 +538,20 @@ class LatentCacheDataset(Dataset):
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             raise ValueError(f"latent cache {self.cache_dir} was written with other settings (cache, dataset): {diff}")
-        missing = [r.line for r in dataset.records if _cache_key(r) not in self._by_key]
+        missing = [r for r in dataset.records if _cache_key(r) not in self._by_key]
         if missing:
-            raise ValueError(f"latent cache {self.cache_dir} lacks manifest lines {missing[:10]}; rerun cache-latents")
+            cached_ids = {e.get("id") for e in self.entries if e.get("id")}
+            first = missing[0]
+            why = (
+                "its caption, phrases, frame range or files changed since caching"
+                if first.id and first.id in cached_ids
+                else "it is not in the cache, or its files changed since caching"
+            )
+            more = f" and {len(missing) - 1} more record(s)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"latent cache {self.cache_dir} does not match {_describe(first)}{more}: {why}; re-run "
+                "`diasr cache-latents` for this manifest"
+            )
 
     def check_vae(self, vae: Any) -> None:
         """Refuse a cache written with a VAE of another latent layout than ``vae`` (its latents would not fit)."""
@@ -458,9 +564,15 @@ class LatentCacheDataset(Dataset):
         from safetensors import safe_open
 
         path = self.cache_dir / entry["file"]
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+            raise ValueError(f"latent cache file {path} is unreadable ({err}); re-run `diasr cache-latents`") from err
+        if meta.get("key", entry["key"]) != entry["key"]:
+            # index.json and the file disagree (a file copied from another cache): never serve another clip.
+            raise ValueError(f"latent cache file {path} belongs to another record; re-run `diasr cache-latents`")
         return {
             "latents": tensors["latents"],
             "ref_latents": tensors["ref_latents"],
@@ -476,7 +588,10 @@ class LatentCacheDataset(Dataset):
     def get(self, record: ClipRecord) -> dict[str, Any]:
         entry = self._by_key.get(_cache_key(record))
         if entry is None:
-            raise KeyError(f"manifest line {record.line} is not in latent cache {self.cache_dir}")
+            raise KeyError(
+                f"{_describe(record)} is not in latent cache {self.cache_dir} (or its files changed since caching); "
+                "re-run `diasr cache-latents`"
+            )
         return self._load(entry)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -485,17 +600,23 @@ class LatentCacheDataset(Dataset):
         return item
 
 
-def _cached_with(path: Path, config_json: str) -> bool:
-    """True if ``path`` is a finished cache file written with the same dataset settings (resume after a crash)."""
+def _cached_with(path: Path, config_json: str, writer_json: str, key: str) -> bool:
+    """True if ``path`` is a finished cache file of this record written with the same dataset settings, VAE and
+    storage dtype (resume after a crash)."""
     if not path.is_file():
         return False
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("config") == config_json
+            meta = f.metadata() or {}
     except Exception:  # a corrupt file is simply rewritten
         return False
+    return meta.get("config") == config_json and meta.get("writer") == writer_json and meta.get("key") == key
+
+
+def _is_cache_file(name: str) -> bool:
+    return name.endswith(".safetensors") and name.startswith(("clip_", "line_"))
 
 
 def cache_latents(
@@ -509,7 +630,7 @@ def cache_latents(
 ) -> Path:
     """Encode every item of ``dataset`` with a Wan VAE and store it under ``out_dir``; returns ``index.json``'s path.
 
-    Each clip becomes ``line_NNNNNNN.safetensors`` (tensors ``latents`` (C, F_lat, H_lat, W_lat), ``ref_latents``
+    Each clip becomes ``clip_<content key>.safetensors`` (tensors ``latents`` (C, F_lat, H_lat, W_lat), ``ref_latents``
     (N, C, 1, h_lat, w_lat), the masks and token targets; caption and phrases in the metadata), written atomically;
     ``index.json`` is written last. A clip whose file already exists is kept (an interrupted run resumes) unless
     ``overwrite``. The dataset's draws for epoch 0 are frozen into the cache: build it with ``clip_sampling="start"``
@@ -535,27 +656,45 @@ def cache_latents(
         raise ValueError("`dataset` already reads from a latent cache; pass one that decodes videos")
     if not hasattr(vae, "encode") or not hasattr(vae, "config"):
         raise TypeError(f"`vae` must be a Diffusers AutoencoderKLWan (or compatible), got {type(vae).__name__}")
+    if not isinstance(storage_dtype, torch.dtype) or not storage_dtype.is_floating_point:
+        raise TypeError(f"`storage_dtype` must be a floating torch dtype, got {storage_dtype!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out_dir` {out} is a file; give a folder for the cache")
     config = dataset_cache_config(dataset)
-    index_path = out / "index.json"
-    if index_path.is_file() and not overwrite:
-        old = json.loads(index_path.read_text())
-        if old.get("config") != config:
-            raise FileExistsError(f"`out_dir` {out} holds a cache with other settings; pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
     vae_cfg = vae.config
+    vae_info = {
+        "class": type(vae).__name__,
+        **_vae_signature(vae),
+        "normalized": getattr(vae_cfg, "latents_mean", None) is not None,
+    }
+    dtype_name = str(storage_dtype).replace("torch.", "")
+    index_path = out / "index.json"
+    if index_path.exists() and not overwrite:
+        try:
+            old = json.loads(index_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError):
+            old = None
+        if not isinstance(old, dict) or old.get("format") != CACHE_FORMAT:
+            raise FileExistsError(f"`out_dir` {out} holds an index.json that is not a latent cache's; pass overwrite=True")
+        if old.get("config") != config or old.get("vae", vae_info) != vae_info:
+            raise FileExistsError(
+                f"`out_dir` {out} holds a cache with other dataset settings or another VAE; pass overwrite=True"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     entries = []
     config_json = json.dumps(config, sort_keys=True)
+    writer_json = json.dumps({"vae": vae_info, "storage_dtype": dtype_name}, sort_keys=True, default=str)
     previous_epoch = dataset.epoch
     dataset.set_epoch(0)
     try:
         for i in tqdm(range(len(dataset)), desc="caching latents", disable=not progress):
             record = dataset.records[i]
             key = _cache_key(record)
-            file = f"{key}.safetensors"
+            file = f"clip_{key[:32]}.safetensors"
             entries.append({"key": key, "file": file, "line": record.line, "id": record.id,
                             "video": record.video.as_posix()})
-            if not overwrite and _cached_with(out / file, config_json):
+            if not overwrite and _cached_with(out / file, config_json, writer_json, key):
                 continue
             item = dataset[i]
             latents = encode_latents(vae, item["video"][None])[0]
@@ -570,7 +709,8 @@ def cache_latents(
                 "frame_indices": item["frame_indices"].contiguous(),
             }
             metadata = {"caption": item["caption"], "phrases": json.dumps(item["phrases"]),
-                        "clip_id": item["clip_id"], "line": str(record.line), "config": config_json}
+                        "clip_id": item["clip_id"], "line": str(record.line), "config": config_json, "key": key,
+                        "writer": writer_json}
             with atomic_path(out / file) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
     finally:
@@ -579,10 +719,14 @@ def cache_latents(
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "config": config,
-        "vae": {"class": type(vae).__name__, **_vae_signature(vae),
-                "normalized": getattr(vae_cfg, "latents_mean", None) is not None},
-        "storage_dtype": str(storage_dtype).replace("torch.", ""),
+        "vae": vae_info,
+        "storage_dtype": dtype_name,
         "entries": entries,
     }
     atomic_write_text(index_path, json.dumps(index, indent=1))
+    # Files of records that left the manifest (or changed) would otherwise pile up forever.
+    kept = {e["file"] for e in entries}
+    for stale in out.iterdir():
+        if _is_cache_file(stale.name) and stale.name not in kept and stale.is_file():
+            stale.unlink(missing_ok=True)
     return index_path

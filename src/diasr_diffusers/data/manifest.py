@@ -12,7 +12,9 @@ One JSON object per line, one line per clip (blank lines are ignored)::
          "references": ["refs/clip_000_s1.png"],
          "masks": {"png_dir": "masks/clip_000_s1"}}]}
 
-Paths are absolute or relative to the manifest's folder. A mask track covers the *whole video*: mask ``i`` belongs to
+Paths are relative to the manifest's folder (the dataset root) or absolute; every path must lead (after resolving
+symlinks) inside the dataset root unless ``allow_outside_root=True`` (``--allow-outside-root``), so a manifest from
+elsewhere cannot make the tools open arbitrary files. Ids, when given, must be unique. A mask track covers the *whole video*: mask ``i`` belongs to
 video frame ``i`` and the track has at least ``frame_end`` frames. See ``docs/data.md`` for every field.
 
 :func:`validate_manifest` reports every problem of every record with its line number; :func:`load_manifest` returns
@@ -34,8 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._io import probe_video
+from ._io import ffmpeg_error_summary, probe_video
 
+MANIFEST_NAME = "manifest.jsonl"
 RECORD_KEYS = {"id", "video", "caption", "fps", "frame_start", "frame_end", "subjects", "meta"}
 SUBJECT_KEYS = {"phrase", "references", "masks", "meta"}
 REFERENCE_KEYS = {"image", "mask"}
@@ -227,7 +230,8 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """No problem, and at least one record (an empty manifest is a mistake, not a valid dataset)."""
+        return not self.problems and self.num_records > 0
 
     @property
     def bad_lines(self) -> list[int]:
@@ -242,6 +246,8 @@ class ValidationReport:
 
     def format(self) -> str:
         head = f"{self.path}: {self.num_records} records, {self.num_bad} bad"
+        if not self.num_records:
+            head += " (the manifest holds no records)"
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
     def __str__(self) -> str:
@@ -268,20 +274,53 @@ def _rel(path: Path | None, base_dir: Path | None) -> str | None:
     return path.as_posix()
 
 
-def _resolve(value: Any, base_dir: Path, what: str, problems: list[str]) -> Path | None:
-    if not isinstance(value, str) or not value:
+def resolve_manifest_path(path: str | os.PathLike) -> Path:
+    """The manifest a data argument names: a ``.jsonl`` file, or ``manifest.jsonl`` inside a folder.
+
+    The one rule shared by ``validate-data``, ``cache-latents``, :class:`~diasr_diffusers.data.MuSADataset` and
+    training, so a path that one accepts the others accept too.
+
+    Raises:
+        FileNotFoundError: neither a file nor a folder holding ``manifest.jsonl``.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"`path`: folder {p} holds no {MANIFEST_NAME} (give a .jsonl manifest or its folder)")
+        return p / MANIFEST_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"`path`: manifest {p} does not exist (give a .jsonl manifest or its folder)")
+    return p
+
+
+def _resolve(value: Any, base_dir: Path, what: str, problems: list[str], root: str | None) -> Path | None:
+    if not isinstance(value, str) or not value or "\x00" in value:
         problems.append(f"{what} must be a non-empty path string, got {value!r}")
         return None
     path = Path(value)
-    return path if path.is_absolute() else base_dir / path
+    path = path if path.is_absolute() else base_dir / path
+    if root is not None:
+        # realpath: `../`, absolute paths and symlinks all count by where they finally lead.
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root:
+            problems.append(
+                f"{what} {value!r} leads outside the dataset root {root} (to {real}); move the file under the root "
+                "or pass allow_outside_root=True (CLI: --allow-outside-root)"
+            )
+            return None
+    return path
 
 
-def parse_record(obj: Any, base_dir: Path, line: int) -> tuple[ClipRecord | None, list[str]]:
+def parse_record(
+    obj: Any, base_dir: Path, line: int, *, allow_outside_root: bool = False
+) -> tuple[ClipRecord | None, list[str]]:
     """Build a :class:`ClipRecord` from a decoded JSON line; returns ``(record or None, structural problems)``.
 
-    Only structure is checked here (keys, types, phrases in the caption); files are checked by :func:`check_record`.
+    Only structure is checked here (keys, types, phrases in the caption, paths inside ``base_dir`` unless
+    ``allow_outside_root``); files are checked by :func:`check_record`.
     """
     problems: list[str] = []
+    root = None if allow_outside_root else os.path.realpath(base_dir)
     if not isinstance(obj, dict):
         return None, [f"a record must be a JSON object, got {type(obj).__name__}"]
     unknown = sorted(set(obj) - RECORD_KEYS)
@@ -290,7 +329,7 @@ def parse_record(obj: Any, base_dir: Path, line: int) -> tuple[ClipRecord | None
     for key in ("video", "caption", "subjects"):
         if key not in obj:
             problems.append(f"missing required key {key!r}")
-    video = _resolve(obj["video"], base_dir, "\"video\"", problems) if "video" in obj else None
+    video = _resolve(obj["video"], base_dir, "\"video\"", problems, root) if "video" in obj else None
     caption = obj.get("caption")
     if "caption" in obj and (not isinstance(caption, str) or not caption.strip()):
         problems.append(f"\"caption\" must be a non-empty string, got {caption!r}")
@@ -352,10 +391,10 @@ def parse_record(obj: Any, base_dir: Path, line: int) -> tuple[ClipRecord | None
                 unknown = sorted(set(ref) - REFERENCE_KEYS)
                 if unknown:
                     problems.append(f"{rwhere}: unknown keys {unknown} (allowed: {sorted(REFERENCE_KEYS)})")
-                image = _resolve(ref.get("image"), base_dir, f"{rwhere} \"image\"", problems)
-                mask = _resolve(ref["mask"], base_dir, f"{rwhere} \"mask\"", problems) if ref.get("mask") else None
+                image = _resolve(ref.get("image"), base_dir, f"{rwhere} \"image\"", problems, root)
+                mask = _resolve(ref["mask"], base_dir, f"{rwhere} \"mask\"", problems, root) if ref.get("mask") else None
             else:
-                image = _resolve(ref, base_dir, rwhere, problems)
+                image = _resolve(ref, base_dir, rwhere, problems, root)
                 mask = None
             if image is not None:
                 refs.append(ReferenceImage(image=image, mask=mask))
@@ -376,7 +415,7 @@ def parse_record(obj: Any, base_dir: Path, line: int) -> tuple[ClipRecord | None
                 else:
                     track = MaskTrack(kind="rle", rle=raw_masks["rle"])
             else:
-                path = _resolve(raw_masks[kinds[0]], base_dir, f"{where} masks {kinds[0]!r}", problems)
+                path = _resolve(raw_masks[kinds[0]], base_dir, f"{where} masks {kinds[0]!r}", problems, root)
                 key = raw_masks.get("key")
                 if key is not None and not isinstance(key, str):
                     problems.append(f"{where} masks: \"key\" must be a string, got {key!r}")
@@ -450,7 +489,7 @@ def check_record(record: ClipRecord, check_media: bool = True) -> list[str]:
     try:
         num_frames, height, width, _ = probe_video(record.video)
     except Exception as err:  # ffmpeg errors surface as RuntimeError / OSError / StopIteration
-        return [*problems, f"unreadable video {record.video} ({type(err).__name__}: {err})"]
+        return [*problems, f"unreadable video {record.video} ({ffmpeg_error_summary(err)})"]
     record.num_video_frames, record.video_size = num_frames, (height, width)
     if record.frame_start >= num_frames:
         problems.append(f"frame_start {record.frame_start} is past the video's {num_frames} frames")
@@ -475,21 +514,37 @@ def check_record(record: ClipRecord, check_media: bool = True) -> list[str]:
     return problems
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        return [(i, text) for i, text in enumerate(f, start=1) if text.strip()]
+def _read_lines(path: Path) -> list[tuple[int, str | UnicodeDecodeError]]:
+    """Non-blank lines with their numbers; a line that is not UTF-8 comes back as its decode error, so one bad byte
+    costs one record, not the whole manifest."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM written by some editors
+        data = data[3:]
+    lines: list[tuple[int, str | UnicodeDecodeError]] = []
+    for i, raw in enumerate(data.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            lines.append((i, err))
+            continue
+        if text.strip():
+            lines.append((i, text))
+    return lines
 
 
 def validate_manifest(
-    path: str | os.PathLike, *, check_media: bool = True, num_workers: int = 0
+    path: str | os.PathLike, *, check_media: bool = True, num_workers: int = 0, allow_outside_root: bool = False
 ) -> ValidationReport:
     """Check every record of a JSONL manifest and report each problem with its line number.
 
     Args:
-        path: the ``.jsonl`` manifest; relative paths inside it are resolved against its folder.
+        path: the ``.jsonl`` manifest or a folder holding ``manifest.jsonl``; relative paths inside it are resolved
+            against its folder (the dataset root).
         check_media: decode video headers and mask tracks (sizes, frame counts, empty tracks). Without it only
             structure and file existence are checked (fast).
         num_workers: threads for the media checks (each probes with an ffmpeg subprocess); 0 = in this thread.
+        allow_outside_root: accept paths that lead outside the dataset root (``../``, absolute, symlinks). Off by
+            default so that a manifest from elsewhere cannot make the tools open arbitrary files.
 
     Returns:
         A :class:`ValidationReport`; ``report.ok`` is True when nothing is wrong, ``report.records`` are the good
@@ -501,21 +556,36 @@ def validate_manifest(
         if not report.ok:
             print(report.format())
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`path`: manifest {path} does not exist")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}")
+    path = resolve_manifest_path(path)
     base_dir = path.parent
     problems: list[Problem] = []
     parsed: list[ClipRecord] = []
+    first_line_of_id: dict[str, int] = {}
+    duplicates: set[int] = set()
     lines = _read_lines(path)
     for line, text in lines:
+        if isinstance(text, UnicodeDecodeError):
+            byte = text.object[text.start : text.start + 1].hex()
+            problems.append(Problem(line, f"not valid UTF-8 (byte 0x{byte} at offset {text.start} of the line)"))
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
             problems.append(Problem(line, f"malformed JSON ({err.msg} at column {err.colno})"))
             continue
-        record, errs = parse_record(obj, base_dir, line)
+        except RecursionError:
+            problems.append(Problem(line, "malformed JSON (nested too deeply)"))
+            continue
+        record, errs = parse_record(obj, base_dir, line, allow_outside_root=allow_outside_root)
         clip_id = obj.get("id", "") if isinstance(obj, dict) and isinstance(obj.get("id", ""), str) else ""
+        if clip_id:
+            if clip_id in first_line_of_id:
+                errs = [*errs, f"duplicate id {clip_id!r} (first used on line {first_line_of_id[clip_id]}); ids must be unique"]
+                duplicates.add(line)  # still checked below, so every problem of the line is reported at once
+            else:
+                first_line_of_id[clip_id] = line
         problems.extend(Problem(line, e, clip_id) for e in errs)
         if record is not None:
             parsed.append(record)
@@ -531,27 +601,34 @@ def validate_manifest(
     good: list[ClipRecord] = []
     for rec, errs in zip(parsed, results):
         problems.extend(Problem(rec.line, e, rec.id) for e in errs)
-        if not errs:
+        if not errs and rec.line not in duplicates:
             good.append(rec)
     problems.sort(key=lambda p: p.line)  # stable: a record's problems keep their order
     return ValidationReport(path=path, num_records=len(lines), problems=problems, records=good)
 
 
 def load_manifest(
-    path: str | os.PathLike, *, skip_invalid: bool = True, check_media: bool = True, num_workers: int = 0
+    path: str | os.PathLike,
+    *,
+    skip_invalid: bool = True,
+    check_media: bool = True,
+    num_workers: int = 0,
+    allow_outside_root: bool = False,
 ) -> LoadedManifest:
     """Load the good records of a manifest.
 
     Args:
-        path: the ``.jsonl`` manifest.
+        path: the ``.jsonl`` manifest or a folder holding ``manifest.jsonl``.
         skip_invalid: skip bad records and count them (training); if False, raise ``ValueError`` listing them.
-        check_media, num_workers: as in :func:`validate_manifest`. The dataset needs ``check_media=True`` (it uses
+        check_media, num_workers, allow_outside_root: as in :func:`validate_manifest`. The dataset needs ``check_media=True`` (it uses
             the probed frame counts).
 
     Returns:
         :class:`LoadedManifest` with ``records``, ``num_skipped`` and the full ``report``.
     """
-    report = validate_manifest(path, check_media=check_media, num_workers=num_workers)
+    report = validate_manifest(
+        path, check_media=check_media, num_workers=num_workers, allow_outside_root=allow_outside_root
+    )
     if not report.ok and not skip_invalid:
         raise ValueError(f"invalid manifest (pass skip_invalid=True to skip bad records):\n{report.format()}")
     return LoadedManifest(records=report.records, num_skipped=report.num_bad, report=report)

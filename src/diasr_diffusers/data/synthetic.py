@@ -251,6 +251,12 @@ def _angle_gap(a: float, b: np.ndarray) -> np.ndarray:
     return np.abs((b - a + 180.0) % 360.0 - 180.0)
 
 
+# Bounds on the generator's geometry: far above any useful toy set, far below what would exhaust memory.
+MAX_SIDE = 4096
+MAX_CLIP_BYTES = 2 * 2**30
+MAX_CLIPS = 1_000_000
+
+
 def render_clip(
     seed: int,
     index: int = 0,
@@ -275,13 +281,27 @@ def render_clip(
         raise ValueError(f"`subjects` must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_SUBJECTS}, got {subjects}")
     if num_subjects is not None and not 1 <= num_subjects <= MAX_SUBJECTS:
         raise ValueError(f"`num_subjects` must be in [1, {MAX_SUBJECTS}], got {num_subjects}")
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width), ("seed", seed),
+                        ("index", index)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"`{name}` must be an integer, got {value!r}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"`seed` and `index` must be >= 0, got {seed} and {index}")
     if num_frames < 1:
         raise ValueError(f"`num_frames` must be >= 1, got {num_frames}")
     if height < 16 or width < 16:
         raise ValueError(f"`height` and `width` must be >= 16, got {height}x{width}")
+    if max(height, width) > MAX_SIDE:
+        raise ValueError(f"`height` and `width` must be <= {MAX_SIDE}, got {height}x{width}")
+    if num_frames * height * width * 3 > MAX_CLIP_BYTES:
+        # Caught here rather than as a MemoryError (or a machine swapping for minutes) inside numpy.
+        raise ValueError(
+            f"a {num_frames}x{height}x{width} clip needs {num_frames * height * width * 3 / 2**30:.1f} GiB of frames "
+            f"(limit {MAX_CLIP_BYTES / 2**30:.0f} GiB): lower `num_frames`, `height` or `width`"
+        )
     ref_size = ref_size or max(64, min(height, width))
-    if ref_size < 16:
-        raise ValueError(f"`ref_size` must be >= 16, got {ref_size}")
+    if not 16 <= ref_size <= MAX_SIDE:
+        raise ValueError(f"`ref_size` must be in [16, {MAX_SIDE}], got {ref_size}")
 
     rng = np.random.default_rng([int(seed), int(index)])
     n = num_subjects or int(rng.integers(lo, hi + 1))
@@ -405,13 +425,18 @@ def make_synthetic(
         mask_format: ``"npz"`` or ``"png"``.
         crf: H.264 quality of the mp4 (lower = closer to the rendered frames).
     """
-    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
-        raise ValueError(f"`num_clips` must be a positive integer, got {num_clips!r}")
+    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or not 1 <= num_clips <= MAX_CLIPS:
+        raise ValueError(f"`num_clips` must be an integer in [1, {MAX_CLIPS}], got {num_clips!r}")
     if mask_format not in ("npz", "png"):
         raise ValueError(f"`mask_format` must be 'npz' or 'png', got {mask_format!r}")
-    if fps <= 0:
-        raise ValueError(f"`fps` must be > 0, got {fps}")
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or not 0 < fps <= 1000:
+        raise ValueError(f"`fps` must be a number in (0, 1000], got {fps!r}")
     out = Path(out_dir)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"`out_dir` {out}: {parent} is a file, not a folder")
+            break
     manifest_path = out / "manifest.jsonl"
     if manifest_path.exists() and not overwrite:
         raise FileExistsError(f"`out_dir` {out} already holds a manifest.jsonl; pass overwrite=True (`--overwrite`) to replace it")

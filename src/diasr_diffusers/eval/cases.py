@@ -110,5 +110,7 @@ def load_cases(path: str | os.PathLike, images_root: str | os.PathLike | None = 
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"`cases` ({path}): not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ValueError(f"`cases` ({path}): not valid JSON: nested too deeply") from err
     root = images_root if images_root is not None else os.path.dirname(os.path.abspath(path))
     return parse_cases(data, images_root=root, source=path)

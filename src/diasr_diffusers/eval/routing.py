@@ -50,8 +50,28 @@ def routing_iou(
         >>> routing_iou(maps, masks)["per_subject_iou"]
         [1.0]
     """
+    for name, value in (("temporal_compression", temporal_compression), ("spatial_compression", spatial_compression)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if len(patch_size) != 3 or not all(
+        isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in patch_size
+    ):
+        raise ValueError(f"`patch_size` must be three positive integers (t, h, w), got {patch_size!r}")
+    if not 0.0 < float(threshold) <= 1.0:  # also refuses NaN, which would label every token background
+        raise ValueError(f"`threshold` must be in (0, 1], got {threshold!r}")
     maps = _as_tensor(routing_maps, "routing_maps")
     gt_masks = _as_tensor(masks, "masks")
+    if gt_masks.dtype.is_complex or not (gt_masks.dtype == torch.bool or gt_masks.dtype.is_floating_point or
+                                         gt_masks.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                            torch.int64)):  # fmt: skip
+        raise ValueError(f"`masks` must be bool, 0/1 integers or coverage floats, got dtype {gt_masks.dtype}")
+    if gt_masks.numel() and gt_masks.dtype != torch.bool:
+        low, high = float(gt_masks.min()), float(gt_masks.max())
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+            raise ValueError(
+                f"`masks` values must be in [0, 1] (bool, 0/1 or coverage), got [{low}, {high}]"
+                + ("; divide 0/255 masks by 255" if high == 255 else "")
+            )
     if maps.dtype.is_floating_point or maps.dtype == torch.bool:
         raise ValueError(f"`routing_maps` must hold integer subject indices, got dtype {maps.dtype}")
     if maps.ndim == 3:

@@ -6,7 +6,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,11 +49,20 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+class ReferenceImageError(ValueError):
+    """A case's reference image exists but cannot be used (not an image, truncated, or absurdly large)."""
+
+
 def _load_rgb(path: str) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError, MemoryError) as err:
+        # A header claiming 30000x30000 pixels raises DecompressionBombError (not an OSError); it must cost one
+        # case, not the run.
+        raise ReferenceImageError(f"{path}: {type(err).__name__}: {err}") from err
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -88,8 +97,12 @@ def evaluate_cases(
     domain: str = "open",
     face_frames: int = 16,
     progress: bool = True,
+    on_case_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score every case whose video exists and decodes; report the others as skipped.
+
+    A case whose video or reference image cannot be read, or whose metric computation fails, is skipped with the
+    reason; the other cases are still scored.
 
     Args:
         cases: from :func:`~diasr_diffusers.eval.load_cases`.
@@ -106,9 +119,11 @@ def evaluate_cases(
         version, domain: TotalScore formula.
         face_frames: frames sampled evenly for face / CLIP / subject metrics (motion uses every frame).
         progress: show a tqdm progress bar on stderr.
+        on_case_done: called after every case with the results so far (``"complete": False`` until the last
+            case), e.g. to write them to disk so that a crash or a kill loses nothing.
 
     Returns:
-        A JSON-ready dict with ``cases``, ``skipped``, ``categories``, ``overall`` and ``summary``.
+        A JSON-ready dict with ``cases``, ``skipped``, ``categories``, ``overall``, ``summary`` and ``complete``.
     """
     from tqdm.auto import tqdm
 
@@ -122,73 +137,164 @@ def evaluate_cases(
     if "SubjectSim" in metrics and subject_embedder is None:
         raise ValueError("`subject_embedder` is required for the SubjectSim metric")
     total_score_metrics(version, domain)  # validates version / domain before any video is read
+    if isinstance(face_frames, bool) or not isinstance(face_frames, int) or face_frames < 1:
+        raise ValueError(f"`face_frames` must be an integer >= 1, got {face_frames!r}")
     precomputed = precomputed or {}
     needs_refs = any(m in metrics for m in ("FaceSim", "SubjectSim"))
 
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     raw_scores: dict[str, dict[str, float]] = {}
-    for case_id, case in tqdm(cases.items(), desc="diasr eval", unit="case", disable=not progress):
-        video_path = case.video_path(videos_dir)
-        if not os.path.isfile(video_path):
-            skipped[case_id] = f"missing video: {video_path}"
-            continue
-        if needs_refs:
-            missing_refs = [p for p in case.img_paths if not os.path.isfile(p)]
-            if missing_refs:
-                skipped[case_id] = f"missing reference image(s): {missing_refs}"
-                continue
-        try:
-            frames = read_video(video_path)
-        except VideoReadError as err:
-            skipped[case_id] = f"corrupt video: {err}"
-            continue
-        values: dict[str, Any] = {}
-        details: dict[str, Any] = {
-            "num_frames": int(frames.shape[0]),
-            "size": [int(frames.shape[1]), int(frames.shape[2])],
-        }
-        sampled = frames[sample_frame_indices(len(frames), face_frames)]
-        try:
-            if "MotionAmplitude" in metrics:
-                values["MotionAmplitude"] = motion_amplitude(frames) if len(frames) > 1 else None
-            if "Flicker" in metrics:
-                if len(frames) > 1:
-                    values.update(warp_residual(frames))
-                else:
-                    values.update({"WarpResidual": None, "BrightnessFlicker": None})
-            refs = [_load_rgb(p) for p in case.img_paths] if needs_refs else []
-            if "FaceSim" in metrics:
-                ref_emb = np.asarray(face_embedder.embed(refs), dtype=np.float64)
-                has_face = np.all(np.isfinite(ref_emb), axis=1)
-                details["face_references"] = [i for i, ok in enumerate(has_face.tolist()) if ok]
-                if has_face.any():
-                    dets = []
-                    for frame in sampled:
-                        found = face_embedder.detect_and_embed(frame)
-                        dets.append(np.stack([e for _, e in found]) if found else np.zeros((0, ref_emb.shape[1])))
-                    scores = identity_scores(ref_emb[has_face], dets)
-                    values["FaceSim-1to1"] = scores.one_to_one
-                    values["FaceSim-MaxPairs"] = scores.max_over_pairs
-                    values["FaceLeakage"] = scores.leakage
-                    details["face"] = scores.to_dict()
-                else:  # no human face among the references: the metric does not apply
-                    values.update({"FaceSim-1to1": None, "FaceSim-MaxPairs": None, "FaceLeakage": None})
-            if "CLIP-T" in metrics:
-                values["CLIP-T"] = clip_scorer.score(list(sampled), case.prompt)
-            if "SubjectSim" in metrics:
-                sims = cosine_similarity(subject_embedder.embed(refs), subject_embedder.embed(list(sampled)))
-                values["SubjectSim"] = float(sims.mean())
-                details["subject_sim_per_reference"] = sims.mean(axis=1).tolist()
-        except OSError as err:  # a reference image that PIL cannot open
-            skipped[case_id] = f"unreadable reference image: {err}"
-            continue
-        raw = dict(precomputed.get(case_id, {}))
-        if values.get("MotionAmplitude") is not None:
-            raw["motion_amplitude"] = values["MotionAmplitude"]
-        raw_scores[case_id] = {k: v for k, v in raw.items() if k in RAW_METRIC_KEYS or k.startswith("naturalscore_")}
-        results[case_id] = {"category": case.category, "metrics": values, "details": details}
 
+    def assemble(complete: bool) -> dict[str, Any]:
+        return _assemble(
+            cases,
+            results,
+            skipped,
+            raw_scores,
+            metrics,
+            version,
+            domain,
+            face_embedder_name,
+            face_frames,
+            videos_dir,
+            complete,
+        )
+
+    for case_id, case in tqdm(cases.items(), desc="diasr eval", unit="case", disable=not progress):
+        _evaluate_case(
+            case_id,
+            case,
+            videos_dir,
+            metrics,
+            needs_refs,
+            face_frames,
+            precomputed,
+            face_embedder,
+            clip_scorer,
+            subject_embedder,
+            results,
+            skipped,
+            raw_scores,
+        )
+        if on_case_done is not None:
+            on_case_done(assemble(complete=False))
+    return assemble(complete=True)
+
+
+def _evaluate_case(
+    case_id: str,
+    case: EvalCase,
+    videos_dir: str | os.PathLike,
+    metrics: Sequence[str],
+    needs_refs: bool,
+    face_frames: int,
+    precomputed: Mapping[str, Mapping[str, float]],
+    face_embedder: Any,
+    clip_scorer: Any,
+    subject_embedder: Any,
+    results: dict[str, Any],
+    skipped: dict[str, str],
+    raw_scores: dict[str, dict[str, float]],
+) -> None:
+    """Score one case into ``results`` / ``raw_scores``, or record why it was skipped in ``skipped``."""
+    video_path = case.video_path(videos_dir)
+    if not os.path.isfile(video_path):
+        skipped[case_id] = f"missing video: {video_path}"
+        return
+    refs: list[np.ndarray] = []
+    if needs_refs:
+        missing_refs = [p for p in case.img_paths if not os.path.isfile(p)]
+        if missing_refs:
+            skipped[case_id] = f"missing reference image(s): {missing_refs}"
+            return
+        try:  # before the video: a bad reference is found without decoding anything
+            refs = [_load_rgb(p) for p in case.img_paths]
+        except ReferenceImageError as err:
+            skipped[case_id] = f"unreadable reference image: {err}"
+            return
+    try:
+        frames = read_video(video_path)
+    except VideoReadError as err:
+        skipped[case_id] = f"corrupt video: {err}"
+        return
+    try:
+        values, details = _case_metrics(
+            frames, refs, case, metrics, face_frames, face_embedder, clip_scorer, subject_embedder
+        )
+    except Exception as err:  # noqa: BLE001 - one case's failure must not cost the results of the others
+        skipped[case_id] = f"metric failed: {type(err).__name__}: {err}"
+        return
+    raw = dict(precomputed.get(case_id, {}))
+    if values.get("MotionAmplitude") is not None:
+        raw["motion_amplitude"] = values["MotionAmplitude"]
+    raw_scores[case_id] = {k: v for k, v in raw.items() if k in RAW_METRIC_KEYS or k.startswith("naturalscore_")}
+    results[case_id] = {"category": case.category, "metrics": values, "details": details}
+
+
+def _case_metrics(
+    frames: np.ndarray,
+    refs: list[np.ndarray],
+    case: EvalCase,
+    metrics: Sequence[str],
+    face_frames: int,
+    face_embedder: Any,
+    clip_scorer: Any,
+    subject_embedder: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(values, details)`` of one decoded case; raises whatever a metric raises (the caller skips the case)."""
+    values: dict[str, Any] = {}
+    details: dict[str, Any] = {
+        "num_frames": int(frames.shape[0]),
+        "size": [int(frames.shape[1]), int(frames.shape[2])],
+    }
+    sampled = frames[sample_frame_indices(len(frames), face_frames)]
+    if "MotionAmplitude" in metrics:
+        values["MotionAmplitude"] = motion_amplitude(frames) if len(frames) > 1 else None
+    if "Flicker" in metrics:
+        if len(frames) > 1:
+            values.update(warp_residual(frames))
+        else:
+            values.update({"WarpResidual": None, "BrightnessFlicker": None})
+    if "FaceSim" in metrics:
+        ref_emb = np.asarray(face_embedder.embed(refs), dtype=np.float64)
+        has_face = np.all(np.isfinite(ref_emb), axis=1)
+        details["face_references"] = [i for i, ok in enumerate(has_face.tolist()) if ok]
+        if has_face.any():
+            dets = []
+            for frame in sampled:
+                found = face_embedder.detect_and_embed(frame)
+                dets.append(np.stack([e for _, e in found]) if found else np.zeros((0, ref_emb.shape[1])))
+            scores = identity_scores(ref_emb[has_face], dets)
+            values["FaceSim-1to1"] = scores.one_to_one
+            values["FaceSim-MaxPairs"] = scores.max_over_pairs
+            values["FaceLeakage"] = scores.leakage
+            details["face"] = scores.to_dict()
+        else:  # no human face among the references: the metric does not apply
+            values.update({"FaceSim-1to1": None, "FaceSim-MaxPairs": None, "FaceLeakage": None})
+    if "CLIP-T" in metrics:
+        values["CLIP-T"] = clip_scorer.score(list(sampled), case.prompt)
+    if "SubjectSim" in metrics:
+        sims = cosine_similarity(subject_embedder.embed(refs), subject_embedder.embed(list(sampled)))
+        values["SubjectSim"] = float(sims.mean())
+        details["subject_sim_per_reference"] = sims.mean(axis=1).tolist()
+    return values, details
+
+
+def _assemble(
+    cases: Mapping[str, EvalCase],
+    results: dict[str, Any],
+    skipped: dict[str, str],
+    raw_scores: dict[str, dict[str, float]],
+    metrics: Sequence[str],
+    version: str,
+    domain: str,
+    face_embedder_name: str,
+    face_frames: int,
+    videos_dir: str | os.PathLike,
+    complete: bool,
+) -> dict[str, Any]:
+    """The results document: per-case values plus per-category and overall aggregates of the cases so far."""
     value_names = [name for group in metrics for name in METRIC_GROUPS[group]]
     categories: dict[str, Any] = {}
     for category in sorted({case["category"] for case in results.values()}):
@@ -212,9 +318,10 @@ def evaluate_cases(
             "face_frames": face_frames,
             "videos": os.path.abspath(os.fspath(videos_dir)),
         },
+        "complete": complete,
         "summary": {"num_cases": len(cases), "evaluated": len(results), "skipped": len(skipped)},
-        "skipped": skipped,
-        "cases": results,
+        "skipped": dict(skipped),
+        "cases": dict(results),
         "categories": categories,
         "overall": overall,
     }

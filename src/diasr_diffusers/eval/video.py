@@ -43,7 +43,9 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.nda
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except Exception as err:  # imageio/ffmpeg raise a zoo of types for broken files
-        raise VideoReadError(f"cannot decode {path}: {type(err).__name__}: {err}") from err
+        from ..data._io import ffmpeg_error_summary
+
+        raise VideoReadError(f"cannot decode {path}: {type(err).__name__}: {ffmpeg_error_summary(err)}") from err
     if not frames:
         raise VideoReadError(f"cannot decode {path}: no frames")
     video = np.stack(frames)

@@ -131,9 +131,14 @@ class TrainConfig:
 
     @staticmethod
     def manifest_path(value: str) -> Path:
-        """A manifest file, or ``manifest.jsonl`` inside a folder."""
-        p = Path(value).expanduser()
-        return p / "manifest.jsonl" if p.is_dir() else p
+        """A manifest file, or ``manifest.jsonl`` inside a folder (the rule ``diasr validate-data`` applies too)."""
+        from ..data.manifest import resolve_manifest_path
+
+        try:
+            return resolve_manifest_path(value)
+        except FileNotFoundError:  # the caller reports the missing path in its own words
+            p = Path(value).expanduser()
+            return p / "manifest.jsonl" if p.is_dir() else p
 
     def _validate_tiny_model(self) -> None:
         import inspect
