@@ -196,6 +196,9 @@ def test_example_configs_use_known_keys():
 
 def test_resume_without_checkpoint_fails_clearly(data_dir, tmp_path):
     cfg = TrainConfig.from_dict(_config(data_dir))
+    with pytest.raises(ValueError, match="does not exist"):
+        DiasRTrainer(cfg, tmp_path / "missing", resume=True).setup()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no complete checkpoint"):
         DiasRTrainer(cfg, tmp_path / "empty", resume=True).setup()
 

@@ -376,6 +376,8 @@ class DiasRTrainer:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ValueError(f"output folder {out} exists and is not a folder")
+        if self.resume and not out.is_dir():
+            raise ValueError(f"--resume: the output folder {out} does not exist")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
