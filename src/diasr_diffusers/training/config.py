@@ -49,6 +49,7 @@ _ROUTER_INTS = (
     "context_kernel",
 )
 _MAX_ROUTER_PARAMS = 2**31  # far above any real router (Wan 14B, dim 1024: ~0.2B); stops a typo from eating all RAM
+_MAX_LAYERS = 1024  # Wan2.1 14B has 40; an untrusted config.json must not make us build millions of modules
 _LORA_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")  # what peft's LoRA can wrap
 
 
@@ -407,6 +408,10 @@ class TrainConfig:
         init_keys = set(inspect.signature(transformer_cls.__init__).parameters)
         one_block = {k: (tuple(v) if k == "patch_size" else v) for k, v in tcfg.items() if k in init_keys}
         num_layers = one_block.get("num_layers", 1)
+        if not _is_int(num_layers) or not 1 <= num_layers <= _MAX_LAYERS:
+            raise ConfigError(
+                f"the transformer config's `num_layers` must be an integer in [1, {_MAX_LAYERS}], got {num_layers!r}"
+            )
         one_block["num_layers"] = 1  # module names repeat per block: one block is enough to match targets
         try:
             with torch.device("meta"):
@@ -416,7 +421,7 @@ class TrainConfig:
                 router = IDRouter(hidden_dim=hidden, text_dim=text_dim, num_layers=num_layers, **self.router)
         except ConfigError:
             raise
-        except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+        except (ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as e:
             where = "`router`" if "transformer" in locals() else "the transformer config"
             raise ConfigError(f"{where} is unusable: {e}") from None
         n_params = sum(p.numel() for p in router.parameters())
