@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,19 +77,13 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
         ({"max_sequence_length": 0}, "`max_sequence_length` must be a positive integer"),
     ],
 )
-def test_bad_config_is_rejected_with_a_clear_error(data_dir, tmp_path, change, message):
+def test_bad_config_is_rejected_with_a_clear_error(data_dir, tmp_path, change, message, capsys):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_yaml(_write(tmp_path, _config(data_dir, **change)))
-    with pytest.raises(SystemExit, match=message):
-        main(
-            [
-                "train",
-                "--config",
-                str(_write(tmp_path, _config(data_dir, **change))),
-                "--output-dir",
-                str(tmp_path / "o"),
-            ]
-        )
+    config = str(_write(tmp_path, _config(data_dir, **change)))
+    assert main(["train", "--config", config, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
@@ -123,7 +118,9 @@ def test_stage_decreases_its_losses_on_a_fixed_sample(data_dir, tmp_path, stage)
     assert 0.0 <= result["routing_iou_mean"] <= 1.0 and "null_accuracy" in result
 
 
-@pytest.mark.parametrize("extra", [{}, {"cache_latents": True, "weighting_scheme": "logit_normal", "logit_mean": -1.0}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"cache_latents": True, "weighting_scheme": "logit_normal", "logit_mean": -1.0}]
+)
 def test_resume_continues_exactly(data_dir, tmp_path, extra):
     full = _write(tmp_path, _config(data_dir, max_steps=4, **extra), "full.yaml")
     half = _write(tmp_path, _config(data_dir, max_steps=2, **extra), "half.yaml")
@@ -199,7 +196,10 @@ def test_example_configs_use_known_keys():
 
 def test_resume_without_checkpoint_fails_clearly(data_dir, tmp_path):
     cfg = TrainConfig.from_dict(_config(data_dir))
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="does not exist"):
+        DiasRTrainer(cfg, tmp_path / "missing", resume=True).setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
         DiasRTrainer(cfg, tmp_path / "empty", resume=True).setup()
 
 
@@ -264,7 +264,9 @@ def test_training_reads_a_latent_cache(data_dir, tmp_path):
         temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1), seed=0,
     )  # fmt: skip
     cache_latents(ds, vae, tmp_path / "latents", progress=False)
-    cfg = TrainConfig.from_dict(_config(data_dir, tiny_model=tiny, latent_cache=str(tmp_path / "latents"), max_steps=2))
+    cfg = TrainConfig.from_dict(
+        _config(data_dir, tiny_model=tiny, latent_cache=str(tmp_path / "latents"), max_steps=2)
+    )
     trainer = DiasRTrainer(cfg, tmp_path / "run")
     trainer.setup()
     item = trainer.train_set[0]
@@ -277,10 +279,190 @@ def test_training_reads_a_latent_cache(data_dir, tmp_path):
     assert 0.0 <= result["routing_iou_mean"] <= 1.0
 
     # A cache written with another VAE (the random toy VAE: 8x spatial, 4x temporal) is refused by name.
-    other = MuSADataset(data_dir / "manifest.jsonl", num_frames=5, height=32, width=32, clip_sampling="start", crop="center")
+    other = MuSADataset(
+        data_dir / "manifest.jsonl", num_frames=5, height=32, width=32, clip_sampling="start", crop="center"
+    )
     cache_latents(other, tiny_wan_components()["vae"], tmp_path / "other", progress=False)
     cfg = TrainConfig.from_dict(_config(data_dir, tiny_model=tiny, latent_cache=str(tmp_path / "other")))
     with pytest.raises(ValueError, match="`latent_cache` .* another VAE"):
         DiasRTrainer(cfg, tmp_path / "run2").setup()
     with pytest.raises(ConfigError, match="needs a fixed VAE"):
         TrainConfig.from_dict(_config(data_dir, latent_cache=str(tmp_path / "latents")))
+
+
+# -- config keys checked at load time (issue 10) -------------------------------------------------------------------
+
+
+def test_config_numbers_keep_their_meaning(data_dir):
+    cfg = TrainConfig.from_dict(
+        _config(data_dir, router_learning_rate=0, learning_rate="1e-3", eval_sigmas=["5e-1", 1])
+    )
+    assert cfg.router_learning_rate == 0.0  # a frozen router, not `learning_rate`
+    assert cfg.learning_rate == 1e-3 and cfg.eval_sigmas == [0.5, 1.0]  # YAML 1.1 reads 1e-3 as a string
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"batch_size": True}, "`batch_size` must be a positive integer"),
+        ({"lambda_route": -1}, r"`lambda_route` must be in \[0"),
+        ({"eval_sigmas": [0.0]}, r"`eval_sigmas` must be in \(0, 1\]"),
+        ({"eval_sigmas": [1.5]}, r"`eval_sigmas` must be in \(0, 1\]"),
+        ({"learning_rate": "fast"}, "`learning_rate` must be a number"),
+        ({"router": {"router_dims": 8}}, "unknown or fixed `router` key"),
+        ({"router": {"router_dim": 15, "num_heads": 2}}, "`router` is unusable"),
+        ({"router": {"routed_layers": [7]}}, "`router` is unusable"),
+        ({"lr_scheduler": "cosmic"}, "`lr_scheduler` must be one of"),
+        ({"seed": "zero"}, "`seed` must be an integer"),
+        ({"weight_decay": "lots"}, "`weight_decay` must be a number"),
+        ({"lora_targets": ["to_qq"]}, "`lora_targets`: no module"),
+        ({"lora_targets": "to_q"}, "`lora_targets` must be a non-empty list"),
+        ({"lr_warmup_steps": 5}, "no effect with `lr_scheduler: constant`"),
+        ({"tiny_model": {**TINY, "num_layers": 5000}}, r"`num_layers` must be an integer in \[1, 1024\]"),  # hung
+        ({"router": {"num_identity_queries": 10**6, "router_dim": 10**5}}, "parameters; check its sizes"),
+    ],
+)
+def test_every_key_is_checked_at_load_time(data_dir, change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(_config(data_dir, **change))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("- stage: route\n", "must hold a mapping"),
+        ("stage: route\nstage: align\n", "appears twice"),
+        ("stage: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+        (b"\xff\xfe\x00binary", "not UTF-8"),
+    ],
+)
+def test_config_file_that_is_not_a_config(tmp_path, text, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(path)
+
+
+def test_cli_eval_data_overrides_a_missing_config_eval_data(data_dir, tmp_path, capsys):
+    # The config's own eval_data does not exist; --eval-data replaces it before paths are checked. The output
+    # folder is a file, so the run stops (exit 2) right after the config was accepted, before any model loads.
+    config = _write(tmp_path, _config(data_dir, eval_data=str(tmp_path / "gone")))
+    (tmp_path / "file").write_text("x")
+    argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "file"), "--eval-data", str(data_dir)]
+    assert main(argv) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+# -- resume and checkpoint faults, built on disk -----------------------------------------------------------------
+
+
+def _fake_checkpoint(out: Path, step: int, config: TrainConfig, truncate: str | None = None) -> Path:
+    """A checkpoint folder as save_checkpoint writes it (file list + sizes in trainer_state.json, written last)."""
+    folder = out / f"checkpoint-{step}"
+    (folder / "router").mkdir(parents=True)
+    (folder / "router" / "config.json").write_text("{}")
+    (folder / "optimizer.safetensors").write_bytes(b"x" * 64)
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+    trainer = DiasRTrainer(config, out)
+    state = {"step": step, "stage": config.stage, "config": trainer._config_record(), "files": files}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    if truncate:
+        (folder / truncate).write_bytes(b"x" * 10)
+    return folder
+
+
+def test_resume_picks_the_newest_complete_checkpoint_and_ignores_others(data_dir, tmp_path, caplog):
+    cfg = TrainConfig.from_dict(_config(data_dir))
+    out = tmp_path / "run"
+    good = _fake_checkpoint(out, 2, cfg)
+    _fake_checkpoint(out, 4, cfg, truncate="optimizer.safetensors")  # killed mid-write / truncated copy
+    (out / "checkpoint-best").mkdir()  # not ours
+    (out / "checkpoint-6").mkdir()  # no trainer_state.json: never finished
+    trainer = DiasRTrainer(cfg, out, resume=True)
+    with caplog.at_level("WARNING"):
+        assert trainer.check_output_dir() == good
+    assert "checkpoint-4" in caplog.text and "optimizer.safetensors has 10 bytes" in caplog.text
+    assert "checkpoint-6" in caplog.text
+    # A new run (no resume) into that folder would mix two runs: refused before any model is built.
+    with pytest.raises(ValueError, match="checkpoint-6 of an earlier run"):
+        DiasRTrainer(cfg, out).check_output_dir()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(data_dir, tmp_path):
+    out = tmp_path / "run"
+    _fake_checkpoint(out, 2, TrainConfig.from_dict(_config(data_dir, lora_rank=4)))
+    with pytest.raises(ValueError, match="another config.*lora_rank: 4 there, 2 here"):
+        DiasRTrainer(TrainConfig.from_dict(_config(data_dir)), out, resume=True).check_output_dir()
+    # A longer run is a change a resume may make.
+    assert DiasRTrainer(
+        TrainConfig.from_dict(_config(data_dir, lora_rank=4, max_steps=9)), out, resume=True
+    ).check_output_dir()
+    with pytest.raises(ValueError, match="past `max_steps`"):
+        DiasRTrainer(
+            TrainConfig.from_dict(_config(data_dir, lora_rank=4, max_steps=1)), out, resume=True
+        ).check_output_dir()
+
+
+def test_torn_last_metrics_line_is_dropped(tmp_path, caplog):
+    from diasr_diffusers.training.trainer import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    with caplog.at_level("WARNING"):
+        assert [m["step"] for m in read_metrics(path, up_to_step=2)] == [1, 2]
+    assert "unfinished last line 3" in caplog.text
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(path)
+
+
+def test_pruning_and_leftovers_of_a_kill(data_dir, tmp_path):
+    from types import SimpleNamespace
+
+    cfg = TrainConfig.from_dict(_config(data_dir, checkpoints_total_limit=1))
+    out = tmp_path / "run"
+    for step in (2, 4):
+        _fake_checkpoint(out, step, cfg)
+    trainer = DiasRTrainer(cfg, out, resume=True)
+    trainer._prune_checkpoints()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    # What kills leave: a checkpoint half-deleted while pruning, temp folders / files of atomic writes.
+    (out / ".checkpoint-2.deleting" / "router").mkdir(parents=True)
+    (out / ".checkpoint-6.tmp").mkdir()
+    (out / ".router.tmp").mkdir()
+    (out / ".eval.abc123.tmp.json").write_text("")
+    (out / "notes.txt").write_text("mine")  # the user's: kept
+    trainer.accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    assert trainer._prepare_output_dir() == out / "checkpoint-4"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "notes.txt"]
+
+
+def test_final_save_is_all_or_nothing(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir, train_lora=False)), out)
+    trainer.output_dir.mkdir()
+    trainer.router = IDRouter(
+        hidden_dim=8, text_dim=8, num_layers=1, router_dim=8, num_identity_queries=2, num_heads=2
+    )
+    trainer._save_final()
+    before = (out / "router" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"stale")  # an earlier run's LoRA would pair with it
+    with torch.no_grad():
+        trainer.router.null_anchors.add_(1.0)
+
+    def killed(*args, **kwargs):  # the config is written, then the process dies before the weights
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        "diasr_diffusers.routing.router.IDRouter.save_pretrained",
+        lambda self, d, **k: (Path(d, "config.json").write_text("{}"), killed()),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer._save_final()
+    assert (out / "router" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_lora_weights.safetensors", "router"]
+    monkeypatch.undo()
+    trainer._save_final()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "router" / "diffusion_pytorch_model.safetensors").read_bytes() != before

@@ -8,10 +8,12 @@ steps as one process with batch N*B (up to the order of floating-point reduction
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +27,22 @@ from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
-from ..utils.io import atomic_dir, atomic_write_text
+from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from ..utils.latents import encode_latents
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its list of files and sizes marks it complete
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# Our temporary names in the output folder (utils.io.atomic_dir / atomic_path, pruning): a kill leaves them behind.
+_LEFTOVER = re.compile(
+    r"\.(checkpoint-\d+|router)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights)\..+\.tmp\.(json|jsonl|safetensors)"
+)
+# Keys a resumed run may change: they do not touch the weights, the optimizer or the data stream already taken.
+RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "eval_data",
+                     "eval_sigmas", "mixed_precision", "gradient_checkpointing")  # fmt: skip
 
 
 class _Trainable(nn.Module):
@@ -81,6 +92,31 @@ def _optimizer_state_from_safetensors(optimizer: torch.optim.Optimizer, path: Pa
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (those up to ``up_to_step``). A torn last line, left by a kill during the
+    append, is dropped with a warning; a bad line elsewhere is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer `step`")
+        except (ValueError, UnicodeDecodeError) as e:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                logger.warning(f"{path}: dropping the unfinished last line {i + 1} ({e})")
+                break
+            raise ValueError(f"{path} line {i + 1} is not a metrics record ({e}); fix or delete that line") from None
+        if up_to_step is None or record["step"] <= up_to_step:
+            records.append(record)
+    return records
+
+
 class DiasRTrainer:
     """Runs one training stage from a :class:`TrainConfig`.
 
@@ -93,9 +129,17 @@ class DiasRTrainer:
     """
 
     def __init__(self, config: TrainConfig, output_dir: str | os.PathLike, resume: bool = False):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"`config` must be a TrainConfig (TrainConfig.from_yaml / from_dict), got {type(config).__name__}")
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise TypeError(f"`output_dir` must be a folder path, got {output_dir!r}")
+        if not isinstance(resume, bool):
+            raise TypeError(f"`resume` must be a bool, got {resume!r}")
+        config.validate()  # it may have been edited since it was built
         self.config = config
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir).expanduser()
         self.resume = resume
+        self._trained = False
         self.skipped_records = 0
         self.failed_samples = 0
 
@@ -160,6 +204,7 @@ class DiasRTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
             module.requires_grad_(False)
@@ -179,7 +224,8 @@ class DiasRTrainer:
             self._calibrate_toy_vae()
 
         lora_params = [p for p in transformer.parameters() if p.requires_grad]
-        groups = [{"params": list(router.parameters()), "lr": cfg.router_learning_rate or cfg.learning_rate}]
+        router_lr = cfg.learning_rate if cfg.router_learning_rate is None else cfg.router_learning_rate
+        groups = [{"params": list(router.parameters()), "lr": router_lr}]
         if lora_params:
             groups.append({"params": lora_params, "lr": cfg.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -195,11 +241,8 @@ class DiasRTrainer:
         self.transformer = transformer
         self.start_step = 0
         self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
-        if self.resume:
-            latest = self.latest_checkpoint()
-            if latest is None:
-                raise ValueError(f"--resume: no checkpoint-* folder in {self.output_dir}")
-            self._load_checkpoint(latest)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
@@ -232,35 +275,173 @@ class DiasRTrainer:
             set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
 
     def _save_weights(self, folder: Path) -> None:
-        from peft.utils import get_peft_model_state_dict
-
         self.router.save_pretrained(folder / "router")
         if self.config.train_lora:
-            DiasRPipeline.save_lora_weights(
-                str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=LORA_WEIGHT_NAME
-            )
+            self._save_lora(folder)
+
+    def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        DiasRPipeline.save_lora_weights(
+            str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=weight_name
+        )
+
+    def _save_final(self) -> None:
+        """``router/`` and the LoRA file of the finished run, each replaced in one rename once both are written: a
+        kill leaves the previous outputs (or none), never a half-written one."""
+        out = self.output_dir
+        (out / "eval.json").unlink(missing_ok=True)  # it would describe the previous weights until evaluate() ends
+        lora = out / LORA_WEIGHT_NAME
+        with atomic_dir(out / "router") as router_tmp, contextlib.ExitStack() as stack:
+            self.router.save_pretrained(router_tmp)
+            if self.config.train_lora:
+                lora_tmp = stack.enter_context(atomic_path(lora))
+                self._save_lora(lora_tmp.parent, lora_tmp.name)
+            else:  # one of an earlier run would be loaded with this router
+                lora.unlink(missing_ok=True)
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every ``checkpoint-<step>`` folder, oldest first; other names are not ours."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    @staticmethod
+    def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+        """Why ``folder`` is not a complete checkpoint (``None`` if it is): its ``trainer_state.json`` is written
+        last and lists every file with its size."""
+        folder = Path(folder)
+        try:
+            state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"no {STATE_NAME}"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"unreadable {STATE_NAME} ({e})"
+        if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
+            return f"{STATE_NAME} lacks its step or file list"
+        for name, size in state["files"].items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return ckpts[-1] if ckpts else None
+        """The newest complete ``checkpoint-<step>`` folder (newer incomplete ones are skipped with a warning)."""
+        for _, folder in reversed(self._checkpoints()):
+            problem = self.checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            logger.warning(f"skipping incomplete checkpoint {folder}: {problem}")
+        return None
+
+    def _config_record(self) -> dict[str, Any]:
+        """The config as saved in checkpoints, with paths made absolute (a resume may run from another folder)."""
+        record = self.config.to_dict()
+        for key in ("train_data", "model", "init_from", "eval_data", "latent_cache"):
+            if record[key] is not None:
+                record[key] = str(Path(record[key]).expanduser().resolve())
+        return record
+
+    def _check_resume(self, folder: Path) -> None:
+        """A checkpoint must come from the same stage and config (but for :data:`RESUMABLE_CHANGES`): anything else
+        would mix two runs, fail inside torch on shape mismatches, or be silently overridden by the saved optimizer."""
+        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+        if state.get("stage") != self.config.stage:
+            raise ValueError(f"checkpoint {folder} is from stage {state.get('stage')!r}, the config says {self.config.stage!r}")
+        saved, ours = state.get("config"), self._config_record()
+        if not isinstance(saved, dict):
+            raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
+        changed = sorted(k for k in set(saved) | set(ours) if k not in RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        if changed:
+            diffs = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:6])
+            raise ValueError(
+                f"checkpoint {folder} was written with another config ({diffs}). A resumed run may only change "
+                f"{', '.join(RESUMABLE_CHANGES)}; use another --output-dir for a new run"
+            )
+        if state["step"] > self.config.max_steps:
+            raise ValueError(f"checkpoint {folder} is at step {state['step']}, past `max_steps` ({self.config.max_steps})")
+        if saved.get("max_steps") != self.config.max_steps and self.config.lr_scheduler not in ("constant", "constant_with_warmup"):
+            logger.warning(
+                f"`max_steps` changed from {saved.get('max_steps')} to {self.config.max_steps}: the {self.config.lr_scheduler} "
+                f"learning-rate schedule continues from step {state['step']} on the new length"
+            )
+
+    def check_output_dir(self) -> Path | None:
+        """Check the output folder (creating it) and pick the checkpoint to resume from (``None`` for a new run),
+        before anything is built. Raises ``ValueError`` for a folder that is a file, not writable, holds another
+        run's checkpoints without ``resume``, or has no complete checkpoint (or one of another config) with it."""
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output folder {out} exists and is not a folder")
+        if self.resume and not out.is_dir():
+            raise ValueError(f"--resume: the output folder {out} does not exist")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"the output folder {out} is not writable")
+        existing = self._checkpoints()
+        if not self.resume:
+            if existing:
+                raise ValueError(
+                    f"output folder {out} holds {existing[-1][1].name} of an earlier run: resume it (--resume, "
+                    f"resume=True) or use another output folder"
+                )
+            return None
+        latest = self.latest_checkpoint()
+        if latest is None:
+            names = ", ".join(p.name for _, p in existing) or "none"
+            raise ValueError(f"--resume: no complete checkpoint-<step> folder in {out} (found: {names})")
+        self._check_resume(latest)
+        return latest
+
+    def _prepare_output_dir(self) -> Path | None:
+        """:meth:`check_output_dir`, after removing our leftovers of a killed run (temp and half-pruned folders)."""
+        out = self.output_dir
+        if self.accelerator.is_main_process and out.is_dir():
+            for leftover in out.iterdir():
+                if _LEFTOVER.fullmatch(leftover.name):
+                    logger.warning(f"removing {leftover}, left by an interrupted run")
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        return self.check_output_dir()
 
     def save_checkpoint(self, step: int) -> Path:
         """Write ``checkpoint-{step}`` atomically (a temp folder renamed into place), keep the newest M."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be an integer >= 0, got {step!r}")
+        if not hasattr(self, "accelerator"):
+            self.setup()
         final = self.output_dir / f"checkpoint-{step}"
         with atomic_dir(final) as tmp:
             self._save_weights(tmp)
-            _optimizer_state_to_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, tmp)
-            state = {"step": step, "stage": self.config.stage, "seed": self.config.seed, "lr_scheduler": self.lr_scheduler.state_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-        ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[: -self.config.checkpoints_total_limit]:
-            shutil.rmtree(old)
+            optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            _optimizer_state_to_safetensors(optimizer, tmp)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files}  # fmt: skip
+            (tmp / STATE_NAME).write_text(json.dumps(state))
+        self._prune_checkpoints()
         return final
 
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest ``checkpoints_total_limit``. Each old one is first renamed to a hidden name (one step, so
+        a kill never leaves a half-deleted ``checkpoint-*`` that looks like ours); leftovers go at the next start."""
+        for _, old in self._checkpoints()[: -self.config.checkpoints_total_limit]:
+            doomed = old.with_name(f".{old.name}.deleting")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+
     def _load_checkpoint(self, folder: Path) -> None:
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if state["stage"] != self.config.stage:
-            raise ValueError(f"checkpoint {folder} is from stage {state['stage']!r}, the config says {self.config.stage!r}")
+        state = json.loads((folder / STATE_NAME).read_text())
         self._load_weights(folder, self.router, self.transformer)
         _optimizer_state_from_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, folder)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -377,16 +558,17 @@ class DiasRTrainer:
     def train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
+        if self._trained:
+            raise RuntimeError("train() already ran on this trainer; build a new DiasRTrainer (resume=True to continue)")
         if not hasattr(self, "accelerator"):
             self.setup()
         cfg, acc = self.config, self.accelerator
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.output_dir / "metrics.jsonl"
         if acc.is_main_process and not self.resume and metrics_path.exists():
             metrics_path.unlink()
         if acc.is_main_process and self.resume:  # drop lines past the checkpoint: they will be retaken
-            kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else []) if json.loads(ln)["step"] <= self.start_step]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            kept = read_metrics(metrics_path, up_to_step=self.start_step)
+            atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
         self.model.train()
         bar = tqdm(range(self.start_step, cfg.max_steps), initial=self.start_step, total=cfg.max_steps, disable=not acc.is_main_process, desc=f"diasr train ({cfg.stage})")  # fmt: skip
         for step in bar:
@@ -427,9 +609,10 @@ class DiasRTrainer:
             if done % cfg.checkpointing_steps == 0 and acc.is_main_process:
                 self.save_checkpoint(done)
             acc.wait_for_everyone()
+        self._trained = True
         result: dict[str, Any] = {}
         if acc.is_main_process:
-            self._save_weights(self.output_dir)
+            self._save_final()
             result = self.evaluate()
             result.update(skipped_records=self.skipped_records, failed_samples=self.failed_samples)
             atomic_write_text(self.output_dir / "eval.json", json.dumps(result, indent=2))
@@ -449,6 +632,8 @@ class DiasRTrainer:
         null), for breakdowns such as ``benchmarks/routing_breakdown.py``."""
         from ..eval.routing import label_iou
 
+        if not hasattr(self, "accelerator"):
+            self.setup()
         if self.eval_set is None:
             return {"num_eval_clips": 0, "note": "no held-out clips (eval_fraction 0 and no eval_data)"}
         self.model.eval()
