@@ -63,7 +63,7 @@ def phrase_problems(text: str, phrases: Sequence[str | None], what: str = "promp
         found = phrase_spans(text, phrase)
         if not found:
             inside = _pattern(phrase, whole_words=False).search(text)
-            hint = f" (only inside the word {inside.group(0)!r})" if inside else ""
+            hint = f" (only inside {inside.group(0)!r}: it must end and begin at word boundaries)" if inside else ""
             problems.append(f"subject {i}: phrase {phrase!r} does not occur in the {what} as whole words{hint}")
             continue
         for j, other in spans.items():
