@@ -22,6 +22,9 @@ This module is the thin public interface: argument checks and backend dispatch. 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -115,9 +118,13 @@ def _check_inputs(
     if query_buckets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"`query_buckets` must be int64 (or int32), got {query_buckets.dtype}")
     try:
-        lengths = [int(n) for n in segment_lengths]
-    except (TypeError, ValueError):
-        raise ValueError(f"`segment_lengths` must be a sequence of ints, got {segment_lengths!r}") from None
+        # operator.index, not int(): a length of 2.7 is a mistake, not 2.
+        lengths = [operator.index(n) for n in segment_lengths if not isinstance(n, bool)]
+        exact = len(lengths) == len(segment_lengths)
+    except TypeError:
+        exact = False
+    if not exact:
+        raise ValueError(f"`segment_lengths` must be a sequence of ints, got {segment_lengths!r}")
     if any(n < 0 for n in lengths):
         raise ValueError(f"`segment_lengths` must be non-negative, got {lengths}")
     if sum(lengths) > lk:
@@ -175,6 +182,9 @@ def bucketed_attention(
     lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        # Some fused kernels read a non-finite scale as "use the default" and would return plausible numbers.
+        raise ValueError(f"`scale` must be a finite number > 0 or None, got {scale!r}")
     if query.shape[1] == 0:  # nothing to compute; some fused kernels fault on empty queries
         return query.mul(0.0)
     if backend == "auto":
