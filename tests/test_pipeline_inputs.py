@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import WanPipeline
 
 import diasr_diffusers.pipelines.pipeline_diasr_wan as pipeline_module
 from diasr_diffusers import DiasRPipeline
@@ -88,6 +89,10 @@ BAD = [
     ("latents", torch.full((1, 16, 3, 4, 4), NAN), ValueError, "finite"),
     ("attention_kwargs", {"scale": NAN}, ValueError, "finite"),
     ("attention_kwargs", {"lora_scale": 1.0}, ValueError, "only hold 'scale'"),
+    ("route_text", "no", TypeError, "bool"),
+    ("return_routing_maps", 1, TypeError, "bool"),
+    ("callback_on_step_end", 5, TypeError, "callable"),
+    ("callback_on_step_end_tensor_inputs", "latents", ValueError, r"list of names, e.g. \['latents'\]"),
 ]
 
 
@@ -102,6 +107,29 @@ def test_bad_arguments_are_refused_without_subjects_too(checked):
     for name, value in (("routing", "magic"), ("guidance_scale_ref", NAN), ("num_frames", -7)):
         with pytest.raises(ValueError, match=name):
             checked(**{name: value})
+
+
+def test_bad_prompt_embeds(checked):
+    base = dict(prompt=None, prompt_embeds=torch.zeros(1, 512, 32))  # tiny Wan: text_dim 32
+    for kwargs, message in (
+        (
+            dict(prompt_embeds=torch.zeros(1, 512, 7)),
+            r"`prompt_embeds` must be a tensor of shape \(batch, tokens, 32\)",
+        ),
+        (dict(prompt_embeds=torch.full((1, 512, 32), NAN)), "`prompt_embeds` must be a finite"),
+        (dict(negative_prompt_embeds=torch.zeros(2, 512, 32)), "`negative_prompt_embeds` has batch 2"),
+        (dict(negative_prompt_embeds=torch.zeros(512, 32)), "`negative_prompt_embeds` must be a tensor of shape"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            checked(**{**base, **kwargs})
+    assert checked(**base, negative_prompt_embeds=torch.zeros(1, 512, 32)) == ""
+
+
+def test_from_wan_checks_its_arguments():
+    with pytest.raises(TypeError, match="wan_pipeline_or_path"):
+        DiasRPipeline.from_wan(123)
+    with pytest.raises(TypeError, match="id_router"):
+        DiasRPipeline.from_wan(WanPipeline(**tiny_wan_components()), id_router=42)
 
 
 def test_good_arguments_pass(checked):

@@ -179,6 +179,14 @@ class DiasRPipeline(WanPipeline):
         """Build from a stock Wan2.1 Diffusers pipeline (object, local folder or Hub id) plus an optional router
         (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
         wan = wan_pipeline_or_path
+        if not isinstance(wan, (WanPipeline, str, os.PathLike)):
+            raise TypeError(
+                f"`wan_pipeline_or_path` must be a WanPipeline, a local folder or a Hub id, got {type(wan).__name__}"
+            )
+        if id_router is not None and not isinstance(id_router, (IDRouter, str, os.PathLike)):
+            raise TypeError(
+                f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
+            )
         if not isinstance(wan, WanPipeline):
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
         if getattr(wan, "transformer_2", None) is not None:
@@ -220,6 +228,9 @@ class DiasRPipeline(WanPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        route_text: bool = True,
+        return_routing_maps: bool = False,
     ) -> None:
         """Check every argument of a call before anything is encoded; raise ``ValueError``/``TypeError`` naming it."""
         # WanPipeline.check_inputs also reads Wan2.2's `boundary_ratio`, which this pipeline does not have.
@@ -240,11 +251,21 @@ class DiasRPipeline(WanPipeline):
         if guidance_scale_ref is not None:
             _check_real("guidance_scale_ref", guidance_scale_ref, 0.0)
         _check_real("similarity_threshold", similarity_threshold)
+        for name, flag in (("route_text", route_text), ("return_routing_maps", return_routing_maps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}")
         if not isinstance(routing, str) or (routing != "auto" and routing not in ROUTING_MODES):
             raise ValueError(f"`routing` must be 'auto' or one of {ROUTING_MODES}, got {routing!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback_on_step_end_tensor_inputs is not None:
+            if isinstance(callback_on_step_end_tensor_inputs, str):
+                raise ValueError(
+                    "`callback_on_step_end_tensor_inputs` must be a list of names, e.g. "
+                    f"[{callback_on_step_end_tensor_inputs!r}], got a string"
+                )
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
                 raise ValueError(
@@ -261,11 +282,21 @@ class DiasRPipeline(WanPipeline):
                 continue
             if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
                 raise ValueError(f"`{name}` has to be a `str` or a non-empty list of `str`, but is {text!r:.200}")
-        if prompt_embeds is not None and (not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3):
-            got = (
-                tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds).__name__
-            )
-            raise ValueError(f"`prompt_embeds` must be a tensor of shape (batch, tokens, dim), got {got}")
+        text_dim = self.transformer.config.text_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != text_dim:
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"`{name}` must be a tensor of shape (batch, tokens, {text_dim}), got {got}")
+            if not embeds.is_floating_point() or not torch.isfinite(embeds).all():
+                raise ValueError(f"`{name}` must be a finite floating-point tensor")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has batch {negative_prompt_embeds.shape[0]} but `prompt_embeds` has "
+                    f"{prompt_embeds.shape[0]}"
+                )
         batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
             raise ValueError(
@@ -494,7 +525,8 @@ class DiasRPipeline(WanPipeline):
             guidance_scale=guidance_scale, guidance_scale_ref=guidance_scale_ref,
             similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
             max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
-            latents=latents, attention_kwargs=attention_kwargs,
+            latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+            route_text=route_text, return_routing_maps=return_routing_maps,
         )  # fmt: skip
         if num_frames % self.vae_scale_factor_temporal != 1:
             # As WanPipeline: round down to the nearest size the VAE can make, and say which one is used.
