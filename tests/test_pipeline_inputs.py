@@ -152,6 +152,7 @@ def test_num_frames_is_rounded_with_the_value_used(checked):
         (dict(SUBJECTS, guidance_scale=1.0, guidance_scale_ref=5.0), "`guidance_scale_ref` (guidance is off"),
         (dict(SUBJECTS, routing="dense", return_routing_maps=True), "`return_routing_maps` (routing='dense'"),
         (dict(return_routing_maps=True), "`return_routing_maps` (routing='none'"),
+        (dict(routing="dense"), "`routing='dense'`: no `subject_images`"),
     ],
 )  # fmt: skip
 def test_arguments_the_mode_ignores_are_reported(checked, kwargs, ignored):

@@ -538,6 +538,8 @@ class DiasRPipeline(WanPipeline):
             num_frames = used
         prompts = [prompt] if isinstance(prompt, str) else prompt
         subjects = normalize_subject_images(subject_images)
+        if not subjects and routing != "auto":
+            logger.warning(f"Ignoring `routing={routing!r}`: no `subject_images`, so nothing is routed.")
         routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
         self.check_subject_inputs(
             prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
