@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..routing.masks import masks_to_token_grid, routing_labels_from_coverage
+from ..routing.phrases import phrase_problems
 from ..utils.latents import encode_latents
 from ._io import read_video_frames
 from .manifest import ClipRecord, LoadedManifest, MaskTrack, ReferenceImage, load_manifest
@@ -276,6 +277,15 @@ class MuSADataset(Dataset):
         for rec in records:
             if rec.num_video_frames is None:
                 raise ValueError(f"record at line {rec.line} was not validated with check_media=True")
+            # Records built by hand skip manifest validation: hold them to the pipeline's phrase rules too.
+            phrase_issues = phrase_problems(rec.caption, rec.phrases, what="caption")
+            if phrase_issues:
+                msg = f"line {rec.line}: {'; '.join(phrase_issues)}"
+                if not skip_invalid:
+                    raise ValueError(msg)
+                skipped += 1
+                self.skipped_reasons.append(msg)
+                continue
             if rec.end - rec.frame_start < span:
                 msg = f"line {rec.line}: {rec.end - rec.frame_start} frames < {span} needed"
                 if not skip_invalid:

@@ -118,8 +118,9 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
         return head_dim**-0.5 if head_dim > 0 else 1.0  # head dim 0 gives an empty output: any scale will do
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"`scale` must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"`scale` must be finite, got {scale}")
+    if not math.isfinite(scale) or scale <= 0:
+        # Some fused kernels read a non-finite scale as "use the default" and would return plausible numbers.
+        raise ValueError(f"`scale` must be a finite number > 0 or None, got {scale}")
     return float(scale)
 
 

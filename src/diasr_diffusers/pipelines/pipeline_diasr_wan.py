@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKLWan, WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -29,7 +30,13 @@ from ..processors import (
     TextSegments,
     set_subject_sparse_attn_processor,
 )
-from ..routing import IDRouter, masks_to_token_grid, normalize_masks, routing_labels_from_coverage
+from ..routing import (
+    IDRouter,
+    masks_to_token_grid,
+    normalize_masks,
+    phrase_token_owners,
+    routing_labels_from_coverage,
+)
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
@@ -71,10 +78,24 @@ class DiasRPipelineOutput(BaseOutput):
     routing_maps: torch.Tensor | None = None
 
 
-def _phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
-    """Character spans of every whole-word, case-insensitive occurrence of ``phrase`` in ``text``."""
-    pattern = r"(?<!\w)" + re.escape(phrase.strip()) + r"(?!\w)"
-    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    # bool is an int subclass: `num_frames=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def _check_real(name: str, value: Any, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
 
 
 class DiasRPipeline(WanPipeline):
@@ -178,6 +199,14 @@ class DiasRPipeline(WanPipeline):
         """Build from a stock Wan2.1 Diffusers pipeline (object, local folder or Hub id) plus an optional router
         (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
         wan = wan_pipeline_or_path
+        if not isinstance(wan, (WanPipeline, str, os.PathLike)):
+            raise TypeError(
+                f"`wan_pipeline_or_path` must be a WanPipeline, a local folder or a Hub id, got {type(wan).__name__}"
+            )
+        if id_router is not None and not isinstance(id_router, (IDRouter, str, os.PathLike)):
+            raise TypeError(
+                f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
+            )
         if not isinstance(wan, WanPipeline):
             if os.path.isdir(wan) and kwargs.get("transformer") is None:
                 check_block_model_folder(WanTransformer3DModel, os.path.join(wan, "transformer"), kwargs.get("variant"))
@@ -208,24 +237,154 @@ class DiasRPipeline(WanPipeline):
         prompt_embeds=None,
         negative_prompt_embeds=None,
         callback_on_step_end_tensor_inputs=None,
+        *,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_ref: float | None = None,
+        similarity_threshold: float = 0.0,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        routing: str = "auto",
+        output_type: str = "np",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        route_text: bool = True,
+        return_routing_maps: bool = False,
     ) -> None:
+        """Check every argument of a call before anything is encoded; raise ``ValueError``/``TypeError`` naming it."""
         # WanPipeline.check_inputs also reads Wan2.2's `boundary_ratio`, which this pipeline does not have.
-        if height % 16 != 0 or width % 16 != 0:
-            raise ValueError(f"`height` and `width` have to be divisible by 16 but are {height} and {width}.")
+        _check_int("height", height, 1)
+        _check_int("width", width, 1)
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % multiple != 0 or width % multiple != 0:
+            raise ValueError(
+                f"`height` and `width` have to be divisible by {multiple} (the VAE's {self.vae_scale_factor_spatial}x "
+                f"downsampling times the transformer's patch size {self.transformer.config.patch_size[1]}) "
+                f"but are {height} and {width}."
+            )
+        _check_int("num_frames", num_frames, 1)
+        _check_int("num_inference_steps", num_inference_steps, 1)
+        _check_int("num_videos_per_prompt", num_videos_per_prompt, 1)
+        _check_int("max_sequence_length", max_sequence_length, 1)
+        _check_real("guidance_scale", guidance_scale, 0.0)
+        if guidance_scale_ref is not None:
+            _check_real("guidance_scale_ref", guidance_scale_ref, 0.0)
+        _check_real("similarity_threshold", similarity_threshold)
+        for name, flag in (("route_text", route_text), ("return_routing_maps", return_routing_maps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}")
+        if not isinstance(routing, str) or (routing != "auto" and routing not in ROUTING_MODES):
+            raise ValueError(f"`routing` must be 'auto' or one of {ROUTING_MODES}, got {routing!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback_on_step_end_tensor_inputs is not None:
+            if isinstance(callback_on_step_end_tensor_inputs, str):
+                raise ValueError(
+                    "`callback_on_step_end_tensor_inputs` must be a list of names, e.g. "
+                    f"[{callback_on_step_end_tensor_inputs!r}], got a string"
+                )
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}")
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}"
+                )
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`.")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(f"`negative_prompt` has to be of type `str` or `list` but is {type(negative_prompt)}")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is None or isinstance(text, str):
+                continue
+            if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
+                raise ValueError(f"`{name}` has to be a `str` or a non-empty list of `str`, but is {text!r:.200}")
+        text_dim = self.transformer.config.text_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != text_dim:
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"`{name}` must be a tensor of shape (batch, tokens, {text_dim}), got {got}")
+            if not embeds.is_floating_point() or not torch.isfinite(embeds).all():
+                raise ValueError(f"`{name}` must be a finite floating-point tensor")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has batch {negative_prompt_embeds.shape[0]} but `prompt_embeds` has "
+                    f"{prompt_embeds.shape[0]}"
+                )
+        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries for {batch_size} prompts; give one per prompt "
+                "or a single string"
+            )
+        num_videos = batch_size * num_videos_per_prompt
+        if isinstance(generator, list):
+            if len(generator) != num_videos or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"`generator` list must hold one torch.Generator per video: {batch_size} prompts x "
+                    f"{num_videos_per_prompt} videos = {num_videos}, got {len(generator)} entries"
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}")
+        if latents is not None:
+            latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+            expected = (
+                num_videos,
+                self.transformer.config.in_channels,
+                latent_frames,
+                height // self.vae_scale_factor_spatial,
+                width // self.vae_scale_factor_spatial,
+            )
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"`latents` must be a tensor of shape (videos, channels, latent frames, height / "
+                    f"{self.vae_scale_factor_spatial}, width / {self.vae_scale_factor_spatial}) = {expected}, got {got}"
+                )
+            if not latents.is_floating_point() or not torch.isfinite(latents).all():
+                raise ValueError("`latents` must be a finite floating-point tensor")
+        if attention_kwargs is not None:
+            if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"}:
+                raise ValueError(
+                    "`attention_kwargs` may only hold 'scale' (the LoRA scale: the Wan transformer reads nothing "
+                    f"else), got {attention_kwargs!r:.200}"
+                )
+            if "scale" in attention_kwargs:
+                _check_real("attention_kwargs['scale']", attention_kwargs["scale"])
+
+    def _warn_unused_arguments(
+        self,
+        routing: str,
+        has_subjects: bool,
+        subject_masks: Any,
+        similarity_threshold: float,
+        guidance_scale: float,
+        guidance_scale_ref: float | None,
+        return_routing_maps: bool,
+    ) -> None:
+        """Warn about arguments that the chosen mode ignores (``routing`` is resolved: ``"none"`` without subjects)."""
+        unused = []
+        # `subject_masks` without subjects is an error (check_subject_inputs), not a warning.
+        if subject_masks is not None and has_subjects and routing != "masks":
+            unused.append(f"`subject_masks` (routing={routing!r}; they are used by routing='masks')")
+        if guidance_scale_ref is not None and not has_subjects:
+            unused.append("`guidance_scale_ref` (no `subject_images`)")
+        elif guidance_scale_ref is not None and guidance_scale <= 1.0:
+            unused.append("`guidance_scale_ref` (guidance is off: `guidance_scale` <= 1)")
+        if similarity_threshold != 0.0 and routing != "similarity":
+            unused.append(f"`similarity_threshold` (routing={routing!r}; it is used by routing='similarity')")
+        if return_routing_maps and routing in ("none", "dense"):
+            unused.append(f"`return_routing_maps` (routing={routing!r} routes nothing: `routing_maps` is None)")
+        if unused:
+            logger.warning(f"Ignoring {', '.join(unused)}.")
 
     def _resolve_routing(self, routing: str, subject_masks: Any) -> str:
         if routing == "auto":
@@ -249,8 +408,8 @@ class DiasRPipeline(WanPipeline):
         num_frames: int,
         height: int,
         width: int,
-        guidance_scale_ref: float | None,
         routing: str,
+        max_sequence_length: int = 512,
     ) -> None:
         n = len(subjects)
         if routing == "router" and n > self.max_subjects:
@@ -261,12 +420,12 @@ class DiasRPipeline(WanPipeline):
                 raise ValueError(f"`subject_phrases` must give one phrase per subject: {n} subjects, {got} phrases")
             if prompts is None:
                 raise ValueError("`subject_phrases` need `prompt` (text), not only `prompt_embeds`")
-            for phrase in subject_phrases:
+            for i, phrase in enumerate(subject_phrases):
                 if not isinstance(phrase, str) or not phrase.strip():
-                    raise ValueError(f"`subject_phrases` must be non-empty strings, got {phrase!r}")
-                for p in prompts:
-                    if not _phrase_spans(prompt_clean(p), phrase):
-                        raise ValueError(f"subject phrase {phrase!r} was not found in the prompt {p!r}")
+                    raise ValueError(f"`subject_phrases[{i}]` must be a non-empty string, got {phrase!r}")
+            for p in prompts:
+                # Tokenizing here (cheap) finds phrases past `max_sequence_length` before anything is encoded.
+                phrase_token_owners(p, subject_phrases, self.tokenizer, max_sequence_length)
         if subject_masks is not None:
             if n == 0:
                 raise ValueError("`subject_masks` were given without `subject_images`")
@@ -277,8 +436,6 @@ class DiasRPipeline(WanPipeline):
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
             normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
-        if guidance_scale_ref is not None and guidance_scale_ref < 0:
-            raise ValueError(f"`guidance_scale_ref` must be >= 0 or None, got {guidance_scale_ref}")
         rope_frames = self.transformer.config.rope_max_seq_len
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
@@ -294,24 +451,7 @@ class DiasRPipeline(WanPipeline):
         """Per (prompt, video) sample: text positions reordered ``[general | phrase_0 | ...]`` and phrase lengths."""
         segments = []
         for prompt in prompts:
-            text = prompt_clean(prompt)
-            enc = self.tokenizer(
-                text,
-                padding="max_length",
-                max_length=max_sequence_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_offsets_mapping=True,
-            )
-            offsets = enc["offset_mapping"]
-            owner = [-1] * max_sequence_length
-            for s, phrase in enumerate(phrases):
-                for start, end in _phrase_spans(text, phrase):
-                    for t, (a, b) in enumerate(offsets):
-                        if b > a and a < end and b > start:
-                            if owner[t] not in (-1, s):
-                                raise ValueError(f"subject phrases {phrases[owner[t]]!r} and {phrase!r} overlap")
-                            owner[t] = s
+            owner = phrase_token_owners(prompt, phrases, self.tokenizer, max_sequence_length)
             order = [t for t in range(max_sequence_length) if owner[t] == -1]
             lengths = []
             for s in range(len(phrases)):
@@ -405,20 +545,33 @@ class DiasRPipeline(WanPipeline):
         # 1. Check everything before any expensive work.
         self.check_inputs(
             prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_scale_ref=guidance_scale_ref,
+            similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
+            max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
+            latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+            route_text=route_text, return_routing_maps=return_routing_maps,
         )  # fmt: skip
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'np', 'pil', 'pt' or 'latent', got {output_type!r}")
         if num_frames % self.vae_scale_factor_temporal != 1:
-            logger.warning(f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}. Rounding.")
-            num_frames = num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
-        num_frames = max(num_frames, 1)
+            # As WanPipeline: round down to the nearest size the VAE can make, and say which one is used.
+            used = (num_frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+            logger.warning(
+                f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}: got num_frames={num_frames}, "
+                f"generating {used} frames."
+            )
+            num_frames = used
         prompts = [prompt] if isinstance(prompt, str) else prompt
         subjects = normalize_subject_images(subject_images)
+        if not subjects and routing != "auto":
+            logger.warning(f"Ignoring `routing={routing!r}`: no `subject_images`, so nothing is routed.")
         routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
         self.check_subject_inputs(
-            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, guidance_scale_ref, routing
+            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
         )
+        self._warn_unused_arguments(
+            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, guidance_scale_ref,
+            return_routing_maps,
+        )  # fmt: skip
 
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -489,23 +642,27 @@ class DiasRPipeline(WanPipeline):
                     model_input = torch.cat([video_input, ref_latents], dim=2)
                     record = return_routing_maps and i == len(timesteps) - 1
                     with state.activate(**routing_inputs, record=record), self.transformer.cache_context("cond", **cache_kwargs):  # fmt: skip
-                        noise_pred = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+                        noise_pred = self.transformer(
+                            model_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
+                        )[0]
                         if record:
                             routing_maps = self._routing_maps(state)
                     noise_pred = noise_pred[:, :, :num_latent_frames]
                 else:
                     with self.transformer.cache_context("cond", **cache_kwargs):
-                        noise_pred = self.transformer(video_input, timestep, prompt_embeds, return_dict=False)[0]
+                        noise_pred = self.transformer(
+                            video_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
+                        )[0]
 
                 if self.do_classifier_free_guidance:
                     # The negative branch has no references: with every video token routed to null this is exactly
                     # video-only attention, so the reference tokens need not be computed at all.
                     with self.transformer.cache_context("uncond", **cache_kwargs):
-                        noise_uncond = self.transformer(video_input, timestep, negative_prompt_embeds, return_dict=False)[0]  # fmt: skip
+                        noise_uncond = self.transformer(video_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
                     if three_way:
                         ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
                         with state.activate(**ref_only), self.transformer.cache_context("ref", **cache_kwargs):
-                            noise_ref = self.transformer(model_input, timestep, negative_prompt_embeds, return_dict=False)[0]  # fmt: skip
+                            noise_ref = self.transformer(model_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
                         noise_ref = noise_ref[:, :, :num_latent_frames]
                         noise_pred = (
                             noise_uncond

@@ -13,6 +13,8 @@ holds a per-sample permutation that puts them in ``[general | phrase_0 | ... | p
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -116,13 +118,7 @@ class SubjectRoutingState:
         unknown = set(inputs) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"unknown routing state fields {sorted(unknown)}")
-        mode = inputs.get("mode", self.mode)
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"`mode` must be one of {ROUTING_MODES}, got {mode!r}")
-        if mode == "router" and inputs.get("router", self.router) is None:
-            raise ValueError("`mode='router'` needs `router` (an IDRouter)")
-        if mode == "masks" and inputs.get("mask_buckets", self.mask_buckets) is None:
-            raise ValueError("`mode='masks'` needs `mask_buckets` of shape (B, Lv)")
+        _check_state({f.name: inputs.get(f.name, getattr(self, f.name)) for f in fields(self)})
         saved = {name: getattr(self, name) for name in inputs}
         for name, value in inputs.items():
             setattr(self, name, value)
@@ -134,9 +130,70 @@ class SubjectRoutingState:
                 setattr(self, name, value)
 
 
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, and a float length would be truncated further down: accept true integers only.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_state(values: dict[str, Any]) -> None:
+    """Refuse routing inputs that would otherwise be truncated, ignored or fail deep inside the transformer."""
+    lengths = values["ref_lengths"]
+    if not isinstance(lengths, (list, tuple)) or not all(_is_int(n) and n >= 1 for n in lengths):
+        raise ValueError(
+            f"`ref_lengths` must be a list of positive ints (reference tokens per subject), got {lengths!r}"
+        )
+    n = len(lengths)
+    mode = values["mode"]
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"`mode` must be one of {ROUTING_MODES}, got {mode!r}")
+    if mode == "router" and values["router"] is None:
+        raise ValueError("`mode='router'` needs `router` (an IDRouter)")
+    buckets = values["mask_buckets"]
+    if mode == "masks" and buckets is None:
+        raise ValueError("`mode='masks'` needs `mask_buckets` of shape (B, Lv)")
+    if buckets is not None and (
+        not isinstance(buckets, torch.Tensor) or buckets.ndim != 2 or buckets.dtype not in (torch.int64, torch.int32)
+    ):
+        got = (
+            f"{buckets.dtype} {tuple(buckets.shape)}" if isinstance(buckets, torch.Tensor) else type(buckets).__name__
+        )
+        raise ValueError(f"`mask_buckets` must be an int64 tensor of shape (B, Lv), got {got}")
+    threshold = values["similarity_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"`similarity_threshold` must be a finite number, got {threshold!r}")
+    grid = values["video_grid"]
+    if grid is not None and (
+        not isinstance(grid, (list, tuple)) or len(grid) != 3 or not all(_is_int(g) and g >= 1 for g in grid)
+    ):
+        raise ValueError(f"`video_grid` must be None or 3 positive ints (F, H, W), got {grid!r}")
+    if values["router_gradient"] not in ("none", "straight_through"):
+        raise ValueError(f"`router_gradient` must be 'none' or 'straight_through', got {values['router_gradient']!r}")
+    for name in ("record", "ref_attends_video"):
+        if not isinstance(values[name], bool):
+            raise TypeError(f"`{name}` must be a bool, got {values[name]!r}")
+    segments = values["text_segments"]
+    if segments is not None:
+        if not isinstance(segments, (list, tuple)) or not all(isinstance(t, TextSegments) for t in segments):
+            raise ValueError(
+                f"`text_segments` must be None or a list of TextSegments (one per sample), got {type(segments).__name__}"
+            )
+        for b, seg in enumerate(segments):
+            if len(seg.lengths) != n or not all(_is_int(k) and k >= 0 for k in seg.lengths):
+                raise ValueError(
+                    f"`text_segments[{b}].lengths` must hold {n} non-negative ints (one per subject), got {seg.lengths!r}"
+                )
+    for name in ("phrase_features", "phrase_masks"):
+        if values[name] is not None and (not isinstance(values[name], (list, tuple)) or len(values[name]) != n):
+            raise ValueError(
+                f"`{name}` must be None or a list with one entry per subject ({n}), got {type(values[name]).__name__}"
+            )
+
+
 def subject_of_reference_tokens(ref_lengths: list[int], batch: int, device: torch.device) -> torch.Tensor:
     """``(B, sum R_s)`` bucket of every reference token: its own subject."""
-    ids = torch.repeat_interleave(torch.arange(len(ref_lengths), device=device), torch.tensor(ref_lengths, device=device))
+    ids = torch.repeat_interleave(
+        torch.arange(len(ref_lengths), device=device), torch.tensor(ref_lengths, device=device)
+    )
     return ids.expand(batch, -1)
 
 
@@ -207,7 +264,12 @@ def route_video_tokens(
         buckets = buckets_from_logits(logits)
     else:
         raise ValueError(f"no bucket routing in mode {state.mode!r}")
-    if state.mode == "masks" and state.router is not None and layer_idx is not None and state.router.is_routed(layer_idx):
+    if (
+        state.mode == "masks"
+        and state.router is not None
+        and layer_idx is not None
+        and state.router.is_routed(layer_idx)
+    ):
         logits = _router_logits(state, layer_idx, video_hidden, ref_hidden)
 
     if layer_idx is not None:

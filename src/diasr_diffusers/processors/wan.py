@@ -58,6 +58,10 @@ class SubjectSparseAttnProcessor:
     _parallel_config = None
 
     def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
+        if state is not None and not isinstance(state, SubjectRoutingState):
+            raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
+        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0):
+            raise ValueError(f"`layer_idx` must be a block index >= 0 or None, got {layer_idx!r}")
         self.state = state
         self.layer_idx = layer_idx
 
@@ -71,7 +75,9 @@ class SubjectSparseAttnProcessor:
     ) -> torch.Tensor:
         state = self.state
         if state is None or not state.active or state.mode == "dense" or attention_mask is not None:
-            return WanAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return WanAttnProcessor.__call__(
+                self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
+            )
         if self._parallel_config is not None:
             raise NotImplementedError("subject-sparse attention does not support context parallelism yet")
         if attn.is_cross_attention:
@@ -119,6 +125,12 @@ def set_subject_sparse_attn_processor(
 
     Install it before ``enable_parallelism()`` (diffusers' context-parallel rule for custom processors).
     """
+    if state is not None and not isinstance(state, SubjectRoutingState):
+        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
+    if not hasattr(transformer, "attn_processors") or not hasattr(transformer, "set_attn_processor"):
+        raise TypeError(
+            f"`transformer` must be a Diffusers Wan transformer (e.g. `pipe.transformer`), got {type(transformer).__name__}"
+        )
     state = state if state is not None else SubjectRoutingState()
     processors = {}
     for name in transformer.attn_processors:

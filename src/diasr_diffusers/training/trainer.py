@@ -26,7 +26,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
-from ..routing import IDRouter, mask_loss, routing_cross_entropy
+from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from ..utils.latents import encode_latents
 from .config import TrainConfig
@@ -167,11 +167,11 @@ class DiasRTrainer:
         )  # fmt: skip
         train = load_manifest(cfg.manifest_path(cfg.train_data), skip_invalid=True)
         self.skipped_records += train.num_skipped
-        records = list(train.records)
+        records = self._routable(train.records)
         if not records:
             raise ValueError(f"`train_data` {cfg.manifest_path(cfg.train_data)} has no valid record")
         if cfg.eval_data is not None:
-            eval_records = list(load_manifest(cfg.manifest_path(cfg.eval_data), skip_invalid=True).records)
+            eval_records = self._routable(load_manifest(cfg.manifest_path(cfg.eval_data), skip_invalid=True).records)
         else:
             n_eval = int(round(len(records) * cfg.eval_fraction))
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -190,6 +190,20 @@ class DiasRTrainer:
         if eval_records:
             eval_set = MuSADataset(eval_records, clip_sampling="start", crop="center", ref_augment=None, **common)
         return train_set, eval_set
+
+    def _routable(self, records: list[Any]) -> list[Any]:
+        """The records whose phrases the pipeline can route within `max_sequence_length` tokens; the others are
+        skipped now (and counted) rather than failing mid-run."""
+        keep = []
+        for rec in records:
+            try:
+                phrase_token_owners(rec.caption, rec.phrases, self.pipe.tokenizer, self.config.max_sequence_length, "caption")  # fmt: skip
+            except ValueError as err:
+                logger.warning(f"skipping the record at line {rec.line}: {err}")
+                self.skipped_records += 1
+                continue
+            keep.append(rec)
+        return keep
 
     def setup(self) -> None:
         from accelerate import Accelerator
