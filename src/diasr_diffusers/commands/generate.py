@@ -168,7 +168,9 @@ def parse_subject(spec: str) -> tuple[str, list[Path]]:
     paths = [Path(p.strip()).expanduser() for p in images.split(",") if p.strip()]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise UsageError(f"--subject {phrase.strip()!r}: image file(s) not found: {', '.join(missing)}")
+        raise UsageError(
+            f"--subject {phrase.strip()!r}: not an image file (missing or a folder): {', '.join(missing)}"
+        )
     return phrase.strip(), paths
 
 
@@ -179,7 +181,7 @@ def _open_image(path: Path, flag: str):
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image.copy() if image.mode != "P" else image.convert("RGBA")
+            return image.copy()  # detached from the file; the pipeline converts modes itself
     except PIL.Image.DecompressionBombError:
         raise UsageError(f"{flag}: {path} claims a size so large it is refused as a decompression bomb") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for corrupt or unknown files
@@ -510,7 +512,7 @@ def load_pipeline(
             pipe = DiasRPipeline.from_wan(str(folder), id_router=id_router, **kwargs)
         else:
             pipe = DiasRPipeline.from_pretrained(
-                str(folder), **({"id_router": id_router} if id_router else {}), **kwargs
+                str(folder), **({"id_router": id_router} if id_router is not None else {}), **kwargs
             )
     except (OSError, ValueError, RuntimeError) as err:
         raise UsageError(f"--model {str(model)!r} could not be loaded: {_shape_mismatch_sentence(err) or _first_line(err)}") from None  # fmt: skip
