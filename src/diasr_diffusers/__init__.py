@@ -4,13 +4,26 @@ DiasR's subject-sparse bucketed attention and dual-modal ID routing (with Ingred
 as a Diffusers pipeline, drop-in attention processors and an exact sparse attention op.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0.dev0"
 
-from .ops import bucketed_attention
-from .pipelines import DiasRPipeline, DiasRPipelineOutput
-from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
-from .routing import IDRouter
+# Public names are imported on first use (PEP 562): importing torch and diffusers takes seconds, and the `diasr`
+# command line must answer `--help` (and reject bad arguments) without paying for them.
+_LAZY = {
+    "DiasRPipeline": ".pipelines",
+    "DiasRPipelineOutput": ".pipelines",
+    "IDRouter": ".routing",
+    "SubjectRoutingState": ".processors",
+    "SubjectSparseAttnProcessor": ".processors",
+    "bucketed_attention": ".ops",
+    "set_subject_sparse_attn_processor": ".processors",
+}
 
+# A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
     "DiasRPipeline",
     "DiasRPipelineOutput",
@@ -21,3 +34,21 @@ __all__ = [
     "bucketed_attention",
     "set_subject_sparse_attn_processor",
 ]
+
+if TYPE_CHECKING:
+    from .ops import bucketed_attention
+    from .pipelines import DiasRPipeline, DiasRPipelineOutput
+    from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
+    from .routing import IDRouter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

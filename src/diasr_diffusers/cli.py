@@ -2,6 +2,9 @@
 
 Each subsystem owns its commands: a module listed in ``_COMMAND_MODULES`` exposes ``register(subparsers)``, which
 adds its sub-commands with ``set_defaults(func=...)``. ``func(args) -> int`` is the exit code.
+
+Command modules import torch, diffusers and the models inside their ``func`` only, so ``diasr --help`` and argument
+errors answer at once.
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ _COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``diasr generate: error: ...``) and exit code 2, without the long usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diasr", description="Multi-subject video generation with Diffusers.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="diasr", description="Multi-subject video generation with Diffusers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser

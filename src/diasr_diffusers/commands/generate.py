@@ -1,11 +1,18 @@
-"""``diasr generate`` (any DiasR or Wan2.1 checkpoint) and ``diasr demo`` (the embedded toy model, offline)."""
+"""``diasr generate`` (any DiasR or Wan2.1 checkpoint) and ``diasr demo`` (the embedded toy model, offline).
+
+Everything a user typed is checked before any weights are loaded (and before torch is imported where possible);
+a user mistake is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,15 +22,78 @@ import numpy as np
 from ..utils.io import atomic_path, atomic_write_text
 
 DEMO_PROMPT = "the striped red star and the dotted blue bottle dance together in a sunny park"
-DEMO_SUBJECTS = [("the striped red star", "striped_red_star.png"), ("the dotted blue bottle", "dotted_blue_bottle.png")]
+DEMO_SUBJECTS = [
+    ("the striped red star", "striped_red_star.png"),
+    ("the dotted blue bottle", "dotted_blue_bottle.png"),
+]
+# The routing modes of `SubjectRoutingState` plus "auto"; spelled out so that `--help` needs no torch import
+# (tests/test_cli.py checks they match `processors.ROUTING_MODES`).
+ROUTING_CHOICES = ("auto", "router", "similarity", "masks", "dense")
+EXAMPLE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+class UsageError(ValueError):
+    """A mistake in what the user typed: reported as one line on stderr with exit code 2."""
+
+
+# -- argument types (argparse names the flag in its message) ----------------------------------------------------
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(low: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be < 2**63, got {value}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    gen = subparsers.add_parser("generate", help="generate a multi-subject video")
-    gen.add_argument("--model", required=True, help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub id")
-    gen.add_argument("--router", default=None, help="IDRouter folder or Hub id (when --model is a stock Wan)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
+    gen = subparsers.add_parser(
+        "generate",
+        help="generate a multi-subject video",
+        description=(
+            "Generate a video from a prompt and reference images of its subjects. Needs a Wan2.1 or DiasR Diffusers "
+            f"checkpoint (e.g. {EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes). Every argument "
+            "is checked before the model loads."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument(
+        "--model", required=True, help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id"
+    )
+    gen.add_argument("--router", default=None, help="IDRouter folder or Hub repo id (replaces the model's own)")
+    gen.add_argument(
+        "--lora", default=None, help="LoRA weights for the transformer: .safetensors file, folder or Hub id"
+    )
+    gen.add_argument("--prompt", required=True, help="the text; each --subject phrase must occur in it as whole words")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt (Wan's default negative when omitted)")
     gen.add_argument(
         "--subject",
         action="append",
@@ -31,76 +101,493 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PHRASE=IMAGE[,IMAGE...]",
         help='a subject: its phrase in the prompt and one or more images, e.g. "the man=man.png"; repeatable',
     )
-    gen.add_argument("--frames", type=int, default=81)
-    gen.add_argument("--height", type=int, default=480)
-    gen.add_argument("--width", type=int, default=832)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
-    gen.add_argument("--guidance-scale-ref", type=float, default=None)
-    gen.add_argument("--routing", default="auto", choices=["auto", "router", "similarity", "dense"])
+    gen.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        metavar="PHRASE=PNG",
+        help='layout mask of a subject (white = the subject; resized to the video), e.g. "the man=left.png"; one per '
+        "subject; routes with the masks (--routing auto or masks)",
+    )
+    gen.add_argument("--frames", type=_int_at_least(1), default=81, help="frames; 4k+1 for Wan's VAE")
+    gen.add_argument("--height", type=_int_at_least(1), default=480, help="pixels; a multiple of 16")
+    gen.add_argument("--width", type=_int_at_least(1), default=832, help="pixels; a multiple of 16")
+    gen.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps")
+    gen.add_argument("--guidance-scale", type=_finite_float(0.0), default=5.0, help="text guidance")
+    gen.add_argument(
+        "--guidance-scale-ref",
+        type=_finite_float(0.0),
+        default=None,
+        help="reference guidance: Phantom's three-way guidance when set (Phantom: 5.0 with --guidance-scale 7.5)",
+    )
+    gen.add_argument(
+        "--routing",
+        default="auto",
+        choices=ROUTING_CHOICES,
+        help="auto: masks if given, else the router if loaded, else similarity; dense = every token sees every subject",
+    )
+    gen.add_argument(
+        "--similarity-threshold",
+        type=_finite_float(),
+        default=0.0,
+        help="null threshold of the training-free similarity router (mean cosine)",
+    )
     gen.add_argument("--no-route-text", action="store_true", help="do not route text cross-attention")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=16)
-    gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    gen.add_argument("--out", required=True, help="output .mp4")
+    gen.add_argument("--max-sequence-length", type=_int_at_least(1), default=512, help="prompt tokens (Wan: 512)")
+    gen.add_argument("--seed", type=_seed, default=0, help="random seed")
+    gen.add_argument("--fps", type=_int_at_least(1), default=16, help="frames per second of the written videos")
+    gen.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    gen.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    gen.add_argument("--out", required=True, help="output video (.mp4)")
     gen.add_argument("--routing-maps", default=None, help="also write the routing-map overlay video (.mp4)")
     gen.set_defaults(func=run_generate)
 
-    demo = subparsers.add_parser("demo", help="offline two-subject demo on the embedded toy model (CPU, seconds)")
-    demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = subparsers.add_parser(
+        "demo",
+        help="offline two-subject demo on the embedded toy model (CPU, seconds)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--out", required=True, help="output folder (created if missing)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (also of the toy model's weights)")
     demo.set_defaults(func=run_demo)
 
 
-# -- helpers --------------------------------------------------------------------------------------------------
+# -- checks of what the user typed --------------------------------------------------------------------------------
 
 
 def parse_subject(spec: str) -> tuple[str, list[Path]]:
     """``"the man=a.png,b.png"`` -> ``("the man", [a.png, b.png])``; files must exist."""
     phrase, sep, images = spec.partition("=")
     if not sep or not phrase.strip() or not images.strip():
-        raise ValueError(f'--subject must look like "PHRASE=IMAGE[,IMAGE...]", got {spec!r}')
-    paths = [Path(p.strip()) for p in images.split(",") if p.strip()]
+        raise UsageError(f'--subject must look like "PHRASE=IMAGE[,IMAGE...]", got {spec!r}')
+    paths = [Path(p.strip()).expanduser() for p in images.split(",") if p.strip()]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(f"--subject {phrase.strip()!r}: image file(s) not found: {', '.join(missing)}")
+        raise UsageError(
+            f"--subject {phrase.strip()!r}: not an image file (missing or a folder): {', '.join(missing)}"
+        )
     return phrase.strip(), paths
+
+
+def _open_image(path: Path, flag: str):
+    """A fully decoded PIL image, or a UsageError naming the flag and the file."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy()  # detached from the file; the pipeline converts modes itself
+    except PIL.Image.DecompressionBombError:
+        raise UsageError(f"{flag}: {path} claims a size so large it is refused as a decompression bomb") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for corrupt or unknown files
+        raise UsageError(f"{flag}: cannot read {path} as an image ({_first_line(err)})") from None
+
+
+def check_output(value: str, flag: str) -> Path:
+    """An .mp4 path that can be written: not a folder, and its nearest existing parent is a writable folder."""
+    path = Path(value).expanduser()
+    if path.suffix.lower() != ".mp4":
+        raise UsageError(f"{flag} must be an .mp4 path, got {value!r}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {value!r} is a folder; give a file name such as {os.path.join(value, 'out.mp4')}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {value!r} is under {parent}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value!r}: folder {parent} is not writable")
+    return path
+
+
+def _phrase_spans(prompt: str, phrase: str) -> list[tuple[int, int]]:
+    # The pipeline's own matcher (whole words, case-insensitive, on the cleaned prompt): one source of truth.
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    from ..pipelines.pipeline_diasr_wan import _phrase_spans as spans
+
+    return spans(prompt_clean(prompt), phrase)
+
+
+def check_phrases(prompt: str, phrases: list[str]) -> None:
+    """Every phrase is distinct and occurs in ``prompt`` as whole words, and no two subjects' phrases overlap."""
+    seen: dict[str, str] = {}
+    spans: list[tuple[int, int, str]] = []
+    for phrase in phrases:
+        key = phrase.casefold()
+        if key in seen:
+            raise UsageError(f"--subject {phrase!r} is given twice (phrases must differ: one per subject)")
+        seen[key] = phrase
+        found = _phrase_spans(prompt, phrase)
+        if not found:
+            raise UsageError(f"--subject {phrase!r}: the phrase does not occur in --prompt as whole words")
+        spans += [(a, b, phrase) for a, b in found]
+    for a1, b1, p1 in spans:
+        for a2, b2, p2 in spans:
+            if p1 != p2 and a1 < b2 and a2 < b1:
+                raise UsageError(
+                    f"--subject phrases {p1!r} and {p2!r} overlap in --prompt; each word may name one subject"
+                )
+
+
+def parse_mask(spec: str, phrases: list[str], height: int, width: int) -> tuple[str, np.ndarray]:
+    """``"the man=left.png"`` -> ``("the man", (height, width) bool)``.
+
+    White (>= 128) is the subject; a mask whose values are only 0 and 1 counts 1 as the subject. The PNG is resized to
+    the video size (nearest neighbour).
+    """
+    import PIL.Image
+
+    phrase, sep, file = spec.partition("=")
+    phrase, file = phrase.strip(), file.strip()
+    if not sep or not phrase or not file:
+        raise UsageError(f'--mask must look like "PHRASE=PNG", got {spec!r}')
+    if phrase not in phrases:
+        raise UsageError(f"--mask {phrase!r}: not one of the --subject phrases {phrases}")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--mask {phrase!r}: file not found: {file}")
+    image = _open_image(path, f"--mask {phrase!r}")
+    gray = np.asarray(image.convert("L").resize((width, height), PIL.Image.NEAREST))
+    mask = gray == 1 if gray.max() == 1 else gray >= 128
+    if not mask.any():
+        raise UsageError(
+            f"--mask {phrase!r}: {file} has no white pixel (white = the subject), so it would route nothing"
+        )
+    return phrase, mask
+
+
+@dataclass
+class GenerateInputs:
+    """What ``diasr generate`` checked before loading the model."""
+
+    out: Path
+    maps_out: Path | None
+    phrases: list[str] = field(default_factory=list)
+    images: list[list[Any]] = field(default_factory=list)
+    masks: np.ndarray | None = None
+
+
+def check_arguments(args: argparse.Namespace) -> GenerateInputs:
+    """Everything that does not need the model: outputs, prompt, subjects, images, masks, routing flags."""
+    out = check_output(args.out, "--out")
+    maps_out = check_output(args.routing_maps, "--routing-maps") if args.routing_maps else None
+    if maps_out is not None and maps_out.absolute() == out.absolute():
+        raise UsageError("--routing-maps must differ from --out (one would overwrite the other)")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.height % 16 or args.width % 16:
+        raise UsageError(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
+    subjects = [parse_subject(s) for s in args.subject]
+    phrases = [p for p, _ in subjects]
+    check_phrases(args.prompt, phrases)
+    images = [[_open_image(p, f"--subject {phrase!r}") for p in paths] for phrase, paths in subjects]
+
+    masks = None
+    if args.mask:
+        if not subjects:
+            raise UsageError("--mask needs --subject: a mask lays out a subject")
+        if args.routing not in ("auto", "masks"):
+            raise UsageError(f"--mask is used by --routing masks (or auto), not --routing {args.routing}")
+        by_phrase: dict[str, np.ndarray] = {}
+        for spec in args.mask:
+            phrase, mask = parse_mask(spec, phrases, args.height, args.width)
+            if phrase in by_phrase:
+                raise UsageError(f"--mask {phrase!r} is given twice")
+            by_phrase[phrase] = mask
+        missing = [p for p in phrases if p not in by_phrase]
+        if missing:
+            raise UsageError(f"--mask: every subject needs a mask when masks are given; missing: {missing}")
+        masks = np.stack([by_phrase[p] for p in phrases])
+    elif args.routing == "masks":
+        raise UsageError('--routing masks needs a --mask "PHRASE=PNG" for every subject')
+    if args.routing != "auto" and not subjects:
+        raise UsageError(f"--routing {args.routing} routes subjects: give at least one --subject")
+    return GenerateInputs(out=out, maps_out=maps_out, phrases=phrases, images=images, masks=masks)
+
+
+def check_device(value: str | None) -> str:
+    """The device to run on; one that this torch build or machine does not have is refused before loading."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UsageError(f"--device {value!r} is not a device name; expected e.g. cpu, cuda, cuda:0, mps") from None
+    if device.type == "cpu":
+        return value
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise UsageError(
+                f"--device {value}: this torch build ({torch.__version__}) has no CUDA support; use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UsageError(
+                f"--device {value}: no CUDA device is visible (CUDA_VISIBLE_DEVICES or driver); use --device cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {value}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+        return value
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise UsageError(f"--device {value}: not available on this machine; expected cpu or cuda")
+    return value
+
+
+# -- the model ----------------------------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _shape_mismatch_sentence(err: BaseException) -> str | None:
+    """One sentence for torch's multi-line ``size mismatch for ...`` load errors; ``None`` for other errors."""
+    lines = [line.strip() for line in str(err).splitlines() if "size mismatch for" in line]
+    if not lines:
+        return None
+    more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+    return f"its tensor shapes do not fit this model: {lines[0].removeprefix('size mismatch for ')}{more}"
+
+
+def resolve_checkpoint(name: str, flag: str) -> Path:
+    """A local folder for ``name``: the folder itself, or a Hub snapshot. Errors say what was not found, where."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise UsageError(f"{flag} {name!r} is a file; expected a Diffusers folder or a Hub repo id")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        # Not a possible repo id, so it was meant as a local path.
+        raise UsageError(f"{flag} {name!r}: no such folder ({local.absolute()})") from None
+    from ..pipelines import DiasRPipeline
+
+    try:
+        return Path(DiasRPipeline.download(name))
+    except GatedRepoError:
+        raise UsageError(f"{flag} {name!r}: the Hub repo is gated; accept its terms on huggingface.co and log in (hf auth login)") from None  # fmt: skip
+    except RepositoryNotFoundError:
+        raise UsageError(f"{flag} {name!r}: no local folder {local.absolute()} and no Hub repo {name} (or it is private: log in)") from None  # fmt: skip
+    except LocalEntryNotFoundError:
+        why = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        raise UsageError(
+            f"{flag} {name!r}: no local folder {local.absolute()}; as a Hub repo id it is not in the cache "
+            f"({constants.HF_HUB_CACHE}) and {why} to download it. Expected a local Diffusers folder or a Hub repo "
+            f"id such as {EXAMPLE_MODEL}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag} {name!r}: could not download it from the Hub: {_first_line(err)}") from None
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{what}: cannot read {path}: {_first_line(err)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: {path} is not a JSON object")
+    return data
+
+
+def checkpoint_class(folder: Path, flag: str = "--model") -> str:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{flag} {str(folder)!r} has no model_index.json: not a Diffusers pipeline checkpoint")
+    class_name = _read_json(index, flag).get("_class_name")
+    if class_name not in ("WanPipeline", "DiasRPipeline"):
+        raise UsageError(
+            f"{flag} {str(folder)!r} is a {class_name}; expected a DiasRPipeline or WanPipeline checkpoint"
+        )
+    return class_name
+
+
+def check_model_fits(
+    folder: Path, router_folder: Path | None, args: argparse.Namespace, inputs: GenerateInputs
+) -> None:
+    """Check the sizes and routing flags against the checkpoint's configs, before its weights are loaded."""
+    index = _read_json(folder / "model_index.json", "--model")
+    tcfg_path, vcfg_path = folder / "transformer" / "config.json", folder / "vae" / "config.json"
+    if not tcfg_path.is_file() or not vcfg_path.is_file():
+        return  # not a plain Diffusers layout: the pipeline checks the sizes itself
+    tcfg, vcfg = _read_json(tcfg_path, "--model"), _read_json(vcfg_path, "--model")
+    spatial = int(vcfg.get("scale_factor_spatial", 8))
+    temporal = int(vcfg.get("scale_factor_temporal", 4))
+    pt, ph, pw = tcfg.get("patch_size", (1, 2, 2))
+    rope = int(tcfg.get("rope_max_seq_len", 1024))
+    if (args.frames - 1) % temporal:
+        low = (args.frames - 1) // temporal * temporal + 1
+        raise UsageError(
+            f"--frames must be {temporal}k+1 for this model's VAE, got {args.frames}; e.g. {low} or {low + temporal}"
+        )
+    for flag, size, patch in (("--height", args.height, ph), ("--width", args.width, pw)):
+        step = spatial * patch
+        if size % step:
+            raise UsageError(
+                f"{flag} must be a multiple of {step} for this model (VAE x{spatial}, patch {patch}), got {size}"
+            )
+        if size // step > rope:
+            raise UsageError(
+                f"{flag} {size} is {size // step} tokens but this model's transformer supports at most {rope} "
+                f"(rope_max_seq_len): at most {rope * step} pixels. (Wan2.1's sizes such as 480x832 need a Wan2.1 "
+                f"checkpoint, e.g. {EXAMPLE_MODEL}.)"
+            )
+    latent_frames = (args.frames - 1) // temporal + 1
+    references = sum(len(images) for images in inputs.images)
+    if (latent_frames + references) // pt > rope:
+        raise UsageError(
+            f"--frames {args.frames} ({latent_frames} latent frames) + {references} reference images exceed this "
+            f"model's rope_max_seq_len={rope} frames"
+        )
+
+    router_cfg_path = router_folder / "config.json" if router_folder else None
+    embedded = index.get("id_router")
+    if router_cfg_path is None and isinstance(embedded, list) and embedded and embedded[0] is not None:
+        router_cfg_path = folder / "id_router" / "config.json"
+    if router_folder is not None and not router_cfg_path.is_file():
+        raise UsageError(f"--router {args.router!r} has no config.json: not an IDRouter folder")
+    uses_router = args.routing == "router" or (args.routing == "auto" and inputs.masks is None)
+    if router_cfg_path is None or not router_cfg_path.is_file():
+        if args.routing == "router":
+            raise UsageError("--routing router needs a router: this checkpoint has none; give --router")
+        return
+    rcfg = _read_json(router_cfg_path, "--router")
+    if rcfg.get("_class_name", "IDRouter") != "IDRouter":
+        raise UsageError(f"--router: {router_cfg_path} is a {rcfg.get('_class_name')}, not an IDRouter")
+    hidden = tcfg.get("num_attention_heads", 0) * tcfg.get("attention_head_dim", 0)
+    want = {"hidden_dim": hidden, "text_dim": tcfg.get("text_dim"), "num_layers": tcfg.get("num_layers")}
+    bad = {k: (rcfg.get(k), v) for k, v in want.items() if v is not None and rcfg.get(k) is not None and rcfg[k] != v}
+    if bad:
+        diff = ", ".join(f"{k} {got} (model: {need})" for k, (got, need) in bad.items())
+        raise UsageError(f"the router ({router_cfg_path.parent}) was made for another model: {diff}")
+    limit = rcfg.get("max_subjects")
+    if uses_router and isinstance(limit, int) and len(inputs.phrases) > limit:
+        raise UsageError(f"{len(inputs.phrases)} --subject given but the router supports at most {limit}")
+
+
+def load_pipeline(
+    model: str | os.PathLike, router: str | os.PathLike | None = None, dtype: Any = None, lora: str | None = None
+):
+    """A :class:`DiasRPipeline` from a DiasR checkpoint, or from a stock Wan2.1 one (+ optional router and LoRA).
+
+    ``model`` and ``router`` are local folders or Hub repo ids. Weights that do not fit the model raise a
+    :class:`UsageError` of one sentence.
+    """
+    from ..pipelines import DiasRPipeline
+    from ..routing import IDRouter
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    folder = resolve_checkpoint(str(model), "--model")
+    class_name = checkpoint_class(folder)
+    id_router = None
+    if router is not None:
+        router_folder = resolve_checkpoint(str(router), "--router")
+        try:
+            id_router = IDRouter.from_pretrained(router_folder)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UsageError(
+                f"--router {str(router)!r}: {_shape_mismatch_sentence(err) or _first_line(err)}"
+            ) from None
+    try:
+        if class_name == "WanPipeline":
+            pipe = DiasRPipeline.from_wan(str(folder), id_router=id_router, **kwargs)
+        else:
+            pipe = DiasRPipeline.from_pretrained(
+                str(folder), **({"id_router": id_router} if id_router is not None else {}), **kwargs
+            )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UsageError(f"--model {str(model)!r} could not be loaded: {_shape_mismatch_sentence(err) or _first_line(err)}") from None  # fmt: skip
+    if lora is not None:
+        load_lora(pipe, lora)
+    return pipe
+
+
+def load_lora(pipe: Any, lora: str) -> None:
+    """``pipe.load_lora_weights`` with one clear sentence for weights made for another model."""
+    import logging
+
+    path = Path(lora).expanduser()
+    kwargs: dict[str, Any] = {}
+    source: str | Path = lora
+    if path.is_file():
+        source, kwargs["weight_name"] = path.parent, path.name
+    elif path.is_dir():
+        source = path
+    diffusers_logger = logging.getLogger("diffusers")
+    level = diffusers_logger.level
+    # Diffusers logs every mismatching tensor at ERROR level before raising: the sentence below replaces that.
+    diffusers_logger.setLevel(logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(str(source), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UsageError(f"--lora {lora!r}: {_shape_mismatch_sentence(err) or _first_line(err)}") from None
+    finally:
+        diffusers_logger.setLevel(level)
+
+
+def check_lora(value: str | None) -> None:
+    if value is None:
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UsageError(f"--lora {value!r}: expected a .safetensors file (pickled weights are not loaded)")
+        return
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            raise UsageError(f"--lora {value!r}: the folder has no .safetensors file")
+        return
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise UsageError(f"--lora {value!r}: no such file or folder ({path.absolute()})") from None
+
+
+# -- outputs ------------------------------------------------------------------------------------------------------
 
 
 def write_video_atomic(frames: Any, path: Path, fps: int) -> None:
     """``export_to_video`` into a temp file beside ``path``, then rename: never a half-written video."""
     from diffusers.utils import export_to_video
 
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"`fps` must be a positive integer, got {fps!r}")
     frames = list(frames)
-    if frames and isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
+    if not frames:
+        raise ValueError("no frames to write")
+    if isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
         frames = [f.astype(np.float32) / 255.0 for f in frames]  # export_to_video scales arrays by 255
     with atomic_path(path) as tmp:
         export_to_video(frames, str(tmp), fps=fps)
+        if tmp.stat().st_size == 0:  # ffmpeg can fail without raising; never replace a video with nothing
+            raise RuntimeError(f"writing {path} produced an empty file")
 
 
-def load_pipeline(model: str, router: str | None = None, dtype: Any = None):
-    """A :class:`DiasRPipeline` from a DiasR checkpoint, or from a stock Wan2.1 one (+ optional router)."""
-    from ..pipelines import DiasRPipeline
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    folder = model if os.path.isdir(model) else DiasRPipeline.download(model)
-    index_path = Path(folder) / "model_index.json"
-    if not index_path.is_file():
-        raise ValueError(f"--model {model!r} has no model_index.json: not a Diffusers pipeline checkpoint")
-    class_name = json.loads(index_path.read_text()).get("_class_name")
-    if class_name == "WanPipeline":
-        return DiasRPipeline.from_wan(folder, id_router=router, **kwargs)
-    if class_name == "DiasRPipeline":
-        if router is not None:
-            from ..routing import IDRouter
-
-            kwargs["id_router"] = IDRouter.from_pretrained(router)
-        return DiasRPipeline.from_pretrained(folder, **kwargs)
-    raise ValueError(f"--model {model!r} is a {class_name}; expected a DiasRPipeline or WanPipeline checkpoint")
-
-
-def _save_outputs(pipe_out, phrases: list[str], out: Path, maps_out: Path | None, fps: int) -> dict[str, Any]:
+def _save_outputs(
+    pipe_out, phrases: list[str], out: Path, maps_out: Path | None, fps: int, temporal_compression: int = 4
+) -> dict[str, Any]:
     from ..utils.visualization import overlay_routing_maps
 
     frames = pipe_out.frames[0]
@@ -112,45 +599,48 @@ def _save_outputs(pipe_out, phrases: list[str], out: Path, maps_out: Path | None
         counts["(null)"] = float((maps[0] == -1).float().mean())
         summary["routing_share"] = counts
         if maps_out is not None:
-            write_video_atomic(overlay_routing_maps(frames, maps[0]), maps_out, fps)
+            overlay = overlay_routing_maps(frames, maps[0], temporal_compression=temporal_compression, phrases=phrases)
+            write_video_atomic(overlay, maps_out, fps)
             summary["routing_maps"] = str(maps_out)
     return summary
 
 
-# -- commands -------------------------------------------------------------------------------------------------
+# -- commands -----------------------------------------------------------------------------------------------------
+
+
+def _report(command: str, err: UsageError) -> int:
+    print(f"diasr {command}: error: {err}", file=sys.stderr)
+    return 2
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    # Validate everything cheap before loading any weights.
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise SystemExit(f"error: --out must be an .mp4 path, got {args.out!r}")
-    maps_out = Path(args.routing_maps) if args.routing_maps else None
-    if maps_out is not None and maps_out.suffix.lower() != ".mp4":
-        raise SystemExit(f"error: --routing-maps must be an .mp4 path, got {args.routing_maps!r}")
     try:
-        subjects = [parse_subject(s) for s in args.subject]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    for flag, value in (("--frames", args.frames), ("--steps", args.steps), ("--height", args.height), ("--width", args.width)):  # fmt: skip
-        if value < 1:
-            raise SystemExit(f"error: {flag} must be positive, got {value}")
+        return _generate(args)
+    except UsageError as err:
+        return _report("generate", err)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+def _generate(args: argparse.Namespace) -> int:
+    inputs = check_arguments(args)  # no torch yet: the cheapest mistakes are reported at once
+    check_lora(args.lora)
+    import torch
+
+    device = check_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, args.router, dtype=dtype).to(device)
-    phrases = [p for p, _ in subjects]
-    images = [[Image.open(p) for p in paths] for _, paths in subjects]
+    folder = resolve_checkpoint(args.model, "--model")
+    checkpoint_class(folder)
+    router_folder = resolve_checkpoint(args.router, "--router") if args.router else None
+    check_model_fits(folder, router_folder, args, inputs)
+
+    pipe = load_pipeline(folder, router_folder, dtype=dtype, lora=args.lora).to(device)
     result = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        subject_images=images or None,
-        subject_phrases=phrases or None,
+        subject_images=inputs.images or None,
+        subject_phrases=inputs.phrases or None,
+        subject_masks=inputs.masks,
         height=args.height,
         width=args.width,
         num_frames=args.frames,
@@ -159,10 +649,13 @@ def run_generate(args: argparse.Namespace) -> int:
         guidance_scale_ref=args.guidance_scale_ref,
         routing=args.routing,
         route_text=not args.no_route_text,
+        similarity_threshold=args.similarity_threshold,
+        max_sequence_length=args.max_sequence_length,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        return_routing_maps=maps_out is not None,
+        return_routing_maps=inputs.maps_out is not None,
     )
-    summary = _save_outputs(result, phrases, out, maps_out, args.fps)
+    temporal = pipe.vae_scale_factor_temporal
+    summary = _save_outputs(result, inputs.phrases, inputs.out, inputs.maps_out, args.fps, temporal)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -176,12 +669,31 @@ def demo_pipeline(seed: int = 0):
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    try:
+        return _demo(args)
+    except UsageError as err:
+        return _report("demo", err)
+
+
+def _check_out_folder(value: str) -> Path:
+    out_dir = Path(value).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {value!r} exists and is not a folder")
+    parent = out_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {value!r} is under {parent}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {value!r}: folder {parent} is not writable")
+    return out_dir
+
+
+def _demo(args: argparse.Namespace) -> int:
+    out_dir = _check_out_folder(args.out)
     import torch
     from PIL import Image
 
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"error: --out {args.out!r} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     assets = resources.files("diasr_diffusers") / "assets"
     phrases = [p for p, _ in DEMO_SUBJECTS]
@@ -211,7 +723,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return_routing_maps=True,
     )
     seconds = time.perf_counter() - start
-    summary = _save_outputs(result, phrases, out_dir / "demo.mp4", out_dir / "routing_maps.mp4", fps=8)
+    temporal = pipe.vae_scale_factor_temporal
+    summary = _save_outputs(result, phrases, out_dir / "demo.mp4", out_dir / "routing_maps.mp4", 8, temporal)
     report = [
         "# diasr demo",
         "",
@@ -222,13 +735,17 @@ def run_demo(args: argparse.Namespace) -> int:
         "Use a real Wan2.1 or DiasR checkpoint with `diasr generate` for actual videos.",
         "",
         f"- prompt: `{DEMO_PROMPT}`",
-        *(f"- subject {i}: `{p}` <- `{name}` (shipped in diasr_diffusers/assets)" for i, (p, name) in enumerate(DEMO_SUBJECTS)),
+        *(
+            f"- subject {i}: `{p}` <- `{name}` (shipped in diasr_diffusers/assets)"
+            for i, (p, name) in enumerate(DEMO_SUBJECTS)
+        ),
         f"- {num_frames} frames at {height}x{width}, 8 steps, routing from a left/right layout mask",
         f"- wall time (model build + generation + export): {seconds:.1f} s on {'CUDA' if torch.cuda.is_available() else 'CPU'}",
         f"- share of video tokens routed to each subject: {json.dumps(summary.get('routing_share', {}))}",
         "",
         "Files: `demo.mp4` (the video), `routing_maps.mp4` (each pixel tinted by the subject its token attended to; "
-        "blue = subject 0, orange = subject 1, untinted = null), `report.md` (this file).",
+        "blue = subject 0, orange = subject 1, untinted = null; a legend strip below the frames names them), "
+        "`report.md` (this file).",
     ]
     atomic_write_text(out_dir / "report.md", "\n".join(report) + "\n")
     print("\n".join(report))

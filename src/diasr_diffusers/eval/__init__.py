@@ -21,7 +21,6 @@ from .identity import (
     match_one_to_one,
 )
 from .motion import farneback_flows, motion_amplitude
-from .routing import label_iou, routing_iou
 from .scores import TOTAL_SCORE_WEIGHTS, aggregate_video_scores, total_score, total_score_metrics
 from .video import VideoReadError, read_video, sample_frame_indices
 
@@ -53,3 +52,13 @@ __all__ = [
     "total_score_metrics",
     "warp_residual",
 ]
+
+
+def __getattr__(name: str):
+    # eval.routing needs torch; imported on first use so that `diasr --help` (which reads eval.runner's metric
+    # names) does not pay for it (PEP 562).
+    if name in ("label_iou", "routing_iou"):
+        from . import routing
+
+        return getattr(routing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

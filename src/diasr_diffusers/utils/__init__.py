@@ -1,6 +1,44 @@
 """Helpers: reference-image handling and routing-map visualisation."""
 
-from .images import letterbox, normalize_subject_images, to_pil_rgb
-from .visualization import SUBJECT_COLORS, overlay_routing_maps, routing_grid
+from __future__ import annotations
 
-__all__ = ["SUBJECT_COLORS", "letterbox", "normalize_subject_images", "overlay_routing_maps", "routing_grid", "to_pil_rgb"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562): `diasr_diffusers.utils.io` is used by light modules (the CLI) that must not pay
+# for importing torch.
+_LAZY = {
+    "SUBJECT_COLORS": ".visualization",
+    "letterbox": ".images",
+    "normalize_subject_images": ".images",
+    "overlay_routing_maps": ".visualization",
+    "routing_grid": ".visualization",
+    "routing_legend": ".visualization",
+    "to_pil_rgb": ".images",
+}
+
+__all__ = [
+    "SUBJECT_COLORS",
+    "letterbox",
+    "normalize_subject_images",
+    "overlay_routing_maps",
+    "routing_grid",
+    "routing_legend",
+    "to_pil_rgb",
+]
+
+if TYPE_CHECKING:
+    from .images import letterbox, normalize_subject_images, to_pil_rgb
+    from .visualization import SUBJECT_COLORS, overlay_routing_maps, routing_grid, routing_legend
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -3,11 +3,67 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+# Temp files of `atomic_path` are named `.<target name>.diasr-tmp-<host>-<pid>-<random><suffix>` so that the ones a
+# killed process left behind (SIGKILL, power loss) can be recognised as ours and removed safely later.
+_TMP_MARKER = "diasr-tmp"
+_TMP_PATTERN = re.compile(r"^\..+\.diasr-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-")
+# A temp file from another machine (shared file system) cannot be checked for a live writer: only remove it when
+# nothing has touched it for this long.
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600
+_swept_folders: set[str] = set()
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists (owned by someone else), or not a pid we can judge: keep its file
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of :func:`atomic_path` in ``folder`` whose writer is gone; return what was removed.
+
+    A temp file is stale when its process (on this host) no longer runs, or, for one written on another host, when
+    it is older than ``FOREIGN_TEMP_MAX_AGE_S``. Files that are not ours are never touched.
+    """
+    removed = []
+    host, now = _host_tag(), time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TMP_PATTERN.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if match["host"] == host:
+                stale = int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"]))
+            else:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_TEMP_MAX_AGE_S
+            if stale:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # raced with another cleaner or no permission: not our problem to report
+    return removed
 
 
 @contextlib.contextmanager
@@ -15,11 +71,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one ``os.replace``.
 
     The temporary name keeps ``path``'s suffix so writers that pick a format from the extension (ffmpeg, PIL) work.
-    On error the temporary file is removed and ``path`` is left as it was.
+    On error the temporary file is removed and ``path`` is left as it was. A temp file left by a killed process is
+    removed by the next ``atomic_path`` into the same folder (see :func:`remove_stale_temp_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    # Once per folder and process: the first write to a folder clears what killed writers left there.
+    folder_key = os.path.abspath(path.parent)
+    if folder_key not in _swept_folders:
+        remove_stale_temp_files(path.parent)
+        _swept_folders.add(folder_key)
+    prefix = f".{path.name}.{_TMP_MARKER}-{_host_tag()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

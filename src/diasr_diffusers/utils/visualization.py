@@ -1,9 +1,13 @@
-"""See who was routed where: routing maps over the generated frames."""
+"""See who was routed where: routing maps over the generated frames, with a legend."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 
 # Distinct colours per subject (tab10); null tokens are left uncoloured.
@@ -11,6 +15,12 @@ SUBJECT_COLORS = np.array(
     [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194]],
     dtype=np.float32,
 )
+
+# Legend rows are 16 px so a strip keeps a video's height a multiple of 16 (ffmpeg's macro block: no rescaling).
+_LEGEND_ROW = 16
+_SWATCH = 10
+_LEGEND_BACKGROUND = (24, 24, 24)
+_LEGEND_TEXT = (240, 240, 240)
 
 
 def _frames_array(frames) -> np.ndarray:
@@ -26,8 +36,73 @@ def _frames_array(frames) -> np.ndarray:
     return frames
 
 
+def subject_color(index: int) -> tuple[int, int, int]:
+    """The RGB colour of subject ``index`` in routing maps and their legend."""
+    return tuple(int(c) for c in SUBJECT_COLORS[index % len(SUBJECT_COLORS)])
+
+
+def _fit_text(draw: PIL.ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > max_width:
+        text = text[:-1]
+    return text + "..." if text else ""
+
+
+def routing_legend(phrases: Sequence[str], width: int) -> np.ndarray:
+    """A legend strip for routing maps: a colour swatch and the phrase of every subject, then ``null`` (untinted).
+
+    Entries wrap onto as many 16-pixel rows as ``width`` needs; a phrase too long for one row is shortened with
+    ``...``. Uses PIL's built-in default font (nothing is downloaded).
+
+    Returns:
+        ``(16 * rows, width, 3)`` uint8.
+    """
+    if isinstance(phrases, str):
+        raise TypeError("`phrases` must be a list of subject phrases, not one string")
+    if width < _SWATCH + 4:
+        raise ValueError(f"`width` must be at least {_SWATCH + 4} pixels for a legend, got {width}")
+    font = PIL.ImageFont.load_default()
+    measure = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    entries = [(subject_color(i), str(p)) for i, p in enumerate(phrases)] + [(None, "null")]
+    # Lay the entries out first (x, row, shortened label), then draw them on a strip of the needed height.
+    placed, x, row = [], 0, 0
+    for color, label in entries:
+        label = _fit_text(measure, label, font, width - _SWATCH - 6)
+        entry_width = _SWATCH + 6 + int(np.ceil(measure.textlength(label, font=font))) + 8
+        if x > 0 and x + entry_width > width:
+            x, row = 0, row + 1
+        placed.append((x, row, color, label))
+        x += entry_width
+    strip = PIL.Image.new("RGB", (width, _LEGEND_ROW * (row + 1)), _LEGEND_BACKGROUND)
+    draw = PIL.ImageDraw.Draw(strip)
+    for x, row, color, label in placed:
+        top = row * _LEGEND_ROW + (_LEGEND_ROW - _SWATCH) // 2
+        box = (x + 2, top, x + 2 + _SWATCH - 1, top + _SWATCH - 1)
+        if color is None:  # null tokens are drawn untinted: an empty box
+            draw.rectangle(box, outline=_LEGEND_TEXT)
+        else:
+            draw.rectangle(box, fill=color)
+        draw.text(
+            (x + _SWATCH + 6, row * _LEGEND_ROW + _LEGEND_ROW // 2), label, fill=_LEGEND_TEXT, font=font, anchor="lm"
+        )
+    return np.asarray(strip)
+
+
+def _check_phrases(phrases: Sequence[str], maps: np.ndarray) -> None:
+    if isinstance(phrases, str):
+        raise TypeError("`phrases` must be a list of subject phrases, not one string")
+    top = int(maps.max()) if maps.size else -1
+    if top >= len(phrases):
+        raise ValueError(f"`routing_maps` route tokens to subject {top} but only {len(phrases)} `phrases` were given")
+
+
 def overlay_routing_maps(
-    frames, routing_maps: torch.Tensor | np.ndarray, alpha: float = 0.5, temporal_compression: int = 4
+    frames,
+    routing_maps: torch.Tensor | np.ndarray,
+    alpha: float = 0.5,
+    temporal_compression: int = 4,
+    phrases: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Colour every pixel by the subject its token was routed to.
 
@@ -36,15 +111,20 @@ def overlay_routing_maps(
         routing_maps: ``(F_lat, H_tok, W_tok)`` int subject index per token, ``-1`` = null (one sample of
             ``DiasRPipelineOutput.routing_maps``).
         alpha: overlay opacity.
-        temporal_compression: pixel frames per latent frame after the first (Wan: 4).
+        temporal_compression: pixel frames per latent frame after the first (the VAE's
+            ``scale_factor_temporal``; Wan: 4).
+        phrases: the subject phrases; when given, a legend strip (see :func:`routing_legend`) is added below every
+            frame, so the frames are taller than ``H``.
 
     Returns:
-        ``(F, H, W, 3)`` uint8 frames.
+        ``(F, H, W, 3)`` uint8 frames (``(F, H + legend, W, 3)`` with ``phrases``).
     """
     frames = _frames_array(frames)
     maps = routing_maps.detach().cpu().numpy() if isinstance(routing_maps, torch.Tensor) else np.asarray(routing_maps)
     if maps.ndim != 3:
         raise ValueError(f"`routing_maps` must be (F_lat, H_tok, W_tok) for one video, got shape {maps.shape}")
+    if phrases is not None:
+        _check_phrases(phrases, maps)
     num_frames, height, width, _ = frames.shape
     out = frames.astype(np.float32)
     # Nearest-neighbour upsampling of the token grid to pixels.
@@ -56,14 +136,32 @@ def overlay_routing_maps(
         routed = cell >= 0
         color = SUBJECT_COLORS[np.clip(cell, 0, None) % len(SUBJECT_COLORS)]
         out[f][routed] = (1 - alpha) * out[f][routed] + alpha * color[routed]
-    return out.round().astype(np.uint8)
+    out = out.round().astype(np.uint8)
+    if phrases is not None:
+        legend = routing_legend(phrases, width)
+        out = np.concatenate([out, np.broadcast_to(legend, (num_frames, *legend.shape))], axis=1)
+    return out
 
 
-def routing_grid(frames, routing_maps: torch.Tensor | np.ndarray, every: int = 4) -> PIL.Image.Image:
-    """An image grid: every ``every``-th frame on top, its routing overlay below."""
+def routing_grid(
+    frames,
+    routing_maps: torch.Tensor | np.ndarray,
+    every: int = 4,
+    phrases: Sequence[str] | None = None,
+    temporal_compression: int = 4,
+) -> PIL.Image.Image:
+    """An image grid: every ``every``-th frame on top, its routing overlay below, and with ``phrases`` a legend
+    strip (see :func:`routing_legend`) at the bottom."""
     frames = _frames_array(frames)
-    over = overlay_routing_maps(frames, routing_maps)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"`every` must be a positive integer, got {every!r}")
+    over = overlay_routing_maps(frames, routing_maps, temporal_compression=temporal_compression)
+    if phrases is not None:
+        _check_phrases(phrases, np.asarray(routing_maps))
     idx = list(range(0, frames.shape[0], every))
     top = np.concatenate([frames[i] for i in idx], axis=1)
     bottom = np.concatenate([over[i] for i in idx], axis=1)
-    return PIL.Image.fromarray(np.concatenate([top, bottom], axis=0))
+    parts = [top, bottom]
+    if phrases is not None:
+        parts.append(routing_legend(phrases, top.shape[1]))
+    return PIL.Image.fromarray(np.concatenate(parts, axis=0))
