@@ -50,9 +50,9 @@ def make_pipe(transformer: WanTransformer3DModel | None = None) -> DiasRPipeline
 
 
 def run(pipe: DiasRPipeline, routing: str = "router", subjects: bool = True):
-    """Two steps of three-way guidance: the routed conditional branch (text routed too), the routed reference
+    """One step of three-way guidance: the routed conditional branch (text routed too), the routed reference
     branch (text not routed) and the stock negative branch all run."""
-    args = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=2, output_type="latent")
+    args = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=1, output_type="latent")
     if subjects:
         args.update(subject_images=subject_images(), subject_phrases=PHRASES, routing=routing, guidance_scale_ref=3.0)
         args.update(return_routing_maps=True, subject_masks=side_masks() if routing == "masks" else None)
@@ -246,10 +246,10 @@ def test_attention_backend_runs_the_stock_paths_and_routing_stays_ours(plain, mo
     assert all(isinstance(p, SubjectSparseAttnProcessor) for p in pipe.transformer.attn_processors.values())
     out = run(pipe)
     layers = len(pipe.transformer.blocks)
-    # Per step: routed self-attention in the conditional and reference branches; the negative branch (self and
+    # Routed self-attention in the conditional and reference branches; the negative branch (self and
     # cross) and the reference branch's unrouted cross-attention go through Diffusers with the chosen backend.
-    assert len(routed_calls) == 2 * 2 * layers
-    assert len(backends) == 2 * 3 * layers and set(backends) == {AttentionBackendName._NATIVE_MATH}
+    assert len(routed_calls) == 2 * layers
+    assert len(backends) == 3 * layers and set(backends) == {AttentionBackendName._NATIVE_MATH}
     torch.testing.assert_close(out.frames, plain("router").frames, atol=1e-5, rtol=1e-5)
 
 
@@ -262,7 +262,8 @@ def test_installing_processors_keeps_the_attention_backend(monkeypatch):
     assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in procs)
 
 
-def test_routed_block_compiles_without_graph_breaks():
+@pytest.mark.parametrize("mode", ["similarity", "router"])
+def test_routed_block_compiles_without_graph_breaks(mode):
     """``fullgraph=True`` raises on any graph break; the eager backend makes that check cheap."""
     pipe = make_pipe()
     transformer, state = pipe.transformer, pipe.routing_state
@@ -274,16 +275,14 @@ def test_routed_block_compiles_without_graph_breaks():
     segments = [TextSegments(order=torch.arange(512).flip(0), lengths=[2, 3])]
     # The op's portable "torch" backend reads group sizes on the host (a graph break, see docs/memory.md); the
     # dense reference backend is traceable, so this checks the processors and the routing state alone.
-    common = dict(ref_lengths=[4, 4], video_grid=(3, 2, 2), backend="dense", text_segments=segments)
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for extra in ({"mode": "similarity"}, {"mode": "router", "router": pipe.id_router, "record": True}):
-            with state.activate(**common, **extra):
-                captured.clear()
-                transformer(x, torch.tensor([500.0]), text, return_dict=False)
-                expected = block(*captured["args"])
-                torch.testing.assert_close(compiled(*captured["args"]), expected, atol=0, rtol=0)
-                assert state.buckets and state.current_buckets is not None
+    inputs = dict(ref_lengths=[4, 4], video_grid=(3, 2, 2), backend="dense", text_segments=segments, mode=mode)
+    inputs.update(router=pipe.id_router if mode == "router" else None, record=True)
+    with torch.no_grad(), state.activate(**inputs):
+        transformer(x, torch.tensor([500.0]), text, return_dict=False)
+        expected = block(*captured["args"])
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(*captured["args"]), expected, atol=0, rtol=0)
+        assert state.buckets and state.current_buckets is not None
 
 
 # --------------------------------------------------------------------------------------------------------------------
