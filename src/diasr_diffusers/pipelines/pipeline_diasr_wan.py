@@ -34,6 +34,7 @@ from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
 
 logger = logging.get_logger(__name__)
+_CPU = torch.device("cpu")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -594,7 +595,7 @@ class DiasRPipeline(WanPipeline):
     def enable_group_offload(
         self,
         onload_device: torch.device,
-        offload_device: torch.device = torch.device("cpu"),
+        offload_device: torch.device = _CPU,
         offload_type: str = "block_level",
         num_blocks_per_group: int | None = None,
         non_blocking: bool = False,
