@@ -41,9 +41,7 @@ class Weights:
 
 
 def _param_bytes(model: torch.nn.Module, keep_fp32: list[str]) -> dict[str, float]:
-    return {
-        name: p.numel() * (4 if any(k in name for k in keep_fp32) else 2) for name, p in model.named_parameters()
-    }
+    return {name: p.numel() * (4 if any(k in name for k in keep_fp32) else 2) for name, p in model.named_parameters()}
 
 
 def transformer_weights(model_id: str) -> tuple[Weights, int]:
@@ -119,7 +117,7 @@ def activation_bytes(model_id: str, res: str, num_subjects: int, routed: bool = 
 
 
 OPTIONS = [
-    ("bf16, all on GPU", "`pipe.to(\"cuda\")`"),
+    ("bf16, all on GPU", '`pipe.to("cuda")`'),
     ("model offload", "`enable_model_cpu_offload()`"),
     ("FP8 + model offload", "layerwise casting FP8 + `enable_model_cpu_offload()`"),
     ("GGUF Q8_0 + model offload", "`from_single_file(..Q8_0.gguf)` + `enable_model_cpu_offload()`"),
@@ -189,7 +187,7 @@ def table() -> str:
     lines += [
         "",
         f"Routing's own cost in activations (14B, 720p, 4 subjects): {routed / GB:.2f} GB routed vs {dense / GB:.2f} GB "
-        "for `routing=\"dense\"` (the fp32 routing features of the video queries and the concatenated output).",
+        'for `routing="dense"` (the fp32 routing features of the video queries and the concatenated output).',
     ]
     return "\n".join(lines) + "\n"
 
