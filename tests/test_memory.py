@@ -333,3 +333,38 @@ def test_reference_encoding_follows_the_vae_compute_dtype_and_device():
     out = encode_latents(vae, pixels)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert 0 < (out - expected).abs().max() < 0.5 * expected.abs().max()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dtypes: a bf16 transformer with a float32 router, and the router itself in FP8 storage
+
+
+def test_float32_router_with_bf16_transformer(plain):
+    # The usual GPU setup: `from_wan(..., dtype=torch.bfloat16)` loads the router separately, in float32.
+    pipe = make_pipe()
+    pipe.transformer.to(torch.bfloat16)
+    assert pipe.id_router.dtype == torch.float32
+    out = run(pipe)
+    assert torch.isfinite(out.frames).all()
+    assert out.routing_maps.shape == plain("router").routing_maps.shape
+
+
+def test_router_layerwise_casting_fp8():
+    transformer = tiny_wan_components(attention_head_dim=HEAD_DIM)["transformer"]
+    torch.manual_seed(0)
+    router = IDRouter.from_transformer(transformer, router_dim=32, num_identity_queries=4, num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(1, 12, 32, generator=g)
+    refs = [torch.randn(1, 4, 32, generator=g), torch.randn(1, 4, 32, generator=g)]
+    phrases = [torch.randn(1, 2, 32, generator=g), torch.randn(1, 3, 32, generator=g)]
+
+    def logits():
+        with torch.no_grad():
+            return router(video, router.encode_anchors(refs, phrases), layer_idx=1)
+
+    expected = logits()
+    router.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert router.to_token[0][0].weight.dtype == torch.float8_e4m3fn
+    assert router.image_pooler.attn.out_proj.weight.dtype == torch.float32  # read outside its forward: not cast
+    out = logits()
+    assert 0 < (out - expected).abs().max() <= 0.25 * expected.abs().max()
