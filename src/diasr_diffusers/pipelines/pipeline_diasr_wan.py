@@ -42,6 +42,7 @@ from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
 
 logger = logging.get_logger(__name__)
+_CPU = torch.device("cpu")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -762,3 +763,41 @@ class DiasRPipeline(WanPipeline):
         stacked = torch.stack(list(state.buckets.values()))  # (layers, B, Lv)
         votes = torch.nn.functional.one_hot(stacked + 1, state.num_subjects + 1).sum(dim=0)  # (B, Lv, N + 1)
         return (votes.argmax(dim=-1) - 1).view(-1, *state.video_grid).cpu()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Memory
+
+    def enable_group_offload(
+        self,
+        onload_device: torch.device,
+        offload_device: torch.device = _CPU,
+        offload_type: str = "block_level",
+        num_blocks_per_group: int | None = None,
+        non_blocking: bool = False,
+        use_stream: bool = False,
+        record_stream: bool = False,
+        low_cpu_mem_usage: bool = False,
+        offload_to_disk_path: str | None = None,
+        exclude_modules: str | list[str] | None = None,
+    ) -> None:
+        """:meth:`~diffusers.DiffusionPipeline.enable_group_offload`, always excluding ``_exclude_from_cpu_offload``
+        (the ``id_router``), which is placed on ``onload_device``.
+
+        Diffusers' own method offloads every component, the router included. Its hooks onload weights on a module's
+        ``forward`` only, but the transformer's processors also call ``IDRouter.encode_anchors`` (not a forward), so
+        on an accelerator the router's anchor weights would still sit on ``offload_device``: a device mismatch.
+        """
+        exclude = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
+        exclude += [name for name in self._exclude_from_cpu_offload if name not in exclude]
+        super().enable_group_offload(
+            onload_device=onload_device,
+            offload_device=offload_device,
+            offload_type=offload_type,
+            num_blocks_per_group=num_blocks_per_group,
+            non_blocking=non_blocking,
+            use_stream=use_stream,
+            record_stream=record_stream,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            offload_to_disk_path=offload_to_disk_path,
+            exclude_modules=exclude,
+        )

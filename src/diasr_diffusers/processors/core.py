@@ -191,10 +191,10 @@ def _check_state(values: dict[str, Any]) -> None:
 
 def subject_of_reference_tokens(ref_lengths: list[int], batch: int, device: torch.device) -> torch.Tensor:
     """``(B, sum R_s)`` bucket of every reference token: its own subject."""
-    ids = torch.repeat_interleave(
-        torch.arange(len(ref_lengths), device=device), torch.tensor(ref_lengths, device=device)
-    )
-    return ids.expand(batch, -1)
+    # Built from Python ints (not `repeat_interleave` over a length tensor): the shape is then static, so
+    # `torch.compile(fullgraph=True)` traces it without a data-dependent graph break.
+    ids = [torch.full((n,), s, dtype=torch.long, device=device) for s, n in enumerate(ref_lengths)]
+    return torch.cat(ids).expand(batch, -1)
 
 
 def similarity_logits(

@@ -123,7 +123,10 @@ def set_subject_sparse_attn_processor(
     """Install one :class:`SubjectSparseAttnProcessor` per attention module of a Wan transformer, all sharing
     ``state`` (a new one if ``None``), each knowing its block index. Returns the state.
 
-    Install it before ``enable_parallelism()`` (diffusers' context-parallel rule for custom processors).
+    Install it before ``enable_parallelism()`` (diffusers' context-parallel rule for custom processors). An attention
+    backend set with ``transformer.set_attention_backend(...)`` is kept; it applies to the stock code paths (no
+    subjects, ``routing="dense"``, unrouted cross-attention), while routed attention runs
+    :func:`~diasr_diffusers.ops.bucketed_attention` (backend: ``SubjectRoutingState.backend``).
     """
     if state is not None and not isinstance(state, SubjectRoutingState):
         raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
@@ -133,10 +136,16 @@ def set_subject_sparse_attn_processor(
         )
     state = state if state is not None else SubjectRoutingState()
     processors = {}
-    for name in transformer.attn_processors:
+    for name, old in transformer.attn_processors.items():
         # Names look like "blocks.{i}.attn1.processor".
         parts = name.split(".")
         layer_idx = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
-        processors[name] = SubjectSparseAttnProcessor(state, layer_idx)
+        processor = SubjectSparseAttnProcessor(state, layer_idx)
+        # `set_attention_backend` stores the backend on each processor: keep it, or a backend chosen on the stock
+        # transformer (e.g. before `DiasRPipeline.from_wan`) would silently be dropped for the stock code paths.
+        backend = getattr(old, "_attention_backend", None)
+        if backend is not None:
+            processor._attention_backend = backend
+        processors[name] = processor
     transformer.set_attn_processor(processors)
     return state

@@ -142,6 +142,9 @@ class IDRouter(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    # nn.MultiheadAttention reads its out_proj weight directly, not through out_proj's forward, so layerwise casting
+    # would never upcast it: keep the anchor poolers' attention out of FP8 storage (it is a small part of the router).
+    _skip_layerwise_casting_patterns = ["attn"]
 
     @register_to_config
     def __init__(
@@ -314,8 +317,10 @@ class IDRouter(ModelMixin, ConfigMixin):
         if len(text_tokens) != n or len(text_masks) != n:
             raise ValueError(f"`text_tokens`/`text_masks` need one entry per subject ({n})")
         self._check_anchor_inputs(image_tokens, text_tokens, text_masks)
+        # The host transformer may run in another dtype (bf16) than the router (float32, or its layerwise-casting
+        # compute dtype): compute in the router's, as `forward` does.
         image_tokens = [t.to(self.dtype) for t in image_tokens]
-        text_tokens = [None if t is None else t.to(self.dtype) for t in text_tokens]
+        text_tokens = [t.to(self.dtype) if t is not None else None for t in text_tokens]
         img = torch.stack([self.image_pooler(self.identity_queries, t, None) for t in image_tokens], dim=1)
         txt = None
         if any(t is not None for t in text_tokens):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 
 def _vae_normalization(vae: Any, z_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -19,8 +20,11 @@ def _vae_normalization(vae: Any, z_dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _posterior_mode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Un-normalised float32 latents (the posterior mean) of ``(B, 3, F, H, W)`` pixels, on the VAE's device."""
-    param = next(vae.parameters())
-    return vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
+    # Not the weights' device and dtype: under offloading the weights sit on the CPU or on "meta" until the VAE's
+    # hooks move them, and under layerwise casting they are stored in FP8. The inputs must match where and in which
+    # dtype the VAE computes.
+    pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+    return vae.encode(pixels).latent_dist.mode().float()
 
 
 @torch.no_grad()
