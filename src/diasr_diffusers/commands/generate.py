@@ -20,7 +20,19 @@ DEMO_SUBJECTS = [("the striped red star", "striped_red_star.png"), ("the dotted 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="generate a multi-subject video")
-    gen.add_argument("--model", required=True, help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub id")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub id")
+    source.add_argument(
+        "--phantom",
+        metavar="PATH_OR_REPO",
+        help="Phantom-Wan transformer: Phantom-Wan-1.3B.pth, the 14B index/shards or folder, or a Hub repo id "
+        "(reference_style='phantom'; VAE and text encoder from --base)",
+    )
+    source.add_argument("--skyreels-v3", metavar="PATH", help="SkyReels-V3 R2V Diffusers folder or Hub id")
+    gen.add_argument(
+        "--base", default=None, help="with --phantom: the Wan2.1 Diffusers pipeline (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+    )
+    gen.add_argument("--phantom-size", default="1.3B", choices=["1.3B", "14B"], help="with --phantom REPO: which file")
     gen.add_argument("--router", default=None, help="IDRouter folder or Hub id (when --model is a stock Wan)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
@@ -35,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--height", type=int, default=480)
     gen.add_argument("--width", type=int, default=832)
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: the model's reference style (5.0)")
     gen.add_argument("--guidance-scale-ref", type=float, default=None)
     gen.add_argument("--routing", default="auto", choices=["auto", "router", "similarity", "dense"])
     gen.add_argument("--no-route-text", action="store_true", help="do not route text cross-attention")
@@ -79,11 +91,27 @@ def write_video_atomic(frames: Any, path: Path, fps: int) -> None:
         export_to_video(frames, str(tmp), fps=fps)
 
 
-def load_pipeline(model: str, router: str | None = None, dtype: Any = None):
-    """A :class:`DiasRPipeline` from a DiasR checkpoint, or from a stock Wan2.1 one (+ optional router)."""
+def load_pipeline(
+    model: str | None,
+    router: str | None = None,
+    dtype: Any = None,
+    phantom: str | None = None,
+    base: str | None = None,
+    skyreels_v3: str | None = None,
+    phantom_size: str = "1.3B",
+):
+    """A :class:`DiasRPipeline` from a DiasR checkpoint, a stock Wan2.1 one (+ optional router), a Phantom-Wan
+    transformer (+ a Wan2.1 ``base``) or a SkyReels-V3 R2V folder."""
     from ..pipelines import DiasRPipeline
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if base is not None and phantom is None:
+        raise ValueError("--base is only used with --phantom")
+    if phantom is not None:
+        base_kwargs = {"base": base} if base is not None else {}
+        return DiasRPipeline.from_phantom(phantom, size=phantom_size, id_router=router, **base_kwargs, **kwargs)
+    if skyreels_v3 is not None:
+        return DiasRPipeline.from_skyreels_v3(skyreels_v3, id_router=router, **kwargs)
     folder = model if os.path.isdir(model) else DiasRPipeline.download(model)
     index_path = Path(folder) / "model_index.json"
     if not index_path.is_file():
@@ -143,7 +171,13 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, args.router, dtype=dtype).to(device)
+    try:
+        pipe = load_pipeline(
+            args.model, args.router, dtype, phantom=args.phantom, base=args.base, skyreels_v3=args.skyreels_v3,
+            phantom_size=args.phantom_size,
+        ).to(device)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     phrases = [p for p, _ in subjects]
     images = [[Image.open(p) for p in paths] for _, paths in subjects]
     result = pipe(
