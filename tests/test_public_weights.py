@@ -521,3 +521,35 @@ def test_cli_rejects_bad_public_weight_sources(files, tmp_path):
     with pytest.raises(SystemExit, match="not a Wan2.1 transformer"):
         main(["generate", "--phantom", str(tmp_path / "other.pth"), "--base", str(files["base"]), *common])
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_phantom_model_card_example_runs(phantom_pipe, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    phantom_pipe.save_pretrained(tmp_path / "repo")
+    for i, image in enumerate(_images(2, [(40, 28), (17, 61)])):
+        image.save(tmp_path / f"ref{i}.png")
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="diasr-diffusers", pipeline_tag="text-to-video", base_model="bytedance-research/Phantom"
+        ),
+        template_path=str(Path(__file__).resolve().parents[1] / "hub_configs" / "README_phantom.md"),
+        repo_id=str(tmp_path / "repo"),
+        prompt=PROMPT,
+        image_0=str(tmp_path / "ref0.png"),
+        image_1=str(tmp_path / "ref1.png"),
+        phrase_0="the man",
+        phrase_1="the woman",
+        height=H,
+        width=W,
+        num_frames=FRAMES,
+        num_inference_steps=2,
+    )
+    text = str(card)
+    assert "{{" not in text
+    snippet = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "phantom_model_card", "exec"), namespace)  # noqa: S102 - the card's own example
+    assert (tmp_path / "output.mp4").stat().st_size > 0
+    assert namespace["out"].frames[0].shape == (FRAMES, H, W, 3)
