@@ -57,7 +57,10 @@ def _load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
 
     state_dict: dict[str, torch.Tensor] = {}
     for path in paths:
-        state_dict.update(load_file(str(path)))
+        try:
+            state_dict.update(load_file(str(path)))
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"`checkpoint`: {path} is not a readable safetensors file: {e}") from None
     return state_dict
 
 
@@ -101,7 +104,12 @@ def _load_shards(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     # weights_only: a .pth is a pickle; never run code from a downloaded file.
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError for a damaged archive
+        raise ValueError(
+            f"`checkpoint`: {path} cannot be read as tensors with torch.load(weights_only=True): {e}"
+        ) from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
