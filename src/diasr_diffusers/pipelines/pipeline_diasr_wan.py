@@ -90,6 +90,10 @@ class DiasRPipeline(WanPipeline):
         tokenizer, text_encoder, vae, scheduler, transformer: as in ``WanPipeline``.
         id_router (:class:`~diasr_diffusers.IDRouter`, optional): the trained router; without it, the training-free
             similarity router is used.
+
+    Config:
+        reference_style: ``"diasr"`` (default), ``"phantom"`` or ``"skyreels_v3"``: the conventions of the weights
+            (see :mod:`~diasr_diffusers.pipelines.reference_styles`, :meth:`from_phantom`, :meth:`from_skyreels_v3`).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -253,7 +257,6 @@ class DiasRPipeline(WanPipeline):
         from diffusers import AutoencoderKLWan
 
         from .public_weights import skyreels_v3_transformer
-        from .reference_styles import REFERENCE_STYLES
 
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         path = pretrained_model_name_or_path
@@ -408,8 +411,8 @@ class DiasRPipeline(WanPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """One clean latent frame per reference image: ``(1, C, K, h, w)``, subjects in order, normalised like the
-        video latents. Images are letterboxed onto white at the video size and encoded one at a time, as the
-        :attr:`reference_style` says (posterior mean, or a sample drawn with ``generator``)."""
+        video latents. Images are letterboxed onto white at the video size and encoded as the :attr:`reference_style`
+        says (posterior mean, or a sample drawn with ``generator``, one image at a time)."""
         style = self.reference_style
         frames = [
             letterbox(img, height, width, resample=style.resample, floor_size=style.floor_size)
