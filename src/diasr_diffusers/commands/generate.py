@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source.add_argument("--skyreels-v3", metavar="PATH", help="SkyReels-V3 R2V Diffusers folder or Hub id")
     gen.add_argument(
-        "--base", default=None, help="with --phantom: the Wan2.1 Diffusers pipeline (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        "--base",
+        default=None,
+        help="with --phantom: the Wan2.1 Diffusers pipeline (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers)",
     )
     gen.add_argument("--phantom-size", default="1.3B", choices=["1.3B", "14B"], help="with --phantom REPO: which file")
     gen.add_argument("--router", default=None, help="IDRouter folder or Hub id (when --model is a stock Wan)")
