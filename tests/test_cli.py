@@ -204,7 +204,7 @@ def test_generate_summary_reports_routing_share(tiny_model, refs, tmp_path, caps
         (["--subject", "no-equals-sign"], "PHRASE=IMAGE"),
         (["--subject", "the man=/nonexistent/man.png"], "not an image file"),
         (["--subject", "the man={bad}"], "cannot read"),
-        (["--subject", "the mango={man}"], "does not occur in --prompt"),
+        (["--subject", "the mango={man}"], "does not occur in the --prompt"),
         (["--subject", "the man={man}", "--subject", "The Man={man}"], "given twice"),
         (["--subject", "the man={man}", "--subject", "man and={man}"], "overlap"),
         (["--prompt", "   "], "--prompt is empty"),

@@ -281,7 +281,8 @@ def test_routed_block_compiles_without_graph_breaks(mode):
         transformer(x, torch.tensor([500.0]), text, return_dict=False)
         expected = block(*captured["args"])
         compiled = torch.compile(block, fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(*captured["args"]), expected, atol=0, rtol=0)
+        # Not bit-equal: traced, the dense reference is one masked SDPA instead of per-bucket gathers.
+        torch.testing.assert_close(compiled(*captured["args"]), expected, atol=1e-6, rtol=1e-5)
         assert state.buckets and state.current_buckets is not None
 
 

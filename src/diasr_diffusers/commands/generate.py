@@ -1,4 +1,4 @@
-"""``diasr generate`` (any DiasR or Wan2.1 checkpoint) and ``diasr demo`` (the embedded toy model, offline).
+"""``diasr generate`` (a DiasR or Wan2.1 checkpoint, or Phantom-Wan / SkyReels-V3 R2V weights) and ``diasr demo`` (the embedded toy model, offline).
 
 Everything a user typed is checked before any weights are loaded (and before torch is imported where possible);
 a user mistake is one line on stderr and exit code 2.
@@ -80,13 +80,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate a multi-subject video",
         description=(
             "Generate a video from a prompt and reference images of its subjects. Needs a Wan2.1 or DiasR Diffusers "
-            f"checkpoint (e.g. {EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes). Every argument "
-            "is checked before the model loads."
+            f"checkpoint (e.g. {EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes), or public "
+            "reference-trained weights (--phantom, --skyreels-v3). Every argument is checked before the model loads."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id")
+    source.add_argument(
+        "--phantom",
+        metavar="PATH_OR_REPO",
+        help="Phantom-Wan transformer: Phantom-Wan-1.3B.pth, the 14B index/shards or their folder, or a Hub repo id "
+        "(reference_style='phantom'; VAE and text encoder from --base)",
+    )
+    source.add_argument(
+        "--skyreels-v3", metavar="PATH_OR_REPO", help="SkyReels-V3 R2V Diffusers folder or Hub repo id"
+    )
     gen.add_argument(
-        "--model", required=True, help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id"
+        "--base",
+        default=None,
+        help=f"with --phantom: the Wan2.1 Diffusers pipeline giving VAE and text encoder (default {EXAMPLE_MODEL})",
+    )
+    gen.add_argument(
+        "--phantom-size", default="1.3B", choices=["1.3B", "14B"], help="with --phantom REPO: which file to take"
     )
     gen.add_argument("--router", default=None, help="IDRouter folder or Hub repo id (replaces the model's own)")
     gen.add_argument(
@@ -113,12 +129,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--height", type=_int_at_least(1), default=480, help="pixels; a multiple of 16")
     gen.add_argument("--width", type=_int_at_least(1), default=832, help="pixels; a multiple of 16")
     gen.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps")
-    gen.add_argument("--guidance-scale", type=_finite_float(0.0), default=5.0, help="text guidance")
+    gen.add_argument(
+        "--guidance-scale",
+        type=_finite_float(0.0),
+        default=None,
+        help="text guidance (default: the model's reference style: 5.0; Phantom 7.5)",
+    )
     gen.add_argument(
         "--guidance-scale-ref",
         type=_finite_float(0.0),
         default=None,
-        help="reference guidance: Phantom's three-way guidance when set (Phantom: 5.0 with --guidance-scale 7.5)",
+        help="reference guidance: Phantom's three-way guidance when set (default: the model's reference style: "
+        "none; Phantom 5.0)",
     )
     gen.add_argument(
         "--routing",
@@ -205,34 +227,20 @@ def check_output(value: str, flag: str) -> Path:
     return path
 
 
-def _phrase_spans(prompt: str, phrase: str) -> list[tuple[int, int]]:
-    # The pipeline's own matcher (whole words, case-insensitive, on the cleaned prompt): one source of truth.
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-    from ..pipelines.pipeline_diasr_wan import _phrase_spans as spans
-
-    return spans(prompt_clean(prompt), phrase)
-
-
 def check_phrases(prompt: str, phrases: list[str]) -> None:
-    """Every phrase is distinct and occurs in ``prompt`` as whole words, and no two subjects' phrases overlap."""
-    seen: dict[str, str] = {}
-    spans: list[tuple[int, int, str]] = []
+    """The pipeline's phrase rules (:mod:`diasr_diffusers.routing.phrases`): every phrase distinct, occurring in
+    ``prompt`` as whole words, and no two subjects' phrases overlapping."""
+    seen: set[str] = set()
     for phrase in phrases:
-        key = phrase.casefold()
+        key = " ".join(phrase.casefold().split())
         if key in seen:
             raise UsageError(f"--subject {phrase!r} is given twice (phrases must differ: one per subject)")
-        seen[key] = phrase
-        found = _phrase_spans(prompt, phrase)
-        if not found:
-            raise UsageError(f"--subject {phrase!r}: the phrase does not occur in --prompt as whole words")
-        spans += [(a, b, phrase) for a, b in found]
-    for a1, b1, p1 in spans:
-        for a2, b2, p2 in spans:
-            if p1 != p2 and a1 < b2 and a2 < b1:
-                raise UsageError(
-                    f"--subject phrases {p1!r} and {p2!r} overlap in --prompt; each word may name one subject"
-                )
+        seen.add(key)
+    from ..routing.phrases import phrase_problems
+
+    problems = phrase_problems(prompt, phrases, what="--prompt")
+    if problems:
+        raise UsageError(f"--subject: {'; '.join(problems)}")
 
 
 def parse_mask(spec: str, phrases: list[str], height: int, width: int) -> tuple[str, np.ndarray]:
@@ -281,6 +289,8 @@ def check_arguments(args: argparse.Namespace) -> GenerateInputs:
         raise UsageError("--routing-maps must differ from --out (one would overwrite the other)")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
+    if args.base is not None and args.phantom is None:
+        raise UsageError("--base is only used with --phantom (it gives Phantom's VAE and text encoder)")
     if args.height % 16 or args.width % 16:
         raise UsageError(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
     subjects = [parse_subject(s) for s in args.subject]
@@ -521,6 +531,31 @@ def load_pipeline(
     return pipe
 
 
+def load_public_pipeline(
+    phantom: str | None = None,
+    skyreels_v3: str | None = None,
+    base: str | None = None,
+    phantom_size: str = "1.3B",
+    router: str | os.PathLike | None = None,
+    dtype: Any = None,
+):
+    """A :class:`DiasRPipeline` from Phantom-Wan weights (+ a Wan2.1 ``base``) or a SkyReels-V3 R2V folder, with an
+    optional router. Weights that cannot be read raise a :class:`UsageError` of one sentence."""
+    from ..pipelines import DiasRPipeline
+
+    if (phantom is None) == (skyreels_v3 is None):
+        raise ValueError("give exactly one of `phantom` and `skyreels_v3`")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    flag, source = ("--phantom", phantom) if phantom is not None else ("--skyreels-v3", skyreels_v3)
+    try:
+        if phantom is not None:
+            base_kwargs = {"base": base} if base is not None else {}
+            return DiasRPipeline.from_phantom(phantom, size=phantom_size, id_router=router, **base_kwargs, **kwargs)
+        return DiasRPipeline.from_skyreels_v3(skyreels_v3, id_router=router, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UsageError(f"{flag} {source!r} could not be loaded: {_shape_mismatch_sentence(err) or _first_line(err)}") from None  # fmt: skip
+
+
 def load_lora(pipe: Any, lora: str) -> None:
     """``pipe.load_lora_weights`` with one clear sentence for weights made for another model."""
     import logging
@@ -629,12 +664,20 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    folder = resolve_checkpoint(args.model, "--model")
-    checkpoint_class(folder)
     router_folder = resolve_checkpoint(args.router, "--router") if args.router else None
-    check_model_fits(folder, router_folder, args, inputs)
-
-    pipe = load_pipeline(folder, router_folder, dtype=dtype, lora=args.lora).to(device)
+    if args.model is not None:
+        folder = resolve_checkpoint(args.model, "--model")
+        checkpoint_class(folder)
+        check_model_fits(folder, router_folder, args, inputs)
+        pipe = load_pipeline(folder, router_folder, dtype=dtype, lora=args.lora)
+    else:
+        # Public weights: their configs are fixed by the loaders, which check the files' shapes themselves.
+        pipe = load_public_pipeline(
+            args.phantom, args.skyreels_v3, args.base, args.phantom_size, router_folder, dtype=dtype
+        )
+        if args.lora is not None:
+            load_lora(pipe, args.lora)
+    pipe = pipe.to(device)
     result = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,

@@ -4,6 +4,9 @@ Queries that see the same keys (one sample, one bucket) run through SDPA over ex
 invisible keys inside one joint SDPA instead would let a NaN/inf in one segment's keys or values reach every query
 (``NaN + -inf`` is NaN, ``0 * NaN`` is NaN, in the forward and in the backward); gathering keeps it confined to the
 queries that do see it, as in the sparse backends. Exact, but O(Lq * Lk) memory for the mask.
+
+Under ``torch.compile`` the gather (data-dependent group sizes) would break the graph, so the traced reference is one
+joint SDPA with the visibility as an additive mask: the same answer for finite inputs, without the NaN confinement.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def dense_bucketed_attention(
     batch, lq, heads, dim = query.shape
     seg = key_segment_ids(key.shape[1], segment_lengths, query.device)
     visible = visibility_mask(query_buckets, segment_lengths, key.shape[1])
+    if torch.compiler.is_compiling():
+        return _masked_sdpa(query, key, value, query_buckets, seg, visible, scale, segment_bias)
     rows, index = [], []
     for b in range(batch):
         for s in range(-1, len(segment_lengths)):
@@ -66,3 +71,18 @@ def dense_bucketed_attention(
         return zeros_output(query, key, value, segment_bias)
     out = torch.zeros(batch * lq, heads, dim, dtype=query.dtype, device=query.device)
     return out.index_copy(0, torch.cat(index), torch.cat(rows)).view(batch, lq, heads, dim)
+
+
+def _masked_sdpa(query, key, value, query_buckets, seg, visible, scale: float, segment_bias) -> torch.Tensor:
+    """The traceable form: one SDPA over all keys, invisible ones masked with ``-inf`` (static shapes)."""
+    own = (seg[None, None, :] == query_buckets[:, :, None]) & (query_buckets[:, :, None] >= 0)
+    has_key = visible.any(dim=-1)  # (B, Lq)
+    # A row without any visible key would be NaN under SDPA: give it every key, then zero it.
+    visible = visible | ~has_key[..., None]
+    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(~visible, float("-inf"))
+    if segment_bias is not None:
+        mask = mask + own.to(query.dtype) * segment_bias[..., None].to(query.dtype)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+    ).transpose(1, 2)
+    return torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

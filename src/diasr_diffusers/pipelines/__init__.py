@@ -1,5 +1,6 @@
 """Pipelines."""
 
 from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
+from .reference_styles import REFERENCE_STYLES, ReferenceStyle
 
-__all__ = ["DiasRPipeline", "DiasRPipelineOutput"]
+__all__ = ["REFERENCE_STYLES", "DiasRPipeline", "DiasRPipelineOutput", "ReferenceStyle"]

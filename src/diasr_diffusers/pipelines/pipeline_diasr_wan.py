@@ -7,6 +7,7 @@ import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from ..routing import (
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
 from ..utils.latents import encode_latents
+from .reference_styles import REFERENCE_STYLES, ReferenceStyle, get_reference_style
 
 logger = logging.get_logger(__name__)
 _CPU = torch.device("cpu")
@@ -111,6 +113,10 @@ class DiasRPipeline(WanPipeline):
         tokenizer, text_encoder, vae, scheduler, transformer: as in ``WanPipeline``.
         id_router (:class:`~diasr_diffusers.IDRouter`, optional): the trained router; without it, the training-free
             similarity router is used.
+
+    Config:
+        reference_style: ``"diasr"`` (default), ``"phantom"`` or ``"skyreels_v3"``: the conventions of the weights
+            (see :mod:`~diasr_diffusers.pipelines.reference_styles`, :meth:`from_phantom`, :meth:`from_skyreels_v3`).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -127,6 +133,7 @@ class DiasRPipeline(WanPipeline):
         scheduler: FlowMatchEulerDiscreteScheduler,
         transformer: WanTransformer3DModel,
         id_router: IDRouter | None = None,
+        reference_style: str | ReferenceStyle = "diasr",
     ):
         # WanPipeline's own __init__ registers Wan2.2-only config (transformer_2, boundary_ratio): skip it.
         super(WanPipeline, self).__init__()
@@ -140,6 +147,8 @@ class DiasRPipeline(WanPipeline):
             transformer=transformer,
             id_router=id_router,
         )
+        # Recorded by name in model_index.json, so a saved Phantom/SkyReels pipeline reloads with its conventions.
+        self.register_to_config(reference_style=get_reference_style(reference_style).name)
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -224,6 +233,93 @@ class DiasRPipeline(WanPipeline):
             scheduler=wan.scheduler,
             transformer=wan.transformer,
             id_router=id_router,
+        )
+
+    @classmethod
+    def from_phantom(
+        cls,
+        checkpoint: str | os.PathLike | list[str | os.PathLike] = "bytedance-research/Phantom",
+        base: WanPipeline | str | os.PathLike = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        size: str = "1.3B",
+        weight_name: str | None = None,
+        transformer_config: dict[str, Any] | str | os.PathLike | None = None,
+        id_router: IDRouter | str | None = None,
+        **kwargs: Any,
+    ) -> DiasRPipeline:
+        r"""Phantom-Wan (1.3B or 14B) as a DiasR pipeline with ``reference_style="phantom"``.
+
+        Args:
+            checkpoint: the Phantom transformer in the original Wan key format: a Hub repo id (default
+                ``bytedance-research/Phantom``; the file for ``size`` is downloaded), a local ``Phantom-Wan-1.3B.pth``
+                (read with ``torch.load(weights_only=True)``), the 14B ``*.safetensors.index.json`` or its shards (a
+                list, or one shard: its siblings are found), or a folder holding one of these.
+            base: the Wan2.1 Diffusers pipeline (object, folder or Hub id) giving the VAE, text encoder and
+                tokenizer; its transformer is not loaded. Phantom 1.3B and 14B share Wan2.1's VAE and T5.
+            size: ``"1.3B"`` or ``"14B"``: which file to take from a Hub repo.
+            weight_name: another file name in the repo or folder.
+            transformer_config: the ``WanTransformer3DModel`` config (dict, ``config.json`` or folder); default:
+                Wan2.1's published 1.3B/14B config matching the weights' shapes (nothing is fetched for it).
+            id_router: an optional trained :class:`IDRouter` (object, folder or Hub id).
+            kwargs: to ``from_pretrained`` of ``base`` (e.g. ``dtype``, ``cache_dir``), and ``dtype`` also to the
+                transformer.
+        """
+        from .public_weights import load_original_wan_state_dict, wan_transformer_from_original
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        # The checkpoint first: a missing shard or a non-Wan file fails before the base is downloaded.
+        state_dict = load_original_wan_state_dict(checkpoint, size=size, weight_name=weight_name, **kwargs)
+        # A size outside Wan2.1's published two falls back on a local base's transformer config (toy models).
+        if isinstance(base, WanPipeline):
+            fallback = dict(base.transformer.config) if base.transformer is not None else None
+        else:
+            fallback = Path(base, "transformer", "config.json")
+            fallback = fallback if fallback.is_file() else None
+        transformer = wan_transformer_from_original(state_dict, transformer_config, dtype, fallback)
+        del state_dict
+        if isinstance(base, WanPipeline):
+            base.transformer = transformer
+        else:
+            base = WanPipeline.from_pretrained(base, transformer=transformer, **kwargs)
+        pipe = cls.from_wan(base, id_router=id_router, **kwargs)
+        pipe.set_reference_style("phantom")
+        return pipe
+
+    @classmethod
+    def from_skyreels_v3(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike = "Skywork/SkyReels-V3-R2V-14B",
+        id_router: IDRouter | str | None = None,
+        **kwargs: Any,
+    ) -> DiasRPipeline:
+        r"""SkyReels-V3 R2V (a Diffusers folder or Hub id) as a DiasR pipeline with ``reference_style="skyreels_v3"``.
+
+        A separate entry point because ``from_pretrained`` cannot read that folder as is: its
+        ``transformer/config.json`` names the class ``SkyReelsA2WanI2v3DModel`` (from the ``skyreels_v3`` package),
+        a copy of an older ``WanTransformer3DModel`` with the same parameter names, which is loaded here as a stock
+        ``WanTransformer3DModel``. The VAE is kept in float32 (as SkyReels runs it), the scheduler is the one
+        SkyReels installs (UniPC, flow sigmas, shift 5). ``kwargs``: ``dtype`` and Hub options (``cache_dir``,
+        ``token``, ``revision``, ``local_files_only``, ``force_download``).
+        """
+        from diffusers import AutoencoderKLWan
+
+        from .public_weights import skyreels_v3_transformer
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        path = pretrained_model_name_or_path
+        folder = str(path) if os.path.isdir(path) else cls.download(str(path), **kwargs)
+        transformer = skyreels_v3_transformer(folder, dtype=dtype)
+        dtype_kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        if isinstance(id_router, (str, os.PathLike)):
+            hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
+            id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
+        return cls(
+            tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            text_encoder=UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **dtype_kwargs).eval(),
+            vae=AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval(),
+            scheduler=REFERENCE_STYLES["skyreels_v3"].make_scheduler(),
+            transformer=transformer,
+            id_router=id_router,
+            reference_style="skyreels_v3",
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -370,6 +466,7 @@ class DiasRPipeline(WanPipeline):
         guidance_scale: float,
         guidance_scale_ref: float | None,
         return_routing_maps: bool,
+        always_guide: bool = False,
     ) -> None:
         """Warn about arguments that the chosen mode ignores (``routing`` is resolved: ``"none"`` without subjects)."""
         unused = []
@@ -378,7 +475,7 @@ class DiasRPipeline(WanPipeline):
             unused.append(f"`subject_masks` (routing={routing!r}; they are used by routing='masks')")
         if guidance_scale_ref is not None and not has_subjects:
             unused.append("`guidance_scale_ref` (no `subject_images`)")
-        elif guidance_scale_ref is not None and guidance_scale <= 1.0:
+        elif guidance_scale_ref is not None and guidance_scale <= 1.0 and not always_guide:
             unused.append("`guidance_scale_ref` (guidance is off: `guidance_scale` <= 1)")
         if similarity_threshold != 0.0 and routing != "similarity":
             unused.append(f"`similarity_threshold` (routing={routing!r}; it is used by routing='similarity')")
@@ -470,12 +567,23 @@ class DiasRPipeline(WanPipeline):
         width: int,
         device: torch.device,
         dtype: torch.dtype,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """One clean latent frame per reference image: ``(1, C, K, h, w)``, subjects in order, normalised like the
-        video latents. Images are letterboxed onto white at the video size."""
-        frames = [letterbox(img, height, width) for images in subjects for img in images]
+        video latents. Images are letterboxed onto white at the video size and encoded as the :attr:`reference_style`
+        says (posterior mean, or a sample drawn with ``generator``, one image at a time)."""
+        style = self.reference_style
+        frames = [
+            letterbox(img, height, width, resample=style.resample, floor_size=style.floor_size)
+            for images in subjects
+            for img in images
+        ]
         pixels = self.video_processor.preprocess(frames, height=height, width=width)  # (K, 3, H, W) in [-1, 1]
-        latents = encode_latents(self.vae, pixels.unsqueeze(2))  # each image its own 1-frame clip: (K, C, 1, h, w)
+        if style.sample_references:
+            # One image at a time, as SkyReels does, so the posterior samples draw from the generator in its order.
+            latents = torch.cat([encode_latents(self.vae, p[None, :, None], generator, sample=True) for p in pixels])
+        else:
+            latents = encode_latents(self.vae, pixels.unsqueeze(2))  # each image its own 1-frame clip: (K, C, 1, h, w)
         return latents[:, :, 0].transpose(0, 1)[None].to(device, dtype)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -489,9 +597,9 @@ class DiasRPipeline(WanPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
         width: int = 832,
-        num_frames: int = 81,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_scale_ref: float | None = None,
         routing: str = "auto",
         route_text: bool = True,
@@ -523,11 +631,14 @@ class DiasRPipeline(WanPipeline):
                 its text anchor and route the text cross-attention.
             negative_prompt, height, width, num_frames, num_inference_steps, generator, latents, prompt_embeds,
             negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, max_sequence_length: as in ``WanPipeline``.
-            guidance_scale: text guidance. With ``guidance_scale_ref`` it is the text term of Phantom's three-way
-                guidance ``neg + g_ref (pos_ref - neg) + g_text (pos_ref_text - pos_ref)``.
-            guidance_scale_ref: reference guidance; ``None`` = plain two-way CFG (references always on in the
-                conditional branch). Phantom uses 5.0 with ``guidance_scale=7.5``.
+            callback_on_step_end_tensor_inputs, max_sequence_length: as in ``WanPipeline``. ``None`` (for
+                ``negative_prompt``, ``num_frames``, ``num_inference_steps``) takes the :attr:`reference_style`
+                default (``"diasr"``: none, 81, 50).
+            guidance_scale: text guidance (``None``: the style's, 5.0 for ``"diasr"``). With ``guidance_scale_ref``
+                it is the text term of three-way guidance ``neg + g_ref (pos_ref - neg) + g_text (pos_ref_text -
+                pos_ref)``.
+            guidance_scale_ref: reference guidance; ``None`` = the style's (``"diasr"``: plain two-way CFG,
+                references always on in the conditional branch; ``"phantom"``: 5.0 with ``guidance_scale=7.5``).
             routing: ``"auto"`` (router if loaded, masks if given, else similarity), ``"router"``, ``"similarity"``,
                 ``"masks"`` (layout control from ``subject_masks``) or ``"dense"`` (every token sees every subject:
                 the Phantom baseline).
@@ -542,6 +653,11 @@ class DiasRPipeline(WanPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        given_guidance_scale_ref = guidance_scale_ref  # only an argument the user gave can be "ignored"
+        defaults = self._style_defaults(
+            negative_prompt, negative_prompt_embeds, num_frames, num_inference_steps, guidance_scale, guidance_scale_ref
+        )  # fmt: skip
+        negative_prompt, num_frames, num_inference_steps, guidance_scale, guidance_scale_ref = defaults
 
         # 1. Check everything before any expensive work.
         self.check_inputs(
@@ -569,10 +685,12 @@ class DiasRPipeline(WanPipeline):
         self.check_subject_inputs(
             prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
         )
+        style = self.reference_style
         self._warn_unused_arguments(
-            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, guidance_scale_ref,
-            return_routing_maps,
+            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, given_guidance_scale_ref,
+            return_routing_maps, style.always_guide,
         )  # fmt: skip
+        self.check_reference_style_inputs(subjects, height, width, num_frames, routing)
 
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -581,12 +699,14 @@ class DiasRPipeline(WanPipeline):
         device = self._execution_device
         batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         num_videos = batch_size * num_videos_per_prompt
+        # Phantom runs its guidance passes whatever the scales are; Diffusers (and SkyReels) only when g > 1.
+        guide = self.do_classifier_free_guidance or (style.always_guide and bool(subjects))
 
         # 2. Text.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            do_classifier_free_guidance=guide,
             num_videos_per_prompt=num_videos_per_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
@@ -599,19 +719,24 @@ class DiasRPipeline(WanPipeline):
             negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
 
         # 3. Latents and references.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.set_reference_style_timesteps(num_inference_steps, device)
         timesteps = self.scheduler.timesteps
+        # Phantom draws the noise for video and reference frames in one tensor: keep its video part, so a seed
+        # gives the original's noise.
+        extra = sum(len(s) for s in subjects) if style.noise_covers_references and latents is None else 0
         latents = self.prepare_latents(
             num_videos,
             self.transformer.config.in_channels,
             height,
             width,
-            num_frames,
+            num_frames + extra * self.vae_scale_factor_temporal,
             torch.float32,
             device,
             generator,
             latents,
         )
+        if extra:
+            latents = latents[:, :, :-extra].contiguous()
         num_latent_frames = latents.shape[2]
         routing_inputs = None
         if subjects:
@@ -619,9 +744,9 @@ class DiasRPipeline(WanPipeline):
                 [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
                 similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
             )  # fmt: skip
-            ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype)
-            ref_latents = ref_latents.expand(num_videos, -1, -1, -1, -1)
-        three_way = subjects and guidance_scale_ref is not None and self.do_classifier_free_guidance
+            ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype, generator)
+            ref_latents = self._pad_reference_latents(ref_latents, routing).expand(num_videos, -1, -1, -1, -1)
+        three_way = subjects and guidance_scale_ref is not None and guide
         self._install_processors()
         state = self.routing_state
 
@@ -648,6 +773,7 @@ class DiasRPipeline(WanPipeline):
                         )[0]
                         if record:
                             routing_maps = self._routing_maps(state)
+                        cond_buckets = self._majority_buckets(state)
                     noise_pred = noise_pred[:, :, :num_latent_frames]
                 else:
                     with self.transformer.cache_context("cond", **cache_kwargs):
@@ -655,11 +781,17 @@ class DiasRPipeline(WanPipeline):
                             video_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
                         )[0]
 
-                if self.do_classifier_free_guidance:
+                if guide and subjects and style.zero_negative_references:
+                    noise_uncond = self._zero_reference_negative(
+                        model_input, num_latent_frames, timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
+                        cache_kwargs, attention_kwargs,
+                    )[:, :, :num_latent_frames]  # fmt: skip
+                elif guide:
                     # The negative branch has no references: with every video token routed to null this is exactly
                     # video-only attention, so the reference tokens need not be computed at all.
                     with self.transformer.cache_context("uncond", **cache_kwargs):
                         noise_uncond = self.transformer(video_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
+                if guide:
                     if three_way:
                         ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
                         with state.activate(**ref_only), self.transformer.cache_context("ref", **cache_kwargs):
@@ -756,13 +888,18 @@ class DiasRPipeline(WanPipeline):
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs
 
-    def _routing_maps(self, state: SubjectRoutingState) -> torch.Tensor | None:
-        """Majority vote over the routed layers of the last forward: ``(B, F_lat, H_tok, W_tok)`` int64."""
+    def _majority_buckets(self, state: SubjectRoutingState) -> torch.Tensor | None:
+        """Majority vote over the routed layers of the last forward: ``(B, Lv)`` int64, or ``None`` (dense)."""
         if not state.buckets:
             return None
         stacked = torch.stack(list(state.buckets.values()))  # (layers, B, Lv)
         votes = torch.nn.functional.one_hot(stacked + 1, state.num_subjects + 1).sum(dim=0)  # (B, Lv, N + 1)
-        return (votes.argmax(dim=-1) - 1).view(-1, *state.video_grid).cpu()
+        return votes.argmax(dim=-1) - 1
+
+    def _routing_maps(self, state: SubjectRoutingState) -> torch.Tensor | None:
+        """Majority vote over the routed layers of the last forward: ``(B, F_lat, H_tok, W_tok)`` int64."""
+        buckets = self._majority_buckets(state)
+        return None if buckets is None else buckets.view(-1, *state.video_grid).cpu()
 
     # ------------------------------------------------------------------------------------------------------------
     # Memory
@@ -801,3 +938,112 @@ class DiasRPipeline(WanPipeline):
             offload_to_disk_path=offload_to_disk_path,
             exclude_modules=exclude,
         )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Reference styles: the conventions of public reference-trained weights (see `reference_styles.py`).
+
+    @property
+    def reference_style(self) -> ReferenceStyle:
+        """The :class:`ReferenceStyle` preset this pipeline samples with (``config.reference_style``)."""
+        return REFERENCE_STYLES[self.config.reference_style]
+
+    def set_reference_style(self, reference_style: str | ReferenceStyle, scheduler: bool = True) -> None:
+        """Switch to another preset (recorded in the config, so ``save_pretrained`` keeps it). With ``scheduler``,
+        also install the scheduler the preset samples with (when it fixes one)."""
+        style = get_reference_style(reference_style)
+        self.register_to_config(reference_style=style.name)
+        new_scheduler = style.make_scheduler() if scheduler else None
+        if new_scheduler is not None:
+            self.scheduler = new_scheduler
+
+    def _style_defaults(
+        self, negative_prompt, negative_prompt_embeds, num_frames, num_inference_steps, guidance_scale, guidance_scale_ref,
+    ) -> tuple:  # fmt: skip
+        style = self.reference_style
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = style.negative_prompt
+        return (
+            negative_prompt,
+            style.num_frames if num_frames is None else num_frames,
+            style.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            style.guidance_scale if guidance_scale is None else guidance_scale,
+            style.guidance_scale_ref if guidance_scale_ref is None else guidance_scale_ref,
+        )
+
+    def check_reference_style_inputs(
+        self, subjects: list[list[PIL.Image.Image]], height: int, width: int, num_frames: int, routing: str
+    ) -> None:
+        """Errors for what the style cannot run, warnings for what its weights never saw (before any work)."""
+        style = self.reference_style
+        total = sum(len(images) for images in subjects)
+        if style.pad_references_to is not None and total > style.pad_references_to:
+            raise ValueError(
+                f"`subject_images`: reference_style={style.name!r} takes at most {style.pad_references_to} reference "
+                f"images in all (its reference set is padded to that many frames), got {total}"
+            )
+        rope_frames = self.transformer.config.rope_max_seq_len
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        if subjects and routing == "dense" and style.pad_references_to and latent_frames + style.pad_references_to > rope_frames:  # fmt: skip
+            raise ValueError(
+                f"{latent_frames} latent frames + {style.pad_references_to} reference frames (padded) exceed the "
+                f"transformer's rope_max_seq_len={rope_frames}"
+            )
+        if style.max_references is not None and total > style.max_references:
+            logger.warning(
+                f"{total} reference images: the {style.name!r} weights were trained with at most "
+                f"{style.max_references}; expect weaker identities"
+            )
+        if subjects and style.trained_sizes is not None and (height, width) not in style.trained_sizes:
+            sizes = ", ".join(f"{w}x{h}" for h, w in style.trained_sizes)
+            logger.warning(
+                f"{width}x{height} (width x height) is not a size the {style.name!r} weights were trained at ({sizes})"
+            )
+        if not style.scheduler_matches(self.scheduler):
+            logger.warning(
+                f"reference_style={style.name!r} samples with UniPCMultistepScheduler(use_flow_sigmas=True, "
+                f"flow_shift={style.flow_shift}); this pipeline has {type(self.scheduler).__name__} "
+                f"(flow_shift={self.scheduler.config.get('flow_shift')}), so it will not reproduce the original "
+                "sampler; `pipe.set_reference_style(...)` installs the right one"
+            )
+
+    def set_reference_style_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
+        """``scheduler.set_timesteps`` with the style's explicit sigmas (Phantom's schedule starts at 0.999, where
+        Diffusers' flow-sigma UniPC starts at 1.0) when the scheduler takes them."""
+        sigmas = self.reference_style.sigmas(num_inference_steps)
+        if sigmas is not None and self.scheduler.config.get("use_flow_sigmas"):
+            self.scheduler.set_timesteps(device=device, sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def _pad_reference_latents(self, ref_latents: torch.Tensor, routing: str) -> torch.Tensor:
+        """SkyReels' zero padding of the reference set to a fixed number of frames (dense routing only).
+
+        Routed modes drop the padding: a padding frame belongs to no subject, and a routed video token sees only
+        its own subject's references, so the sequence keeps just the real reference frames.
+        """
+        pad = self.reference_style.pad_references_to
+        if pad is None or routing != "dense" or ref_latents.shape[2] >= pad:
+            return ref_latents
+        b, c, k, h, w = ref_latents.shape
+        return torch.cat([ref_latents, ref_latents.new_zeros(b, c, pad - k, h, w)], dim=2)
+
+    def _zero_reference_negative(
+        self, model_input, num_latent_frames, timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
+        cache_kwargs, attention_kwargs=None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The negative branch of Phantom and SkyReels: the reference frames stay in the sequence, as zeros.
+
+        Routing: ``dense`` is the original full attention. In routed modes the zero frames keep their subject
+        slots and each video token sees the zero frames of the subject it was routed to in this step's
+        conditional pass (its majority over layers), so the negative differs from the positive only in content,
+        never in who-sees-what. The negative prompt has no subject phrases, so text is not routed.
+        """
+        video = model_input[:, :, :num_latent_frames]
+        zero_input = torch.cat([video, torch.zeros_like(model_input[:, :, num_latent_frames:])], dim=2)
+        inputs = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}
+        if routing_inputs["mode"] != "dense":
+            inputs.update(mode="masks", mask_buckets=cond_buckets, router=None)
+        with self.routing_state.activate(**inputs), self.transformer.cache_context("uncond", **cache_kwargs):
+            return self.transformer(
+                zero_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
+            )[0]

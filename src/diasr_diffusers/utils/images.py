@@ -152,16 +152,39 @@ def _array_to_pil(a: np.ndarray, name: str, is_tensor: bool, sixteen_bit: bool =
     return to_pil_rgb(PIL.Image.fromarray(np.ascontiguousarray(a)), name)
 
 
-def letterbox(image: PIL.Image.Image, height: int, width: int, fill: tuple[int, int, int] = _WHITE) -> PIL.Image.Image:
+def letterbox(
+    image: PIL.Image.Image,
+    height: int,
+    width: int,
+    fill: tuple[int, int, int] = _WHITE,
+    resample: str = "bicubic",
+    floor_size: bool = False,
+) -> PIL.Image.Image:
     """Resize to fit inside ``height x width`` keeping the aspect ratio, centred on a ``fill`` canvas (Phantom pads
-    references with white)."""
+    references with white).
+
+    ``resample`` is ``"bicubic"`` or ``"lanczos"``; ``floor_size`` truncates the fitted side instead of rounding it,
+    as Phantom's and SkyReels' ``load_ref_images`` do (``int(h * ratio)``), so their references are reproduced
+    pixel for pixel. Extra space is split with the odd pixel on the right/bottom, as theirs.
+    """
     if image.width == 0 or image.height == 0:
         raise ValueError(f"cannot letterbox an empty image ({image.width}x{image.height})")
     if height < 1 or width < 1:
         raise ValueError(f"letterbox `height` and `width` must be >= 1, got {height}x{width}")
-    scale = min(width / image.width, height / image.height)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    resized = image.resize(size, PIL.Image.Resampling.BICUBIC)
+    filters = {"bicubic": PIL.Image.Resampling.BICUBIC, "lanczos": PIL.Image.Resampling.LANCZOS}
+    if resample not in filters:
+        raise ValueError(f"`resample` must be one of {sorted(filters)}, got {resample!r}")
+    if floor_size:
+        # Their exact arithmetic: compare aspect ratios, the long side fills, the other is int()-truncated.
+        ratio = image.width / image.height
+        if ratio > width / height:
+            size = (width, max(1, int(width / ratio)))
+        else:
+            size = (max(1, int(height * ratio)), height)
+    else:
+        scale = min(width / image.width, height / image.height)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resized = image.resize(size, filters[resample])
     canvas = PIL.Image.new("RGB", (width, height), fill)
     canvas.paste(resized, ((width - size[0]) // 2, (height - size[1]) // 2))
     return canvas

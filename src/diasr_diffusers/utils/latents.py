@@ -18,22 +18,35 @@ def _vae_normalization(vae: Any, z_dim: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.tensor(mean).view(1, -1, 1, 1, 1), torch.tensor(std).view(1, -1, 1, 1, 1)
 
 
-def _posterior_mode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Un-normalised float32 latents (the posterior mean) of ``(B, 3, F, H, W)`` pixels, on the VAE's device."""
+def _posterior_mode(
+    vae: Any,
+    pixels: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    sample: bool = False,
+) -> torch.Tensor:
+    """Un-normalised float32 latents (the posterior mean, or a sample drawn with ``generator``) of
+    ``(B, 3, F, H, W)`` pixels, on the VAE's device."""
     # Not the weights' device and dtype: under offloading the weights sit on the CPU or on "meta" until the VAE's
     # hooks move them, and under layerwise casting they are stored in FP8. The inputs must match where and in which
     # dtype the VAE computes.
     pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mode().float()
+    dist = vae.encode(pixels).latent_dist
+    return (dist.sample(generator) if sample else dist.mode()).float()
 
 
 @torch.no_grad()
-def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+def encode_latents(
+    vae: Any,
+    pixels: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    sample: bool = False,
+) -> torch.Tensor:
     """Normalised latents of ``(B, 3, F, H, W)`` pixels in [-1, 1], as Wan pipelines compute them.
 
-    The posterior mean is used (deterministic), then ``(z - latents_mean) / latents_std`` from the VAE config.
+    The posterior mean is used (deterministic) unless ``sample`` (a draw with ``generator``, as SkyReels-V3 encodes
+    its references), then ``(z - latents_mean) / latents_std`` from the VAE config.
     """
-    z = _posterior_mode(vae, pixels)
+    z = _posterior_mode(vae, pixels, generator, sample)
     norm = _vae_normalization(vae, z.shape[1])
     if norm is not None:
         mean, std = (t.to(z.device) for t in norm)
@@ -42,7 +55,9 @@ def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_latent_statistics(vae: Any, pixels: torch.Tensor | list[torch.Tensor]) -> tuple[list[float], list[float]]:
+def calibrate_latent_statistics(
+    vae: Any, pixels: torch.Tensor | list[torch.Tensor]
+) -> tuple[list[float], list[float]]:
     """Measure per-channel ``latents_mean`` / ``latents_std`` on ``pixels`` and write them into ``vae.config``.
 
     Wan's released VAE ships statistics that make its latents roughly unit-variance; a VAE with other weights (the
