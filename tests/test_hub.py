@@ -230,5 +230,10 @@ def test_source_never_unpickles_or_trusts_remote_code():
         text = path.read_text()
         assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), path
         assert "trust_remote_code=True" not in text and "allow_pickle=True" not in text, path
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, match.end()
+            while depth:  # the whole call, nested parentheses included
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            call = text[match.start() : end]
             assert "weights_only=True" in call, (path, call)
