@@ -217,14 +217,18 @@ def check_output(value: str, flag: str) -> Path:
         raise UsageError(f"{flag} must be an .mp4 path, got {value!r}")
     if path.is_dir():
         raise UsageError(f"{flag} {value!r} is a folder; give a file name such as {os.path.join(value, 'out.mp4')}")
-    parent = path.absolute().parent
+    _check_writable_parent(path.absolute().parent, flag, value)
+    return path
+
+
+def _check_writable_parent(parent: Path, flag: str, value: str) -> None:
+    """The nearest existing ancestor of ``parent`` is a writable folder (missing folders below it get created)."""
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {value!r} is under {parent}, which is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {value!r}: folder {parent} is not writable")
-    return path
 
 
 def check_phrases(prompt: str, phrases: list[str]) -> None:
@@ -722,13 +726,7 @@ def _check_out_folder(value: str) -> Path:
     out_dir = Path(value).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {value!r} exists and is not a folder")
-    parent = out_dir.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {value!r} is under {parent}, which is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {value!r}: folder {parent} is not writable")
+    _check_writable_parent(out_dir.absolute(), "--out", value)
     return out_dir
 
 
