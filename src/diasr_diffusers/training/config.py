@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # diffusers.training_utils.compute_density_for_timestep_sampling
-STAGES = ("align", "route")
+STAGES = ("align", "route", "dense")
 # diffusers.optimization.get_scheduler types the training loop can drive: `piecewise_constant` needs step rules the
 # config has no key for.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -36,7 +36,7 @@ _FLOATS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "logit_std": (0.0, False, None, False),
     "mode_scale": (0.0, True, None, False),
 }
-_BOOLS = ("allow_scratch", "train_lora", "route_background", "route_text", "cache_latents", "gradient_checkpointing")
+_BOOLS = ("allow_scratch", "train_lora", "train_transformer", "route_background", "route_text", "cache_latents", "gradient_checkpointing")
 _PATHS = ("train_data", "model", "init_from", "eval_data", "latent_cache")
 # Keys of IDRouter's constructor a config may set; the others are read off the transformer.
 _ROUTER_FROM_TRANSFORMER = ("hidden_dim", "text_dim", "num_layers")
@@ -111,7 +111,13 @@ class TrainConfig:
             reaches the router. ``route_background`` teaches background tokens to the null anchor (Ingredients
             ignores them: set it false to match); ``balanced_routing_loss`` weights every class present equally
             (``true``), by ``count ** -p`` (a float ``p``), or not at all (``false``).
-    All base-model weights stay frozen.
+        ``dense``: the Phantom-style baseline: every video token attends to every reference; flow-matching loss only,
+            the router is not used or trained. Train it with the same data and budget as ``align`` + ``route`` for a
+            fair comparison.
+    By default every base-model weight stays frozen and a LoRA trains. ``train_transformer: true`` trains every
+    weight of the video transformer instead (no LoRA; with ``tiny_model`` that is training it from scratch): the
+    outputs then hold ``transformer/`` and ``pipeline/`` (a complete Diffusers folder:
+    ``DiasRPipeline.from_pretrained(DIR / "pipeline")``).
 
     Sampling and speed:
         ``weighting_scheme`` (``none`` = uniform, ``logit_normal``, ``mode``), ``logit_mean``, ``logit_std``,
@@ -151,6 +157,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     train_lora: bool = True
+    train_transformer: bool = False
     router: dict[str, Any] = field(default_factory=dict)
     lambda_diffusion: float = 1.0
     lambda_route: float = 1.0
@@ -321,7 +328,11 @@ class TrainConfig:
             raise ConfigError(f"`num_frames` must be 1 + 4k for Wan's VAE, got {self.num_frames}")
         if self.height % 16 or self.width % 16:
             raise ConfigError(f"`height` and `width` must be multiples of 16, got {self.height}x{self.width}")
-        if self.router_learning_rate == 0 and not self.train_lora:
+        if self.train_transformer and self.train_lora:
+            raise ConfigError("`train_transformer: true` trains every transformer weight: set `train_lora: false`")
+        if self.stage == "dense" and not (self.train_lora or self.train_transformer):
+            raise ConfigError("nothing to train: stage `dense` trains no router; set `train_lora` or `train_transformer`")
+        if self.router_learning_rate == 0 and not (self.train_lora or self.train_transformer):
             raise ConfigError("nothing to train: `router_learning_rate` is 0 and `train_lora` is false")
         if self.cache_latents and self.latent_cache is not None:
             raise ConfigError(
@@ -471,6 +482,10 @@ class TrainConfig:
                 diffs.append(f"{key}: {theirs!r} there, {ours!r} here")
         if diffs:
             raise ConfigError(f"`init_from` router does not fit this config ({'; '.join(diffs)})")
+        if self.train_transformer and not (folder / "transformer" / "config.json").is_file():
+            raise ConfigError(
+                f"`init_from` {folder} has no transformer/ (`train_transformer: true` continues a run that trained it)"
+            )
         lora = folder / "pytorch_lora_weights.safetensors"
         if lora.is_file() and self.train_lora:
             from safetensors import safe_open

@@ -38,7 +38,7 @@ STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its list of
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Our temporary names in the output folder (utils.io.atomic_dir / atomic_path, pruning): a kill leaves them behind.
 _LEFTOVER = re.compile(
-    r"\.(checkpoint-\d+|router)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights)\..+\.tmp\.(json|jsonl|safetensors)"
+    r"\.(checkpoint-\d+|router|transformer|pipeline)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights)\..+\.tmp\.(json|jsonl|safetensors)"
 )
 # Keys a resumed run may change: they do not touch the weights, the optimizer or the data stream already taken.
 RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "eval_data",
@@ -223,6 +223,8 @@ class DiasRTrainer:
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
             module.requires_grad_(False)
         transformer = self.pipe.transformer
+        if cfg.train_transformer:
+            transformer.requires_grad_(True)
         if cfg.train_lora:
             transformer.add_adapter(
                 LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
@@ -237,11 +239,13 @@ class DiasRTrainer:
         if cfg.random_toy_vae:
             self._calibrate_toy_vae()
 
-        lora_params = [p for p in transformer.parameters() if p.requires_grad]
+        transformer_params = [p for p in transformer.parameters() if p.requires_grad]  # LoRA, or every weight
         router_lr = cfg.learning_rate if cfg.router_learning_rate is None else cfg.router_learning_rate
-        groups = [{"params": list(router.parameters()), "lr": router_lr}]
-        if lora_params:
-            groups.append({"params": lora_params, "lr": cfg.learning_rate})
+        groups = []
+        if cfg.stage != "dense":  # the dense baseline never calls the router
+            groups.append({"params": list(router.parameters()), "lr": router_lr})
+        if transformer_params:
+            groups.append({"params": transformer_params, "lr": cfg.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
@@ -274,7 +278,7 @@ class DiasRTrainer:
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
     def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
-        """Router + LoRA from a finished stage or a checkpoint folder."""
+        """Router + LoRA (or the whole transformer) from a finished stage or a checkpoint folder."""
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
@@ -287,11 +291,18 @@ class DiasRTrainer:
             sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
             sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
             set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+        if self.config.train_transformer:
+            from diffusers import WanTransformer3DModel
+
+            trained = WanTransformer3DModel.from_pretrained(folder / "transformer")
+            transformer.load_state_dict(trained.state_dict())
 
     def _save_weights(self, folder: Path) -> None:
         self.router.save_pretrained(folder / "router")
         if self.config.train_lora:
             self._save_lora(folder)
+        if self.config.train_transformer:
+            self.transformer.save_pretrained(folder / "transformer")
 
     def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
         from peft.utils import get_peft_model_state_dict
@@ -313,6 +324,20 @@ class DiasRTrainer:
                 self._save_lora(lora_tmp.parent, lora_tmp.name)
             else:  # one of an earlier run would be loaded with this router
                 lora.unlink(missing_ok=True)
+            if self.config.train_transformer:
+                self.transformer.save_pretrained(stack.enter_context(atomic_dir(out / "transformer")))
+                self._save_pipeline(stack.enter_context(atomic_dir(out / "pipeline")))
+
+    def _save_pipeline(self, folder: Path) -> None:
+        """The trained model as one Diffusers folder (the dense baseline without its unused router)."""
+        if self.config.stage != "dense":
+            self.pipe.save_pretrained(folder)
+            return
+        self.pipe.register_modules(id_router=None)  # untrained: `routing="auto"` must not pick it
+        try:
+            self.pipe.save_pretrained(folder)
+        finally:
+            self.pipe.register_modules(id_router=self.router)
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, folder)`` of every ``checkpoint-<step>`` folder, oldest first; other names are not ours."""
@@ -526,6 +551,8 @@ class DiasRTrainer:
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
+        elif self.config.stage == "dense":  # Phantom-style: every video token sees every reference
+            routing.update(mode="dense", router=None)
         else:
             routing.update(router=self.router, router_gradient="straight_through")
         return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "routing": routing, "labels": labels, "coverage": coverage}
@@ -547,6 +574,9 @@ class DiasRTrainer:
         labels, coverage = enc["labels"], enc["coverage"]
         n = coverage.shape[1]
         layer_logits = list(logits.values())
+        if cfg.stage == "dense":
+            losses["loss"] = cfg.lambda_diffusion * losses["diffusion"]
+            return losses
         if cfg.stage == "route":
             # Background is taught to the null anchor (class N) unless `route_background` is off (Ingredients).
             target = torch.where(labels < 0, torch.full_like(labels, n if cfg.route_background else -100), labels)
@@ -661,12 +691,18 @@ class DiasRTrainer:
         for idx in range(len(self.eval_set)):
             item = self.eval_set[idx]
             enc = self._encode(item)
-            enc["routing"].update(mode="router", router=self.router, mask_buckets=None, router_gradient="none")
+            dense = self.config.stage == "dense"
+            if dense:
+                enc["routing"].update(mode="dense", router=None, mask_buckets=None, router_gradient="none")
+            else:
+                enc["routing"].update(mode="router", router=self.router, mask_buckets=None, router_gradient="none")
             for k, sigma in enumerate(self.config.eval_sigmas):
                 gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
                 noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
                 pred, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
                 diff.append(float(F.mse_loss(pred, (noise - enc["x0"]).float())))
+                if dense:  # nothing is routed
+                    continue
                 n = enc["coverage"].shape[1]
                 votes = F.one_hot(torch.stack(list(buckets.values())) + 1, n + 1).sum(0)
                 predicted = votes.argmax(-1) - 1  # (1, Lv)
