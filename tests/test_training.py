@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -466,3 +467,59 @@ def test_final_save_is_all_or_nothing(data_dir, tmp_path, monkeypatch):
     trainer._save_final()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert (out / "router" / "diffusion_pytorch_model.safetensors").read_bytes() != before
+
+
+def test_train_transformer_writes_a_pipeline_and_route_continues_it(data_dir, tmp_path):
+    """`train_transformer: true`: every transformer weight trains (no LoRA); `pipeline/` reloads as the trained model,
+    and a `route` stage continues from the `align` stage's transformer."""
+    full = {"train_lora": False, "train_transformer": True, "eval_fraction": 0.0, "checkpointing_steps": 100}
+    align = tmp_path / "align"
+    cfg = _config(data_dir, stage="align", max_steps=2, **full)
+    assert main(["train", "--config", str(_write(tmp_path, cfg, "a.yaml")), "--output-dir", str(align)]) == 0
+    assert not (align / "pytorch_lora_weights.safetensors").exists()
+    untrained = tiny_wan_components(**{**TINY, "patch_size": (1, 1, 1)})["transformer"].state_dict()
+    pipe = DiasRPipeline.from_pretrained(align / "pipeline")
+    assert isinstance(pipe.id_router, IDRouter)
+    trained = pipe.transformer.state_dict()
+    assert trained.keys() == untrained.keys()
+    changed = [k for k in trained if not torch.equal(trained[k], untrained[k])]
+    assert len(changed) > len(trained) // 2, "most transformer weights should have trained"
+    saved = load_file(align / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
+
+    route = tmp_path / "route"
+    cfg = _config(data_dir, stage="route", allow_scratch=False, init_from=str(align), max_steps=1, **full)
+    trainer = DiasRTrainer(TrainConfig.from_dict(cfg), route)
+    trainer.setup()
+    start = trainer.transformer.state_dict()
+    assert all(torch.equal(start[k], trained[k]) for k in trained), "route must start from align's transformer"
+
+
+def test_dense_stage_trains_without_a_router(data_dir, tmp_path):
+    """The Phantom-style baseline: attention mode `dense`, diffusion loss only, no router in the optimizer or the
+    saved pipeline."""
+    cfg = _config(data_dir, stage="dense", train_lora=False, train_transformer=True, max_steps=2, eval_fraction=0.34)
+    trainer = DiasRTrainer(TrainConfig.from_dict(cfg), tmp_path / "dense")
+    trainer.setup()
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in trainer.router.parameters()}
+    assert trainer._encode(trainer.train_set[0])["routing"]["mode"] == "dense"
+    result = trainer.train()
+    metrics = [json.loads(line) for line in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert set(metrics[0]) == {"step", "diffusion", "loss", "lr"}
+    assert result["diffusion_loss"] > 0 and math.isnan(result["routing_iou_mean"])
+    pipe = DiasRPipeline.from_pretrained(tmp_path / "dense" / "pipeline")
+    assert pipe.id_router is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train_transformer": True}, "set `train_lora: false`"),
+        ({"stage": "dense", "train_lora": False}, "nothing to train"),
+        ({"train_transformer": "yes"}, "train_transformer"),
+    ],
+)
+def test_train_transformer_config_errors(data_dir, change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(_config(data_dir, **change))
