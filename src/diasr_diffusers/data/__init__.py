@@ -23,7 +23,7 @@ from .manifest import (
     validate_manifest,
     write_manifest,
 )
-from .synthetic import SpriteSpec, SyntheticClip, make_synthetic, render_clip
+from .synthetic import SpriteSpec, SyntheticClip, make_synthetic, render_clip, render_reference
 
 __all__ = [
     "ClipRecord",
@@ -45,6 +45,7 @@ __all__ = [
     "make_synthetic",
     "prepare_reference",
     "render_clip",
+    "render_reference",
     "resize_crop",
     "validate_manifest",
     "write_manifest",

@@ -52,6 +52,7 @@ MAX_SUBJECTS = 4
 # Probabilities of forcing two sprites of a clip to share a color / a shape (they always differ somewhere).
 SHARE_COLOR_P = 0.5
 SHARE_SHAPE_P = 0.3
+REFERENCE_RADIUS = 0.45  # a reference sprite's radius, as a fraction of the reference image's side
 
 
 @dataclass(frozen=True)
@@ -357,17 +358,13 @@ def render_clip(
 
     # References: alone on white, larger than in the clip and turned by >= 30 degrees from every clip pose.
     references, reference_masks, reference_angles = [], [], []
-    ref_radius = 0.45 * ref_size
+    ref_radius = REFERENCE_RADIUS * ref_size
     for i, spec in enumerate(sprites):
         for _ in range(1000):
             a = float(rng.uniform(0, 360))
             if _angle_gap(a, angles[i]).min() >= 30.0:
                 break
-        box, inside, rgb = _render_sprite(spec, ref_size, ref_size, ref_size / 2, ref_size / 2, ref_radius, a)
-        ref = np.full((ref_size, ref_size, 3), 255, dtype=np.uint8)
-        ref_mask = np.zeros((ref_size, ref_size), dtype=bool)
-        ref[box][inside] = rgb[inside]
-        ref_mask[box] = inside
+        ref, ref_mask = render_reference(spec, ref_size, a)
         references.append(ref)
         reference_masks.append(ref_mask)
         reference_angles.append(a)
@@ -386,6 +383,25 @@ def render_clip(
         radii=radii,
         reference_radius=ref_radius,
     )
+
+
+def render_reference(spec: SpriteSpec, size: int = 64, angle_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A sprite's reference image as ``make-synthetic`` draws it: alone on white, centred, radius 0.45 x ``size``.
+
+    Returns ``(image (size, size, 3) uint8, mask (size, size) bool)``.
+    """
+    if not isinstance(spec, SpriteSpec):
+        raise TypeError(f"`spec` must be a SpriteSpec, got {type(spec).__name__}")
+    if spec.shape not in SHAPES or spec.color not in COLORS or spec.pattern not in PATTERNS:
+        raise ValueError(f"`spec` must use SHAPES, COLORS and PATTERNS, got {spec}")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not 16 <= size <= MAX_SIDE:
+        raise ValueError(f"`size` must be an integer in [16, {MAX_SIDE}], got {size!r}")
+    box, inside, rgb = _render_sprite(spec, size, size, size / 2, size / 2, REFERENCE_RADIUS * size, angle_deg)
+    ref = np.full((size, size, 3), 255, dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=bool)
+    ref[box][inside] = rgb[inside]
+    mask[box] = inside
+    return ref, mask
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
