@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -99,6 +100,69 @@ def _check_real(name: str, value: Any, minimum: float | None = None) -> None:
         raise ValueError(f"`{name}` must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def _sigma_array(sigmas: Any) -> np.ndarray:
+    """``sigmas`` as a 1-D float64 array; ``TypeError``/``ValueError`` naming it for anything else."""
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().cpu().double().numpy()
+    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, (list, tuple, np.ndarray)):
+        raise TypeError(f"`sigmas` must be a list of floats (or a 1-D array), got {type(sigmas).__name__}")
+    values = list(sigmas.tolist() if isinstance(sigmas, np.ndarray) else sigmas)
+    if isinstance(sigmas, np.ndarray) and sigmas.ndim != 1:
+        raise ValueError(f"`sigmas` must be one-dimensional, got shape {sigmas.shape}")
+    if not values:
+        raise ValueError("`sigmas` must hold at least one noise level")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"`sigmas[{i}]` must be a number, got {v!r} ({type(v).__name__})")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _check_sigmas(sigmas: Any, num_inference_steps: int | None) -> np.ndarray:
+    """Validate explicit ``sigmas``: finite, strictly decreasing, in ``(0, 1]``, one per inference step."""
+    values = _sigma_array(sigmas)
+    if not np.isfinite(values).all():
+        raise ValueError(f"`sigmas` must be finite, got {values.tolist()}")
+    if values.min() <= 0.0 or values.max() > 1.0:
+        raise ValueError(
+            f"`sigmas` must lie in (0, 1] (the noise level of each step; the final 0 is appended), got "
+            f"{values.tolist()}"
+        )
+    if len(values) > 1 and not (np.diff(values) < 0).all():
+        raise ValueError(f"`sigmas` must be strictly decreasing, got {values.tolist()}")
+    if num_inference_steps is not None and len(values) != num_inference_steps:
+        raise ValueError(
+            f"`sigmas` has {len(values)} entries but `num_inference_steps` is {num_inference_steps}: give one sigma "
+            "per step (or leave `num_inference_steps` unset to take it from `sigmas`)"
+        )
+    return values
+
+
+def _scheduler_shift(scheduler: Any) -> float:
+    """The static flow shift a scheduler applies to sigmas given to ``set_timesteps`` (1.0: none).
+
+    ``FlowMatchEulerDiscreteScheduler`` maps every given sigma through ``shift * s / (1 + (shift - 1) * s)``, and so
+    do the multistep schedulers with ``use_flow_sigmas`` (``flow_shift``); a scheduler that shifts by resolution
+    (``use_dynamic_shifting``, which needs ``mu``) or takes no sigmas cannot be given exact noise levels.
+    """
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"`sigmas`: the pipeline's scheduler {name} does not take explicit sigmas")
+    if cfg.get("use_dynamic_shifting"):
+        raise ValueError(
+            f"`sigmas`: the pipeline's scheduler {name} shifts sigmas by resolution (use_dynamic_shifting), so "
+            "explicit noise levels cannot be reproduced"
+        )
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return float(scheduler.shift)
+    if cfg.get("use_flow_sigmas"):
+        return float(cfg.get("flow_shift", 1.0))
+    raise ValueError(
+        f"`sigmas`: the pipeline's scheduler {name} is not a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
+        "or a multistep scheduler with use_flow_sigmas=True)"
+    )
 
 
 class DiasRPipeline(WanPipeline):
@@ -350,6 +414,7 @@ class DiasRPipeline(WanPipeline):
         callback_on_step_end: Any = None,
         route_text: bool = True,
         return_routing_maps: bool = False,
+        sigmas: Any = None,
     ) -> None:
         """Check every argument of a call before anything is encoded; raise ``ValueError``/``TypeError`` naming it."""
         # WanPipeline.check_inputs also reads Wan2.2's `boundary_ratio`, which this pipeline does not have.
@@ -364,6 +429,9 @@ class DiasRPipeline(WanPipeline):
             )
         _check_int("num_frames", num_frames, 1)
         _check_int("num_inference_steps", num_inference_steps, 1)
+        if sigmas is not None:
+            _check_sigmas(sigmas, num_inference_steps)
+            _scheduler_shift(self.scheduler)  # a scheduler that cannot take them: before anything is encoded
         _check_int("num_videos_per_prompt", num_videos_per_prompt, 1)
         _check_int("max_sequence_length", max_sequence_length, 1)
         _check_real("guidance_scale", guidance_scale, 0.0)
@@ -620,6 +688,7 @@ class DiasRPipeline(WanPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 512,
+        sigmas: list[float] | None = None,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
 
@@ -648,12 +717,23 @@ class DiasRPipeline(WanPipeline):
                 :func:`~diasr_diffusers.routing.normalize_masks`).
             similarity_threshold: null threshold of the training-free similarity router (mean cosine).
             return_routing_maps: also return ``routing_maps`` (see :class:`DiasRPipelineOutput`).
+            sigmas: the noise level of each step, strictly decreasing in ``(0, 1]`` (the final 0 is appended);
+                ``num_inference_steps`` is taken from its length when unset (else they must agree). These are the
+                levels the denoising loop *uses*: the first step denoises ``latents`` as if they were
+                ``(1 - sigmas[0]) * x0 + sigmas[0] * noise``, which is how to start from a partially noised video
+                (SDEdit / img2img style). Unlike the sigmas that Diffusers pipelines forward to
+                ``scheduler.set_timesteps`` (which the scheduler then shifts by its ``shift`` / ``flow_shift``), the
+                pipeline undoes the scheduler's static shift first, so ``scheduler.sigmas[:-1]`` equals ``sigmas``
+                (to float32 rounding); a scheduler that cannot reproduce them (dynamic shifting, Karras sigmas, no
+                flow sigmas) is refused. They override the :attr:`reference_style`'s schedule.
 
         Examples:
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         given_guidance_scale_ref = guidance_scale_ref  # only an argument the user gave can be "ignored"
+        if sigmas is not None and num_inference_steps is None:
+            num_inference_steps = len(_sigma_array(sigmas))  # before the style's default could disagree with it
         defaults = self._style_defaults(
             negative_prompt, negative_prompt_embeds, num_frames, num_inference_steps, guidance_scale, guidance_scale_ref
         )  # fmt: skip
@@ -667,7 +747,7 @@ class DiasRPipeline(WanPipeline):
             similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
             max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
             latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-            route_text=route_text, return_routing_maps=return_routing_maps,
+            route_text=route_text, return_routing_maps=return_routing_maps, sigmas=sigmas,
         )  # fmt: skip
         if num_frames % self.vae_scale_factor_temporal != 1:
             # As WanPipeline: round down to the nearest size the VAE can make, and say which one is used.
@@ -719,7 +799,7 @@ class DiasRPipeline(WanPipeline):
             negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
 
         # 3. Latents and references.
-        self.set_reference_style_timesteps(num_inference_steps, device)
+        self.set_reference_style_timesteps(num_inference_steps, device, sigmas=sigmas)
         timesteps = self.scheduler.timesteps
         # Phantom draws the noise for video and reference frames in one tensor: keep its video part, so a seed
         # gives the original's noise.
@@ -1006,14 +1086,43 @@ class DiasRPipeline(WanPipeline):
                 "sampler; `pipe.set_reference_style(...)` installs the right one"
             )
 
-    def set_reference_style_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
+    def set_reference_style_timesteps(
+        self, num_inference_steps: int, device: torch.device, sigmas: list[float] | np.ndarray | None = None
+    ) -> None:
         """``scheduler.set_timesteps`` with the style's explicit sigmas (Phantom's schedule starts at 0.999, where
-        Diffusers' flow-sigma UniPC starts at 1.0) when the scheduler takes them."""
+        Diffusers' flow-sigma UniPC starts at 1.0) when the scheduler takes them.
+
+        ``sigmas`` (the call's): the noise levels to use, which win over the style's; see :meth:`set_exact_sigmas`.
+        """
+        if sigmas is not None:
+            self.set_exact_sigmas(sigmas, device)
+            return
         sigmas = self.reference_style.sigmas(num_inference_steps)
         if sigmas is not None and self.scheduler.config.get("use_flow_sigmas"):
             self.scheduler.set_timesteps(device=device, sigmas=sigmas)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def set_exact_sigmas(self, sigmas: list[float] | np.ndarray, device: torch.device | None = None) -> None:
+        """Set the scheduler so that the sigmas it steps through are exactly ``sigmas`` (then 0).
+
+        Flow-matching schedulers shift the sigmas given to ``set_timesteps`` (``s -> k s / (1 + (k - 1) s)``,
+        ``k`` = ``shift`` or ``flow_shift``); each is therefore first mapped through the inverse,
+        ``s -> s / (k - (k - 1) s)``. The result is checked, so a scheduler that remaps sigmas in another way
+        (Karras / exponential / beta sigmas, ``shift_terminal``) is refused instead of silently running another
+        schedule.
+        """
+        target = _check_sigmas(sigmas, None)
+        shift = _scheduler_shift(self.scheduler)
+        unshifted = target / (shift - (shift - 1.0) * target)
+        self.scheduler.set_timesteps(sigmas=unshifted, device=device)  # an array: UniPC does arithmetic on it
+        used = self.scheduler.sigmas[: len(target)].double().cpu().numpy()
+        # float32 arithmetic in the scheduler (and UniPC's 1 - 1e-6 for a first sigma of 1) stay well inside 1e-5.
+        if len(used) != len(target) or not np.allclose(used, target, rtol=0.0, atol=1e-5):
+            raise ValueError(
+                f"`sigmas`: the pipeline's scheduler {type(self.scheduler).__name__} remaps explicit sigmas (e.g. "
+                f"Karras sigmas or shift_terminal): asked for {target.tolist()}, it would use {used.tolist()}"
+            )
 
     def _pad_reference_latents(self, ref_latents: torch.Tensor, routing: str) -> torch.Tensor:
         """SkyReels' zero padding of the reference set to a fixed number of frames (dense routing only).
