@@ -95,7 +95,12 @@ METRIC_HEADERS = {
     "attr_acc": "attributes ↑",
     "leak_sim": "leakage sim ↓",
     "swap_rate": "attribute swaps ↓",
+    "presence_sim": "best match anywhere ↑",
 }
+# From-noise runs and ceilings also get the mask-free search (where the embedder has one), on every other frame:
+# it embeds a few hundred windows a frame, the costliest scoring there is.
+FULL_METRICS = (*METRICS, "presence_sim")
+PRESENCE_EVERY = 2
 MARK_START, MARK_END = "<!-- toy_claim:start -->", "<!-- toy_claim:end -->"
 EMBEDDER_MODULE = "diasr_diffusers.eval.sprites"
 
@@ -104,25 +109,51 @@ EMBEDDER_MODULE = "diasr_diffusers.eval.sprites"
 # The embedder
 
 
-def load_embedder(allow_stand_in: bool = False) -> Any:
-    """The sprite identity embedder of ``diasr_diffusers.eval.sprites``.
+@dataclass
+class Scorer:
+    """The pieces of ``diasr_diffusers.eval.sprites`` the benchmark uses: the embedder (``embed``, ``predict``),
+    its ``crop_subject(frame, mask) -> (crop, crop_mask)`` and, when present, ``locate_subject`` (mask-free search)."""
 
-    ``allow_stand_in`` (development only) returns :class:`StandInEmbedder` when that module is missing; it is refused
-    once the module exists, so a real result can never come from the stand-in.
+    embedder: Any
+    crop_subject: Callable[..., tuple[np.ndarray, np.ndarray]]
+    locate_subject: Callable[..., Any] | None = None
+    is_stand_in: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.is_stand_in:
+            return "STAND-IN (colour statistics): NOT A RESULT"
+        return f"{type(self.embedder).__module__}.{type(self.embedder).__name__}"
+
+
+def load_embedder(allow_stand_in: bool = False) -> Scorer:
+    """The sprite identity embedder of ``diasr_diffusers.eval.sprites`` (``load_sprite_embedder``).
+
+    ``allow_stand_in`` (development only) gives :class:`StandInEmbedder` when that module is missing; once the module
+    exists it is always used, so a real result can never come from the stand-in.
     """
     try:
         sprites = importlib.import_module(EMBEDDER_MODULE)
     except ModuleNotFoundError as err:
-        if err.name not in (EMBEDDER_MODULE, EMBEDDER_MODULE.rsplit(".", 1)[0]):
+        if err.name != EMBEDDER_MODULE:
             raise  # the module exists but one of its own imports is missing: say so, do not hide it
         if allow_stand_in:
-            return StandInEmbedder()
+            return Scorer(StandInEmbedder(), _stand_in_crop, None, is_stand_in=True)
         raise SystemExit(
             f"toy_claim needs the sprite identity embedder `{EMBEDDER_MODULE}` (load_sprite_embedder), which this "
             "checkout does not have: merge the embedder branch first (--dev-stand-in-embedder exists for developing "
             "this script only and gives no result)"
         ) from None
-    return sprites.load_sprite_embedder()
+    return Scorer(sprites.load_sprite_embedder(), sprites.crop_subject, getattr(sprites, "locate_subject", None))
+
+
+def _stand_in_crop(frame: np.ndarray, mask: np.ndarray, pad: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """DEVELOPMENT STAND-IN of ``crop_subject``: the mask's box with a ``pad`` margin (fraction of its side)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    margin = round(pad * max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]))
+    top, bottom = max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, mask.shape[0])
+    left, right = max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, mask.shape[1])
+    return frame[top:bottom, left:right], mask[top:bottom, left:right]
 
 
 class StandInEmbedder:
@@ -132,14 +163,6 @@ class StandInEmbedder:
     or the fast test on a checkout without the embedder). It sees colours only: no shape, no pattern, so attribute
     swaps never fire with it.
     """
-
-    is_stand_in = True
-
-    def crop_subject(self, frame: np.ndarray, mask: np.ndarray, pad: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        top, bottom = max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, mask.shape[0])
-        left, right = max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, mask.shape[1])
-        return frame[top:bottom, left:right], mask[top:bottom, left:right]
 
     def _pixels(self, crop: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         pixels = np.asarray(crop, dtype=np.float32).reshape(-1, 3)
@@ -243,32 +266,38 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def score_frames(
-    frames: np.ndarray, clip: ClipData, embedder: Any, min_pixels: int = 32, pad: int = 2
+    frames: np.ndarray, clip: ClipData, scorer: Scorer, min_pixels: int = 32, presence: bool = False
 ) -> dict[str, float | int | None]:
     """Identity scores of one decoded video ``(F, H, W, 3)`` uint8 at the clip's ground-truth subject regions.
 
     Every (subject, frame) whose mask has at least ``min_pixels`` pixels is cropped and embedded; the clip's scores
     are means over those crops (``None`` where undefined: matching and leakage need two subjects, swaps a pair of
-    subjects sharing a colour).
+    subjects sharing a colour). With ``presence`` (and an embedder that can search), also ``presence_sim``: each
+    reference's best match anywhere in each frame, found without masks (``locate_subject``), so a model that puts
+    a subject elsewhere than the layout says is not penalised for where, only for what.
     """
     masks = clip.masks.numpy()
     crops, crop_masks, owners = [], [], []
     for s, f in itertools.product(range(clip.num_subjects), range(frames.shape[0])):
         if masks[s, f].sum() >= min_pixels:
-            crop, crop_mask = embedder.crop_subject(frames[f], masks[s, f], pad=pad)
+            crop, crop_mask = scorer.crop_subject(frames[f], masks[s, f])
             crops.append(crop)
             crop_masks.append(crop_mask)
             owners.append(s)
+    out: dict[str, float | int | None] = {"crops": len(crops)}
+    if presence:
+        out["presence_sim"] = presence_similarity(frames, clip, scorer)
     if not crops:
-        return {m: None for m in METRICS} | {"crops": 0}
-    sim = (embedder.embed(crops, crop_masks).float() @ clip.ref_embeddings.float().T).numpy()  # (K, N)
-    preds = embedder.predict(crops, crop_masks)
+        return out | {m: None for m in METRICS}
+    sim = (scorer.embedder.embed(crops, crop_masks).float() @ clip.ref_embeddings.float().T).numpy()  # (K, N)
+    preds = scorer.embedder.predict(crops, crop_masks)
     owners_arr = np.asarray(owners)
     own = sim[np.arange(len(owners)), owners_arr]
-    out: dict[str, float | int | None] = {"crops": len(crops), "id_sim": float(own.mean())}
+    out["id_sim"] = float(own.mean())
     if clip.num_subjects >= 2:
         others = np.where(np.eye(clip.num_subjects, dtype=bool)[owners_arr], -np.inf, sim)
-        out["id_acc"] = float((sim.argmax(1) == owners_arr).mean())
+        # Strictly more similar than every other reference: an embedder that cannot tell them apart scores 0.
+        out["id_acc"] = float((own > others.max(1)).mean())
         out["leak_sim"] = float(others.max(1).mean())
     else:
         out["id_acc"] = out["leak_sim"] = None
@@ -289,17 +318,29 @@ def score_frames(
     return out
 
 
-def embed_references(clip: ClipData, records_subjects: Sequence[Any], embedder: Any, pad: int = 2) -> torch.Tensor:
+def presence_similarity(frames: np.ndarray, clip: ClipData, scorer: Scorer) -> float | None:
+    """Mean over frames (every ``PRESENCE_EVERY``-th) and references of the cosine of the best-matching window
+    (``locate_subject``), or ``None`` when the embedder cannot search."""
+    if scorer.locate_subject is None:
+        return None
+    sims = []
+    for frame in frames[::PRESENCE_EVERY]:
+        found = scorer.locate_subject(frame, clip.ref_embeddings, scorer.embedder)
+        sims += [loc.similarity for loc in found]
+    return _mean(sims)
+
+
+def embed_references(clip: ClipData, records_subjects: Sequence[Any], scorer: Scorer) -> torch.Tensor:
     """Embeddings ``(N, D)`` of the clip's reference images (the raw reference, cropped with its mask)."""
     crops, crop_masks = [], []
     for subject in records_subjects:
         rgb, mask = load_reference(subject.references[0])
         if mask is None or not mask.any():
             mask = (rgb < 250).any(-1)  # sprites are rendered alone on white
-        crop, crop_mask = embedder.crop_subject(rgb, mask, pad=pad)
+        crop, crop_mask = scorer.crop_subject(rgb, mask)
         crops.append(crop)
         crop_masks.append(crop_mask)
-    return embedder.embed(crops, crop_masks).float()
+    return scorer.embedder.embed(crops, crop_masks).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -449,7 +490,7 @@ def run_claim(
     *,
     clips: int | None = 16,
     settings: ClaimSettings | None = None,
-    embedder: Any = None,
+    scorer: Scorer | None = None,
     strip_clips: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -460,7 +501,7 @@ def run_claim(
         dense: the dense baseline pipeline, or ``None`` (its methods are then left out, and said so).
         test_data, train_data: ``make-synthetic`` folders (or manifests); ``train_data`` only for novelty.
         clips: how many held-out clips (the first ones), ``None`` for all.
-        embedder: a ``SpriteEmbedder``; default :func:`load_embedder`.
+        scorer: the sprite embedder and its crop / search functions; default :func:`load_embedder`.
         strip_clips: keep frames and routing maps of this many clips (multi-subject ones, same-colour first) for
             :func:`write_strips` (in ``result["_strips"]``, not JSON).
     """
@@ -470,7 +511,7 @@ def run_claim(
         raise ValueError(f"`clips` must be a positive integer or None, got {clips!r}")
     if "router" in s.methods and routed.id_router is None:
         raise ValueError("`routed` has no id_router: leave 'router' out of `methods` or give a DiasR folder with one")
-    embedder = embedder if embedder is not None else load_embedder()
+    scorer = scorer if scorer is not None else load_embedder()
     methods = [m for m in s.methods if METHODS[m][0] == "routed" or dense is not None]
     skipped = [m for m in s.methods if m not in methods]
     full_methods = [m for m in FULL_METHODS if m in methods] if s.full_generation else []
@@ -497,16 +538,16 @@ def run_claim(
         bar = tqdm(total=total, desc="toy_claim", file=sys.stderr)
     for clip in data:
         start = time.perf_counter()
-        clip.ref_embeddings = embed_references(clip, dataset.records[clip.index].subjects, embedder)
+        clip.ref_embeddings = embed_references(clip, dataset.records[clip.index].subjects, scorer)
         x0 = encode_latents(routed.vae, clip.video[None])
         row: dict[str, Any] = {
             "clip_id": clip.clip_id, "num_subjects": clip.num_subjects, "same_colour": bool(clip.same_colour_pairs),
             "partial": {}, "full": {}, "routing_iou": {},
         }  # fmt: skip
         gt_frames = _to_uint8((clip.video.movedim(0, -1).numpy() + 1) / 2)
-        row["ground_truth"] = score_frames(gt_frames, clip, embedder, s.min_pixels)
+        row["ground_truth"] = score_frames(gt_frames, clip, scorer, s.min_pixels, presence=bool(full_methods))
         recon = _decode(routed, x0)
-        row["reconstruction"] = score_frames(recon, clip, embedder, s.min_pixels)
+        row["reconstruction"] = score_frames(recon, clip, scorer, s.min_pixels, presence=bool(full_methods))
         tick("encode_and_ceilings", start)
         keep = clip.clip_id in strip_ids
         if keep:
@@ -522,7 +563,7 @@ def run_claim(
                 frames, maps = _generate(pipes[which], clip, routing, with_refs, start_latents, schedule, s)
                 tick(f"generate:{method}", start)
                 start = time.perf_counter()
-                row["partial"].setdefault(method, {})[str(sigma)] = score_frames(frames, clip, embedder, s.min_pixels)
+                row["partial"].setdefault(method, {})[str(sigma)] = score_frames(frames, clip, scorer, s.min_pixels)
                 if maps is not None:
                     iou = label_iou(maps.reshape(-1), clip.token_labels, clip.num_subjects)["mean_iou"]
                     row["routing_iou"].setdefault(method, {})[str(sigma)] = iou
@@ -540,7 +581,7 @@ def run_claim(
                 start = time.perf_counter()
                 frames, maps = _generate(pipes[which], clip, routing, with_refs, noise, schedule, s)
                 tick(f"full:{method}", start)
-                row["full"][method] = score_frames(frames, clip, embedder, s.min_pixels)
+                row["full"][method] = score_frames(frames, clip, scorer, s.min_pixels, presence=True)
                 if keep:
                     strips[clip.clip_id]["full"][method] = (frames, maps)
                 if bar is not None:
@@ -558,8 +599,7 @@ def run_claim(
         "full_generation_methods": full_methods, "seed": s.seed, "resamples": s.resamples,
         "min_pixels": s.min_pixels, "max_sequence_length": s.max_sequence_length,
         "video": [s.num_frames, s.height, s.width],
-        "embedder": "STAND-IN (colour statistics): NOT A RESULT" if getattr(embedder, "is_stand_in", False)
-        else f"{type(embedder).__module__}.{type(embedder).__name__}",
+        "embedder": scorer.name, "presence_search": scorer.locate_subject is not None,
     }  # fmt: skip
     if train_data is not None:
         result["novelty"] = combination_novelty([[tuple(sp.values()) for sp in c.specs] for c in data], train_data)
@@ -610,9 +650,12 @@ def summarize(per_clip: list[dict[str, Any]], methods: list[str], full_methods: 
             routing[method] = {
                 str(sig): stats([r["routing_iou"][method][str(sig)] for r in per_clip]) for sig in s.sigmas
             } | {"overall": stats([_mean([v for v in r["routing_iou"][method].values() if v is not None]) for r in per_clip])}
-    full = {method: {m: stats([r["full"][method][m] for r in per_clip]) for m in METRICS} for method in full_methods}
+    full = {
+        method: {m: stats([r["full"][method].get(m) for r in per_clip]) for m in FULL_METRICS} for method in full_methods
+    }
     ceilings = {
-        name: {m: stats([r[name][m] for r in per_clip]) for m in METRICS} for name in ("ground_truth", "reconstruction")
+        name: {m: stats([r[name].get(m) for r in per_clip]) for m in FULL_METRICS}
+        for name in ("ground_truth", "reconstruction")
     }
     return {"partial": partial, "paired_vs_dense": paired, "routing_iou_last_step": routing, "full": full,
             "ceilings": ceilings}  # fmt: skip
@@ -629,13 +672,18 @@ def _cell(st: dict[str, Any], signed: bool = False) -> str:
     return f"{fmt.format(st['mean'])} [{fmt.format(st['low'])}, {fmt.format(st['high'])}]"
 
 
-def _table(rows: list[tuple[str, dict[str, Any]]], signed: bool = False, extra: dict[str, str] | None = None) -> str:
-    head = "| | " + " | ".join(METRIC_HEADERS[m] for m in METRICS) + (" | routing IoU |" if extra is not None else " |")
-    sep = "|---" + "|---:" * (len(METRICS) + (extra is not None)) + "|"
+def _table(
+    rows: list[tuple[str, dict[str, Any]]],
+    signed: bool = False,
+    extra: dict[str, str] | None = None,
+    metrics: Sequence[str] = METRICS,
+) -> str:
+    head = "| | " + " | ".join(METRIC_HEADERS[m] for m in metrics) + (" | routing IoU |" if extra is not None else " |")
+    sep = "|---" + "|---:" * (len(metrics) + (extra is not None)) + "|"
     lines = [head, sep]
     for name, cells in rows:
         tail = f" | {extra.get(name, '–')} |" if extra is not None else " |"
-        lines.append(f"| {name} | " + " | ".join(_cell(cells[m], signed) for m in METRICS) + tail)
+        lines.append(f"| {name} | " + " | ".join(_cell(cells[m], signed) for m in metrics) + tail)
     return "\n".join(lines)
 
 
@@ -709,9 +757,13 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
         lines += [
             f"**From pure noise** ({cfg['full_steps']} steps, linear schedule from σ = 1), scored at the held-out "
             "clip's layout. DiasR is routed by that layout (`routing=\"masks\"`); the dense model has no layout input, "
-            "so its row measures whether the right sprite happens to be there, not identity preservation alone:",
+            "so at the layout's regions it can only score by chance. The last column is layout-free: for each "
+            "reference, the best-matching window anywhere in the frame (the embedder's mask-free `locate_subject`), "
+            "so it compares what is drawn, not where (ceilings: ground truth "
+            f"{_cell(result['ceilings']['ground_truth']['presence_sim'])}, VAE reconstruction "
+            f"{_cell(result['ceilings']['reconstruction']['presence_sim'])}):",
             "",
-            _table([(LABELS[m], v) for m, v in result["full"].items()]),
+            _table([(LABELS[m], v) for m, v in result["full"].items()], metrics=FULL_METRICS),
             "",
         ]
     if routing:
@@ -912,11 +964,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.validate()
     except ValueError as err:
         parser.error(str(err))
-    embedder = load_embedder(allow_stand_in=args.dev_stand_in_embedder)
+    scorer = load_embedder(allow_stand_in=args.dev_stand_in_embedder)
     routed = DiasRPipeline.from_pretrained(args.routed)
     dense = DiasRPipeline.from_pretrained(args.dense) if args.dense else None
     result = run_claim(
-        routed, dense, args.test_data, args.train_data, clips=args.clips, settings=settings, embedder=embedder,
+        routed, dense, args.test_data, args.train_data, clips=args.clips, settings=settings, scorer=scorer,
         strip_clips=args.num_strips if args.strips else 0,
     )  # fmt: skip
     result["environment"] = environment()
