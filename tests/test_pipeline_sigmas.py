@@ -132,13 +132,15 @@ def test_scheduler_that_cannot_reproduce_sigmas_is_refused(scheduler, match):
         pipe(**BASE, sigmas=[0.9, 0.5, 0.2])
 
 
-def test_explicit_sigmas_win_over_the_reference_style(pipe):
-    """Phantom's style sets its own sigmas (from 0.999, through UniPC's flow_shift 5): explicit ones replace them."""
+def test_explicit_sigmas_win_over_the_reference_style():
+    """Phantom's style sets its own sigmas (from 0.999, through UniPC's flow_shift 5) and 50 steps: explicit sigmas
+    replace both."""
     phantom = DiasRPipeline(**tiny_wan_components())
     phantom.set_reference_style("phantom")
     sigmas = [0.8, 0.55, 0.3, 0.1]
-    phantom.set_reference_style_timesteps(50, "cpu", sigmas=sigmas)
+    phantom(**BASE, sigmas=sigmas)
     np.testing.assert_allclose(phantom.scheduler.sigmas.numpy(), [*sigmas, 0.0], atol=1e-6)
+    assert len(phantom.scheduler.timesteps) == 4
     phantom.set_reference_style_timesteps(4, "cpu")  # without them, the style's schedule as before
     assert phantom.scheduler.sigmas[0] > 0.999 - 1e-6
 
