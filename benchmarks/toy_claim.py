@@ -415,10 +415,13 @@ class ClaimSettings:
     def validate(self) -> None:
         if not self.sigmas or any(not (isinstance(s, float | int) and 0 < s <= 1) for s in self.sigmas):
             raise ValueError(f"`sigmas` must be noise levels in (0, 1], got {self.sigmas!r}")
-        for name in ("steps", "full_steps", "resamples", "max_sequence_length"):
+        for name in ("steps", "full_steps", "resamples", "max_sequence_length", "num_frames", "height", "width",
+                     "min_pixels"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"`methods` must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
@@ -964,6 +967,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.validate()
     except ValueError as err:
         parser.error(str(err))
+    # Local folders only: a missing path must not turn into a Hub download attempt inside from_pretrained.
+    for flag, value in (("--routed", args.routed), ("--dense", args.dense)):
+        if value is not None and not (Path(value) / "model_index.json").is_file():
+            parser.error(f"{flag} {value} is not a saved pipeline folder (no model_index.json)")
+    for flag, value in (("--test-data", args.test_data), ("--train-data", args.train_data)):
+        if value is not None and not (Path(value).is_file() or (Path(value) / "manifest.jsonl").is_file()):
+            parser.error(f"{flag} {value} is neither a manifest nor a folder with manifest.jsonl")
     scorer = load_embedder(allow_stand_in=args.dev_stand_in_embedder)
     routed = DiasRPipeline.from_pretrained(args.routed)
     dense = DiasRPipeline.from_pretrained(args.dense) if args.dense else None
