@@ -311,7 +311,8 @@ def score_frames(
     for p, s in zip(preds, owners):
         for j in partners.get(s, []):
             swapped = any(
-                _attribute(p, a) == clip.specs[j][a] and clip.specs[j][a] != clip.specs[s][a] for a in ("shape", "pattern")
+                _attribute(p, a) == clip.specs[j][a] and clip.specs[j][a] != clip.specs[s][a]
+                for a in ("shape", "pattern")
             )
             swaps.append(swapped)
     out["swap_rate"] = float(np.mean(swaps)) if swaps else None
@@ -446,13 +447,22 @@ def _load_clips(pipe: DiasRPipeline, test_data: str | os.PathLike, clips: int | 
     for i in range(count):
         item = dataset[i]
         record = dataset.records[i]
-        refs = [((r.movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy() for r in item["ref_images"]]
+        refs = [
+            ((r.movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy() for r in item["ref_images"]
+        ]
         specs = [{k: sub.meta.get(k) for k in ("shape", "color", "pattern")} for sub in record.subjects]
         out.append(
             ClipData(
-                index=i, clip_id=item["clip_id"], caption=item["caption"], phrases=list(item["phrases"]), specs=specs,
-                video=item["video"], masks=item["masks"].bool(), token_labels=item["token_labels"], references=refs,
-            )  # fmt: skip
+                index=i,
+                clip_id=item["clip_id"],
+                caption=item["caption"],
+                phrases=list(item["phrases"]),
+                specs=specs,
+                video=item["video"],
+                masks=item["masks"].bool(),
+                token_labels=item["token_labels"],
+                references=refs,
+            )
         )
     return dataset, out
 
@@ -652,9 +662,14 @@ def summarize(per_clip: list[dict[str, Any]], methods: list[str], full_methods: 
         if any(method in r["routing_iou"] for r in per_clip):
             routing[method] = {
                 str(sig): stats([r["routing_iou"][method][str(sig)] for r in per_clip]) for sig in s.sigmas
-            } | {"overall": stats([_mean([v for v in r["routing_iou"][method].values() if v is not None]) for r in per_clip])}
+            } | {
+                "overall": stats(
+                    [_mean([v for v in r["routing_iou"][method].values() if v is not None]) for r in per_clip]
+                )
+            }
     full = {
-        method: {m: stats([r["full"][method].get(m) for r in per_clip]) for m in FULL_METRICS} for method in full_methods
+        method: {m: stats([r["full"][method].get(m) for r in per_clip]) for m in FULL_METRICS}
+        for method in full_methods
     }
     ceilings = {
         name: {m: stats([r[name].get(m) for r in per_clip]) for m in FULL_METRICS}
@@ -681,7 +696,9 @@ def _table(
     extra: dict[str, str] | None = None,
     metrics: Sequence[str] = METRICS,
 ) -> str:
-    head = "| | " + " | ".join(METRIC_HEADERS[m] for m in metrics) + (" | routing IoU |" if extra is not None else " |")
+    head = (
+        "| | " + " | ".join(METRIC_HEADERS[m] for m in metrics) + (" | routing IoU |" if extra is not None else " |")
+    )
     sep = "|---" + "|---:" * (len(metrics) + (extra is not None)) + "|"
     lines = [head, sep]
     for name, cells in rows:
@@ -744,7 +761,10 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
             "**Paired difference to the dense baseline** (same clips, same noise; interval of the per-clip "
             "difference):",
             "",
-            _table([(k.replace(" - dense", "") + " − dense", v) for k, v in result["paired_vs_dense"].items()], signed=True),
+            _table(
+                [(k.replace(" - dense", "") + " − dense", v) for k, v in result["paired_vs_dense"].items()],
+                signed=True,
+            ),
             "",
         ]
     lines += ["**Per noise level:**", ""]
@@ -752,14 +772,12 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
     for sigma in cfg["sigmas"]:
         for m, v in result["partial"].items():
             rows.append((f"σ {sigma}: {LABELS[m]}", v["by_sigma"][str(sigma)]))
-    sig_iou = {
-        f"σ {sig}: {LABELS[m]}": _cell(v[str(sig)]) for m, v in routing.items() for sig in cfg["sigmas"]
-    }
+    sig_iou = {f"σ {sig}: {LABELS[m]}": _cell(v[str(sig)]) for m, v in routing.items() for sig in cfg["sigmas"]}
     lines += [_table(rows, extra=sig_iou), ""]
     if result["full"]:
         lines += [
             f"**From pure noise** ({cfg['full_steps']} steps, linear schedule from σ = 1), scored at the held-out "
-            "clip's layout. DiasR is routed by that layout (`routing=\"masks\"`); the dense model has no layout input, "
+            'clip\'s layout. DiasR is routed by that layout (`routing="masks"`); the dense model has no layout input, '
             "so at the layout's regions it can only score by chance. The last column is layout-free: for each "
             "reference, the best-matching window anywhere in the frame (the embedder's mask-free `locate_subject`), "
             "so it compares what is drawn, not where (ceilings: ground truth "
@@ -782,6 +800,7 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
         )
     nov = result.get("novelty")
     if nov:
+
         def pct(key: str) -> str:
             f = nov[key]
             return "–" if f["fraction"] is None else f"{f['seen']}/{f['total']} ({100 * f['fraction']:.0f}%)"
@@ -847,7 +866,9 @@ def _label_tile(text: str, height: int, width: int) -> np.ndarray:
     return np.asarray(tile)
 
 
-def write_strips(result: dict[str, Any], folder: str | os.PathLike, temporal_compression: int, scale: int = 2) -> list[Path]:
+def write_strips(
+    result: dict[str, Any], folder: str | os.PathLike, temporal_compression: int, scale: int = 2
+) -> list[Path]:
     """One PNG per kept clip: references, ground truth, each method's frames (highest σ) with its routing maps,
     and the from-noise runs; ``scale``x nearest-neighbour enlarged. Returns the paths written."""
     folder = Path(folder)
