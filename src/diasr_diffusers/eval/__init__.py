@@ -31,17 +31,22 @@ __all__ = [
     "FaceEmbedder",
     "IdentityScores",
     "InsightFaceEmbedder",
+    "SpriteEmbedder",
     "SubjectEmbedder",
+    "SubjectLocation",
     "TOTAL_SCORE_WEIGHTS",
     "TransformersImageEmbedder",
     "VideoReadError",
     "aggregate_video_scores",
     "cosine_similarity",
+    "crop_subject",
     "farneback_flows",
     "identity_scores",
     "leakage_margins",
     "leakage_score",
     "load_cases",
+    "load_sprite_embedder",
+    "locate_subject",
     "match_one_to_one",
     "motion_amplitude",
     "read_video",
@@ -54,11 +59,18 @@ __all__ = [
 ]
 
 
+_SPRITES = ("SpriteEmbedder", "SubjectLocation", "crop_subject", "load_sprite_embedder", "locate_subject")
+
+
 def __getattr__(name: str):
-    # eval.routing needs torch; imported on first use so that `diasr --help` (which reads eval.runner's metric
-    # names) does not pay for it (PEP 562).
+    # eval.routing and eval.sprites need torch (sprites also diffusers); imported on first use so that `diasr --help`
+    # (which reads eval.runner's metric names) does not pay for them (PEP 562).
     if name in ("label_iou", "routing_iou"):
         from . import routing
 
         return getattr(routing, name)
+    if name in _SPRITES:
+        from . import sprites
+
+        return getattr(sprites, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
