@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import itertools
 import json
 import math
@@ -52,6 +51,7 @@ from diasr_diffusers import DiasRPipeline
 from diasr_diffusers.data import MuSADataset
 from diasr_diffusers.data.dataset import load_reference
 from diasr_diffusers.eval.routing import label_iou
+from diasr_diffusers.eval.sprites import SpriteEmbedder, crop_subject, load_sprite_embedder, locate_subject
 from diasr_diffusers.routing import token_grid_factors
 from diasr_diffusers.utils.io import atomic_path, atomic_write_text
 from diasr_diffusers.utils.latents import encode_latents
@@ -102,7 +102,6 @@ METRIC_HEADERS = {
 FULL_METRICS = (*METRICS, "presence_sim")
 PRESENCE_EVERY = 2
 MARK_START, MARK_END = "<!-- toy_claim:start -->", "<!-- toy_claim:end -->"
-EMBEDDER_MODULE = "diasr_diffusers.eval.sprites"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,94 +110,26 @@ EMBEDDER_MODULE = "diasr_diffusers.eval.sprites"
 
 @dataclass
 class Scorer:
-    """The pieces of ``diasr_diffusers.eval.sprites`` the benchmark uses: the embedder (``embed``, ``predict``),
-    its ``crop_subject(frame, mask) -> (crop, crop_mask)`` and, when present, ``locate_subject`` (mask-free search)."""
+    """The pieces of :mod:`diasr_diffusers.eval.sprites` the benchmark uses: the embedder (``embed``, ``predict``),
+    ``crop_subject(frame, mask) -> (crop, crop_mask)`` and ``locate_subject`` (mask-free search)."""
 
-    embedder: Any
-    crop_subject: Callable[..., tuple[np.ndarray, np.ndarray]]
-    locate_subject: Callable[..., Any] | None = None
-    is_stand_in: bool = False
+    embedder: SpriteEmbedder
+    crop_subject: Callable[..., tuple[np.ndarray, np.ndarray]] = crop_subject
+    locate_subject: Callable[..., Any] = locate_subject
 
     @property
     def name(self) -> str:
-        if self.is_stand_in:
-            return "STAND-IN (colour statistics): NOT A RESULT"
         return f"{type(self.embedder).__module__}.{type(self.embedder).__name__}"
 
 
-def load_embedder(allow_stand_in: bool = False) -> Scorer:
-    """The sprite identity embedder of ``diasr_diffusers.eval.sprites`` (``load_sprite_embedder``).
-
-    ``allow_stand_in`` (development only) gives :class:`StandInEmbedder` when that module is missing; once the module
-    exists it is always used, so a real result can never come from the stand-in.
-    """
-    try:
-        sprites = importlib.import_module(EMBEDDER_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != EMBEDDER_MODULE:
-            raise  # the module exists but one of its own imports is missing: say so, do not hide it
-        if allow_stand_in:
-            return Scorer(StandInEmbedder(), _stand_in_crop, None, is_stand_in=True)
-        raise SystemExit(
-            f"toy_claim needs the sprite identity embedder `{EMBEDDER_MODULE}` (load_sprite_embedder), which this "
-            "checkout does not have: merge the embedder branch first (--dev-stand-in-embedder exists for developing "
-            "this script only and gives no result)"
-        ) from None
-    return Scorer(sprites.load_sprite_embedder(), sprites.crop_subject, getattr(sprites, "locate_subject", None))
-
-
-def _stand_in_crop(frame: np.ndarray, mask: np.ndarray, pad: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """DEVELOPMENT STAND-IN of ``crop_subject``: the mask's box with a ``pad`` margin (fraction of its side)."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    margin = round(pad * max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]))
-    top, bottom = max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, mask.shape[0])
-    left, right = max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, mask.shape[1])
-    return frame[top:bottom, left:right], mask[top:bottom, left:right]
-
-
-class StandInEmbedder:
-    """DEVELOPMENT STAND-IN, NOT A RESULT: colour statistics behind the ``SpriteEmbedder`` interface.
-
-    Used only when ``diasr_diffusers.eval.sprites`` is missing and the caller asked for it (``--dev-stand-in-embedder``,
-    or the fast test on a checkout without the embedder). It sees colours only: no shape, no pattern, so attribute
-    swaps never fire with it.
-    """
-
-    def _pixels(self, crop: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        pixels = np.asarray(crop, dtype=np.float32).reshape(-1, 3)
-        if mask is not None and np.asarray(mask).any():
-            pixels = pixels[np.asarray(mask).reshape(-1)]
-        return pixels
-
-    def embed(self, crops: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None) -> torch.Tensor:
-        feats = []
-        for i, crop in enumerate(crops):
-            px = self._pixels(crop, None if masks is None else masks[i])
-            hist = np.histogramdd(px, bins=(4, 4, 4), range=[(0, 256)] * 3)[0].reshape(-1)
-            feats.append(np.concatenate([px.mean(0) / 255.0, hist / max(len(px), 1)]))
-        return torch.nn.functional.normalize(torch.tensor(np.stack(feats), dtype=torch.float32), dim=-1)
-
-    def predict(self, crops: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None) -> list[dict]:
-        from diasr_diffusers.data.synthetic import COLORS
-
-        names, table = list(COLORS), np.array(list(COLORS.values()), dtype=np.float32)
-        out = []
-        for i, crop in enumerate(crops):
-            px = self._pixels(crop, None if masks is None else masks[i])
-            bright = px[px.sum(1) >= np.median(px.sum(1))]  # the sprite's main colour, not its dark pattern
-            colour = names[int(np.argmin(((table - bright.mean(0)) ** 2).sum(1)))]
-            out.append({"shape": None, "color": colour, "pattern": None})
-        return out
+def load_embedder() -> Scorer:
+    """The shipped sprite identity embedder (:func:`diasr_diffusers.eval.sprites.load_sprite_embedder`)."""
+    return Scorer(load_sprite_embedder())
 
 
 def _attribute(pred: dict[str, Any], name: str) -> Any:
-    """An attribute label from a ``predict`` dict, whether it holds labels or ``{label, probability}`` entries."""
-    keys = ("color", "colour") if name == "color" else (name,)
-    for key in keys:
-        if key in pred:
-            value = pred[key]
-            return value.get("label") if isinstance(value, dict) else value
-    return None
+    """An attribute label (``"shape"``, ``"color"``, ``"pattern"``) from a ``SpriteEmbedder.predict`` row."""
+    return pred[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -321,9 +252,7 @@ def score_frames(
 
 def presence_similarity(frames: np.ndarray, clip: ClipData, scorer: Scorer) -> float | None:
     """Mean over frames (every ``PRESENCE_EVERY``-th) and references of the cosine of the best-matching window
-    (``locate_subject``), or ``None`` when the embedder cannot search."""
-    if scorer.locate_subject is None:
-        return None
+    (``locate_subject``)."""
     sims = []
     for frame in frames[::PRESENCE_EVERY]:
         found = scorer.locate_subject(frame, clip.ref_embeddings, scorer.embedder)
@@ -612,7 +541,7 @@ def run_claim(
         "full_generation_methods": full_methods, "seed": s.seed, "resamples": s.resamples,
         "min_pixels": s.min_pixels, "max_sequence_length": s.max_sequence_length,
         "video": [s.num_frames, s.height, s.width],
-        "embedder": scorer.name, "presence_search": scorer.locate_subject is not None,
+        "embedder": scorer.name,
     }  # fmt: skip
     if train_data is not None:
         result["novelty"] = combination_novelty([[tuple(sp.values()) for sp in c.specs] for c in data], train_data)
@@ -971,10 +900,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-md", default=None, help="update the toy_claim section of this markdown file")
     parser.add_argument("--strips", default=None, help="write example strips (PNG) into this folder")
     parser.add_argument("--num-strips", type=_positive_int, default=3)
-    parser.add_argument(
-        "--dev-stand-in-embedder", action="store_true",
-        help="DEVELOPMENT ONLY: colour-statistics stand-in when diasr_diffusers.eval.sprites is missing (no result)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -995,7 +920,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for flag, value in (("--test-data", args.test_data), ("--train-data", args.train_data)):
         if value is not None and not (Path(value).is_file() or (Path(value) / "manifest.jsonl").is_file()):
             parser.error(f"{flag} {value} is neither a manifest nor a folder with manifest.jsonl")
-    scorer = load_embedder(allow_stand_in=args.dev_stand_in_embedder)
+    scorer = load_embedder()
     routed = DiasRPipeline.from_pretrained(args.routed)
     dense = DiasRPipeline.from_pretrained(args.dense) if args.dense else None
     result = run_claim(

@@ -1,8 +1,5 @@
-"""benchmarks/toy_claim.py end to end on a tiny in-process run: two rendered clips, a tiny saved pipeline.
-
-The sprite identity embedder (``diasr_diffusers.eval.sprites``) is used when this checkout has it; otherwise the
-benchmark's development stand-in, which only this test and ``--dev-stand-in-embedder`` may use.
-"""
+"""benchmarks/toy_claim.py end to end on a tiny in-process run: two rendered clips, a tiny saved pipeline, scored by
+the shipped sprite identity embedder (``diasr_diffusers.eval.sprites``)."""
 
 from __future__ import annotations
 
@@ -64,7 +61,6 @@ def test_cli_writes_table_json_strips_and_only_its_markdown_section(tiny_run, tm
         "--clips", "2", "--sigmas", "0.6,0.95", "--steps", "2", "--full-steps", "1", "--resamples", "200",
         "--num-frames", "5", "--height", "32", "--width", "32", "--max-sequence-length", "64",
         "--out", str(out), "--out-md", str(doc), "--strips", str(tmp_path / "strips"), "--num-strips", "1",
-        "--dev-stand-in-embedder",
     ]  # fmt: skip
     toy_claim.main(args)
 
@@ -117,17 +113,3 @@ def test_marked_section_is_replaced_in_place(tmp_path):
     doc.write_text(f"top\n{toy_claim.MARK_START}\nno end\n", encoding="utf-8")
     with pytest.raises(ValueError, match="broken toy_claim section"):
         toy_claim.update_marked_section(doc, "x")
-
-
-def test_missing_embedder_is_a_clear_error(monkeypatch):
-    real_import = toy_claim.importlib.import_module
-
-    def missing(name, *args):
-        if name == toy_claim.EMBEDDER_MODULE:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real_import(name, *args)
-
-    monkeypatch.setattr(toy_claim.importlib, "import_module", missing)
-    with pytest.raises(SystemExit, match="needs the sprite identity embedder"):
-        toy_claim.load_embedder()
-    assert getattr(toy_claim.load_embedder(allow_stand_in=True), "is_stand_in", False)
