@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import in_cli_words
+
 
 def _subject_range(text: str) -> tuple[int, int]:
     try:
@@ -41,20 +43,15 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_words(err: BaseException) -> str:
-    """An API error in command-line words (``--workers`` rather than ``num_workers``)."""
-    text = str(err)
-    for api, flag in (
-        ("`path`", "manifest"),
-        ("`num_workers`", "--workers"),
-        ("`num_frames`", "--frames"),
-        ("`frame_stride`", "--stride"),
-        ("`height`", "--height"),
-        ("`width`", "--width"),
-        ("allow_outside_root=True (CLI: --allow-outside-root)", "--allow-outside-root"),
-    ):
-        text = text.replace(api, flag)
-    return text
+_FLAGS = (
+    ("`path`", "manifest"),
+    ("`num_workers`", "--workers"),
+    ("`num_frames`", "--frames"),
+    ("`frame_stride`", "--stride"),
+    ("`height`", "--height"),
+    ("`width`", "--width"),
+    ("allow_outside_root=True (CLI: --allow-outside-root)", "--allow-outside-root"),
+)
 
 
 def _validate_data(args: argparse.Namespace) -> int:
@@ -68,7 +65,7 @@ def _validate_data(args: argparse.Namespace) -> int:
             allow_outside_root=args.allow_outside_root,
         )
     except (OSError, ValueError) as err:
-        print(f"error: {_cli_words(err)}", file=sys.stderr)
+        print(f"error: {in_cli_words(err, _FLAGS)}", file=sys.stderr)
         return 2
     print(report.format())
     return 0 if report.ok else 1
@@ -99,7 +96,7 @@ def _cache_latents(args: argparse.Namespace) -> int:
             allow_outside_root=args.allow_outside_root,
         )
     except (ValueError, OSError) as err:
-        print(f"error: {_cli_words(err)}", file=sys.stderr)
+        print(f"error: {in_cli_words(err, _FLAGS)}", file=sys.stderr)
         return 2
     if dataset.num_skipped:
         print(f"skipping {dataset.num_skipped} bad or too-short records (see `diasr validate-data {args.data}`)")

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from . import in_cli_words
+
 ROUTING_MAPS_KEY = "routing_maps"
 MASKS_KEY = "masks"
 
@@ -284,17 +286,15 @@ def run_eval_routing(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
             )
         except ValueError as err:
-            text = str(err)
-            for api, flag in (
+            flags = (
                 ("`routing_maps`", "--maps"),
                 ("`masks`", "--masks"),
                 ("`temporal_compression`", "--temporal-compression"),
                 ("`spatial_compression`", "--spatial-compression"),
                 ("`patch_size`", "--patch-size"),
                 ("`threshold`", "--threshold"),
-            ):
-                text = text.replace(api, flag)
-            raise _InputError(text) from err
+            )
+            raise _InputError(in_cli_words(err, flags)) from err
     except _InputError as err:
         return _error(str(err))
     result["config"] = {
