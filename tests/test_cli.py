@@ -178,7 +178,7 @@ def test_demo_identity_check_fails_on_random_weights():
     random = WanTransformer3DModel.from_config(trained.transformer.config)
     pipe = DiasRPipeline(**{**trained.components, "transformer": random})
     phrases, images = demo_subjects()
-    frames = generate_demo(pipe, seed=0).frames[0]
+    frames = generate_demo(pipe, phrases, images, seed=0).frames[0]
     assert not _identity_kept(demo_identity_scores(frames, [np.asarray(im) for im in images], phrases))
 
 

@@ -720,13 +720,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_pipeline():
-    """The embedded sprite model (:func:`diasr_diffusers.utils.toy.load_sprite_model`)."""
-    from ..utils.toy import load_sprite_model
-
-    return load_sprite_model()
-
-
 def demo_subjects() -> tuple[list[str], list[Any]]:
     """The demo's subject phrases and reference images (PIL, RGB), shipped in ``assets/sprite_refs``."""
     from PIL import Image
@@ -735,13 +728,13 @@ def demo_subjects() -> tuple[list[str], list[Any]]:
     return [p for p, _ in DEMO_SUBJECTS], [Image.open(assets / name).convert("RGB") for _, name in DEMO_SUBJECTS]
 
 
-def generate_demo(pipe: Any, seed: int = 0):
-    """The demo's generation on ``pipe`` (the sprite model, or any pipeline of its architecture)."""
+def generate_demo(pipe: Any, phrases: list[str], images: list[Any], seed: int = 0):
+    """The demo's generation on ``pipe`` (the sprite model, or any pipeline of its architecture) with the subjects of
+    :func:`demo_subjects`."""
     import torch
 
     from ..utils.toy import SPRITE_MODEL_SIZE
 
-    phrases, images = demo_subjects()
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         prompt=DEMO_PROMPT,
@@ -803,14 +796,14 @@ def _demo(args: argparse.Namespace) -> int:
     out_dir = _check_out_folder(args.out)
     import torch
 
-    from ..utils.toy import SPRITE_MODEL_SIZE
+    from ..utils.toy import SPRITE_MODEL_SIZE, load_sprite_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     phrases, images = demo_subjects()
 
     start = time.perf_counter()
-    pipe = demo_pipeline()
-    result = generate_demo(pipe, args.seed)
+    pipe = load_sprite_model()
+    result = generate_demo(pipe, phrases, images, args.seed)
     seconds = time.perf_counter() - start
     temporal = pipe.vae_scale_factor_temporal
     summary = _save_outputs(
