@@ -494,6 +494,17 @@ def test_train_transformer_writes_a_pipeline_and_route_continues_it(data_dir, tm
     start = trainer.transformer.state_dict()
     assert all(torch.equal(start[k], trained[k]) for k in trained), "route must start from align's transformer"
 
+    # A router-only stage on top of it (`train_transformer: false`) must still use that transformer, frozen, and its
+    # output must be the complete model; it once fell back silently to the random `tiny_model` weights.
+    frozen = tmp_path / "router_only"
+    cfg = _config(data_dir, stage="route", allow_scratch=False, init_from=str(align), max_steps=1,
+                  **{**full, "train_transformer": False})  # fmt: skip
+    assert main(["train", "--config", str(_write(tmp_path, cfg, "r.yaml")), "--output-dir", str(frozen)]) == 0
+    after = DiasRPipeline.from_pretrained(frozen / "pipeline").transformer.state_dict()
+    assert all(torch.equal(after[k], trained[k]) for k in trained), "a frozen inherited transformer must not change"
+    routers = [IDRouter.from_pretrained(d / "router").state_dict() for d in (align, frozen)]
+    assert any(not torch.equal(routers[0][k], routers[1][k]) for k in routers[0]), "the router should have trained"
+
 
 def test_dense_stage_trains_without_a_router(data_dir, tmp_path):
     """The Phantom-style baseline: attention mode `dense`, diffusion loss only, no router in the optimizer or the

@@ -223,6 +223,11 @@ class DiasRTrainer:
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
             module.requires_grad_(False)
         transformer = self.pipe.transformer
+        # A generator trained by an earlier stage is inherited even when this stage freezes it: silently falling back to
+        # the base (or random `tiny_model`) weights would train a router for a transformer nobody uses.
+        self._inherited_transformer = cfg.init_from is not None and (cfg.resolve(cfg.init_from) / "transformer").is_dir()
+        if self._inherited_transformer and not cfg.train_transformer:  # else `_load_weights` loads it below
+            self._load_transformer(cfg.resolve(cfg.init_from) / "transformer", transformer)
         if cfg.train_transformer:
             transformer.requires_grad_(True)
         if cfg.train_lora:
@@ -277,8 +282,17 @@ class DiasRTrainer:
 
     # -- weights and checkpoints ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _load_transformer(folder: Path, transformer: nn.Module) -> None:
+        from diffusers import WanTransformer3DModel
+
+        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(folder).state_dict())
+
     def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
-        """Router + LoRA (or the whole transformer) from a finished stage or a checkpoint folder."""
+        """Router + LoRA (+ the whole transformer when this run trains it) of a finished stage or a checkpoint folder.
+
+        An ``init_from`` transformer this run does not train was loaded in :meth:`setup`, before any LoRA wraps it.
+        """
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
@@ -292,10 +306,7 @@ class DiasRTrainer:
             sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
             set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
         if self.config.train_transformer:
-            from diffusers import WanTransformer3DModel
-
-            trained = WanTransformer3DModel.from_pretrained(folder / "transformer")
-            transformer.load_state_dict(trained.state_dict())
+            self._load_transformer(folder / "transformer", transformer)
 
     def _save_weights(self, folder: Path) -> None:
         self.router.save_pretrained(folder / "router")
@@ -324,7 +335,7 @@ class DiasRTrainer:
                 self._save_lora(lora_tmp.parent, lora_tmp.name)
             else:  # one of an earlier run would be loaded with this router
                 lora.unlink(missing_ok=True)
-            if self.config.train_transformer:
+            if self.config.train_transformer or self._inherited_transformer:  # a complete model, not base weights
                 self.transformer.save_pretrained(stack.enter_context(atomic_dir(out / "transformer")))
                 self._save_pipeline(stack.enter_context(atomic_dir(out / "pipeline")))
 
