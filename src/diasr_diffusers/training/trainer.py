@@ -140,6 +140,7 @@ class DiasRTrainer:
         self.output_dir = Path(output_dir).expanduser()
         self.resume = resume
         self._trained = False
+        self._inherited_transformer = False  # set by setup(): an init_from transformer this run starts from
         self.skipped_records = 0
         self.failed_samples = 0
 
