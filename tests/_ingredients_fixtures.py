@@ -1,0 +1,121 @@
+"""Tiny Ingredients checkpoints laid out like the released ``transformer/`` folder (2 safetensors shards + index)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers.models.transformers.consisid_transformer_3d import ConsisIDTransformer3DModel
+from safetensors.torch import save_file
+
+# CogVideoX-5B's layout at toy width: rotary positions, 2/3-width identity tokens, a router after every other block.
+TINY_CONFIG = {
+    "_class_name": "IngredientsTransformer3DModel",
+    "num_attention_heads": 3,
+    "attention_head_dim": 16,
+    "in_channels": 8,
+    "out_channels": 4,
+    "time_embed_dim": 16,
+    "text_embed_dim": 16,
+    "num_layers": 4,
+    "sample_width": 8,
+    "sample_height": 8,
+    "sample_frames": 9,
+    "patch_size": 2,
+    "max_text_seq_length": 8,
+    "use_rotary_positional_embeddings": True,
+    "use_learned_positional_embeddings": False,
+    "is_train_face": True,
+    "is_kps": False,
+    "cross_attn_interval": 2,
+    "cross_attn_dim_head": 8,
+    "cross_attn_num_heads": 2,
+    "LFE_id_dim": 20,
+    "LFE_vit_dim": 16,
+    "LFE_depth": 4,
+    "LFE_dim_head": 8,
+    "LFE_num_heads": 2,
+    "LFE_num_id_token": 3,
+    "LFE_num_querie": 4,
+    "LFE_output_dim": 32,
+    "LFE_ff_mult": 2,
+    "LFE_num_scale": 2,
+    "local_face_scale": 1.0,
+    "router_inner_dim": 8,
+    "max_identities": 4,
+}
+
+
+def released_router_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """``router.{i}.*`` names and shapes of the released ``MultiIPRouter`` (one per cross-attention)."""
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    id_dim, q, inner = cfg["LFE_output_dim"], cfg["LFE_num_querie"], cfg["router_inner_dim"]
+    shapes = {}
+    for i in range(cfg["num_layers"] // cfg["cross_attn_interval"]):
+        shapes.update({
+            f"router.{i}.norm1.weight": (id_dim,), f"router.{i}.norm1.bias": (id_dim,),
+            f"router.{i}.norm2.weight": (width,), f"router.{i}.norm2.bias": (width,),
+            f"router.{i}.id_merge.weight": (1, q),
+            f"router.{i}.to_q.weight": (inner, width),
+            f"router.{i}.to_kv.weight": (inner, id_dim),
+        })  # fmt: skip
+    return shapes
+
+
+def random_released_state_dict(cfg: dict = TINY_CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of a released-layout checkpoint, random (norm weights too, so a swapped name shows)."""
+    base_cfg = {
+        k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("router_inner_dim", "max_identities")
+    }
+    shapes = {k: tuple(v.shape) for k, v in ConsisIDTransformer3DModel.from_config(base_cfg).state_dict().items()}
+    shapes.update(released_router_shapes(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(shapes.items()):
+        t = torch.randn(shape, generator=gen)
+        if len(shape) == 1:  # norm scales around 1, biases around 0
+            t = 1.0 + 0.2 * t if name.endswith("weight") else 0.1 * t
+        else:
+            t = t * 0.5 / max(1.0, t[0].numel() ** 0.5)
+        out[name] = t.contiguous()
+    return out
+
+
+def write_released_folder(folder: Path, cfg: dict = TINY_CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``folder/config.json`` + two safetensors shards + their index, as the released ``transformer/``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = random_released_state_dict(cfg, seed)
+    names = sorted(sd)
+    half = len(names) // 2
+    weight_map = {}
+    for i, chunk in enumerate((names[:half], names[half:])):
+        file = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in chunk}, str(folder / file))
+        weight_map.update(dict.fromkeys(chunk, file))
+    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in sd.values())}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return sd
+
+
+def random_faces(num_ids: int, batch: int = 1, cfg: dict = TINY_CONFIG, seed: int = 1, tokens: int = 5):
+    """Per-identity ``id_cond`` ``(batch, id_dim)`` and ``id_vit_hidden`` (``num_scale`` x ``(batch, T, vit_dim)``)."""
+    gen = torch.Generator().manual_seed(seed)
+    id_cond = [torch.randn(batch, cfg["LFE_id_dim"], generator=gen) for _ in range(num_ids)]
+    id_vit = [
+        [torch.randn(batch, tokens, cfg["LFE_vit_dim"], generator=gen) for _ in range(cfg["LFE_num_scale"])]
+        for _ in range(num_ids)
+    ]
+    return id_cond, id_vit
+
+
+def rotary(cfg: dict, frames: int, height: int, width: int):
+    """CogVideoX's 3-D rotary embedding for a ``(frames, height, width)`` latent grid (patch units)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    p = cfg["patch_size"]
+    h, w = height // p, width // p
+    return get_3d_rotary_pos_embed(
+        embed_dim=cfg["attention_head_dim"], crops_coords=((0, 0), (h, w)), grid_size=(h, w), temporal_size=frames
+    )
