@@ -30,6 +30,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
+
+# ModelMixin must be a name of this module: when a pipeline is given this model for a component that its
+# model_index.json records under this module, Diffusers checks it against the base classes found here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.consisid_transformer_3d import ConsisIDTransformer3DModel
 from diffusers.utils import BaseOutput, apply_lora_scale, logging
 

@@ -70,3 +70,13 @@ def routing_weights(logits: torch.Tensor, routing: str) -> torch.Tensor:
     if routing == "hard":
         return nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
     raise ValueError(f"`routing` must be one of {ROUTING_STYLES}, got {routing!r}")
+
+
+def majority_identity(layer_logits: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The identity each token is routed to by most layers: ``(B, L)`` int64 from per-layer ``(B, L, N)`` logits
+    (ties go to the lower index). Each layer votes with its argmax, as hard routing would route the token."""
+    if not layer_logits:
+        raise ValueError("`layer_logits` is empty: the model has no routed layer")
+    num_ids = layer_logits[0].shape[-1]
+    votes = sum(nn.functional.one_hot(lg.argmax(dim=-1), num_ids) for lg in layer_logits)
+    return votes.argmax(dim=-1)
