@@ -253,3 +253,45 @@ def test_bad_config(change, match):
     cfg = {k: v for k, v in TINY_CONFIG.items() if not k.startswith("_")}
     with pytest.raises(ValueError, match=match):
         IngredientsTransformer3DModel(**{**cfg, **change})
+
+
+def _released_routing_loss(layer_logits, index_mask):
+    """The released training forward's loss: per sample, CE summed over layers (NaN -> 0) / layers; batch mean."""
+    loss = torch.zeros(index_mask.shape[0])
+    for logits in layer_logits:
+        for b in range(index_mask.shape[0]):
+            loss[b] += torch.nn.functional.cross_entropy(logits[b], index_mask[b], ignore_index=-1)
+    loss = torch.where(torch.isnan(loss), torch.zeros_like(loss), loss)
+    return (loss / len(layer_logits)).mean()
+
+
+def test_routing_loss_matches_released_and_trains_the_router():
+    """``ingredients_routing_loss`` = the released loss (a sample without faces counts 0); optimising only the
+    routers with it (the paper's router fine-tuning stage, without LoRA) teaches them a layout."""
+    from diasr_diffusers.routing import ingredients_routing_loss
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in TINY_CONFIG.items() if not k.startswith("_")}
+    model = IngredientsTransformer3DModel(**cfg).train()
+    model.requires_grad_(False)
+    model.router.requires_grad_(True)
+    x, text, t, rope = _inputs(batch=2)
+    faces = model.encode_faces(*random_faces(2)).detach()
+    grid = torch.full((F_LAT, H // 2, W // 2), -1)
+    grid[:, 1:, :3], grid[:, 1:, 3:] = 0, 1  # top row background, left half face 0, right half face 1
+    index_mask = torch.stack([grid.flatten(), torch.full_like(grid.flatten(), -1)])  # sample 1: no face at all
+    opt = torch.optim.Adam(model.router.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(25):
+        logits = model(x, text, t, image_rotary_emb=rope, face_embeds=faces, return_routing_logits=True).routing_logits
+        loss = ingredients_routing_loss(logits, index_mask)
+        torch.testing.assert_close(loss, _released_routing_loss(logits, index_mask), rtol=1e-6, atol=1e-6)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    labelled = index_mask[0] >= 0
+    assert (logits[-1][0].argmax(-1)[labelled] == index_mask[0][labelled]).float().mean() > 0.9
+    with pytest.raises(ValueError, match="`index_mask` must be"):
+        ingredients_routing_loss(logits, index_mask[:, :5])
