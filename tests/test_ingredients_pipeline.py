@@ -176,3 +176,18 @@ def test_bad_input_is_refused_before_the_text_encoder(pipe, kwargs, error, match
     finally:
         hook.remove()
     assert not calls
+
+
+def test_readme_tiny_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "tiny_ingredients_components" in b
+    )
+    namespace: dict = {}
+    exec(compile(block, "README Ingredients example", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["out"].frames.shape == (2, 9, 64, 96, 3)
+    assert tuple(namespace["out"].routing_maps.shape) == (2, 3, 4, 6)
+    assert "(2, 9, 64, 96, 3) (2, 3, 4, 6)" in capsys.readouterr().out
