@@ -9,40 +9,16 @@ import torch
 from diffusers.models.transformers.consisid_transformer_3d import ConsisIDTransformer3DModel
 from safetensors.torch import save_file
 
-# CogVideoX-5B's layout at toy width: rotary positions, 2/3-width identity tokens, a router after every other block.
+from diasr_diffusers.utils.tiny_ingredients import TINY_INGREDIENTS_TRANSFORMER, tiny_faces
+
+# CogVideoX-5B's layout at toy width (rotary positions, 2/3-width identity tokens, a router after every other
+# block), as the released class would write it after a `save_pretrained`.
 TINY_CONFIG = {
     "_class_name": "IngredientsTransformer3DModel",
-    "num_attention_heads": 3,
-    "attention_head_dim": 16,
-    "in_channels": 8,
-    "out_channels": 4,
-    "time_embed_dim": 16,
-    "text_embed_dim": 16,
-    "num_layers": 4,
-    "sample_width": 8,
-    "sample_height": 8,
-    "sample_frames": 9,
-    "patch_size": 2,
-    "max_text_seq_length": 8,
-    "use_rotary_positional_embeddings": True,
-    "use_learned_positional_embeddings": False,
+    **TINY_INGREDIENTS_TRANSFORMER,
     "is_train_face": True,
     "is_kps": False,
-    "cross_attn_interval": 2,
-    "cross_attn_dim_head": 8,
-    "cross_attn_num_heads": 2,
-    "LFE_id_dim": 20,
-    "LFE_vit_dim": 16,
-    "LFE_depth": 4,
-    "LFE_dim_head": 8,
-    "LFE_num_heads": 2,
-    "LFE_num_id_token": 3,
-    "LFE_num_querie": 4,
-    "LFE_output_dim": 32,
-    "LFE_ff_mult": 2,
-    "LFE_num_scale": 2,
     "local_face_scale": 1.0,
-    "router_inner_dim": 8,
     "max_identities": 4,
 }
 
@@ -99,15 +75,9 @@ def write_released_folder(folder: Path, cfg: dict = TINY_CONFIG, seed: int = 0) 
     return sd
 
 
-def random_faces(num_ids: int, batch: int = 1, cfg: dict = TINY_CONFIG, seed: int = 1, tokens: int = 5):
-    """Per-identity ``id_cond`` ``(batch, id_dim)`` and ``id_vit_hidden`` (``num_scale`` x ``(batch, T, vit_dim)``)."""
-    gen = torch.Generator().manual_seed(seed)
-    id_cond = [torch.randn(batch, cfg["LFE_id_dim"], generator=gen) for _ in range(num_ids)]
-    id_vit = [
-        [torch.randn(batch, tokens, cfg["LFE_vit_dim"], generator=gen) for _ in range(cfg["LFE_num_scale"])]
-        for _ in range(num_ids)
-    ]
-    return id_cond, id_vit
+def random_faces(num_ids: int, batch: int = 1, seed: int = 1):
+    """Per-identity ``id_cond`` / ``id_vit_hidden`` for :data:`TINY_CONFIG`."""
+    return tiny_faces(num_ids, batch=batch, seed=seed)
 
 
 def rotary(cfg: dict, frames: int, height: int, width: int):
