@@ -3,6 +3,8 @@ folder layout (transformer_ema preferred), save/load, face preprocessing (compos
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -10,8 +12,8 @@ import torch
 from diffusers import ConsisIDTransformer3DModel
 from diffusers.pipelines.consisid.pipeline_consisid import ConsisIDPipeline
 
-from diasr_diffusers import IngredientsPipeline
-from diasr_diffusers.pipelines import ingredients_faces
+from diasr_diffusers import IngredientsPipeline, IngredientsTransformer3DModel
+from diasr_diffusers.pipelines import ingredients_faces, pipeline_ingredients
 from diasr_diffusers.pipelines.ingredients_faces import compose_first_frame, identity_condition
 from diasr_diffusers.utils.tiny_ingredients import TINY_INGREDIENTS_SIZE, tiny_faces, tiny_ingredients_components
 
@@ -94,7 +96,7 @@ def test_hard_soft_and_routing_maps_follow_the_last_step(pipe):
     assert torch.equal(maps, soft.routing_maps)
 
 
-def test_released_folder_prefers_transformer_ema_and_round_trips(pipe, tmp_path):
+def test_released_folder_prefers_transformer_ema_and_round_trips(pipe, tmp_path, monkeypatch):
     id_cond, id_vit = tiny_faces(2)
     pipe.save_pretrained(tmp_path / "saved")
     again = IngredientsPipeline.from_pretrained(tmp_path / "saved")
@@ -108,6 +110,24 @@ def test_released_folder_prefers_transformer_ema_and_round_trips(pipe, tmp_path)
     assert torch.equal(with_ema.transformer.router[0].to_q.weight, ema.router[0].to_q.weight)
     plain = IngredientsPipeline.from_pretrained(tmp_path / "saved", transformer_subfolder="transformer")
     assert torch.equal(plain.transformer.router[0].to_q.weight, pipe.transformer.router[0].to_q.weight)
+    # The released model_index.json names Diffusers' ConsisID classes (its pipeline class is not importable).
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    index.update(_class_name="ConsisIDPipeline", transformer=["diffusers", "ConsisIDTransformer3DModel"])
+    (tmp_path / "saved" / "model_index.json").write_text(json.dumps(index))
+    released = IngredientsPipeline.from_pretrained(tmp_path / "saved")
+    assert isinstance(released, IngredientsPipeline) and isinstance(
+        released.transformer, IngredientsTransformer3DModel
+    )
+    # A Hub id is fetched whole (face_encoder/ included) with snapshot_download, then loaded the same way.
+    fetched = []
+    monkeypatch.setattr(
+        pipeline_ingredients, "snapshot_download", lambda repo, **kw: fetched.append(repo) or str(tmp_path / "saved")
+    )
+    assert isinstance(IngredientsPipeline.from_pretrained("feizhengcong/Ingredients"), IngredientsPipeline)
+    assert fetched == ["feizhengcong/Ingredients"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no transformer"):
+        IngredientsPipeline.from_pretrained(tmp_path / "empty")
 
 
 def test_face_encoder_errors_name_what_is_missing(pipe, tmp_path, monkeypatch):
