@@ -211,3 +211,56 @@ def test_readme_tiny_example_runs(capsys):
     assert namespace["out"].frames.shape == (2, 9, 64, 96, 3)
     assert tuple(namespace["out"].routing_maps.shape) == (2, 3, 4, 6)
     assert "(2, 9, 64, 96, 3) (2, 3, 4, 6)" in capsys.readouterr().out
+
+
+class _FakeHelper:
+    """facexlib's FaceRestoreHelper interface: reads BGR, 'aligns' by resizing the whole image to 512x512."""
+
+    def clean_all(self):
+        self.image, self.all_landmarks_5, self.cropped_faces = None, [], []
+
+    def read_image(self, bgr):
+        self.image = bgr
+
+    def get_face_landmarks_5(self, only_center_face=False):
+        self.all_landmarks_5 = [] if (self.image == 0).all() else [np.zeros((5, 2))]  # a black image has no face
+
+    def align_warp_face(self):
+        self.cropped_faces = [np.asarray(PIL.Image.fromarray(self.image).resize((512, 512)))]
+
+
+class _FakeGlint:
+    def get_feat(self, bgr):  # insightface reads BGR: the feature records the channel means in that order
+        return np.concatenate([bgr.reshape(-1, 3).mean(0), np.zeros(509)]).astype(np.float32)[None]
+
+
+class _FakeClip(torch.nn.Module):
+    image_size = 336
+
+    def forward(self, x, return_all_features=False, return_hidden=True, shuffle=False):
+        assert x.shape == (1, 3, 336, 336)
+        embed = torch.cat([x.mean((2, 3)), torch.ones(1, 765)], dim=1)  # per-channel means of the normalised RGB input
+        return embed, [torch.full((1, 577, 1024), float(k)) for k in range(5)]
+
+
+def test_face_encoder_assembles_the_released_features():
+    """The glue around the face models (colour orders, normalisation, the composite), with stand-ins that expose
+    what they were given: the real models are not installed here."""
+    from diasr_diffusers.pipelines.ingredients_faces import IngredientsFaceEncoder
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    encoder = IngredientsFaceEncoder(_FakeHelper(), _FakeGlint(), _FakeClip(), mean, std, "cpu", torch.float32)
+    red = PIL.Image.new("RGB", (300, 200), (200, 10, 0))
+    blue = np.zeros((1500, 900, 3), np.uint8)
+    blue[..., 2] = 180  # long edge 1500 > 1024: resized first
+    faces = encoder([red, blue])
+    assert [c.shape for c in faces.id_cond] == [(1, 1280)] * 2 and len(faces.id_vit_hidden[1]) == 5
+    torch.testing.assert_close(faces.id_cond[0][0, :3], torch.tensor([0.0, 10.0, 200.0]))  # BGR to insightface
+    rgb = (torch.tensor([200.0, 10.0, 0.0]) / 255 - torch.tensor(mean)) / torch.tensor(std)  # RGB to EVA-CLIP
+    clip = torch.cat([rgb, torch.ones(765)])
+    torch.testing.assert_close(faces.id_cond[0][0, 512:], clip / clip.norm(), rtol=1e-4, atol=1e-4)
+    frame = np.asarray(faces.first_frame)
+    assert tuple(frame[240, 180]) == (200, 10, 0) and tuple(frame[240, 540]) == (0, 0, 180)  # RGB on the canvas
+    assert faces.aligned_faces[0].shape == (512, 512, 3) and tuple(faces.aligned_faces[0][0, 0]) == (200, 10, 0)
+    with pytest.raises(ValueError, match=r"no face found in `images\[1\]`"):
+        encoder([red, np.zeros((64, 64, 3), np.uint8)])

@@ -12,7 +12,7 @@ CLIP input. With more than 2 identities, the released canvas (two 360-pixel squa
 shrunk to ``720 // N`` squares in a row (our extension; the released code only handles 2).
 
 Needs the optional packages of ``pip install "diasr-diffusers[ingredients]"`` (insightface, onnxruntime, facexlib,
-consisid_eva_clip, opencv, torchvision) and the ``face_encoder/`` folder of ``feizhengcong/Ingredients``. Nothing is
+consisid_eva_clip, opencv) and the ``face_encoder/`` folder of ``feizhengcong/Ingredients``. Nothing is
 downloaded: a missing package or file is named in the error.
 """
 
@@ -37,7 +37,6 @@ FACE_PACKAGES = {
     "facexlib": "facexlib",
     "consisid_eva_clip": "consisid_eva_clip",
     "cv2": "opencv-python-headless",
-    "torchvision": "torchvision",
 }
 # Files read from the weights' `face_encoder/` folder. facexlib's parsing model, which the released code loads but
 # never uses on this path, is not needed.
@@ -80,6 +79,17 @@ def identity_condition(glint_embedding: torch.Tensor, clip_embedding: torch.Tens
     glint = glint_embedding.reshape(1, -1)
     clip = clip_embedding.reshape(1, -1)
     return torch.cat([glint.to(clip.dtype), clip / torch.norm(clip, 2, 1, True)], dim=-1)
+
+
+def clip_input(face: torch.Tensor, size: int | tuple[int, int], mean: Any, std: Any) -> torch.Tensor:
+    """EVA-CLIP's input from a ``(1, 3, H, W)`` RGB face in ``[0, 1]``: bicubic antialiased resize to ``size`` and
+    mean/std normalisation. The same arithmetic as the released ``torchvision`` calls (``resize(..., BICUBIC)`` on a
+    float tensor is ``interpolate(mode="bicubic", antialias=True)``, ``normalize`` is ``(x - mean) / std``)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    face = torch.nn.functional.interpolate(face, size=size, mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.as_tensor(mean, dtype=face.dtype, device=face.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=face.dtype, device=face.device).view(1, -1, 1, 1)
+    return (face - mean) / std
 
 
 @dataclass
@@ -175,10 +185,7 @@ class IngredientsFaceEncoder:
     @torch.no_grad()
     def __call__(self, images: list[Any]) -> IngredientsFaces:
         """Features of one face per image (RGB: PIL images or ``(H, W, 3)`` uint8 arrays), in order."""
-        import cv2
-        from diffusers.pipelines.consisid.consisid_utils import img2tensor, resize_numpy_image_long
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import normalize, resize
+        import cv2  # Diffusers' consisid_utils has the same two image helpers but cannot be imported without insightface
 
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("`images` must be a non-empty list with one face image per identity")
@@ -187,7 +194,10 @@ class IngredientsFaceEncoder:
             rgb = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image, dtype=np.uint8)
             if rgb.ndim != 3 or rgb.shape[-1] != 3:
                 raise ValueError(f"`images[{n}]` must be an RGB image, got an array of shape {rgb.shape}")
-            rgb = resize_numpy_image_long(rgb, 1024)
+            if max(rgb.shape[:2]) > 1024:  # the long edge to 1024, LANCZOS (released `resize_numpy_image_long`)
+                k = 1024 / max(rgb.shape[:2])
+                size = (int(rgb.shape[1] * k), int(rgb.shape[0] * k))
+                rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LANCZOS4)
             helper = self.face_helper
             helper.clean_all()
             helper.read_image(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
@@ -199,13 +209,13 @@ class IngredientsFaceEncoder:
                 raise ValueError(f"facexlib could not align the face in `images[{n}]`")
             face_bgr = helper.cropped_faces[0]  # 512x512, BGR as facexlib and insightface use
             glint = torch.from_numpy(self.glint_model.get_feat(face_bgr))
-            face = (img2tensor(face_bgr, bgr2rgb=True).unsqueeze(0) / 255.0).to(self.device)
-            face = resize(face, self.clip_model.image_size, InterpolationMode.BICUBIC)
-            face = normalize(face, self.mean, self.std)
+            face_rgb = np.ascontiguousarray(face_bgr[..., ::-1])
+            face = torch.from_numpy(face_rgb.transpose(2, 0, 1).astype(np.float32))[None].div(255.0).to(self.device)
+            face = clip_input(face, self.clip_model.image_size, self.mean, self.std)
             clip_embed, hidden = self.clip_model(
                 face.to(self.dtype), return_all_features=False, return_hidden=True, shuffle=False
             )
             id_cond.append(identity_condition(glint.to(self.device), clip_embed).to(self.dtype))
             id_vit_hidden.append(list(hidden))
-            aligned.append(np.ascontiguousarray(face_bgr[..., ::-1]))
+            aligned.append(face_rgb)
         return IngredientsFaces(id_cond, id_vit_hidden, compose_first_frame(aligned), aligned)
