@@ -75,6 +75,14 @@ def test_three_identities_batch_two_under_cfg(pipe):
         torch.testing.assert_close(both.frames[b : b + 1], one.frames, rtol=0, atol=1e-5)
         assert torch.equal(both.routing_maps[b : b + 1], one.routing_maps)
     assert not torch.equal(both.routing_maps[0], both.routing_maps[1])  # each element has its own map
+    # Per-video faces (a leading batch dimension): video b is its own run with its own faces.
+    other_cond, other_vit = tiny_faces(3, seed=8)
+    per_cond = [torch.cat([a, b]) for a, b in zip(id_cond, other_cond)]
+    per_vit = [[torch.cat([a, b]) for a, b in zip(va, vb)] for va, vb in zip(id_vit, other_vit)]
+    mixed = _run(pipe, prompt=prompts, id_cond=per_cond, id_vit_hidden=per_vit, generator=gens(), latents=latents)
+    second = _run(pipe, prompt=prompts[1], id_cond=other_cond, id_vit_hidden=other_vit, latents=latents[1:],
+                  generator=gens()[1])  # fmt: skip
+    torch.testing.assert_close(mixed.frames[1:], second.frames, rtol=0, atol=1e-5)
 
 
 def test_hard_soft_and_routing_maps_follow_the_last_step(pipe):

@@ -341,6 +341,8 @@ class IngredientsPipeline(ConsisIDPipeline):
             latents,
         )
         face_embeds = face_embeds.to(device, prompt_embeds.dtype)
+        if do_classifier_free_guidance and face_embeds.shape[0] > 1:  # per-video faces: the same for both branches
+            face_embeds = torch.cat([face_embeds, face_embeds])
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         image_rotary_emb = (
             self._prepare_rotary_positional_embeddings(height, width, latents.size(1), device)
