@@ -268,7 +268,7 @@ def _released_routing_loss(layer_logits, index_mask):
 def test_routing_loss_matches_released_and_trains_the_router():
     """``ingredients_routing_loss`` = the released loss (a sample without faces counts 0); optimising only the
     routers with it (the paper's router fine-tuning stage, without LoRA) teaches them a layout."""
-    from diasr_diffusers.routing import ingredients_routing_loss
+    from diasr_diffusers.routing import ingredients_routing_loss, masks_to_token_grid, routing_labels_from_coverage
 
     torch.manual_seed(0)
     cfg = {k: v for k, v in TINY_CONFIG.items() if not k.startswith("_")}
@@ -277,9 +277,12 @@ def test_routing_loss_matches_released_and_trains_the_router():
     model.router.requires_grad_(True)
     x, text, t, rope = _inputs(batch=2)
     faces = model.encode_faces(*random_faces(2)).detach()
-    grid = torch.full((F_LAT, H // 2, W // 2), -1)
-    grid[:, 1:, :3], grid[:, 1:, 3:] = 0, 1  # top row background, left half face 0, right half face 1
-    index_mask = torch.stack([grid.flatten(), torch.full_like(grid.flatten(), -1)])  # sample 1: no face at all
+    # Pixel masks of the 9-frame 64x96 video (as documented): face 0 left, face 1 right, the top 16 rows background.
+    masks = torch.zeros(2, 2, 9, 64, 96, dtype=torch.bool)
+    masks[0, 0, :, 16:, :48], masks[0, 1, :, 16:, 48:] = True, True  # sample 1: no face at all
+    coverage = masks_to_token_grid(masks, temporal_compression=4, spatial_compression=8, patch_size=(1, 2, 2))
+    index_mask = routing_labels_from_coverage(coverage)
+    assert index_mask.shape == (2, F_LAT * (H // 2) * (W // 2)) and set(index_mask[0].tolist()) == {-1, 0, 1}
     opt = torch.optim.Adam(model.router.parameters(), lr=3e-2)
     losses, accuracy = [], []
     labelled = index_mask[0] >= 0
