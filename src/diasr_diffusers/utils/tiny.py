@@ -82,7 +82,7 @@ def tiny_wan_components(
           latent statistics measured on its training clips). Use it to train routing on ``make-synthetic`` data.
         - a folder with a saved ``AutoencoderKLWan``.
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = tiny_tokenizer()
@@ -100,21 +100,9 @@ def tiny_wan_components(
         ).eval()
     else:
         vae = AutoencoderKLWan.from_pretrained(toy_vae_path(vae)).eval()
-    torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
-        patch_size=tuple(patch_size),
-        num_attention_heads=num_attention_heads,
-        attention_head_dim=attention_head_dim,
-        in_channels=16,
-        out_channels=16,
-        text_dim=text_dim,
-        freq_dim=256,
-        ffn_dim=ffn_dim,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    transformer = _tiny_wan_transformer(
+        seed, num_layers, num_attention_heads, attention_head_dim, text_dim, patch_size, ffn_dim, in_channels=16
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     return {
         "tokenizer": tokenizer,
@@ -123,3 +111,77 @@ def tiny_wan_components(
         "scheduler": scheduler,
         "transformer": transformer,
     }
+
+
+def _tiny_wan_transformer(
+    seed: int,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    text_dim: int,
+    patch_size: tuple[int, int, int],
+    ffn_dim: int,
+    in_channels: int,
+):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=tuple(patch_size),
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        text_dim=text_dim,
+        freq_dim=256,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+WAN22_KINDS = ("a14b", "ti2v")
+
+
+def tiny_wan22_components(
+    kind: str = "a14b",
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    text_dim: int = 32,
+    ffn_dim: int = 32,
+    boundary_ratio: float = 0.875,
+) -> dict[str, Any]:
+    """The components of a toy Wan2.2, laid out as Diffusers' Wan2.2 pipelines take them (random weights).
+
+    ``kind``:
+        - ``"a14b"`` (T2V/I2V-A14B layout): two experts of the same architecture, ``transformer`` (high noise, seeded
+          ``seed``) and ``transformer_2`` (low noise, seeded ``seed + 1``), switched at ``boundary_ratio``; Wan2.1's
+          16-channel VAE (8x spatial).
+        - ``"ti2v"`` (TI2V-5B layout): one transformer with 48 latent channels, ``expand_timesteps=True``
+          (per-token timesteps), and a Wan2.2-style VAE: ``z_dim=48``, a 2x2 pixel patchify in the VAE
+          (``is_residual``, ``patch_size=2``), 16x spatial and 4x temporal compression, so sizes are multiples of 32.
+    """
+    if kind not in WAN22_KINDS:
+        raise ValueError(f"`kind` must be one of {WAN22_KINDS}, got {kind!r}")
+    sizes = dict(num_layers=num_layers, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+                 text_dim=text_dim, ffn_dim=ffn_dim, patch_size=(1, 2, 2))  # fmt: skip
+    comps = tiny_wan_components(seed=seed, **sizes)
+    if kind == "a14b":
+        comps["transformer_2"] = _tiny_wan_transformer(seed + 1, in_channels=16, **sizes)
+        comps["boundary_ratio"] = boundary_ratio
+        return comps
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    comps["vae"] = AutoencoderKLWan(
+        base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+        dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+    ).eval()  # fmt: skip
+    comps["transformer"] = _tiny_wan_transformer(seed, in_channels=48, **sizes)
+    comps["expand_timesteps"] = True
+    return comps
