@@ -171,7 +171,11 @@ def _check_experts(transformer: Any, transformer_2: Any, boundary_ratio: Any, ex
     if not isinstance(expand_timesteps, bool):
         raise TypeError(f"`expand_timesteps` must be a bool, got {expand_timesteps!r}")
     if boundary_ratio is not None:
-        if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, numbers.Real) or not 0.0 < boundary_ratio < 1.0:
+        if (
+            isinstance(boundary_ratio, bool)
+            or not isinstance(boundary_ratio, numbers.Real)
+            or not 0.0 < boundary_ratio < 1.0
+        ):
             raise ValueError(f"`boundary_ratio` must be None or a number in (0, 1), got {boundary_ratio!r}")
         if transformer_2 is None:
             raise ValueError(
@@ -361,7 +365,9 @@ class DiasRPipeline(WanPipeline):
                     check_block_model_folder(WanTransformer3DModel, os.path.join(wan, name), kwargs.get("variant"))
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
         if wan.transformer is None:
-            raise ValueError("`from_wan` needs the pipeline's `transformer` (a Wan2.2 folder with only transformer_2?)")
+            raise ValueError(
+                "`from_wan` needs the pipeline's `transformer` (a Wan2.2 folder with only transformer_2?)"
+            )
         if isinstance(id_router, (str, os.PathLike)):
             hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
             id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
@@ -947,7 +953,11 @@ class DiasRPipeline(WanPipeline):
                     record = return_routing_maps and i == len(timesteps) - 1
                     with state.activate(**routing_inputs, record=record), model.cache_context("cond", **cache_kwargs):  # fmt: skip
                         noise_pred = model(
-                            model_input, ref_timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
+                            model_input,
+                            ref_timestep,
+                            prompt_embeds,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
                         )[0]
                         if record:
                             routing_maps = self._routing_maps(state)
