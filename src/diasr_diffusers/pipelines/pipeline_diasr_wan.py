@@ -283,7 +283,7 @@ class DiasRPipeline(WanPipeline):
             if not all(isinstance(p, SubjectSparseAttnProcessor) and p.state is self.routing_state for p in procs):
                 set_subject_sparse_attn_processor(expert, self.routing_state)
 
-    def _expert_for(self, t: torch.Tensor) -> tuple[WanTransformer3DModel, bool]:
+    def expert_for(self, t: torch.Tensor) -> tuple[WanTransformer3DModel, bool]:
         """The expert that denoises timestep ``t`` (as :class:`~diffusers.WanPipeline`), and whether it is the
         low-noise one (``transformer_2``, guided by ``guidance_scale_2``)."""
         if self.config.get("boundary_ratio") is None:
@@ -291,7 +291,7 @@ class DiasRPipeline(WanPipeline):
         boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
         return (self.transformer, False) if t >= boundary else (self.transformer_2, True)
 
-    def _timesteps_for(self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0):
+    def transformer_timesteps(self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0):
         """The transformer's ``timestep`` for a ``[video | refs]`` input: ``t`` per sample, or with
         ``expand_timesteps`` (Wan2.2 TI2V) one per token, ``t`` on the video tokens and 0 on the reference tokens
         (clean latents, as Wan2.2 marks its clean conditioning frames)."""
@@ -941,10 +941,10 @@ class DiasRPipeline(WanPipeline):
                     continue
                 self._current_timestep = t
                 # Wan2.2 A14B: the expert for this timestep (references appended whichever it is), and its guidance.
-                model, low_noise = self._expert_for(t)
+                model, low_noise = self.expert_for(t)
                 step_guidance = guidance_scale_2 if low_noise else guidance_scale
-                timestep = self._timesteps_for(t, num_videos, latents.shape)
-                ref_timestep = self._timesteps_for(t, num_videos, latents.shape, num_ref_frames)
+                timestep = self.transformer_timesteps(t, num_videos, latents.shape)
+                ref_timestep = self.transformer_timesteps(t, num_videos, latents.shape, num_ref_frames)
                 video_input = latents.to(transformer_dtype)
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": self._num_timesteps}  # fmt: skip
 

@@ -34,11 +34,15 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Wan2.2 A14B's low-noise expert: its own file, loaded as Diffusers does (`load_lora_weights(..., load_into_transformer_2=True)`).
+LORA_2_WEIGHT_NAME = "pytorch_lora_weights_2.safetensors"
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its list of files and sizes marks it complete
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_EXPERT_NAMES = ("transformer", "transformer_2")  # folder names of the experts (Wan2.2 A14B has two)
+_LORA_NAMES = (LORA_WEIGHT_NAME, LORA_2_WEIGHT_NAME)
 # Our temporary names in the output folder (utils.io.atomic_dir / atomic_path, pruning): a kill leaves them behind.
 _LEFTOVER = re.compile(
-    r"\.(checkpoint-\d+|router|transformer|pipeline)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights)\..+\.tmp\.(json|jsonl|safetensors)"
+    r"\.(checkpoint-\d+|router|transformer|transformer_2|pipeline)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights|pytorch_lora_weights_2)\..+\.tmp\.(json|jsonl|safetensors)"
 )
 # Keys a resumed run may change: they do not touch the weights, the optimizer or the data stream already taken.
 RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "eval_data",
@@ -50,14 +54,16 @@ class _Trainable(nn.Module):
     from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
     are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None):
         super().__init__()
         self.transformer = transformer
+        self.transformer_2 = transformer_2  # Wan2.2 A14B's low-noise expert (None for one transformer)
         self.router = router
         self.state = state
 
-    def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        pred = self.transformer(hidden, timestep, text, return_dict=False)[0]
+    def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, low_noise: bool = False):
+        model = self.transformer_2 if low_noise else self.transformer
+        pred = model(hidden, timestep, text, return_dict=False)[0]
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -148,8 +154,11 @@ class DiasRTrainer:
     def _build_pipeline(self) -> DiasRPipeline:
         cfg = self.config
         if cfg.tiny_model is not None:
-            from ..utils.tiny import tiny_wan_components
+            from ..utils.tiny import tiny_wan22_components, tiny_wan_components
 
+            if "wan22" in cfg.tiny_model:
+                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "wan22"}
+                return DiasRPipeline(**tiny_wan22_components(cfg.tiny_model["wan22"], **kwargs))
             return DiasRPipeline(**tiny_wan_components(**cfg.tiny_model))
         from ..commands.generate import load_pipeline
 
@@ -220,31 +229,37 @@ class DiasRTrainer:
         )
         resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
-        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
+        # Wan2.2 A14B: both experts are trained alike (LoRA or full), each on the samples whose timestep selects it;
+        # one router serves both (see DiasRPipeline).
+        experts = self.pipe.experts
+        for module in (self.pipe.text_encoder, self.pipe.vae, *experts):
             module.requires_grad_(False)
         transformer = self.pipe.transformer
         # A generator trained by an earlier stage is inherited even when this stage freezes it: silently falling back to
         # the base (or random `tiny_model`) weights would train a router for a transformer nobody uses.
         self._inherited_transformer = cfg.init_from is not None and (cfg.resolve(cfg.init_from) / "transformer").is_dir()
         if self._inherited_transformer and not cfg.train_transformer:  # else `_load_weights` loads it below
-            self._load_transformer(cfg.resolve(cfg.init_from) / "transformer", transformer)
-        if cfg.train_transformer:
-            transformer.requires_grad_(True)
-        if cfg.train_lora:
-            transformer.add_adapter(
-                LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
-            )
-        if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            for name, expert in zip(_EXPERT_NAMES, experts):
+                self._load_transformer(cfg.resolve(cfg.init_from) / name, expert)
+        for expert in experts:
+            if cfg.train_transformer:
+                expert.requires_grad_(True)
+            if cfg.train_lora:
+                expert.add_adapter(
+                    LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
+                )
+            if cfg.gradient_checkpointing:
+                expert.enable_gradient_checkpointing()
         router = IDRouter.from_transformer(transformer, **cfg.router)
         self.pipe.register_modules(id_router=router)
+        self.experts = experts
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
         if cfg.random_toy_vae:
             self._calibrate_toy_vae()
 
-        transformer_params = [p for p in transformer.parameters() if p.requires_grad]  # LoRA, or every weight
+        transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
         router_lr = cfg.learning_rate if cfg.router_learning_rate is None else cfg.router_learning_rate
         groups = []
         if cfg.stage != "dense":  # the dense baseline never calls the router
@@ -258,7 +273,7 @@ class DiasRTrainer:
         device = self.accelerator.device
         self.pipe.to(device)
         self.model, self.optimizer = self.accelerator.prepare(
-            _Trainable(transformer, router, self.pipe.routing_state), self.optimizer
+            _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None)), self.optimizer
         )
         self.router = router
         self.transformer = transformer
@@ -300,26 +315,29 @@ class DiasRTrainer:
         if not (router_dir / "config.json").is_file():
             raise ValueError(f"`init_from`/checkpoint {folder} has no router/ (expected a diasr train output)")
         router.load_state_dict(IDRouter.from_pretrained(router_dir).state_dict())
-        lora_file = folder / LORA_WEIGHT_NAME
-        if lora_file.is_file() and self.config.train_lora:
-            sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
-            sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
-            set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
-        if self.config.train_transformer:
-            self._load_transformer(folder / "transformer", transformer)
+        for expert, name, lora_name in zip(self.experts, _EXPERT_NAMES, _LORA_NAMES):
+            lora_file = folder / lora_name
+            if lora_file.is_file() and self.config.train_lora:
+                sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=lora_name)
+                sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+                set_peft_model_state_dict(expert, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+            if self.config.train_transformer:
+                self._load_transformer(folder / name, expert)
 
     def _save_weights(self, folder: Path) -> None:
         self.router.save_pretrained(folder / "router")
-        if self.config.train_lora:
-            self._save_lora(folder)
-        if self.config.train_transformer:
-            self.transformer.save_pretrained(folder / "transformer")
+        for expert, name, lora_name in zip(self.experts, _EXPERT_NAMES, _LORA_NAMES):
+            if self.config.train_lora:
+                self._save_lora(folder, lora_name, expert)
+            if self.config.train_transformer:
+                expert.save_pretrained(folder / name)
 
-    def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
+    def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME, expert: nn.Module | None = None) -> None:
         from peft.utils import get_peft_model_state_dict
 
+        expert = self.transformer if expert is None else expert
         DiasRPipeline.save_lora_weights(
-            str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=weight_name
+            str(folder), transformer_lora_layers=get_peft_model_state_dict(expert), weight_name=weight_name
         )
 
     def _save_final(self) -> None:
@@ -327,16 +345,18 @@ class DiasRTrainer:
         kill leaves the previous outputs (or none), never a half-written one."""
         out = self.output_dir
         (out / "eval.json").unlink(missing_ok=True)  # it would describe the previous weights until evaluate() ends
-        lora = out / LORA_WEIGHT_NAME
         with atomic_dir(out / "router") as router_tmp, contextlib.ExitStack() as stack:
             self.router.save_pretrained(router_tmp)
-            if self.config.train_lora:
-                lora_tmp = stack.enter_context(atomic_path(lora))
-                self._save_lora(lora_tmp.parent, lora_tmp.name)
-            else:  # one of an earlier run would be loaded with this router
-                lora.unlink(missing_ok=True)
+            for i, lora_name in enumerate(_LORA_NAMES):
+                lora = out / lora_name
+                if self.config.train_lora and i < len(self.experts):
+                    lora_tmp = stack.enter_context(atomic_path(lora))
+                    self._save_lora(lora_tmp.parent, lora_tmp.name, self.experts[i])
+                else:  # one of an earlier run would be loaded with this router
+                    lora.unlink(missing_ok=True)
             if self.config.train_transformer or self._inherited_transformer:  # a complete model, not base weights
-                self.transformer.save_pretrained(stack.enter_context(atomic_dir(out / "transformer")))
+                for expert, name in zip(self.experts, _EXPERT_NAMES):
+                    expert.save_pretrained(stack.enter_context(atomic_dir(out / name)))
                 self._save_pipeline(stack.enter_context(atomic_dir(out / "pipeline")))
 
     def _save_pipeline(self, folder: Path) -> None:
@@ -573,9 +593,13 @@ class DiasRTrainer:
         noisy = (1 - sigma) * x0 + sigma * noise
         state = self.pipe.routing_state
         dtype = self.pipe.transformer.dtype
+        t = (sigma * 1000).reshape(())
+        # Wan2.2: the expert that timestep selects, and per-token timesteps (references at 0) for TI2V.
+        low_noise = self.pipe.expert_for(t)[1]
+        timestep = self.pipe.transformer_timesteps(t, 1, x0.shape, enc["refs"].shape[2]).to(dtype)
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
             hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
-            pred, logits, anchors, buckets = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"])
+            pred, logits, anchors, buckets = model(hidden, timestep, enc["prompt_embeds"], low_noise)
         pred = pred[:, :, : x0.shape[2]].float()
         return pred, logits, anchors, buckets
 
