@@ -38,6 +38,7 @@ from ..routing import (
     normalize_masks,
     phrase_token_owners,
     routing_labels_from_coverage,
+    token_grid_factors,
 )
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
@@ -694,10 +695,10 @@ class DiasRPipeline(WanPipeline):
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
             normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
-        rope_frames = self.transformer.config.rope_max_seq_len
+        rope_frames = self.transformer.config.get("rope_max_seq_len")  # Wan's frame limit (other families: none)
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
-        if latent_frames + total_refs > rope_frames:
+        if rope_frames is not None and latent_frames + total_refs > rope_frames:
             raise ValueError(
                 f"{latent_frames} latent frames + {total_refs} reference images exceed the transformer's "
                 f"rope_max_seq_len={rope_frames}"
@@ -1033,7 +1034,7 @@ class DiasRPipeline(WanPipeline):
         """The :class:`SubjectRoutingState` inputs for the conditional branches of this call (also used by the
         trainer). ``images_per_subject``: how many reference frames each subject has."""
         _, _, f, h, w = latents.shape
-        pt, ph, pw = self.transformer.config.patch_size
+        pt, ph, pw = token_grid_factors(self.transformer)["patch_size"]  # any family's patch layout
         tokens_per_frame = (h // ph) * (w // pw)
         inputs: dict[str, Any] = {
             "ref_lengths": [n * tokens_per_frame for n in images_per_subject],

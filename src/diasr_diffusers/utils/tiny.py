@@ -193,3 +193,46 @@ def tiny_wan22_components(
     comps["transformer"] = _tiny_wan_transformer(seed, in_channels=48, **sizes)
     comps["expand_timesteps"] = True
     return comps
+
+
+def tiny_ltx_components(
+    seed: int = 0, num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 12, text_dim: int = 32
+) -> dict[str, Any]:
+    """``scheduler, vae, text_encoder, tokenizer, transformer`` of a toy LTX-Video (random weights, no download).
+
+    The VAE keeps LTX-Video's token geometry: a 4x4 pixel patchify and three 2x down-samplings in space and time, so
+    32x spatial and 8x temporal compression (``num_frames = 8k + 1``, sizes multiples of 32); the transformer has
+    patch size 1, like LTX-Video's. The text encoder is a one-layer T5 of width ``text_dim`` (LTX's
+    ``caption_channels``).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1)
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    inner = num_attention_heads * attention_head_dim
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim, cross_attention_dim=inner, num_layers=num_layers,
+        caption_channels=text_dim,
+    ).eval()  # fmt: skip
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
