@@ -62,6 +62,7 @@ class DiasRLTXPipeline(LTXPipeline):
     _prepare_routing = DiasRPipeline._prepare_routing
     _majority_buckets = DiasRPipeline._majority_buckets
     _routing_maps = DiasRPipeline._routing_maps
+    download = classmethod(DiasRPipeline.download.__func__)  # a Hub repo naming our IDRouter (see DiasRPipeline)
 
     def __init__(
         self,
