@@ -168,3 +168,42 @@ def test_save_and_load(pipe, tmp_path):
     stock = LTXPipeline(pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer, loaded.transformer)
     from_ltx = DiasRLTXPipeline.from_ltx(stock)
     assert from_ltx.id_router is None and from_ltx.transformer is loaded.transformer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from diasr_diffusers.data import make_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, num_clips=3, seed=0, subjects=(2, 2), num_frames=9, height=64, width=64)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["align", "route", "dense"])
+def test_one_training_step_of_each_stage(data_dir, tmp_path, stage):
+    from diasr_diffusers.training import DiasRTrainer, TrainConfig
+
+    config = TrainConfig.from_dict({
+        "stage": stage, "allow_scratch": True, "train_data": str(data_dir), "tiny_model": {"ltx": True},
+        "height": 64, "width": 64, "num_frames": 9, "batch_size": 1, "max_steps": 1, "learning_rate": 1e-2,
+        "router": {"routed_layers": "all", "router_dim": 16, "num_identity_queries": 2, "num_heads": 2},
+        "lora_rank": 2, "lora_alpha": 2, "checkpointing_steps": 1, "eval_fraction": 0.34, "eval_sigmas": [0.5],
+        "max_sequence_length": 32,
+    })  # fmt: skip
+    trainer = DiasRTrainer(config, tmp_path / "out")
+    trainer.setup()
+    assert isinstance(trainer.pipe, DiasRLTXPipeline)
+    lora = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
+    router = {k: v.clone() for k, v in trainer.router.state_dict().items()}
+    result = trainer.train()
+    assert np.isfinite(result["diffusion_loss"]) and result["num_eval_clips"] == 1
+    params = dict(trainer.transformer.named_parameters())
+    assert any(not torch.equal(v, params[k]) for k, v in lora.items())
+    assert any(not torch.equal(v, trainer.router.state_dict()[k]) for k, v in router.items()) == (stage != "dense")
+    if stage != "dense":  # routing was scored on LTX's token grid: 2 latent frames x 2 x 2 tokens
+        assert "routing_iou_mean" in result
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

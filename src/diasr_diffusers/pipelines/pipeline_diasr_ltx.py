@@ -105,6 +105,55 @@ class DiasRLTXPipeline(LTXPipeline):
             id_router = IDRouter.from_pretrained(id_router)
         return cls(ltx.scheduler, ltx.vae, ltx.text_encoder, ltx.tokenizer, ltx.transformer, id_router=id_router)
 
+    # Training hooks (DiasRTrainer): the same four as DiasRPipeline's, and the expert set-up it reads.
+
+    @property
+    def experts(self) -> list[LTXVideoTransformer3DModel]:
+        return [self.transformer]
+
+    def expert_for(self, t: torch.Tensor) -> tuple[LTXVideoTransformer3DModel, bool]:
+        return self.transformer, False
+
+    def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(B, C, F, h, w)`` latents (posterior mean) of ``(B, 3, F, H, W)`` pixels in [-1, 1]."""
+        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode().float()
+        return self._normalize_latents(
+            latents, self.vae.latents_mean, self.vae.latents_std, self.vae.config.scaling_factor
+        )
+
+    def encode_training_prompt(
+        self, caption: str, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask, _, _ = self.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+        )
+        return embeds, mask
+
+    def denoiser_inputs(
+        self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: Any,
+        frame_rate: int = 25,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Packed ``[video | refs]`` tokens; video tokens at ``t``, reference tokens at 0 (as at inference)."""
+        p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
+        b, _, f, h, w = noisy.shape
+        num_refs = refs.shape[2]
+        video, refs = self._pack_latents(noisy, p, pt), self._pack_latents(refs, p, pt)
+        timestep = torch.cat([t.expand(b, video.shape[1]), t.new_zeros(b, refs.shape[1])], dim=1).to(noisy.dtype)
+        scale = (self.vae_temporal_compression_ratio / frame_rate, self.vae_spatial_compression_ratio,
+                 self.vae_spatial_compression_ratio)  # fmt: skip
+        return {
+            "hidden_states": torch.cat([video, refs], dim=1), "encoder_hidden_states": prompt_embeds,
+            "timestep": timestep, "encoder_attention_mask": prompt_mask, "num_frames": (f + num_refs) // pt,
+            "height": h // p, "width": w // p, "rope_interpolation_scale": scale,
+        }  # fmt: skip
+
+    def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
+        p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
+        _, _, f, h, w = video_shape
+        lv = (f // pt) * (h // p) * (w // p)
+        return self._unpack_latents(pred[:, :lv], f // pt, h // p, w // p, p, pt)
+
     # ------------------------------------------------------------------------------------------------------------
 
     def check_call_inputs(
@@ -150,7 +199,7 @@ class DiasRLTXPipeline(LTXPipeline):
         )
         return latents[:, :, 0].transpose(0, 1)[None].to(device, dtype)
 
-    def _drop_padding(self, segments: list[TextSegments], mask: torch.Tensor) -> list[TextSegments]:
+    def drop_padding_tokens(self, segments: list[TextSegments], mask: torch.Tensor) -> list[TextSegments]:
         """LTX masks padded prompt tokens: routed cross-attention must not see them either (Wan attends to them)."""
         kept = []
         for b, seg in enumerate(segments):
@@ -279,7 +328,7 @@ class DiasRLTXPipeline(LTXPipeline):
             route_text, similarity_threshold, num_videos_per_prompt, num_frames, video_5d, max_sequence_length,
         )  # fmt: skip
         if routing_inputs["text_segments"] is not None:
-            routing_inputs["text_segments"] = self._drop_padding(routing_inputs["text_segments"], prompt_mask)
+            routing_inputs["text_segments"] = self.drop_padding_tokens(routing_inputs["text_segments"], prompt_mask)
         ref_latents = self.encode_references(subjects, height, width, device, dtype)
         num_refs = ref_latents.shape[2]
         refs = self._pack_latents(ref_latents, p, pt).expand(num_videos, -1, -1)

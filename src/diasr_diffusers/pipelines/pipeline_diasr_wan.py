@@ -305,6 +305,34 @@ class DiasRPipeline(WanPipeline):
         refs = torch.zeros(num_ref_frames // pt, h // ph, w // pw, dtype=torch.float32, device=t.device)
         return torch.cat([video, refs]).flatten().unsqueeze(0).expand(batch, -1)
 
+    # The model-specific steps of training (used by DiasRTrainer; every pipeline family provides these four).
+
+    def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(B, C, F, h, w)`` latents of ``(B, 3, F, H, W)`` pixels in [-1, 1] (posterior mean)."""
+        return encode_latents(self.vae, pixels)
+
+    def encode_training_prompt(
+        self, caption: str, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, attention mask or None)`` of one caption, as the denoiser reads them."""
+        embeds, _ = self.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+        )
+        return embeds, None
+
+    def denoiser_inputs(
+        self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: Any
+    ) -> dict[str, Any]:
+        """The transformer's keyword inputs for ``[video | refs]`` (``(B, C, F, h, w)`` and ``(B, C, K, h, w)``) at
+        timestep ``t`` (a 0-d tensor; per-token with ``expand_timesteps``)."""
+        timestep = self.transformer_timesteps(t, noisy.shape[0], noisy.shape, refs.shape[2]).to(noisy.dtype)
+        hidden = torch.cat([noisy, refs], dim=2)
+        return {"hidden_states": hidden, "timestep": timestep, "encoder_hidden_states": prompt_embeds}
+
+    def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
+        """The video part ``(B, C, F, h, w)`` of the transformer's output for :meth:`denoiser_inputs`."""
+        return pred[:, :, : video_shape[2]]
+
     # ------------------------------------------------------------------------------------------------------------
     # Loading
 

@@ -344,10 +344,18 @@ class TrainConfig:
 
         from ..utils.tiny import SPRITES_VAE, WAN22_KINDS, tiny_wan_components, toy_vae_path
 
-        allowed = set(inspect.signature(tiny_wan_components).parameters) | {"wan22"}
+        allowed = set(inspect.signature(tiny_wan_components).parameters) | {"wan22", "ltx"}
         unknown = sorted((k for k in self.tiny_model if k not in allowed), key=str)
         if unknown:
             raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "ltx" in self.tiny_model:  # a toy LTX-Video (utils.tiny.tiny_ltx_components)
+            if self.tiny_model["ltx"] is not True:
+                raise ConfigError(f"`tiny_model.ltx` must be true (a toy LTX-Video), got {self.tiny_model['ltx']!r}")
+            extra = sorted(k for k in self.tiny_model if k not in ("ltx", "seed", "num_layers", "num_attention_heads",
+                                                                   "attention_head_dim", "text_dim"))  # fmt: skip
+            if extra:
+                raise ConfigError(f"`tiny_model.ltx` takes seed, num_layers, num_attention_heads, attention_head_dim "
+                                  f"and text_dim only; remove {extra}")  # fmt: skip
         if "wan22" in self.tiny_model:  # a toy Wan2.2 (utils.tiny.tiny_wan22_components): its own VAE and patch size
             if self.tiny_model["wan22"] not in WAN22_KINDS:
                 raise ConfigError(f"`tiny_model.wan22` must be one of {WAN22_KINDS}, got {self.tiny_model['wan22']!r}")
@@ -361,7 +369,7 @@ class TrainConfig:
                 isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
             ):
                 raise ConfigError(f"`tiny_model.patch_size` must be 3 positive integers, got {value!r}")
-            if key not in ("seed", "patch_size", "vae", "wan22") and not (_is_int(value) and value >= 1):
+            if key not in ("seed", "patch_size", "vae", "wan22", "ltx") and not (_is_int(value) and value >= 1):
                 raise ConfigError(f"`tiny_model.{key}` must be a positive integer, got {value!r}")
         vae = self.tiny_model.get("vae")
         if vae is not None:
@@ -382,7 +390,7 @@ class TrainConfig:
             defaults = {k: p.default for k, p in inspect.signature(tiny_wan_components).parameters.items()}
             return {
                 "_class_name": "WanTransformer3DModel",
-                **{k: v for k, v in {**defaults, **self.tiny_model}.items() if k not in ("seed", "vae", "wan22")},
+                **{k: v for k, v in {**defaults, **self.tiny_model}.items() if k not in ("seed", "vae", "wan22", "ltx")},
             }
         return _read_json(self.resolve(self.model) / "transformer" / "config.json", "`model`")
 

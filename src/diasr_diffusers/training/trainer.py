@@ -26,9 +26,8 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
-from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
+from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy, token_grid_factors
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
-from ..utils.latents import encode_latents
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -61,9 +60,9 @@ class _Trainable(nn.Module):
         self.router = router
         self.state = state
 
-    def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, low_noise: bool = False):
+    def forward(self, low_noise: bool = False, **inputs: Any):
         model = self.transformer_2 if low_noise else self.transformer
-        pred = model(hidden, timestep, text, return_dict=False)[0]
+        pred = model(**inputs, return_dict=False)[0]
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -156,6 +155,12 @@ class DiasRTrainer:
         if cfg.tiny_model is not None:
             from ..utils.tiny import tiny_wan22_components, tiny_wan_components
 
+            if cfg.tiny_model.get("ltx"):
+                from ..pipelines import DiasRLTXPipeline
+                from ..utils.tiny import tiny_ltx_components
+
+                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "ltx"}
+                return DiasRLTXPipeline(**tiny_ltx_components(**kwargs))
             if "wan22" in cfg.tiny_model:
                 kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "wan22"}
                 return DiasRPipeline(**tiny_wan22_components(cfg.tiny_model["wan22"], **kwargs))
@@ -256,7 +261,7 @@ class DiasRTrainer:
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
-        if cfg.random_toy_vae:
+        if cfg.random_toy_vae and isinstance(self.pipe, DiasRPipeline):  # LTX's VAE keeps its statistics as buffers
             self._calibrate_toy_vae()
 
         transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
@@ -299,9 +304,7 @@ class DiasRTrainer:
 
     @staticmethod
     def _load_transformer(folder: Path, transformer: nn.Module) -> None:
-        from diffusers import WanTransformer3DModel
-
-        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(folder).state_dict())
+        transformer.load_state_dict(type(transformer).from_pretrained(folder).state_dict())
 
     def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
         """Router + LoRA (+ the whole transformer when this run trains it) of a finished stage or a checkpoint folder.
@@ -563,22 +566,22 @@ class DiasRTrainer:
             x0 = item["latents"][None].to(device).float()  # (1, C, F_lat, h, w)
             ref_latents = item["ref_latents"].to(device)  # (N, C, 1, h, w)
         else:
-            x0 = encode_latents(pipe.vae, item["video"][None].to(device))
+            x0 = pipe.encode_video_latents(item["video"][None].to(device))
             ref_pixels = torch.stack(list(item["ref_images"]))[:, :, None].to(device)  # (N, 3, 1, H, W)
-            ref_latents = encode_latents(pipe.vae, ref_pixels)
+            ref_latents = pipe.encode_video_latents(ref_pixels)
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
-        prompt_embeds, _ = pipe.encode_prompt(
-            item["caption"], do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length, device=device
-        )
+        prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe._prepare_routing(
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
             self.config.num_frames, x0, self.config.max_sequence_length,
         )  # fmt: skip
+        if prompt_mask is not None and routing["text_segments"] is not None:  # LTX: padded tokens are masked
+            routing["text_segments"] = pipe.drop_padding_tokens(routing["text_segments"], prompt_mask)
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
-        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(pipe.transformer.config.patch_size):
+        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(token_grid_factors(pipe.transformer)["patch_size"]):
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
@@ -586,7 +589,8 @@ class DiasRTrainer:
             routing.update(mode="dense", router=None)
         else:
             routing.update(router=self.router, router_gradient="straight_through")
-        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "routing": routing, "labels": labels, "coverage": coverage}
+        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "routing": routing,
+                "labels": labels, "coverage": coverage}  # fmt: skip
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
         x0 = enc["x0"]
@@ -594,13 +598,13 @@ class DiasRTrainer:
         state = self.pipe.routing_state
         dtype = self.pipe.transformer.dtype
         t = (sigma * 1000).reshape(())
-        # Wan2.2: the expert that timestep selects, and per-token timesteps (references at 0) for TI2V.
+        # The pipeline builds the family's inputs: Wan2.2 picks the expert of this timestep and gives TI2V per-token
+        # timesteps; LTX packs the latents. Reference tokens are clean (timestep 0) where the model takes per-token ones.
         low_noise = self.pipe.expert_for(t)[1]
-        timestep = self.pipe.transformer_timesteps(t, 1, x0.shape, enc["refs"].shape[2]).to(dtype)
+        inputs = self.pipe.denoiser_inputs(noisy.to(dtype), enc["refs"], t, enc["prompt_embeds"], enc["prompt_mask"])
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
-            hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
-            pred, logits, anchors, buckets = model(hidden, timestep, enc["prompt_embeds"], low_noise)
-        pred = pred[:, :, : x0.shape[2]].float()
+            pred, logits, anchors, buckets = model(low_noise, **inputs)
+        pred = self.pipe.video_prediction(pred, x0.shape).float()
         return pred, logits, anchors, buckets
 
     def _losses(self, enc, pred, noise, logits, anchors) -> dict[str, torch.Tensor]:
