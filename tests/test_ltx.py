@@ -20,7 +20,9 @@ from diasr_diffusers.utils.tiny import tiny_ltx_components
 PROMPT = "a man and a woman walk in the park"
 PHRASES = ["a man", "a woman"]
 # 64 px / 32 = 2 x 2 tokens per latent frame; 9 frames -> (9 - 1) / 8 + 1 = 2 latent frames.
-BASE = dict(prompt=PROMPT, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+BASE = dict(
+    prompt=PROMPT, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=3.0, output_type="np"
+)
 
 
 def gen(seed=0):
@@ -102,7 +104,10 @@ def test_routed_cross_attention_is_masked_attention_over_its_phrase(comps):
     proc = LTXSubjectSparseAttnProcessor(state, 0)
     segments = [TextSegments(order=torch.tensor([0, 1, 2, 3]), lengths=[1, 1])]  # padding left out
     video_buckets = torch.tensor([[0, 0, 1, 1]])
-    with torch.no_grad(), state.activate(ref_lengths=[2, 2], mode="masks", mask_buckets=video_buckets, text_segments=segments):
+    with (
+        torch.no_grad(),
+        state.activate(ref_lengths=[2, 2], mode="masks", mask_buckets=video_buckets, text_segments=segments),
+    ):
         state.current_buckets = video_buckets
         got = proc(attn, hidden, text)
         for tokens, visible in ((slice(0, 2), [1, 1, 1, 0, 0, 0]), (slice(2, 4), [1, 1, 0, 1, 0, 0]),

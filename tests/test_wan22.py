@@ -244,13 +244,26 @@ def test_one_training_step_of_each_stage(data_dir, tmp_path, kind, stage):
         # Per-token timesteps: 2 latent video frames then 2 reference frames, one token each (32 px / 16 / 2).
         assert all(t.shape == (1, 4) and (t[:, :2] > 0).all() and (t[:, 2:] == 0).all() for t in calls[0][0])
     # The trained parts moved: the expert that ran has new LoRA weights; the router unless the stage is dense.
-    moved = [any(not torch.equal(v, dict(e.named_parameters())[k]) for k, v in before[id(e)].items()) for e in trainer.experts]
+    moved = [
+        any(not torch.equal(v, dict(e.named_parameters())[k]) for k, v in before[id(e)].items())
+        for e in trainer.experts
+    ]
     assert any(moved)
     router_moved = any(not torch.equal(v, trainer.router.state_dict()[k]) for k, v in router_before.items())
     assert router_moved == (stage != "dense")
     out = tmp_path / "out"
     assert (out / "pytorch_lora_weights_2.safetensors").is_file() == (kind == "a14b")
     assert (out / "checkpoint-1" / "pytorch_lora_weights_2.safetensors").is_file() == (kind == "a14b")
+    if kind == "a14b" and stage == "dense":  # `diasr generate --lora <out>` loads each expert's own LoRA
+        from peft.utils import get_peft_model_state_dict
+
+        from diasr_diffusers.commands.generate import load_lora
+
+        pipe = DiasRPipeline(**tiny_wan22_components("a14b", num_layers=2, attention_head_dim=8, ffn_dim=16))
+        load_lora(pipe, str(out))
+        for loaded, trained in zip(pipe.experts, trainer.experts):
+            want, got = get_peft_model_state_dict(trained), get_peft_model_state_dict(loaded)
+            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_tiny_wan22_config_errors(data_dir):

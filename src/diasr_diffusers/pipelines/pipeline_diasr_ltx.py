@@ -429,6 +429,8 @@ class DiasRLTXPipeline(LTXPipeline):
             elif not isinstance(decode_noise_scale, list):
                 decode_noise_scale = [decode_noise_scale] * batch_size
             timestep = torch.tensor(decode_timestep, device=latents.device, dtype=latents.dtype)
-            scale = torch.tensor(decode_noise_scale, device=latents.device, dtype=latents.dtype)[:, None, None, None, None]
+            scale = torch.tensor(decode_noise_scale, device=latents.device, dtype=latents.dtype)[
+                :, None, None, None, None
+            ]
             latents = (1 - scale) * latents + scale * noise
         return self.vae.decode(latents.to(self.vae.dtype), timestep, return_dict=False)[0]

@@ -292,7 +292,9 @@ class DiasRPipeline(WanPipeline):
         boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
         return (self.transformer, False) if t >= boundary else (self.transformer_2, True)
 
-    def transformer_timesteps(self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0):
+    def transformer_timesteps(
+        self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0
+    ):
         """The transformer's ``timestep`` for a ``[video | refs]`` input: ``t`` per sample, or with
         ``expand_timesteps`` (Wan2.2 TI2V) one per token, ``t`` on the video tokens and 0 on the reference tokens
         (clean latents, as Wan2.2 marks its clean conditioning frames)."""

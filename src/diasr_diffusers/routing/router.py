@@ -216,7 +216,9 @@ class IDRouter(ModelMixin, ConfigMixin):
         hidden = cfg.num_attention_heads * cfg.attention_head_dim
         # Wan: text_dim; CogVideoX: text_embed_dim; LTX-Video: caption_channels (the T5 width its prompts have).
         text_dim = (
-            getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None) or getattr(cfg, "caption_channels", None)
+            getattr(cfg, "text_dim", None)
+            or getattr(cfg, "text_embed_dim", None)
+            or getattr(cfg, "caption_channels", None)
         )
         num_layers = getattr(cfg, "num_layers", None) or len(transformer.blocks)
         if text_dim is None:

@@ -36,7 +36,15 @@ _FLOATS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "logit_std": (0.0, False, None, False),
     "mode_scale": (0.0, True, None, False),
 }
-_BOOLS = ("allow_scratch", "train_lora", "train_transformer", "route_background", "route_text", "cache_latents", "gradient_checkpointing")
+_BOOLS = (
+    "allow_scratch",
+    "train_lora",
+    "train_transformer",
+    "route_background",
+    "route_text",
+    "cache_latents",
+    "gradient_checkpointing",
+)
 _PATHS = ("train_data", "model", "init_from", "eval_data", "latent_cache")
 # Keys of IDRouter's constructor a config may set; the others are read off the transformer.
 _ROUTER_FROM_TRANSFORMER = ("hidden_dim", "text_dim", "num_layers")
@@ -331,7 +339,9 @@ class TrainConfig:
         if self.train_transformer and self.train_lora:
             raise ConfigError("`train_transformer: true` trains every transformer weight: set `train_lora: false`")
         if self.stage == "dense" and not (self.train_lora or self.train_transformer):
-            raise ConfigError("nothing to train: stage `dense` trains no router; set `train_lora` or `train_transformer`")
+            raise ConfigError(
+                "nothing to train: stage `dense` trains no router; set `train_lora` or `train_transformer`"
+            )
         if self.router_learning_rate == 0 and not (self.train_lora or self.train_transformer):
             raise ConfigError("nothing to train: `router_learning_rate` is 0 and `train_lora` is false")
         if self.cache_latents and self.latent_cache is not None:
@@ -390,7 +400,11 @@ class TrainConfig:
             defaults = {k: p.default for k, p in inspect.signature(tiny_wan_components).parameters.items()}
             return {
                 "_class_name": "WanTransformer3DModel",
-                **{k: v for k, v in {**defaults, **self.tiny_model}.items() if k not in ("seed", "vae", "wan22", "ltx")},
+                **{
+                    k: v
+                    for k, v in {**defaults, **self.tiny_model}.items()
+                    if k not in ("seed", "vae", "wan22", "ltx")
+                },
             }
         return _read_json(self.resolve(self.model) / "transformer" / "config.json", "`model`")
 
