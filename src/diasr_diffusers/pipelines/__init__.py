@@ -1,11 +1,13 @@
 """Pipelines."""
 
+from .pipeline_diasr_ltx import DiasRLTXPipeline
 from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
 from .pipeline_ingredients import IngredientsPipeline, IngredientsPipelineOutput
 from .reference_styles import REFERENCE_STYLES, ReferenceStyle
 
 __all__ = [
     "REFERENCE_STYLES",
+    "DiasRLTXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IngredientsPipeline",
