@@ -404,7 +404,17 @@ class DiasRTrainer:
         saved, ours = state.get("config"), self._config_record()
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
-        changed = sorted(k for k in set(saved) | set(ours) if k not in RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        # The data stream is defined by the global batch: another world size may resume with the per-process
+        # `batch_size` that keeps it (a checkpoint without `global_batch` predates this and keeps `batch_size`).
+        flexible = (*RESUMABLE_CHANGES, "batch_size") if "global_batch" in state else RESUMABLE_CHANGES
+        if "global_batch" in state and state["global_batch"] != self._global_batch():
+            raise ValueError(
+                f"checkpoint {folder} was trained with a global batch of {state['global_batch']} samples per step "
+                f"({state.get('num_processes')} process(es) x batch_size {saved.get('batch_size')}); this run has "
+                f"{self._num_processes()} x {self.config.batch_size} = {self._global_batch()}: set `batch_size` to "
+                f"{state['global_batch']} / number of processes"
+            )
+        changed = sorted(k for k in set(saved) | set(ours) if k not in flexible and saved.get(k) != ours.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:6])
             raise ValueError(
@@ -476,7 +486,8 @@ class DiasRTrainer:
             _optimizer_state_to_safetensors(optimizer, tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
-                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files}  # fmt: skip
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files,
+                     "num_processes": self._num_processes(), "global_batch": self._global_batch()}  # fmt: skip
             (tmp / STATE_NAME).write_text(json.dumps(state))
         self._prune_checkpoints()
         return final
@@ -499,10 +510,19 @@ class DiasRTrainer:
 
     # -- data -----------------------------------------------------------------------------------------------------
 
+    def _num_processes(self) -> int:
+        # Before `setup` (the CLI checks the output folder first) the launcher's WORLD_SIZE is what accelerate will use.
+        if hasattr(self, "accelerator"):
+            return self.accelerator.num_processes
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def _global_batch(self) -> int:
+        return self.config.batch_size * self._num_processes()
+
     def _global_indices(self, step: int) -> list[tuple[int, int]]:
         """``(epoch, dataset index)`` of each sample of the global batch of ``step`` (all processes)."""
         n = len(self.train_set)
-        global_batch = self.config.batch_size * self.accelerator.num_processes
+        global_batch = self._global_batch()
         out = []
         for g in range(step * global_batch, (step + 1) * global_batch):
             epoch, pos = divmod(g, n)
@@ -656,6 +676,12 @@ class DiasRTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
             self.lr_scheduler.step()
             done = step + 1
+            if acc.num_processes > 1:  # the logged losses are the global batch's, as one process would log them
+                from accelerate.utils import gather_object
+
+                shares = gather_object([(sums, count)])
+                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)}
+                count = sum(c for _, c in shares)
             record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
             if acc.is_main_process and done % cfg.log_every == 0:
                 with metrics_path.open("a") as f:
