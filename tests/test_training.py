@@ -274,6 +274,14 @@ def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_pat
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
 
 
+def test_fsdp_launch_is_refused_by_name(data_dir, tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` sets this; without a GPU accelerate would silently run DDP (or nothing sharded).
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir)), tmp_path / "run")
+    with pytest.raises(NotImplementedError, match="does not support FSDP: use DDP"):
+        trainer.setup()
+
+
 def test_training_reads_a_latent_cache(data_dir, tmp_path):
     from diasr_diffusers.data import MuSADataset, cache_latents
 

@@ -218,6 +218,7 @@ class DiasRTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self._refuse_fsdp()
         resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
         for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
@@ -266,6 +267,23 @@ class DiasRTrainer:
         self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _refuse_fsdp(self) -> None:
+        """``accelerate launch --use_fsdp`` is refused by name instead of running something else.
+
+        On a machine without GPUs accelerate ignores FSDP (``Accelerator(cpu=True)`` becomes DDP over gloo, and
+        ``Accelerator()`` a single unsharded process per rank), so it cannot be tested here; on GPUs our checkpoints
+        and final weights are written by the main process alone, which FSDP's sharded state would hang or truncate.
+        """
+        from accelerate.utils import DistributedType
+
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        if asked or self.accelerator.distributed_type == DistributedType.FSDP:
+            raise NotImplementedError(
+                "`diasr train` does not support FSDP: use DDP (`accelerate launch --multi_gpu --num_processes N ...`). "
+                "Only the router and the LoRA are trained; the frozen base is replicated on each GPU (Wan2.1-14B in "
+                "bf16: 28 GB), see docs/distributed.md"
+            )
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
