@@ -90,3 +90,30 @@ def test_tensor_parallel_heads_route_like_one_process(results):
     for res in ranks(results, "tensor_parallel"):
         assert res["local_heads_route_differently"]  # without the all-reduce the ranks would disagree
         assert res["buckets_equal"] and res["out_diff"] <= TOL * max(1.0, res["out_scale"]), res
+
+
+# -- in-process checks (no second process needed) -------------------------------------------------------------------
+
+
+def test_sizes_diffusers_would_refuse_are_named_before_any_work():
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    from diasr_diffusers import set_subject_sparse_attn_processor
+    from diasr_diffusers.processors.parallel import check_context_parallel_inputs
+    from diasr_diffusers.utils.tiny import tiny_wan_components
+
+    transformer = tiny_wan_components(num_layers=1)["transformer"]  # 2 heads
+    check_context_parallel_inputs(transformer, [15])  # no parallelism: nothing to refuse
+    # What `enable_parallelism` records on the model (set by hand: no process group is needed for the checks).
+    transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    check_context_parallel_inputs(transformer, [16, 20])
+    with pytest.raises(ValueError, match=r"sequences of \[15\] tokens .* ulysses_anything=True"):
+        check_context_parallel_inputs(transformer, [16, 15])
+    with pytest.raises(RuntimeError, match="install the subject-sparse processors first"):
+        set_subject_sparse_attn_processor(transformer)
+    transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=4))
+    with pytest.raises(ValueError, match=r"attention heads \(2\) to divide by `ulysses_degree` \(4\)"):
+        check_context_parallel_inputs(transformer, [16])
+    uneven = ContextParallelConfig(ulysses_degree=4, ulysses_anything=True)
+    transformer._parallel_config = ParallelConfig(context_parallel_config=uneven)
+    check_context_parallel_inputs(transformer, [15])  # Diffusers' uneven mode takes any length

@@ -239,6 +239,12 @@ def check_context_parallel_inputs(transformer: Any, sequence_lengths: list[int])
     config = context_parallel_config(parallel)
     if config is None or config.ulysses_anything or config.ring_anything:
         return
+    heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
+    if isinstance(heads, int) and heads % config.ulysses_degree:
+        raise ValueError(
+            f"Ulysses context parallelism needs the attention heads ({heads}) to divide by `ulysses_degree` "
+            f"({config.ulysses_degree}); use another degree, or `ContextParallelConfig(..., ulysses_anything=True)`"
+        )
     degree = config.ring_degree * config.ulysses_degree
     bad = sorted({n for n in sequence_lengths if n % degree})
     if bad:
