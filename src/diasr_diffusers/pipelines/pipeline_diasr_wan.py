@@ -32,6 +32,7 @@ from ..processors import (
     TextSegments,
     set_subject_sparse_attn_processor,
 )
+from ..processors.parallel import check_context_parallel_inputs
 from ..routing import (
     IDRouter,
     masks_to_token_grid,
@@ -959,6 +960,12 @@ class DiasRPipeline(WanPipeline):
         self._guidance_scale_2 = guidance_scale_2
         num_ref_frames = ref_latents.shape[2] if subjects else 0
         self._install_processors()
+        # Under context parallelism: lengths Diffusers' even split would refuse mid-transformer, refused here.
+        pt, ph, pw = self.transformer.config.patch_size
+        frames = [num_latent_frames] + ([num_latent_frames + ref_latents.shape[2]] if subjects else [])
+        check_context_parallel_inputs(
+            self.transformer, [f // pt * (latents.shape[3] // ph) * (latents.shape[4] // pw) for f in frames]
+        )
         state = self.routing_state
 
         # 4. Denoise.

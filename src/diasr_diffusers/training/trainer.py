@@ -233,6 +233,7 @@ class DiasRTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self._refuse_fsdp()
         resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
         # Wan2.2 A14B: both experts are trained alike (LoRA or full), each on the samples whose timestep selects it;
@@ -287,6 +288,23 @@ class DiasRTrainer:
         self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _refuse_fsdp(self) -> None:
+        """``accelerate launch --use_fsdp`` is refused by name instead of running something else.
+
+        On a machine without GPUs accelerate ignores FSDP (``Accelerator(cpu=True)`` becomes DDP over gloo, and
+        ``Accelerator()`` a single unsharded process per rank), so it cannot be tested here; on GPUs our checkpoints
+        and final weights are written by the main process alone, which FSDP's sharded state would hang or truncate.
+        """
+        from accelerate.utils import DistributedType
+
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        if asked or self.accelerator.distributed_type == DistributedType.FSDP:
+            raise NotImplementedError(
+                "`diasr train` does not support FSDP: use DDP (`accelerate launch --multi_gpu --num_processes N ...`). "
+                "Only the router and the LoRA are trained; the frozen base is replicated on each GPU (Wan2.1-14B in "
+                "bf16: 28 GB), see docs/distributed.md"
+            )
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
@@ -428,7 +446,17 @@ class DiasRTrainer:
         saved, ours = state.get("config"), self._config_record()
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
-        changed = sorted(k for k in set(saved) | set(ours) if k not in RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        # The data stream is defined by the global batch: another world size may resume with the per-process
+        # `batch_size` that keeps it (a checkpoint without `global_batch` predates this and keeps `batch_size`).
+        flexible = (*RESUMABLE_CHANGES, "batch_size") if "global_batch" in state else RESUMABLE_CHANGES
+        if "global_batch" in state and state["global_batch"] != self._global_batch():
+            raise ValueError(
+                f"checkpoint {folder} was trained with a global batch of {state['global_batch']} samples per step "
+                f"({state.get('num_processes')} process(es) x batch_size {saved.get('batch_size')}); this run has "
+                f"{self._num_processes()} x {self.config.batch_size} = {self._global_batch()}: set `batch_size` to "
+                f"{state['global_batch']} / number of processes"
+            )
+        changed = sorted(k for k in set(saved) | set(ours) if k not in flexible and saved.get(k) != ours.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:6])
             raise ValueError(
@@ -500,7 +528,8 @@ class DiasRTrainer:
             _optimizer_state_to_safetensors(optimizer, tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
-                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files}  # fmt: skip
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files,
+                     "num_processes": self._num_processes(), "global_batch": self._global_batch()}  # fmt: skip
             (tmp / STATE_NAME).write_text(json.dumps(state))
         self._prune_checkpoints()
         return final
@@ -523,10 +552,19 @@ class DiasRTrainer:
 
     # -- data -----------------------------------------------------------------------------------------------------
 
+    def _num_processes(self) -> int:
+        # Before `setup` (the CLI checks the output folder first) the launcher's WORLD_SIZE is what accelerate will use.
+        if hasattr(self, "accelerator"):
+            return self.accelerator.num_processes
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def _global_batch(self) -> int:
+        return self.config.batch_size * self._num_processes()
+
     def _global_indices(self, step: int) -> list[tuple[int, int]]:
         """``(epoch, dataset index)`` of each sample of the global batch of ``step`` (all processes)."""
         n = len(self.train_set)
-        global_batch = self.config.batch_size * self.accelerator.num_processes
+        global_batch = self._global_batch()
         out = []
         for g in range(step * global_batch, (step + 1) * global_batch):
             epoch, pos = divmod(g, n)
@@ -685,6 +723,12 @@ class DiasRTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
             self.lr_scheduler.step()
             done = step + 1
+            if acc.num_processes > 1:  # the logged losses are the global batch's, as one process would log them
+                from accelerate.utils import gather_object
+
+                shares = gather_object([(sums, count)])
+                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)}
+                count = sum(c for _, c in shares)
             record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
             if acc.is_main_process and done % cfg.log_every == 0:
                 with metrics_path.open("a") as f:
