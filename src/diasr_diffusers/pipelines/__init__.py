@@ -1,6 +1,7 @@
 """Pipelines."""
 
+from .pipeline_diasr_cogvideox import DiasRCogVideoXPipeline
 from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
 from .reference_styles import REFERENCE_STYLES, ReferenceStyle
 
-__all__ = ["REFERENCE_STYLES", "DiasRPipeline", "DiasRPipelineOutput", "ReferenceStyle"]
+__all__ = ["REFERENCE_STYLES", "DiasRCogVideoXPipeline", "DiasRPipeline", "DiasRPipelineOutput", "ReferenceStyle"]
