@@ -88,6 +88,11 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
                     f"this one has patch_size_t={cfg.patch_size_t} (CogVideoX 1.5), whose temporal patches would "
                     "pair a reference frame with another frame"
                 )
+            if cfg.use_rotary_positional_embeddings and cfg.attention_head_dim % 16:
+                raise ValueError(
+                    f"the transformer's attention_head_dim={cfg.attention_head_dim} must be a multiple of 16 with "
+                    "rotary embeddings (CogVideoX splits each head into 1/4 temporal and 3/8 + 3/8 spatial halves)"
+                )
             if cfg.in_channels != cfg.out_channels:
                 raise ValueError(
                     f"DiasRCogVideoXPipeline is text-to-video: the transformer takes {cfg.in_channels} input channels "
@@ -155,7 +160,11 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
         latents = encode_latents(self.vae, pixels.unsqueeze(2))  # each image its own 1-frame clip: (K, C, 1, h, w)
         return latents[:, :, 0][None].to(device, dtype)
 
-    def _rotary(self, height: int, width: int, frames: int, device: torch.device):
+    def rotary_embeddings(
+        self, height: int, width: int, frames: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The transformer's ``image_rotary_emb`` for ``frames`` latent frames (video + references) of a
+        ``height x width`` video, or ``None`` for a transformer with sincos positions."""
         if not self.transformer.config.use_rotary_positional_embeddings:
             return None  # sincos positions (CogVideoX-2B) are computed by the patch embedding for any frame count
         return self._prepare_rotary_positional_embeddings(height, width, frames, device)
@@ -283,7 +292,7 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
         )  # fmt: skip
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
         num_latent_frames = latents.shape[1]
-        rotary = self._rotary(height, width, num_latent_frames, device)
+        rotary = self.rotary_embeddings(height, width, num_latent_frames, device)
         routing_inputs = None
         if subjects:
             routing_inputs = self._prepare_routing(
@@ -292,7 +301,7 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
             )  # fmt: skip
             ref_latents = self.encode_references(subjects, height, width, device, prompt_embeds.dtype)
             ref_latents = ref_latents.expand(num_videos, -1, -1, -1, -1)
-            rotary_refs = self._rotary(height, width, num_latent_frames + ref_latents.shape[1], device)
+            rotary_refs = self.rotary_embeddings(height, width, num_latent_frames + ref_latents.shape[1], device)
         three_way = bool(subjects) and guidance_scale_ref is not None and guide
         self._install_processors()
         state = self.routing_state

@@ -128,12 +128,16 @@ class TrainConfig:
             read from it (first clip window, centre crop, no reference augmentation) and the VAE never runs on them.
         ``max_sequence_length``: text tokens the prompt is padded to (Wan: 512). Use the same value when generating
             with the trained weights (``DiasRPipeline(..., max_sequence_length=...)``).
-        ``tiny_model``: arguments of ``utils.tiny.tiny_wan_components`` (toy model built in-process); with its random
-            VAE (``vae`` unset) the VAE's latent statistics are measured on the first training clips.
+        ``tiny_model``: arguments of ``utils.tiny.tiny_wan_components`` (``tiny_cogvideox_components`` with
+            ``model_family: cogvideox``): a toy model built in-process; with Wan's random VAE (``vae`` unset) the VAE's
+            latent statistics are measured on the first training clips.
+        ``model_family``: ``wan`` (Wan2.1, flow matching) or ``cogvideox`` (CogVideoX 1.0 text-to-video, v-prediction;
+            ``model`` is then a CogVideoX or DiasR CogVideoX Diffusers folder); see ``training/families.py``.
     """
 
     stage: str
     train_data: str
+    model_family: str = "wan"
     model: str | None = None
     tiny_model: dict[str, Any] | None = None
     init_from: str | None = None
@@ -224,7 +228,14 @@ class TrainConfig:
     @property
     def random_toy_vae(self) -> bool:
         """The toy model with its random VAE (no fixed latents; statistics measured on the training clips)."""
-        return self.tiny_model is not None and self.tiny_model.get("vae") is None
+        return self.model_family == "wan" and self.tiny_model is not None and self.tiny_model.get("vae") is None
+
+    @property
+    def family(self) -> Any:
+        """The :class:`~diasr_diffusers.training.families.TrainingFamily` of ``model_family``."""
+        from .families import FAMILIES
+
+        return FAMILIES[self.model_family]
 
     @staticmethod
     def resolve(value: str | None) -> Path | None:
@@ -306,6 +317,10 @@ class TrainConfig:
             )
 
     def _validate_choices(self) -> None:
+        from .families import FAMILIES
+
+        if not isinstance(self.model_family, str) or self.model_family not in FAMILIES:
+            raise ConfigError(f"`model_family` must be one of {sorted(FAMILIES)}, got {self.model_family!r}")
         if self.stage not in STAGES:
             raise ConfigError(f"`stage` must be one of {STAGES}, got {self.stage!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -342,9 +357,9 @@ class TrainConfig:
     def _validate_tiny_model(self) -> None:
         import inspect
 
-        from ..utils.tiny import SPRITES_VAE, tiny_wan_components, toy_vae_path
+        from ..utils.tiny import SPRITES_VAE, toy_vae_path
 
-        allowed = set(inspect.signature(tiny_wan_components).parameters)
+        allowed = set(inspect.signature(self.family.tiny_components()).parameters)
         unknown = sorted((k for k in self.tiny_model if k not in allowed), key=str)
         if unknown:
             raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -355,6 +370,10 @@ class TrainConfig:
                 isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
             ):
                 raise ConfigError(f"`tiny_model.patch_size` must be 3 positive integers, got {value!r}")
+            if key == "use_rotary_positional_embeddings":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"`tiny_model.{key}` must be true or false, got {value!r}")
+                continue
             if key not in ("seed", "patch_size", "vae") and not (_is_int(value) and value >= 1):
                 raise ConfigError(f"`tiny_model.{key}` must be a positive integer, got {value!r}")
         vae = self.tiny_model.get("vae")
@@ -368,6 +387,12 @@ class TrainConfig:
 
     def transformer_config(self) -> dict[str, Any]:
         """The config of the transformer training will use (read from ``model``'s folder, nothing loaded)."""
+        if self.tiny_model is not None and self.model_family != "wan":
+            import torch
+
+            with torch.device("meta"):  # the toy's exact config, no weights
+                transformer = self.family.tiny_components()(**self.tiny_model)["transformer"]
+            return {"_class_name": type(transformer).__name__, **transformer.config}
         if self.tiny_model is not None:
             import inspect
 
@@ -385,9 +410,11 @@ class TrainConfig:
         if not model.is_dir():
             raise ConfigError(f"`model` folder not found: {model}")
         index = _read_json(model / "model_index.json", "`model` (a Wan2.1 or DiasR Diffusers folder)")
-        if index.get("_class_name") not in ("WanPipeline", "DiasRPipeline"):
+        expected = self.family.pipeline_classes
+        if index.get("_class_name") not in expected:
             raise ConfigError(
-                f"`model` {model} is a {index.get('_class_name')!r}; expected a WanPipeline or DiasRPipeline folder"
+                f"`model` {model} is a {index.get('_class_name')!r}; expected a {' or '.join(expected)} folder "
+                f"(model_family: {self.model_family})"
             )
 
     def _validate_router_and_lora(self) -> None:
@@ -422,7 +449,7 @@ class TrainConfig:
         if transformer_cls is None:
             raise ConfigError(f"`model`'s transformer is a {cls_name!r}, not a Diffusers model class")
         init_keys = set(inspect.signature(transformer_cls.__init__).parameters)
-        one_block = {k: (tuple(v) if k == "patch_size" else v) for k, v in tcfg.items() if k in init_keys}
+        one_block = {k: (tuple(v) if k == "patch_size" and isinstance(v, list) else v) for k, v in tcfg.items() if k in init_keys}
         num_layers = one_block.get("num_layers", 1)
         if not _is_int(num_layers) or not 1 <= num_layers <= _MAX_LAYERS:
             raise ConfigError(
@@ -433,7 +460,7 @@ class TrainConfig:
             with torch.device("meta"):
                 transformer = transformer_cls(**one_block)
                 hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-                text_dim = transformer.config.text_dim
+                text_dim = IDRouter.host_sizes(transformer)["text_dim"]
                 router = IDRouter(hidden_dim=hidden, text_dim=text_dim, num_layers=num_layers, **self.router)
         except ConfigError:
             raise

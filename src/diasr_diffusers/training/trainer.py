@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
-from ..pipelines import DiasRPipeline
 from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from ..utils.latents import encode_latents
@@ -50,14 +49,15 @@ class _Trainable(nn.Module):
     from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
     are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, pipe: Any, family: Any):
         super().__init__()
         self.transformer = transformer
         self.router = router
         self.state = state
+        self.call = lambda hidden, timestep, text: family.forward(pipe, self.transformer, hidden, timestep, text)
 
     def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        pred = self.transformer(hidden, timestep, text, return_dict=False)[0]
+        pred = self.call(hidden, timestep, text)
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -145,15 +145,11 @@ class DiasRTrainer:
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
-    def _build_pipeline(self) -> DiasRPipeline:
+    def _build_pipeline(self) -> Any:
         cfg = self.config
         if cfg.tiny_model is not None:
-            from ..utils.tiny import tiny_wan_components
-
-            return DiasRPipeline(**tiny_wan_components(**cfg.tiny_model))
-        from ..commands.generate import load_pipeline
-
-        return load_pipeline(str(cfg.resolve(cfg.model)))
+            return cfg.family.pipeline_class()(**cfg.family.tiny_components()(**cfg.tiny_model))
+        return cfg.family.load(str(cfg.resolve(cfg.model)))
 
     def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
         from ..data import LatentCacheDataset, MuSADataset, RefAugment, load_manifest
@@ -258,7 +254,7 @@ class DiasRTrainer:
         device = self.accelerator.device
         self.pipe.to(device)
         self.model, self.optimizer = self.accelerator.prepare(
-            _Trainable(transformer, router, self.pipe.routing_state), self.optimizer
+            _Trainable(transformer, router, self.pipe.routing_state, self.pipe, cfg.family), self.optimizer
         )
         self.router = router
         self.transformer = transformer
@@ -284,9 +280,7 @@ class DiasRTrainer:
 
     @staticmethod
     def _load_transformer(folder: Path, transformer: nn.Module) -> None:
-        from diffusers import WanTransformer3DModel
-
-        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(folder).state_dict())
+        transformer.load_state_dict(type(transformer).from_pretrained(folder).state_dict())
 
     def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
         """Router + LoRA (+ the whole transformer when this run trains it) of a finished stage or a checkpoint folder.
@@ -302,7 +296,7 @@ class DiasRTrainer:
         router.load_state_dict(IDRouter.from_pretrained(router_dir).state_dict())
         lora_file = folder / LORA_WEIGHT_NAME
         if lora_file.is_file() and self.config.train_lora:
-            sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
+            sd = type(self.pipe).lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
             sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
             set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
         if self.config.train_transformer:
@@ -318,7 +312,7 @@ class DiasRTrainer:
     def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
         from peft.utils import get_peft_model_state_dict
 
-        DiasRPipeline.save_lora_weights(
+        type(self.pipe).save_lora_weights(
             str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=weight_name
         )
 
@@ -537,7 +531,7 @@ class DiasRTrainer:
     @torch.no_grad()
     def _encode(self, item: dict[str, Any]) -> dict[str, Any]:
         """Frozen encoders: video latents, reference latents, prompt embeddings and routing inputs."""
-        pipe, device = self.pipe, self.accelerator.device
+        pipe, device, family = self.pipe, self.accelerator.device, self.config.family
         dtype = pipe.transformer.dtype
         if "latents" in item:  # from a latent cache (`diasr cache-latents`)
             x0 = item["latents"][None].to(device).float()  # (1, C, F_lat, h, w)
@@ -547,9 +541,10 @@ class DiasRTrainer:
             ref_pixels = torch.stack(list(item["ref_images"]))[:, :, None].to(device)  # (N, 3, 1, H, W)
             ref_latents = encode_latents(pipe.vae, ref_pixels)
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
-        refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
+        refs = family.to_model_layout(ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype))  # (1, C, N, h, w) for Wan
+        x0 = family.to_model_layout(x0)
         prompt_embeds, _ = pipe.encode_prompt(
-            item["caption"], do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length, device=device
+            family.prompt(item["caption"]), do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length, device=device
         )
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe._prepare_routing(
@@ -558,7 +553,7 @@ class DiasRTrainer:
         )  # fmt: skip
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
-        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(pipe.transformer.config.patch_size):
+        if labels.shape[1] != math.prod(pipe.video_token_grid(x0)):
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
@@ -569,19 +564,22 @@ class DiasRTrainer:
         return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "routing": routing, "labels": labels, "coverage": coverage}
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
-        x0 = enc["x0"]
-        noisy = (1 - sigma) * x0 + sigma * noise
+        """``(prediction, target, router logits, anchors, buckets)`` of the transformer on ``enc`` noised to
+        ``sigma``; the target is the family's (flow matching for Wan, v-prediction for CogVideoX)."""
+        x0, family = enc["x0"], self.config.family
+        noisy, timestep, target = family.noisy_input(self.pipe, x0, noise, sigma)
         state = self.pipe.routing_state
         dtype = self.pipe.transformer.dtype
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
-            hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
-            pred, logits, anchors, buckets = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"])
-        pred = pred[:, :, : x0.shape[2]].float()
-        return pred, logits, anchors, buckets
+            hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=family.frame_dim)
+            ts = timestep if not timestep.is_floating_point() else timestep.to(dtype)
+            pred, logits, anchors, buckets = model(hidden, ts, enc["prompt_embeds"])
+        pred = pred.narrow(family.frame_dim, 0, x0.shape[family.frame_dim]).float()
+        return pred, target.float(), logits, anchors, buckets
 
-    def _losses(self, enc, pred, noise, logits, anchors) -> dict[str, torch.Tensor]:
+    def _losses(self, enc, pred, target, logits, anchors) -> dict[str, torch.Tensor]:
         cfg = self.config
-        losses = {"diffusion": F.mse_loss(pred, (noise - enc["x0"]).float())}
+        losses = {"diffusion": F.mse_loss(pred, target)}
         labels, coverage = enc["labels"], enc["coverage"]
         n = coverage.shape[1]
         layer_logits = list(logits.values())
@@ -641,8 +639,8 @@ class DiasRTrainer:
                             cfg.weighting_scheme, 1, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, generator=gen
                         )[0].clamp(1e-3, 1 - 1e-3).to(acc.device)  # fmt: skip
                         noise = torch.randn(enc["x0"].shape, generator=gen).to(acc.device)
-                        pred, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
-                        losses = self._losses(enc, pred, noise, logits, anchors)
+                        pred, target, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
+                        losses = self._losses(enc, pred, target, logits, anchors)
                         part = losses["loss"] / cfg.batch_size
                         total = part if total is None else total + part
                         for k, v in losses.items():
@@ -710,8 +708,8 @@ class DiasRTrainer:
             for k, sigma in enumerate(self.config.eval_sigmas):
                 gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
                 noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
-                pred, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
-                diff.append(float(F.mse_loss(pred, (noise - enc["x0"]).float())))
+                pred, target, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
+                diff.append(float(F.mse_loss(pred, target)))
                 if dense:  # nothing is routed
                     continue
                 n = enc["coverage"].shape[1]
