@@ -346,3 +346,27 @@ def test_config_refuses_a_wrong_family(data_dir):
         TrainConfig.from_dict({**base, "model_family": "hunyuan"})
     with pytest.raises(ConfigError, match="unknown `tiny_model` key"):
         TrainConfig.from_dict({**base, "model_family": "cogvideox", "tiny_model": {"ffn_dim": 8}})
+
+
+def test_sincos_positions_cover_the_reference_frames(images):
+    """CogVideoX-2B style (no rotary): its patch embedding extends the sincos table to the reference frames; its
+    text table is exactly 226 tokens, so it runs at max_sequence_length=226 as the stock pipeline must."""
+    kw = dict(KW, max_sequence_length=226, output_type="latent")
+    stock = CogVideoXPipeline(**tiny_cogvideox_components(use_rotary_positional_embeddings=False))(
+        **kw, generator=gen()
+    )
+    pipe = DiasRCogVideoXPipeline(**tiny_cogvideox_components(use_rotary_positional_embeddings=False))
+    torch.testing.assert_close(pipe(**kw, generator=gen()).frames, stock.frames, rtol=0, atol=0)
+    out = pipe(**kw, subject_images=images, routing="masks", subject_masks=halves(), return_routing_maps=True)
+    assert out.frames.shape == (1, 3, 4, 4, 4) and out.routing_maps[..., 0].eq(0).all()
+
+
+def test_readme_cogvideox_example_runs(capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "tiny_cogvideox_components" in b)
+    namespace: dict = {}
+    exec(compile(block, "README CogVideoX example", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["out"].frames[0].shape == (9, 32, 32, 3)
+    assert "(9, 32, 32, 3) (3, 2, 2)" in capsys.readouterr().out

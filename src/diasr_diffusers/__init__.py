@@ -14,6 +14,7 @@ __version__ = "0.1.0.dev0"
 # Public names are imported on first use (PEP 562): importing torch and diffusers takes seconds, and the `diasr`
 # command line must answer `--help` (and reject bad arguments) without paying for them.
 _LAZY = {
+    "DiasRCogVideoXPipeline": ".pipelines",
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
@@ -25,6 +26,7 @@ _LAZY = {
 
 # A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
+    "DiasRCogVideoXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
@@ -37,7 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .ops import bucketed_attention
-    from .pipelines import DiasRPipeline, DiasRPipelineOutput
+    from .pipelines import DiasRCogVideoXPipeline, DiasRPipeline, DiasRPipelineOutput
     from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
     from .routing import IDRouter
 

@@ -31,7 +31,7 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> import torch
         >>> from diffusers.utils import export_to_video, load_image
-        >>> from diasr_diffusers.pipelines import DiasRCogVideoXPipeline
+        >>> from diasr_diffusers import DiasRCogVideoXPipeline
 
         >>> pipe = DiasRCogVideoXPipeline.from_cogvideox("THUDM/CogVideoX-5b", torch_dtype=torch.bfloat16).to("cuda")
         >>> out = pipe(
