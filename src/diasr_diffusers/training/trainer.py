@@ -140,6 +140,7 @@ class DiasRTrainer:
         self.output_dir = Path(output_dir).expanduser()
         self.resume = resume
         self._trained = False
+        self._inherited_transformer = False  # set by setup(); _save_final() may run on a trainer never set up
         self.skipped_records = 0
         self.failed_samples = 0
 
