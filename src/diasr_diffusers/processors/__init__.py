@@ -8,16 +8,22 @@ from .core import (
     TextSegments,
     install_subject_processors,
 )
+from .hunyuan_video15 import (
+    HunyuanVideo15SubjectSparseAttnProcessor,
+    set_hunyuan_video15_subject_sparse_attn_processor,
+)
 from .wan import SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
 
 __all__ = [
     "ROUTING_MODES",
     "CogVideoXSubjectSparseAttnProcessor",
+    "HunyuanVideo15SubjectSparseAttnProcessor",
     "RoutedAttnProcessorBase",
     "SubjectRoutingState",
     "SubjectSparseAttnProcessor",
     "TextSegments",
     "install_subject_processors",
     "set_cogvideox_subject_sparse_attn_processor",
+    "set_hunyuan_video15_subject_sparse_attn_processor",
     "set_subject_sparse_attn_processor",
 ]

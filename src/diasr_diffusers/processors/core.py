@@ -368,6 +368,7 @@ def routed_joint_attention(
     video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     segment_bias: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Joint attention over text, video and reference tokens (one attention, as in CogVideoX / HunyuanVideo), with
     video queries routed by ``buckets (B, Lv)``. Each part is a ``(query, key, value)`` triple of ``(B, L, H, D)``
@@ -383,6 +384,8 @@ def routed_joint_attention(
       carries no subject's identity into the tokens not routed to it.
 
     ``segment_bias`` (router gradients) is added to the logits of the routed subject's keys (its phrase tokens too).
+    ``text_mask`` ``(B, Lt)`` bool (True = a real token; HunyuanVideo pads its text): padding tokens are nobody's
+    keys, and their own outputs are zeros (what SDPA gives a fully masked query row).
     """
     tq, tk, tv = text
     vq, vk, vv = video
@@ -391,12 +394,17 @@ def routed_joint_attention(
     lengths = state.ref_lengths
     if rk.shape[1] != sum(lengths):
         raise ValueError(f"{rk.shape[1]} reference tokens given but the state declares {sum(lengths)}")
+    if text_mask is not None and (text_mask.dtype != torch.bool or tuple(text_mask.shape) != (batch, lt)):
+        raise ValueError(f"`text_mask` must be a bool tensor of shape (B, Lt) = {(batch, lt)}, got {text_mask.dtype} {tuple(text_mask.shape)}")  # fmt: skip
+    visible = None if text_mask is None else F.pad(text_mask, (0, lv), value=True)[:, None, None]
     text_out = F.scaled_dot_product_attention(
-        tq.transpose(1, 2), torch.cat([tk, vk], 1).transpose(1, 2), torch.cat([tv, vv], 1).transpose(1, 2)
+        tq.transpose(1, 2), torch.cat([tk, vk], 1).transpose(1, 2), torch.cat([tv, vv], 1).transpose(1, 2), visible
     ).transpose(1, 2)
+    if text_mask is not None:
+        text_out = text_out * text_mask[:, :, None, None]
     key, value = torch.cat([tk, vk, rk], dim=1), torch.cat([tv, vv, rv], dim=1)
     ref_buckets = subject_of_reference_tokens(lengths, batch, vq.device)
-    if state.text_segments is None:
+    if state.text_segments is None and text_mask is None:
         video_out = bucketed_attention(
             vq, key, value, buckets, lengths, segment_bias=segment_bias, backend=state.backend
         )
@@ -406,18 +414,26 @@ def routed_joint_attention(
             kr, vr = torch.cat([tk, rk], dim=1), torch.cat([tv, rv], dim=1)
             ref_out = bucketed_attention(rq, kr, vr, ref_buckets, lengths, backend=state.backend)
         return text_out, video_out, ref_out
-    if len(state.text_segments) != batch:
+    if state.text_segments is not None and len(state.text_segments) != batch:
         raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
     device = vq.device
     video_pos = torch.arange(lt, lt + lv, device=device)
     ref_pos = list(torch.arange(lt + lv, lt + lv + sum(lengths), device=device).split(lengths))
     video_outs, ref_outs = [], []
-    # Phrase lengths differ between prompts and the op takes one segment layout per call: one call per sample, keys
-    # gathered as [shared | phrase_0 + ref_0 | ... | phrase_{N-1} + ref_{N-1}].
-    for b, seg in enumerate(state.text_segments):
-        if len(seg.order) != lt:
-            raise ValueError(f"`text_segments[{b}]` orders {len(seg.order)} text tokens, the attention has {lt}")
-        general, phrases = _text_parts(seg, device)
+    no_phrase = torch.zeros(0, dtype=torch.long, device=device)
+    # Phrase lengths (and text padding) differ between samples and the op takes one segment layout per call: one call
+    # per sample, keys gathered as [shared | phrase_0 + ref_0 | ... | phrase_{N-1} + ref_{N-1}].
+    for b in range(batch):
+        if state.text_segments is None:
+            general, phrases = torch.arange(lt, device=device), [no_phrase] * len(lengths)
+        else:
+            seg = state.text_segments[b]
+            if len(seg.order) != lt:
+                raise ValueError(f"`text_segments[{b}]` orders {len(seg.order)} text tokens, the attention has {lt}")
+            general, phrases = _text_parts(seg, device)
+        if text_mask is not None:
+            real = text_mask[b].to(device)
+            general, phrases = general[real[general]], [p[real[p]] for p in phrases]
         subject_keys = [torch.cat([p, r]) for p, r in zip(phrases, ref_pos)]
         seg_lengths = [len(k) for k in subject_keys]
         idx = torch.cat([general, video_pos, *subject_keys])
@@ -480,13 +496,17 @@ def block_indices(names: list[str]) -> dict[str, int | None]:
 
 
 def install_subject_processors(
-    transformer: Any, state: SubjectRoutingState | None, processor_class: type[RoutedAttnProcessorBase]
+    transformer: Any,
+    state: SubjectRoutingState | None,
+    processor_class: type[RoutedAttnProcessorBase],
+    only: str | None = None,
 ) -> SubjectRoutingState:
     """Install one ``processor_class(state, layer_idx)`` per attention module of ``transformer``, all sharing
     ``state`` (a new one if ``None``), each knowing its block index (:func:`block_indices`). Returns the state.
 
-    An attention backend set with ``transformer.set_attention_backend(...)`` is kept on the new processors (it
-    applies to their stock code paths).
+    ``only``: a module-name prefix (e.g. ``"transformer_blocks."``); attention modules outside it (a text refiner's)
+    keep their processors and are not counted as blocks. An attention backend set with
+    ``transformer.set_attention_backend(...)`` is kept on the new processors (it applies to their stock code paths).
     """
     if state is not None and not isinstance(state, SubjectRoutingState):
         raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
@@ -496,9 +516,12 @@ def install_subject_processors(
         )
     state = state if state is not None else SubjectRoutingState()
     old = transformer.attn_processors
-    layers = block_indices(list(old))
+    layers = block_indices([name for name in old if only is None or name.startswith(only)])
     processors = {}
     for name, previous in old.items():
+        if name not in layers:
+            processors[name] = previous
+            continue
         processor = processor_class(state, layers[name])
         # `set_attention_backend` stores the backend on each processor: keep it, or a backend chosen on the stock
         # transformer (e.g. before `DiasRPipeline.from_wan`) would silently be dropped for the stock code paths.
