@@ -20,7 +20,7 @@ from ..processors import CogVideoXSubjectSparseAttnProcessor, SubjectRoutingStat
 from ..routing import IDRouter
 from ..routing.phrases import clean_prompt
 from ..utils.checkpoints import check_block_model_folder
-from ..utils.images import letterbox, normalize_subject_images
+from ..utils.images import letterbox
 from ..utils.latents import encode_latents
 from .subjects import DiasRPipelineOutput, SubjectPipelineMixin
 
@@ -237,33 +237,18 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
         guidance_scale = 6.0 if guidance_scale is None else guidance_scale
 
         # 1. Check everything before any expensive work.
-        self.check_inputs(
-            prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_scale_ref=guidance_scale_ref,
+        num_frames, prompts, subjects, routing = self.prepare_subject_call(
+            prompt=prompt, subject_images=subject_images, subject_phrases=subject_phrases,
+            negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_ref=guidance_scale_ref, routing=routing, route_text=route_text, subject_masks=subject_masks,
             similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
-            max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
-            latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-            route_text=route_text, return_routing_maps=return_routing_maps,
-        )  # fmt: skip
-        if num_frames % self.vae_scale_factor_temporal != 1:
-            used = (num_frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
-            logger.warning(
-                f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}: got num_frames={num_frames}, "
-                f"generating {used} frames."
-            )
-            num_frames = used
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        subjects = normalize_subject_images(subject_images)
-        if not subjects and routing != "auto":
-            logger.warning(f"Ignoring `routing={routing!r}`: no `subject_images`, so nothing is routed.")
-        routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
-        self.check_subject_inputs(
-            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
-        )
-        self._warn_unused_arguments(
-            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, guidance_scale_ref,
-            return_routing_maps,
+            generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            return_routing_maps=return_routing_maps, attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
         )  # fmt: skip
 
         self._guidance_scale = guidance_scale
@@ -364,13 +349,12 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
                 latents = latents.to(prompt_embeds.dtype)
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:  # not a comprehension: it has its own locals()
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
+                    tensors = self.step_callback(
+                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, tensors
+                    )
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()

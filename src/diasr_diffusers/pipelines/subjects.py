@@ -36,6 +36,7 @@ from ..routing import (
     token_grid_factors,
 )
 from ..utils.checkpoints import check_block_model_folder
+from ..utils.images import normalize_subject_images
 
 logger = logging.get_logger(__name__)
 _CPU = torch.device("cpu")
@@ -333,6 +334,82 @@ class SubjectPipelineMixin:
                 )
             if "scale" in attention_kwargs:
                 _check_real("attention_kwargs['scale']", attention_kwargs["scale"])
+
+    def prepare_subject_call(
+        self,
+        *,
+        prompt: str | list[str] | None,
+        subject_images: list[Any] | None,
+        subject_phrases: list[str] | None,
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_scale_ref: float | None,
+        routing: str,
+        route_text: bool,
+        subject_masks: Any,
+        similarity_threshold: float,
+        num_videos_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        output_type: str,
+        return_routing_maps: bool,
+        attention_kwargs: dict[str, Any] | None,
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        max_sequence_length: int,
+        sigmas: Any = None,
+        always_guide: bool = False,
+    ) -> tuple[int, list[str] | None, list[list[PIL.Image.Image]], str]:
+        """The start of every DiasR pipeline's ``__call__``, before anything is encoded: check every argument, round
+        ``num_frames`` to what the VAE makes (with a warning), normalise the subject images, resolve ``routing``
+        (``"none"`` without subjects), check the subject inputs and warn about arguments the mode ignores.
+
+        Returns ``(num_frames, prompts, subjects, routing)``: the frame count used, the prompts as a list (``None``
+        with ``prompt_embeds``), one list of RGB images per subject, the resolved routing mode.
+        """
+        self.check_inputs(
+            prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_scale_ref=guidance_scale_ref,
+            similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
+            max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
+            latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+            route_text=route_text, return_routing_maps=return_routing_maps, sigmas=sigmas,
+        )  # fmt: skip
+        if num_frames % self.vae_scale_factor_temporal != 1:
+            used = (num_frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+            logger.warning(
+                f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}: got num_frames={num_frames}, "
+                f"generating {used} frames."
+            )
+            num_frames = used
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        subjects = normalize_subject_images(subject_images)
+        if not subjects and routing != "auto":
+            logger.warning(f"Ignoring `routing={routing!r}`: no `subject_images`, so nothing is routed.")
+        routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
+        self.check_subject_inputs(
+            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
+        )
+        self._warn_unused_arguments(
+            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, guidance_scale_ref,
+            return_routing_maps, always_guide,
+        )  # fmt: skip
+        return num_frames, prompts, subjects, routing
+
+    def step_callback(
+        self, callback: Any, i: int, t: torch.Tensor, names: list[str], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Run ``callback_on_step_end`` on the ``names`` it asked for (of ``tensors``, the step's
+        ``_callback_tensor_inputs``); returns ``tensors`` with what it gave back."""
+        outputs = callback(self, i, t, {k: tensors[k] for k in names})
+        return {k: outputs.pop(k, v) for k, v in tensors.items()}
 
     def _warn_unused_arguments(
         self,
