@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-import diasr_diffusers.pipelines.pipeline_diasr_wan as pipeline_module
+import diasr_diffusers.pipelines.subjects as subjects_module
 from diasr_diffusers import DiasRPipeline, IDRouter
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
@@ -112,7 +112,7 @@ def test_download_forwards_hub_arguments(monkeypatch, tmp_path):
         seen.update(kwargs, repo_id=repo_id)
         return str(tmp_path)
 
-    monkeypatch.setattr(pipeline_module, "snapshot_download", spy)
+    monkeypatch.setattr(subjects_module, "snapshot_download", spy)
     out = DiasRPipeline.download(REPO, cache_dir="/c", revision="v1", token="tok", force_download=True,
                                  local_files_only=True, proxies=None, use_safetensors=True)  # fmt: skip
     assert out == str(tmp_path)

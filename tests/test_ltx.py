@@ -193,7 +193,7 @@ def test_one_training_step_of_each_stage(data_dir, tmp_path, stage):
     from diasr_diffusers.training import DiasRTrainer, TrainConfig
 
     config = TrainConfig.from_dict({
-        "stage": stage, "allow_scratch": True, "train_data": str(data_dir), "tiny_model": {"ltx": True},
+        "stage": stage, "allow_scratch": True, "train_data": str(data_dir), "model_family": "ltx", "tiny_model": {},
         "height": 64, "width": 64, "num_frames": 9, "batch_size": 1, "max_steps": 1, "learning_rate": 1e-2,
         "router": {"routed_layers": "all", "router_dim": 16, "num_identity_queries": 2, "num_heads": 2},
         "lora_rank": 2, "lora_alpha": 2, "checkpointing_steps": 1, "eval_fraction": 0.34, "eval_sigmas": [0.5],
@@ -212,3 +212,18 @@ def test_one_training_step_of_each_stage(data_dir, tmp_path, stage):
     if stage != "dense":  # routing was scored on LTX's token grid: 2 latent frames x 2 x 2 tokens
         assert "routing_iou_mean" in result
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_training_config_checks_ltx_sizes_and_toy_arguments(data_dir):
+    from diasr_diffusers.training import TrainConfig
+    from diasr_diffusers.training.config import ConfigError
+
+    base = {"stage": "align", "allow_scratch": True, "train_data": str(data_dir), "model_family": "ltx",
+            "tiny_model": {}, "height": 64, "width": 64, "num_frames": 9}  # fmt: skip
+    TrainConfig.from_dict(base)
+    with pytest.raises(ConfigError, match=r"`num_frames` must be 1 \+ 8k"):
+        TrainConfig.from_dict({**base, "num_frames": 13})  # 1 + 4k: fine for Wan, not for LTX's VAE
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        TrainConfig.from_dict({**base, "height": 48})
+    with pytest.raises(ConfigError, match=r"unknown `tiny_model` key\(s\) \['wan22'\]"):
+        TrainConfig.from_dict({**base, "tiny_model": {"wan22": "a14b"}})

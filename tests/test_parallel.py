@@ -117,3 +117,33 @@ def test_sizes_diffusers_would_refuse_are_named_before_any_work():
     uneven = ContextParallelConfig(ulysses_degree=4, ulysses_anything=True)
     transformer._parallel_config = ParallelConfig(context_parallel_config=uneven)
     check_context_parallel_inputs(transformer, [15])  # Diffusers' uneven mode takes any length
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox"])
+def test_every_family_refuses_late_install_and_only_wan_routes_under_context_parallelism(family):
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    from diasr_diffusers import processors
+    from diasr_diffusers.utils import tiny
+
+    build, install = {
+        "wan": (tiny.tiny_wan_components, processors.set_subject_sparse_attn_processor),
+        "ltx": (tiny.tiny_ltx_components, processors.set_ltx_subject_sparse_attn_processor),
+        "cogvideox": (tiny.tiny_cogvideox_components, processors.set_cogvideox_subject_sparse_attn_processor),
+    }[family]
+    transformer = build(num_layers=1)["transformer"]
+    state = install(transformer)
+    processor = next(iter(transformer.attn_processors.values()))
+    # What `enable_parallelism` hands the processors and records on the model (set by hand: no process group).
+    cp = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    processor._parallel_config = cp
+    assert processor.routes() is None  # no subjects: the stock code path, which Diffusers parallelises
+    with state.activate(ref_lengths=[4], mode="similarity"):
+        if family == "wan":  # Ulysses routed attention (processors/parallel.py)
+            assert processor.routes() is state
+        else:
+            with pytest.raises(NotImplementedError, match="does not support context parallelism"):
+                processor.routes()
+    transformer._parallel_config = cp
+    with pytest.raises(RuntimeError, match="install the subject-sparse processors first"):
+        install(transformer)

@@ -14,6 +14,7 @@ import torch
 from diffusers import WanPipeline
 
 import diasr_diffusers.pipelines.pipeline_diasr_wan as pipeline_module
+import diasr_diffusers.pipelines.subjects as subjects_module
 from diasr_diffusers import DiasRPipeline
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
@@ -41,15 +42,18 @@ def checked(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "encode_prompt", encode_prompt)
 
     def run(**kwargs):
-        # diffusers' loggers do not propagate to the root logger (so not to caplog): listen to ours directly.
+        # diffusers' loggers do not propagate to the root logger (so not to caplog): listen to ours directly (the
+        # pipeline's and the shared subject handling's).
         log = io.StringIO()
         handler = logging.StreamHandler(log)
-        pipeline_module.logger.addHandler(handler)
+        for logger in (pipeline_module.logger, subjects_module.logger):
+            logger.addHandler(handler)
         try:
             with pytest.raises(Encoded):
                 pipe(**{**BASE, **kwargs})
         finally:
-            pipeline_module.logger.removeHandler(handler)
+            for logger in (pipeline_module.logger, subjects_module.logger):
+                logger.removeHandler(handler)
         return log.getvalue()
 
     return run

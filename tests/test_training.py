@@ -101,8 +101,8 @@ def test_stage_decreases_its_losses_on_a_fixed_sample(data_dir, tmp_path, stage)
         enc = trainer._encode(item)
         noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            pred, logits, anchors, _ = trainer._forward(enc, torch.tensor(0.4), noise, trainer.model)
-            return {k: float(v) for k, v in trainer._losses(enc, pred, noise, logits, anchors).items()}
+            pred, target, logits, anchors, _ = trainer._forward(enc, torch.tensor(0.4), noise, trainer.model)
+            return {k: float(v) for k, v in trainer._losses(enc, pred, target, logits, anchors).items()}
 
     before = losses()
     trainer.train_set.records = trainer.train_set.records[:1] * 4  # overfit one clip

@@ -14,6 +14,7 @@ __version__ = "0.1.0.dev0"
 # Public names are imported on first use (PEP 562): importing torch and diffusers takes seconds, and the `diasr`
 # command line must answer `--help` (and reject bad arguments) without paying for them.
 _LAZY = {
+    "DiasRCogVideoXPipeline": ".pipelines",
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
@@ -28,6 +29,7 @@ _LAZY = {
 
 # A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
+    "DiasRCogVideoXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
@@ -44,7 +46,13 @@ __all__ = [
 if TYPE_CHECKING:
     from .models import IngredientsTransformer3DModel
     from .ops import bucketed_attention
-    from .pipelines import DiasRPipeline, DiasRPipelineOutput, IngredientsPipeline, IngredientsPipelineOutput
+    from .pipelines import (
+        DiasRCogVideoXPipeline,
+        DiasRPipeline,
+        DiasRPipelineOutput,
+        IngredientsPipeline,
+        IngredientsPipelineOutput,
+    )
     from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
     from .routing import IDRouter
 

@@ -1,5 +1,6 @@
 """Pipelines."""
 
+from .pipeline_diasr_cogvideox import DiasRCogVideoXPipeline
 from .pipeline_diasr_ltx import DiasRLTXPipeline
 from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
 from .pipeline_ingredients import IngredientsPipeline, IngredientsPipelineOutput
@@ -7,6 +8,7 @@ from .reference_styles import REFERENCE_STYLES, ReferenceStyle
 
 __all__ = [
     "REFERENCE_STYLES",
+    "DiasRCogVideoXPipeline",
     "DiasRLTXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",

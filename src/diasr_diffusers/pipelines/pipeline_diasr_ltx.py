@@ -17,16 +17,15 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from ..processors import SubjectRoutingState, TextSegments
-from ..processors.ltx import LTXSubjectSparseAttnProcessor, set_ltx_subject_sparse_attn_processor
+from ..processors import LTXSubjectSparseAttnProcessor, SubjectRoutingState, TextSegments
 from ..routing import IDRouter
-from ..utils.images import letterbox, normalize_subject_images
-from .pipeline_diasr_wan import OUTPUT_TYPES, DiasRPipeline, DiasRPipelineOutput, _check_int, _check_real
+from ..utils.images import letterbox
+from .subjects import DiasRPipelineOutput, SubjectPipelineMixin
 
 logger = logging.get_logger(__name__)
 
 
-class DiasRLTXPipeline(LTXPipeline):
+class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
     r"""Multi-subject video generation with LTX-Video and DiasR subject-sparse routed attention.
 
     The same call signature and outputs as :class:`~diasr_diffusers.DiasRPipeline` (with LTX's defaults and its
@@ -52,17 +51,8 @@ class DiasRLTXPipeline(LTXPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["id_router"]
-
-    # Subject handling shared with the Wan pipeline (phrases, routing inputs, maps): one implementation.
-    max_subjects = DiasRPipeline.max_subjects
-    check_subject_inputs = DiasRPipeline.check_subject_inputs
-    _resolve_routing = DiasRPipeline._resolve_routing
-    _warn_unused_arguments = DiasRPipeline._warn_unused_arguments
-    _text_routing = DiasRPipeline._text_routing
-    _prepare_routing = DiasRPipeline._prepare_routing
-    _majority_buckets = DiasRPipeline._majority_buckets
-    _routing_maps = DiasRPipeline._routing_maps
-    download = classmethod(DiasRPipeline.download.__func__)  # a Hub repo naming our IDRouter (see DiasRPipeline)
+    _processor_class = LTXSubjectSparseAttnProcessor
+    _transformer_class = LTXVideoTransformer3DModel
 
     def __init__(
         self,
@@ -78,16 +68,11 @@ class DiasRLTXPipeline(LTXPipeline):
         if id_router is not None and transformer is not None:
             id_router.check_compatible(transformer)
         self.register_modules(id_router=id_router)
-        self.vae_scale_factor_temporal = self.vae_temporal_compression_ratio  # the name the shared subject checks read
+        # The names the shared subject checks read.
+        self.vae_scale_factor_temporal = self.vae_temporal_compression_ratio
+        self.vae_scale_factor_spatial = self.vae_spatial_compression_ratio
         self.routing_state = SubjectRoutingState()
         self._install_processors()
-
-    def _install_processors(self) -> None:
-        if self.transformer is None:
-            return
-        procs = self.transformer.attn_processors.values()
-        if not all(isinstance(p, LTXSubjectSparseAttnProcessor) and p.state is self.routing_state for p in procs):
-            set_ltx_subject_sparse_attn_processor(self.transformer, self.routing_state)
 
     @classmethod
     def from_ltx(
@@ -105,14 +90,7 @@ class DiasRLTXPipeline(LTXPipeline):
             id_router = IDRouter.from_pretrained(id_router)
         return cls(ltx.scheduler, ltx.vae, ltx.text_encoder, ltx.tokenizer, ltx.transformer, id_router=id_router)
 
-    # Training hooks (DiasRTrainer): the same four as DiasRPipeline's, and the expert set-up it reads.
-
-    @property
-    def experts(self) -> list[LTXVideoTransformer3DModel]:
-        return [self.transformer]
-
-    def expert_for(self, t: torch.Tensor) -> tuple[LTXVideoTransformer3DModel, bool]:
-        return self.transformer, False
+    # Training hooks (DiasRTrainer): the same four as DiasRPipeline's.
 
     def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised ``(B, C, F, h, w)`` latents (posterior mean) of ``(B, 3, F, H, W)`` pixels in [-1, 1]."""
@@ -156,35 +134,42 @@ class DiasRLTXPipeline(LTXPipeline):
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def check_call_inputs(
-        self, height: int, width: int, num_frames: int, num_inference_steps: int, guidance_scale: float,
-        guidance_scale_ref: float | None, similarity_threshold: float, num_videos_per_prompt: int,
-        max_sequence_length: int, output_type: str, route_text: bool, return_routing_maps: bool,
-    ) -> None:  # fmt: skip
-        """The numbers and flags of a call, checked before anything is encoded (``ValueError``/``TypeError``)."""
-        for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
-                            ("num_inference_steps", num_inference_steps),
-                            ("num_videos_per_prompt", num_videos_per_prompt),
-                            ("max_sequence_length", max_sequence_length)):  # fmt: skip
-            _check_int(name, value, 1)
-        multiple = self.vae_spatial_compression_ratio * self.transformer_spatial_patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"`height` and `width` have to be divisible by {multiple} (the VAE's "
-                f"{self.vae_spatial_compression_ratio}x downsampling times the transformer's patch size "
-                f"{self.transformer_spatial_patch_size}) but are {height} and {width}."
-            )
+    def latents_shape(self, num_videos: int, num_frames: int, height: int, width: int) -> tuple[tuple[int, ...], str]:
+        """LTX's ``latents`` argument is packed: ``(videos, tokens, channels)``."""
+        p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
+        f = (num_frames - 1) // self.vae_temporal_compression_ratio + 1
+        h, w = height // self.vae_spatial_compression_ratio, width // self.vae_spatial_compression_ratio
+        shape = (num_videos, (f // pt) * (h // p) * (w // p), self.transformer.config.in_channels * pt * p * p)
+        return shape, "(videos, latent tokens, channels) (packed, as LTXPipeline)"
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt=None,
+        height=512,
+        width=704,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+        *,
+        num_frames: int = 161,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The shared checks of every DiasR call, LTX's frame count (``8k + 1``: LTX's VAE needs it and
+        ``LTXPipeline`` does not round) and ``LTXPipeline``'s own (masks given with embeddings). ``LTXPipeline.__call__``
+        (the subject-free path) calls this too, with its keywords."""
+        super().check_inputs(
+            prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs, num_frames=num_frames, **kwargs,
+        )  # fmt: skip
         if (num_frames - 1) % self.vae_temporal_compression_ratio:
             raise ValueError(f"`num_frames` must be 1 + {self.vae_temporal_compression_ratio} * k, got {num_frames}")
-        _check_real("guidance_scale", guidance_scale, 0.0)
-        if guidance_scale_ref is not None:
-            _check_real("guidance_scale_ref", guidance_scale_ref, 0.0)
-        _check_real("similarity_threshold", similarity_threshold)
-        for name, flag in (("route_text", route_text), ("return_routing_maps", return_routing_maps)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        LTXPipeline.check_inputs(
+            self, prompt, height, width, callback_on_step_end_tensor_inputs, prompt_embeds, negative_prompt_embeds,
+            prompt_attention_mask, negative_prompt_attention_mask,
+        )  # fmt: skip
 
     def encode_references(
         self, subjects: list[list[PIL.Image.Image]], height: int, width: int, device: torch.device, dtype: torch.dtype
@@ -263,19 +248,18 @@ class DiasRLTXPipeline(LTXPipeline):
                 "`sigmas`: DiasRLTXPipeline samples LTXPipeline's schedule (linspace(1, 1/steps), shifted by "
                 "resolution); explicit sigmas are not supported"
             )
-        self.check_call_inputs(
-            height, width, num_frames, num_inference_steps, guidance_scale, guidance_scale_ref, similarity_threshold,
-            num_videos_per_prompt, max_sequence_length, output_type, route_text, return_routing_maps,
-        )  # fmt: skip
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        subjects = normalize_subject_images(subject_images)
-        routing = self._resolve_routing(routing, subject_masks) if subjects else "none"
-        self.check_subject_inputs(
-            prompts, subjects, subject_phrases, subject_masks, num_frames, height, width, routing, max_sequence_length
-        )
-        self._warn_unused_arguments(
-            routing, bool(subjects), subject_masks, similarity_threshold, guidance_scale, guidance_scale_ref,
-            return_routing_maps,
+        num_frames, prompts, subjects, routing = self.prepare_subject_call(
+            prompt=prompt, subject_images=subject_images, subject_phrases=subject_phrases,
+            negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_ref=guidance_scale_ref, routing=routing, route_text=route_text, subject_masks=subject_masks,
+            similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
+            generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            return_routing_maps=return_routing_maps, attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
         )  # fmt: skip
         self._install_processors()
         if not subjects:  # exactly LTXPipeline (its processors are ours, running the stock code path)
@@ -292,7 +276,6 @@ class DiasRLTXPipeline(LTXPipeline):
             return DiasRPipelineOutput(frames=out.frames) if return_dict else (out.frames, None)
         if prompt_embeds is not None:
             raise ValueError("`prompt_embeds` with `subject_images`: give `prompt` (its phrases are located in it)")
-        self.check_inputs(prompt, height, width, callback_on_step_end_tensor_inputs, None, negative_prompt_embeds)
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = 0.0
@@ -323,7 +306,7 @@ class DiasRLTXPipeline(LTXPipeline):
         h, w = height // self.vae_spatial_compression_ratio, width // self.vae_spatial_compression_ratio
         p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
         video_5d = self._unpack_latents(latents, f // pt, h // p, w // p, p, pt)
-        routing_inputs = self._prepare_routing(
+        routing_inputs = self.prepare_routing(
             [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing,
             route_text, similarity_threshold, num_videos_per_prompt, num_frames, video_5d, max_sequence_length,
         )  # fmt: skip
@@ -393,12 +376,11 @@ class DiasRLTXPipeline(LTXPipeline):
                         noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:  # not a comprehension: it has its own locals()
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    tensors = self.step_callback(
+                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs,
+                        {"latents": latents, "prompt_embeds": prompt_embeds},
+                    )  # fmt: skip
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None

@@ -5,9 +5,18 @@ A processor (one per model family, e.g. :mod:`.wan`) only knows how to turn its 
 :class:`SubjectRoutingState`, how buckets are obtained (trained router, training-free similarity, user masks,
 dense), and how self-/cross-attention is run through :func:`~diasr_diffusers.ops.bucketed_attention`.
 
-Sequence layout assumed for self-attention: ``[video (Lv) | ref_0 (R_0) | ... | ref_{N-1}]`` (Phantom-style
-reference frames appended after the video). Cross-attention keys are text tokens; with text routing, the state
-holds a per-sample permutation that puts them in ``[general | phrase_0 | ... | phrase_{N-1}]`` order.
+Two kinds of families are served:
+
+* separate self-/cross-attention (Wan, LTX): self-attention over ``[video (Lv) | ref_0 (R_0) | ... | ref_{N-1}]``
+  (Phantom-style reference frames appended after the video) with :func:`routed_self_attention`, and text
+  cross-attention with :func:`routed_cross_attention`;
+* one joint attention over text, video and references (CogVideoX, HunyuanVideo): :func:`routed_joint_attention`,
+  which takes the three parts as separate ``(q, k, v)`` triples, so an adapter only splits its own sequence order
+  (``[text | video | refs]``, ``[video | refs | text]``, ...) and concatenates the outputs back.
+
+With text routing, the state holds a per-sample permutation that puts the text tokens in
+``[general | phrase_0 | ... | phrase_{N-1}]`` order. Adapters install their processors with
+:func:`install_subject_processors` (one processor per attention module, each knowing its block index).
 """
 
 from __future__ import annotations
@@ -393,3 +402,194 @@ def routed_cross_attention(
             )
         )
     return torch.cat(outs, dim=0)
+
+
+def _text_parts(seg: TextSegments, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One sample's general text positions and each subject's phrase positions (prompt order within each)."""
+    order = seg.order.to(device)
+    general = len(order) - sum(seg.lengths)
+    phrases = list(order[general:].split(seg.lengths))
+    return order[:general], phrases
+
+
+def routed_joint_attention(
+    state: SubjectRoutingState,
+    buckets: torch.Tensor,
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    video: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    refs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    segment_bias: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint attention over text, video and reference tokens (one attention, as in CogVideoX / HunyuanVideo), with
+    video queries routed by ``buckets (B, Lv)``. Each part is a ``(query, key, value)`` triple of ``(B, L, H, D)``
+    tensors (rotary embedding applied); returns the three outputs ``(text, video, refs)``.
+
+    Who sees what (keys), with ``state.text_segments`` (text routing) / without:
+
+    * a video token routed to subject ``s``: the general text + ``s``'s phrase / all text, all video, ``s``'s
+      references; routed to null: the general text / all text, and all video;
+    * a reference token of subject ``s``: the general text + ``s``'s phrase / all text, ``s``'s references (and
+      all video if ``state.ref_attends_video``);
+    * a text token: all text and all video, never a reference, so the text stream (which every video token reads)
+      carries no subject's identity into the tokens not routed to it.
+
+    ``segment_bias`` (router gradients) is added to the logits of the routed subject's keys (its phrase tokens too).
+    ``text_mask`` ``(B, Lt)`` bool (True = a real token; HunyuanVideo pads its text): padding tokens are nobody's
+    keys, and their own outputs are zeros (what SDPA gives a fully masked query row).
+    """
+    tq, tk, tv = text
+    vq, vk, vv = video
+    rq, rk, rv = refs
+    batch, lt, lv = vq.shape[0], tk.shape[1], vk.shape[1]
+    lengths = state.ref_lengths
+    if rk.shape[1] != sum(lengths):
+        raise ValueError(f"{rk.shape[1]} reference tokens given but the state declares {sum(lengths)}")
+    if text_mask is not None and (text_mask.dtype != torch.bool or tuple(text_mask.shape) != (batch, lt)):
+        raise ValueError(f"`text_mask` must be a bool tensor of shape (B, Lt) = {(batch, lt)}, got {text_mask.dtype} {tuple(text_mask.shape)}")  # fmt: skip
+    visible = None if text_mask is None else F.pad(text_mask, (0, lv), value=True)[:, None, None]
+    text_out = F.scaled_dot_product_attention(
+        tq.transpose(1, 2), torch.cat([tk, vk], 1).transpose(1, 2), torch.cat([tv, vv], 1).transpose(1, 2), visible
+    ).transpose(1, 2)
+    if text_mask is not None:
+        text_out = text_out * text_mask[:, :, None, None]
+    key, value = torch.cat([tk, vk, rk], dim=1), torch.cat([tv, vv, rv], dim=1)
+    ref_buckets = subject_of_reference_tokens(lengths, batch, vq.device)
+    if state.text_segments is None and text_mask is None:
+        video_out = bucketed_attention(
+            vq, key, value, buckets, lengths, segment_bias=segment_bias, backend=state.backend
+        )
+        if state.ref_attends_video:
+            ref_out = bucketed_attention(rq, key, value, ref_buckets, lengths, backend=state.backend)
+        else:
+            kr, vr = torch.cat([tk, rk], dim=1), torch.cat([tv, rv], dim=1)
+            ref_out = bucketed_attention(rq, kr, vr, ref_buckets, lengths, backend=state.backend)
+        return text_out, video_out, ref_out
+    if state.text_segments is not None and len(state.text_segments) != batch:
+        raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
+    device = vq.device
+    video_pos = torch.arange(lt, lt + lv, device=device)
+    ref_pos = list(torch.arange(lt + lv, lt + lv + sum(lengths), device=device).split(lengths))
+    video_outs, ref_outs = [], []
+    no_phrase = torch.zeros(0, dtype=torch.long, device=device)
+    # Phrase lengths (and text padding) differ between samples and the op takes one segment layout per call: one call
+    # per sample, keys gathered as [shared | phrase_0 + ref_0 | ... | phrase_{N-1} + ref_{N-1}].
+    for b in range(batch):
+        if state.text_segments is None:
+            general, phrases = torch.arange(lt, device=device), [no_phrase] * len(lengths)
+        else:
+            seg = state.text_segments[b]
+            if len(seg.order) != lt:
+                raise ValueError(f"`text_segments[{b}]` orders {len(seg.order)} text tokens, the attention has {lt}")
+            general, phrases = _text_parts(seg, device)
+        if text_mask is not None:
+            real = text_mask[b].to(device)
+            general, phrases = general[real[general]], [p[real[p]] for p in phrases]
+        subject_keys = [torch.cat([p, r]) for p, r in zip(phrases, ref_pos)]
+        seg_lengths = [len(k) for k in subject_keys]
+        idx = torch.cat([general, video_pos, *subject_keys])
+        bias = None if segment_bias is None else segment_bias[b : b + 1]
+        video_outs.append(
+            bucketed_attention(vq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], buckets[b : b + 1],
+                               seg_lengths, segment_bias=bias, backend=state.backend)
+        )  # fmt: skip
+        if not state.ref_attends_video:
+            idx = torch.cat([general, *subject_keys])
+        ref_outs.append(
+            bucketed_attention(rq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], ref_buckets[b : b + 1],
+                               seg_lengths, backend=state.backend)
+        )  # fmt: skip
+    return text_out, torch.cat(video_outs), torch.cat(ref_outs)
+
+
+class RoutedAttnProcessorBase:
+    """What every family's ``SubjectSparseAttnProcessor`` shares: the routing ``state`` (``None`` = always stock),
+    its block index ``layer_idx`` (for per-layer ``IDRouter`` heads), and Diffusers' context-parallel hooks."""
+
+    # Context parallelism (diffusers' rules): these class attributes are set by `enable_parallelism()`.
+    _attention_backend = None
+    _parallel_config = None
+    # A family whose processor runs routed attention on its rank's rows (Wan: `processors/parallel.py`) says so;
+    # the others refuse context parallelism with subjects active rather than attend within each rank's rows.
+    supports_context_parallel = False
+
+    def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
+        if state is not None and not isinstance(state, SubjectRoutingState):
+            raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
+        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0):
+            raise ValueError(f"`layer_idx` must be a block index >= 0 or None, got {layer_idx!r}")
+        self.state = state
+        self.layer_idx = layer_idx
+
+    def routes(self, attention_mask: torch.Tensor | None = None) -> SubjectRoutingState | None:
+        """The state when this call is routed (subjects active, not ``"dense"``, no attention mask), else ``None``
+        (run the stock processor). Refuses context parallelism unless the family supports it."""
+        state = self.state
+        if state is None or not state.active or state.mode == "dense" or attention_mask is not None:
+            return None
+        if self._parallel_config is not None and not self.supports_context_parallel:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support context parallelism with subjects active yet (only Wan "
+                "does); use `routing='dense'` or run without `enable_parallelism`"
+            )
+        return state
+
+
+def block_indices(names: list[str]) -> dict[str, int | None]:
+    """The transformer block index of each attention processor name: blocks are numbered in the order their
+    ``<list>.<i>`` prefix first appears (``blocks.3.attn1.processor`` -> 3 for Wan; double-stream then
+    single-stream blocks of HunyuanVideo-style models get one running index). ``None`` outside any block list."""
+    index: dict[str, int] = {}
+    out: dict[str, int | None] = {}
+    for name in names:
+        parts = name.split(".")
+        digit = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+        if digit is None:
+            out[name] = None
+            continue
+        block = ".".join(parts[: digit + 1])
+        out[name] = index.setdefault(block, len(index))
+    return out
+
+
+def install_subject_processors(
+    transformer: Any,
+    state: SubjectRoutingState | None,
+    processor_class: type[RoutedAttnProcessorBase],
+    only: str | None = None,
+) -> SubjectRoutingState:
+    """Install one ``processor_class(state, layer_idx)`` per attention module of ``transformer``, all sharing
+    ``state`` (a new one if ``None``), each knowing its block index (:func:`block_indices`). Returns the state.
+
+    ``only``: a module-name prefix (e.g. ``"transformer_blocks."``); attention modules outside it (a text refiner's)
+    keep their processors and are not counted as blocks. An attention backend set with
+    ``transformer.set_attention_backend(...)`` is kept on the new processors (it applies to their stock code paths).
+    Install before ``transformer.enable_parallelism(...)``: afterwards this raises
+    (:func:`~.parallel.check_processors_before_parallelism`).
+    """
+    from .parallel import check_processors_before_parallelism  # parallel.py builds on this module
+
+    if state is not None and not isinstance(state, SubjectRoutingState):
+        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
+    if not hasattr(transformer, "attn_processors") or not hasattr(transformer, "set_attn_processor"):
+        raise TypeError(
+            f"`transformer` must be a Diffusers transformer (e.g. `pipe.transformer`), got {type(transformer).__name__}"
+        )
+    check_processors_before_parallelism(transformer)
+    state = state if state is not None else SubjectRoutingState()
+    old = transformer.attn_processors
+    layers = block_indices([name for name in old if only is None or name.startswith(only)])
+    processors = {}
+    for name, previous in old.items():
+        if name not in layers:
+            processors[name] = previous
+            continue
+        processor = processor_class(state, layers[name])
+        # `set_attention_backend` stores the backend on each processor: keep it, or a backend chosen on the stock
+        # transformer (e.g. before `DiasRPipeline.from_wan`) would silently be dropped for the stock code paths.
+        backend = getattr(previous, "_attention_backend", None)
+        if backend is not None:
+            processor._attention_backend = backend
+        processors[name] = processor
+    transformer.set_attn_processor(processors)
+    return state

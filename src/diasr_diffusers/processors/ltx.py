@@ -15,10 +15,17 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
-from .core import SubjectRoutingState, route_video_tokens, routed_cross_attention, routed_self_attention
+from .core import (
+    RoutedAttnProcessorBase,
+    SubjectRoutingState,
+    install_subject_processors,
+    route_video_tokens,
+    routed_cross_attention,
+    routed_self_attention,
+)
 
 
-class LTXSubjectSparseAttnProcessor:
+class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     r"""Subject-sparse attention for LTX-Video (``LTXAttention``), a drop-in for ``LTXVideoAttnProcessor``.
 
     Without a state, or while the state has no subjects, it is the stock processor (same outputs). With subjects
@@ -41,17 +48,6 @@ class LTXSubjectSparseAttnProcessor:
         ```
     """
 
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
-        if state is not None and not isinstance(state, SubjectRoutingState):
-            raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
-        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0):
-            raise ValueError(f"`layer_idx` must be a block index >= 0 or None, got {layer_idx!r}")
-        self.state = state
-        self.layer_idx = layer_idx
-
     def __call__(
         self,
         attn: Any,
@@ -60,15 +56,14 @@ class LTXSubjectSparseAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        state = self.state
         is_cross = encoder_hidden_states is not None
-        unrouted_self = not is_cross and attention_mask is not None  # LTX never masks self-attention; be safe
-        if state is None or not state.active or state.mode == "dense" or unrouted_self:
+        # Cross-attention always carries LTX's prompt padding mask (routed text lists the valid positions only, see
+        # above); a masked self-attention (LTX never makes one) stays stock.
+        state = self.routes(None if is_cross else attention_mask)
+        if state is None:
             return LTXVideoAttnProcessor.__call__(
                 self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
-        if self._parallel_config is not None:
-            raise NotImplementedError("subject-sparse attention does not support context parallelism yet")
         if is_cross:
             if state.text_segments is None or state.current_buckets is None:
                 return LTXVideoAttnProcessor.__call__(
@@ -113,23 +108,9 @@ def set_ltx_subject_sparse_attn_processor(
 ) -> SubjectRoutingState:
     """Install one :class:`LTXSubjectSparseAttnProcessor` per attention module of an ``LTXVideoTransformer3DModel``,
     all sharing ``state`` (a new one if ``None``), each knowing its block index. Returns the state."""
-    if state is not None and not isinstance(state, SubjectRoutingState):
-        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
-    if not hasattr(transformer, "transformer_blocks") or not hasattr(transformer, "set_attn_processor"):
+    if not hasattr(transformer, "transformer_blocks"):
         raise TypeError(
             f"`transformer` must be a Diffusers LTXVideoTransformer3DModel (e.g. `pipe.transformer`), got "
             f"{type(transformer).__name__}"
         )
-    state = state if state is not None else SubjectRoutingState()
-    processors = {}
-    for name, old in transformer.attn_processors.items():
-        # Names look like "transformer_blocks.{i}.attn1.processor".
-        parts = name.split(".")
-        layer_idx = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-        processor = LTXSubjectSparseAttnProcessor(state, layer_idx)
-        backend = getattr(old, "_attention_backend", None)
-        if backend is not None:
-            processor._attention_backend = backend
-        processors[name] = processor
-    transformer.set_attn_processor(processors)
-    return state
+    return install_subject_processors(transformer, state, LTXSubjectSparseAttnProcessor)

@@ -13,13 +13,14 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from .core import (
+    RoutedAttnProcessorBase,
     SubjectRoutingState,
+    install_subject_processors,
     route_video_tokens,
     routed_cross_attention,
     routed_self_attention,
 )
 from .parallel import (
-    check_processors_before_parallelism,
     context_parallel_config,
     heads_group,
     ulysses_routed_cross_attention,
@@ -37,7 +38,7 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return out.type_as(x)
 
 
-class SubjectSparseAttnProcessor:
+class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     r"""Subject-sparse attention for Wan (``WanAttention``), a drop-in for ``WanAttnProcessor``.
 
     Without a state, or while the state has no subjects, it is the stock processor (same outputs). With subjects
@@ -60,17 +61,7 @@ class SubjectSparseAttnProcessor:
         ```
     """
 
-    # Context parallelism (diffusers' rules): these class attributes are set by `enable_parallelism()`.
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
-        if state is not None and not isinstance(state, SubjectRoutingState):
-            raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
-        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0):
-            raise ValueError(f"`layer_idx` must be a block index >= 0 or None, got {layer_idx!r}")
-        self.state = state
-        self.layer_idx = layer_idx
+    supports_context_parallel = True  # Ulysses: `processors/parallel.py`
 
     def __call__(
         self,
@@ -80,8 +71,8 @@ class SubjectSparseAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        state = self.state
-        if state is None or not state.active or state.mode == "dense" or attention_mask is not None:
+        state = self.routes(attention_mask)
+        if state is None:
             return WanAttnProcessor.__call__(
                 self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
@@ -145,25 +136,4 @@ def set_subject_sparse_attn_processor(
     subjects, ``routing="dense"``, unrouted cross-attention), while routed attention runs
     :func:`~diasr_diffusers.ops.bucketed_attention` (backend: ``SubjectRoutingState.backend``).
     """
-    if state is not None and not isinstance(state, SubjectRoutingState):
-        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
-    if not hasattr(transformer, "attn_processors") or not hasattr(transformer, "set_attn_processor"):
-        raise TypeError(
-            f"`transformer` must be a Diffusers Wan transformer (e.g. `pipe.transformer`), got {type(transformer).__name__}"
-        )
-    check_processors_before_parallelism(transformer)
-    state = state if state is not None else SubjectRoutingState()
-    processors = {}
-    for name, old in transformer.attn_processors.items():
-        # Names look like "blocks.{i}.attn1.processor".
-        parts = name.split(".")
-        layer_idx = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
-        processor = SubjectSparseAttnProcessor(state, layer_idx)
-        # `set_attention_backend` stores the backend on each processor: keep it, or a backend chosen on the stock
-        # transformer (e.g. before `DiasRPipeline.from_wan`) would silently be dropped for the stock code paths.
-        backend = getattr(old, "_attention_backend", None)
-        if backend is not None:
-            processor._attention_backend = backend
-        processors[name] = processor
-    transformer.set_attn_processor(processors)
-    return state
+    return install_subject_processors(transformer, state, SubjectSparseAttnProcessor)

@@ -65,15 +65,26 @@ def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, An
     """``temporal_compression``, ``spatial_compression`` and ``patch_size`` read off a Diffusers transformer + VAE.
 
     Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)). Wan VAEs state ``scale_factor_temporal/spatial`` in
-    their config; LTX-Video's VAE has ``temporal/spatial_compression_ratio`` attributes (8, 32). Wan transformers give
-    a 3-tuple ``patch_size``; LTX-style ones an int ``patch_size`` (spatial) plus ``patch_size_t``.
+    their config; LTX-Video's VAE has ``temporal/spatial_compression_ratio`` attributes (8, 32); CogVideoX's VAE
+    states ``temporal_compression_ratio`` in its config and halves space once per extra block
+    (``2 ** (len(block_out_channels) - 1)``). Wan transformers give a 3-tuple ``patch_size``; LTX- and CogVideoX-style
+    ones an int ``patch_size`` (spatial) plus ``patch_size_t``.
     """
     vae_cfg = getattr(vae, "config", None)
     tr_cfg = getattr(transformer, "config", None)
-    temporal = getattr(vae_cfg, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", None)
-    spatial = getattr(vae_cfg, "scale_factor_spatial", None) or getattr(vae, "spatial_compression_ratio", None)
+    # The config first (LTX's states None there and sets the attribute; CogVideoX's warns on attribute access).
+    temporal = (
+        getattr(vae_cfg, "scale_factor_temporal", None)
+        or getattr(vae_cfg, "temporal_compression_ratio", None)
+        or getattr(vae, "temporal_compression_ratio", None)
+    )
+    spatial = getattr(vae_cfg, "scale_factor_spatial", None) or getattr(vae_cfg, "spatial_compression_ratio", None)
+    if spatial is None and "spatial_compression_ratio" not in (vae_cfg or {}):
+        if getattr(vae_cfg, "temporal_compression_ratio", None):  # CogVideoX: one 2x per extra block
+            spatial = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    spatial = spatial or getattr(vae, "spatial_compression_ratio", None)
     patch = getattr(tr_cfg, "patch_size", (1, 2, 2))
-    if isinstance(patch, int):
+    if isinstance(patch, int) and not isinstance(patch, bool):  # spatial patch, `patch_size_t` apart
         patch = (getattr(tr_cfg, "patch_size_t", None) or 1, patch, patch)
     return {
         "temporal_compression": int(temporal or 4),

@@ -136,12 +136,18 @@ class TrainConfig:
             read from it (first clip window, centre crop, no reference augmentation) and the VAE never runs on them.
         ``max_sequence_length``: text tokens the prompt is padded to (Wan: 512). Use the same value when generating
             with the trained weights (``DiasRPipeline(..., max_sequence_length=...)``).
-        ``tiny_model``: arguments of ``utils.tiny.tiny_wan_components`` (toy model built in-process); with its random
-            VAE (``vae`` unset) the VAE's latent statistics are measured on the first training clips.
+        ``tiny_model``: a toy model built in-process: arguments of ``utils.tiny.tiny_wan_components`` (plus
+            ``wan22: a14b | ti2v`` for a toy Wan2.2, ``tiny_wan22_components``), or of ``tiny_ltx_components`` /
+            ``tiny_cogvideox_components`` with ``model_family: ltx`` / ``cogvideox``. With Wan's random VAE (``vae``
+            unset) the VAE's latent statistics are measured on the first training clips.
+        ``model_family``: ``wan`` (Wan2.1 and Wan2.2, flow matching; a Wan2.2 A14B folder trains both experts),
+            ``ltx`` (LTX-Video, flow matching) or ``cogvideox`` (CogVideoX 1.0 text-to-video, v-prediction); ``model``
+            is then a stock or DiasR Diffusers folder of that family. See ``training/families.py``.
     """
 
     stage: str
     train_data: str
+    model_family: str = "wan"
     model: str | None = None
     tiny_model: dict[str, Any] | None = None
     init_from: str | None = None
@@ -232,7 +238,14 @@ class TrainConfig:
     @property
     def random_toy_vae(self) -> bool:
         """The toy model with its random VAE (no fixed latents; statistics measured on the training clips)."""
-        return self.tiny_model is not None and self.tiny_model.get("vae") is None
+        return self.model_family == "wan" and self.tiny_model is not None and self.tiny_model.get("vae") is None
+
+    @property
+    def family(self) -> Any:
+        """The :class:`~diasr_diffusers.training.families.TrainingFamily` of ``model_family``."""
+        from .families import FAMILIES
+
+        return FAMILIES[self.model_family]
 
     @staticmethod
     def resolve(value: str | None) -> Path | None:
@@ -310,10 +323,14 @@ class TrainConfig:
             raise ConfigError(f"`router` must be a mapping of IDRouter arguments, got {self.router!r}")
         if self.tiny_model is not None and not isinstance(self.tiny_model, dict):
             raise ConfigError(
-                f"`tiny_model` must be a mapping of tiny_wan_components arguments, got {self.tiny_model!r}"
+                f"`tiny_model` must be a mapping of toy-model arguments (utils.tiny), got {self.tiny_model!r}"
             )
 
     def _validate_choices(self) -> None:
+        from .families import FAMILIES
+
+        if not isinstance(self.model_family, str) or self.model_family not in FAMILIES:
+            raise ConfigError(f"`model_family` must be one of {sorted(FAMILIES)}, got {self.model_family!r}")
         if self.stage not in STAGES:
             raise ConfigError(f"`stage` must be one of {STAGES}, got {self.stage!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -332,10 +349,17 @@ class TrainConfig:
             raise ConfigError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if (self.num_frames - 1) % 4:
-            raise ConfigError(f"`num_frames` must be 1 + 4k for Wan's VAE, got {self.num_frames}")
-        if self.height % 16 or self.width % 16:
-            raise ConfigError(f"`height` and `width` must be multiples of 16, got {self.height}x{self.width}")
+        frames, pixels = self.family.frame_multiple, self.family.size_multiple
+        if (self.num_frames - 1) % frames:
+            raise ConfigError(
+                f"`num_frames` must be 1 + {frames}k for the VAE of model_family {self.model_family}, "
+                f"got {self.num_frames}"
+            )
+        if self.height % pixels or self.width % pixels:
+            raise ConfigError(
+                f"`height` and `width` must be multiples of {pixels} (model_family {self.model_family}), "
+                f"got {self.height}x{self.width}"
+            )
         if self.train_transformer and self.train_lora:
             raise ConfigError("`train_transformer: true` trains every transformer weight: set `train_lora: false`")
         if self.stage == "dense" and not (self.train_lora or self.train_transformer):
@@ -350,28 +374,13 @@ class TrainConfig:
             )
 
     def _validate_tiny_model(self) -> None:
-        import inspect
+        from ..utils.tiny import SPRITES_VAE, toy_vae_path
 
-        from ..utils.tiny import SPRITES_VAE, WAN22_KINDS, tiny_wan_components, toy_vae_path
-
-        allowed = set(inspect.signature(tiny_wan_components).parameters) | {"wan22", "ltx"}
+        allowed = self.family.tiny_parameters()
         unknown = sorted((k for k in self.tiny_model if k not in allowed), key=str)
         if unknown:
             raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
-        if "ltx" in self.tiny_model:  # a toy LTX-Video (utils.tiny.tiny_ltx_components)
-            if self.tiny_model["ltx"] is not True:
-                raise ConfigError(f"`tiny_model.ltx` must be true (a toy LTX-Video), got {self.tiny_model['ltx']!r}")
-            extra = sorted(k for k in self.tiny_model if k not in ("ltx", "seed", "num_layers", "num_attention_heads",
-                                                                   "attention_head_dim", "text_dim"))  # fmt: skip
-            if extra:
-                raise ConfigError(f"`tiny_model.ltx` takes seed, num_layers, num_attention_heads, attention_head_dim "
-                                  f"and text_dim only; remove {extra}")  # fmt: skip
-        if "wan22" in self.tiny_model:  # a toy Wan2.2 (utils.tiny.tiny_wan22_components): its own VAE and patch size
-            if self.tiny_model["wan22"] not in WAN22_KINDS:
-                raise ConfigError(f"`tiny_model.wan22` must be one of {WAN22_KINDS}, got {self.tiny_model['wan22']!r}")
-            fixed = sorted(k for k in ("vae", "patch_size") if k in self.tiny_model)
-            if fixed:
-                raise ConfigError(f"`tiny_model.wan22` fixes {fixed}; remove them")
+        self.family.check_tiny_model(self.tiny_model)
         for key, value in self.tiny_model.items():
             if key == "seed" and not (_is_int(value) and value >= 0):
                 raise ConfigError(f"`tiny_model.seed` must be an integer >= 0, got {value!r}")
@@ -379,7 +388,11 @@ class TrainConfig:
                 isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
             ):
                 raise ConfigError(f"`tiny_model.patch_size` must be 3 positive integers, got {value!r}")
-            if key not in ("seed", "patch_size", "vae", "wan22", "ltx") and not (_is_int(value) and value >= 1):
+            if key == "use_rotary_positional_embeddings":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"`tiny_model.{key}` must be true or false, got {value!r}")
+                continue
+            if key not in ("seed", "patch_size", "vae", "wan22") and not (_is_int(value) and value >= 1):
                 raise ConfigError(f"`tiny_model.{key}` must be a positive integer, got {value!r}")
         vae = self.tiny_model.get("vae")
         if vae is not None:
@@ -392,6 +405,12 @@ class TrainConfig:
 
     def transformer_config(self) -> dict[str, Any]:
         """The config of the transformer training will use (read from ``model``'s folder, nothing loaded)."""
+        if self.tiny_model is not None and self.model_family != "wan":
+            import torch
+
+            with torch.device("meta"):  # the toy's exact config, no weights
+                transformer = self.family.tiny_components(self.tiny_model)["transformer"]
+            return {"_class_name": type(transformer).__name__, **transformer.config}
         if self.tiny_model is not None:
             import inspect
 
@@ -400,11 +419,7 @@ class TrainConfig:
             defaults = {k: p.default for k, p in inspect.signature(tiny_wan_components).parameters.items()}
             return {
                 "_class_name": "WanTransformer3DModel",
-                **{
-                    k: v
-                    for k, v in {**defaults, **self.tiny_model}.items()
-                    if k not in ("seed", "vae", "wan22", "ltx")
-                },
+                **{k: v for k, v in {**defaults, **self.tiny_model}.items() if k not in ("seed", "vae", "wan22")},
             }
         return _read_json(self.resolve(self.model) / "transformer" / "config.json", "`model`")
 
@@ -413,9 +428,11 @@ class TrainConfig:
         if not model.is_dir():
             raise ConfigError(f"`model` folder not found: {model}")
         index = _read_json(model / "model_index.json", "`model` (a Wan2.1 or DiasR Diffusers folder)")
-        if index.get("_class_name") not in ("WanPipeline", "DiasRPipeline"):
+        expected = self.family.pipeline_classes
+        if index.get("_class_name") not in expected:
             raise ConfigError(
-                f"`model` {model} is a {index.get('_class_name')!r}; expected a WanPipeline or DiasRPipeline folder"
+                f"`model` {model} is a {index.get('_class_name')!r}; expected a {' or '.join(expected)} folder "
+                f"(model_family: {self.model_family})"
             )
 
     def _validate_router_and_lora(self) -> None:
@@ -450,7 +467,11 @@ class TrainConfig:
         if transformer_cls is None:
             raise ConfigError(f"`model`'s transformer is a {cls_name!r}, not a Diffusers model class")
         init_keys = set(inspect.signature(transformer_cls.__init__).parameters)
-        one_block = {k: (tuple(v) if k == "patch_size" else v) for k, v in tcfg.items() if k in init_keys}
+        one_block = {
+            k: (tuple(v) if k == "patch_size" and isinstance(v, list) else v)
+            for k, v in tcfg.items()
+            if k in init_keys
+        }
         num_layers = one_block.get("num_layers", 1)
         if not _is_int(num_layers) or not 1 <= num_layers <= _MAX_LAYERS:
             raise ConfigError(
@@ -461,7 +482,7 @@ class TrainConfig:
             with torch.device("meta"):
                 transformer = transformer_cls(**one_block)
                 hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-                text_dim = transformer.config.text_dim
+                text_dim = IDRouter.host_sizes(transformer)["text_dim"]
                 router = IDRouter(hidden_dim=hidden, text_dim=text_dim, num_layers=num_layers, **self.router)
         except ConfigError:
             raise

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
-from ..pipelines import DiasRPipeline
-from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy, token_grid_factors
+from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from .config import TrainConfig
 
@@ -151,24 +150,11 @@ class DiasRTrainer:
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
-    def _build_pipeline(self) -> DiasRPipeline:
+    def _build_pipeline(self) -> Any:
         cfg = self.config
         if cfg.tiny_model is not None:
-            from ..utils.tiny import tiny_wan22_components, tiny_wan_components
-
-            if cfg.tiny_model.get("ltx"):
-                from ..pipelines import DiasRLTXPipeline
-                from ..utils.tiny import tiny_ltx_components
-
-                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "ltx"}
-                return DiasRLTXPipeline(**tiny_ltx_components(**kwargs))
-            if "wan22" in cfg.tiny_model:
-                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "wan22"}
-                return DiasRPipeline(**tiny_wan22_components(cfg.tiny_model["wan22"], **kwargs))
-            return DiasRPipeline(**tiny_wan_components(**cfg.tiny_model))
-        from ..commands.generate import load_pipeline
-
-        return load_pipeline(str(cfg.resolve(cfg.model)))
+            return cfg.family.pipeline_class()(**cfg.family.tiny_components(cfg.tiny_model))
+        return cfg.family.load(str(cfg.resolve(cfg.model)))
 
     def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
         from ..data import LatentCacheDataset, MuSADataset, RefAugment, load_manifest
@@ -263,7 +249,7 @@ class DiasRTrainer:
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
-        if cfg.random_toy_vae and isinstance(self.pipe, DiasRPipeline):  # LTX's VAE keeps its statistics as buffers
+        if cfg.random_toy_vae:
             self._calibrate_toy_vae()
 
         transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
@@ -340,7 +326,7 @@ class DiasRTrainer:
         for expert, name, lora_name in zip(self.experts, _EXPERT_NAMES, _LORA_NAMES):
             lora_file = folder / lora_name
             if lora_file.is_file() and self.config.train_lora:
-                sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=lora_name)
+                sd = type(self.pipe).lora_state_dict(str(folder), weight_name=lora_name)
                 sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
                 set_peft_model_state_dict(expert, convert_unet_state_dict_to_peft(sd), adapter_name="default")
             if self.config.train_transformer:
@@ -358,7 +344,7 @@ class DiasRTrainer:
         from peft.utils import get_peft_model_state_dict
 
         expert = self.transformer if expert is None else expert
-        DiasRPipeline.save_lora_weights(
+        type(self.pipe).save_lora_weights(
             str(folder), transformer_lora_layers=get_peft_model_state_dict(expert), weight_name=weight_name
         )
 
@@ -612,7 +598,7 @@ class DiasRTrainer:
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
         prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
-        routing = pipe._prepare_routing(
+        routing = pipe.prepare_routing(
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
             self.config.num_frames, x0, self.config.max_sequence_length,
         )  # fmt: skip
@@ -620,7 +606,7 @@ class DiasRTrainer:
             routing["text_segments"] = pipe.drop_padding_tokens(routing["text_segments"], prompt_mask)
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
-        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(token_grid_factors(pipe.transformer)["patch_size"]):
+        if labels.shape[1] != math.prod(pipe.video_token_grid(x0)):
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
@@ -632,23 +618,25 @@ class DiasRTrainer:
                 "labels": labels, "coverage": coverage}  # fmt: skip
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
+        """``(prediction, target, router logits, anchors, buckets)`` of the transformer on ``enc`` noised to
+        ``sigma``; the target is the family's (flow matching for Wan, v-prediction for CogVideoX)."""
         x0 = enc["x0"]
-        noisy = (1 - sigma) * x0 + sigma * noise
+        noisy, t, target = self.config.family.noisy_input(self.pipe, x0, noise, sigma)
         state = self.pipe.routing_state
         dtype = self.pipe.transformer.dtype
-        t = (sigma * 1000).reshape(())
-        # The pipeline builds the family's inputs: Wan2.2 picks the expert of this timestep and gives TI2V per-token
-        # timesteps; LTX packs the latents. Reference tokens are clean (timestep 0) where the model takes per-token ones.
+        # The pipeline builds its model's inputs: Wan2.2 picks the expert of this timestep and gives TI2V per-token
+        # timesteps; LTX packs the latents; CogVideoX takes (B, F, C, h, w) and a rotary table. Reference tokens are
+        # clean (timestep 0) where the model takes per-token ones.
         low_noise = self.pipe.expert_for(t)[1]
         inputs = self.pipe.denoiser_inputs(noisy.to(dtype), enc["refs"], t, enc["prompt_embeds"], enc["prompt_mask"])
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
             pred, logits, anchors, buckets = model(low_noise, **inputs)
         pred = self.pipe.video_prediction(pred, x0.shape).float()
-        return pred, logits, anchors, buckets
+        return pred, target.float(), logits, anchors, buckets
 
-    def _losses(self, enc, pred, noise, logits, anchors) -> dict[str, torch.Tensor]:
+    def _losses(self, enc, pred, target, logits, anchors) -> dict[str, torch.Tensor]:
         cfg = self.config
-        losses = {"diffusion": F.mse_loss(pred, (noise - enc["x0"]).float())}
+        losses = {"diffusion": F.mse_loss(pred, target)}
         labels, coverage = enc["labels"], enc["coverage"]
         n = coverage.shape[1]
         layer_logits = list(logits.values())
@@ -708,8 +696,8 @@ class DiasRTrainer:
                             cfg.weighting_scheme, 1, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, generator=gen
                         )[0].clamp(1e-3, 1 - 1e-3).to(acc.device)  # fmt: skip
                         noise = torch.randn(enc["x0"].shape, generator=gen).to(acc.device)
-                        pred, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
-                        losses = self._losses(enc, pred, noise, logits, anchors)
+                        pred, target, logits, anchors, _ = self._forward(enc, sigma, noise, self.model)
+                        losses = self._losses(enc, pred, target, logits, anchors)
                         part = losses["loss"] / cfg.batch_size
                         total = part if total is None else total + part
                         for k, v in losses.items():
@@ -783,8 +771,8 @@ class DiasRTrainer:
             for k, sigma in enumerate(self.config.eval_sigmas):
                 gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
                 noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
-                pred, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
-                diff.append(float(F.mse_loss(pred, (noise - enc["x0"]).float())))
+                pred, target, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
+                diff.append(float(F.mse_loss(pred, target)))
                 if dense:  # nothing is routed
                     continue
                 n = enc["coverage"].shape[1]

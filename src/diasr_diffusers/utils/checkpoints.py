@@ -13,7 +13,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from diffusers.utils.hub_utils import _add_variant
 from safetensors import SafetensorError, safe_open
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+_BLOCK = re.compile(r"^(blocks|transformer_blocks)\.(\d+)\.(.*)$")  # Wan / CogVideoX block lists
 
 
 def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -74,7 +74,7 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
 def check_block_model_folder(model_class: Any, folder: str | os.PathLike, variant: str | None = None) -> None:
     """Compare a Diffusers model folder's ``config.json`` with its safetensors headers before building the model.
 
-    For models made of ``num_layers`` identical ``blocks.{i}``: the config's ``num_layers`` must equal the number of
+    For models made of ``num_layers`` identical ``blocks.{i}`` (Wan) or ``transformer_blocks.{i}`` (CogVideoX): the config's ``num_layers`` must equal the number of
     blocks in the weights, and a one-block model built on the meta device from the config must have exactly the
     weights' names and shapes (block 0 standing for every block). So a hostile ``num_layers: 2000000`` or a huge
     width fails in a second with one sentence, instead of building (or allocating) a model for minutes. Folders
@@ -87,7 +87,7 @@ def check_block_model_folder(model_class: Any, folder: str | os.PathLike, varian
     found = safetensors_shapes(files)
     config = dict(model_class.load_config(folder))
     num_layers = config.get("num_layers")
-    blocks = {int(m.group(1)) for k in found if (m := _BLOCK.match(k))}
+    blocks = {int(m.group(2)) for k in found if (m := _BLOCK.match(k))}
     if num_layers != len(blocks) or blocks != set(range(len(blocks))):
         raise ValueError(
             f"{folder / 'config.json'} says num_layers={num_layers!r} but the weights hold {len(blocks)} blocks: "
@@ -102,7 +102,7 @@ def check_block_model_folder(model_class: Any, folder: str | os.PathLike, varian
     for name, tensor in one_block.state_dict().items():
         m = _BLOCK.match(name)
         for i in range(len(blocks)) if m else [None]:
-            expected[name if i is None else f"blocks.{i}.{m.group(2)}"] = tuple(tensor.shape)
+            expected[name if i is None else f"{m.group(1)}.{i}.{m.group(3)}"] = tuple(tensor.shape)
     problems = describe_mismatch(expected, found)
     if problems:
         raise ValueError(

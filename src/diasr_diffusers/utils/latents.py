@@ -1,4 +1,5 @@
-"""VAE latents exactly as Wan pipelines normalise them: one helper for the pipeline, the data cache and training."""
+"""VAE latents exactly as Diffusers pipelines normalise them (Wan: ``latents_mean/std``; CogVideoX: ``scaling_factor``):
+one helper for the pipelines, the data cache and training."""
 
 from __future__ import annotations
 
@@ -41,16 +42,19 @@ def encode_latents(
     generator: torch.Generator | list[torch.Generator] | None = None,
     sample: bool = False,
 ) -> torch.Tensor:
-    """Normalised latents of ``(B, 3, F, H, W)`` pixels in [-1, 1], as Wan pipelines compute them.
+    """Normalised latents of ``(B, 3, F, H, W)`` pixels in [-1, 1], as Wan (and CogVideoX) pipelines compute them.
 
     The posterior mean is used (deterministic) unless ``sample`` (a draw with ``generator``, as SkyReels-V3 encodes
-    its references), then ``(z - latents_mean) / latents_std`` from the VAE config.
+    its references), then ``(z - latents_mean) / latents_std`` from the VAE config, or, for a VAE without these
+    (CogVideoX), ``(z - shift_factor) * scaling_factor`` as CogVideoX's pipelines scale latents.
     """
     z = _posterior_mode(vae, pixels, generator, sample)
     norm = _vae_normalization(vae, z.shape[1])
     if norm is not None:
         mean, std = (t.to(z.device) for t in norm)
         z = (z - mean) / std
+    elif getattr(vae.config, "scaling_factor", None) is not None:  # CogVideoX-style VAEs (no per-channel stats)
+        z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     return z
 
 

@@ -51,6 +51,22 @@ def tiny_tokenizer(max_length: int = 512):
     )
 
 
+def _tiny_t5_kwargs(tokenizer: Any, text_dim: int) -> dict[str, Any]:
+    # One toy T5 size for every family (Wan's UMT5, CogVideoX's T5).
+    return dict(
+        vocab_size=len(tokenizer),
+        d_model=text_dim,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
 def toy_vae_path(vae: str | os.PathLike) -> str:
     """The folder of a toy VAE: ``"sprites"`` (the package asset) or a saved ``AutoencoderKLWan`` folder."""
     if vae == SPRITES_VAE:
@@ -87,20 +103,7 @@ def tiny_wan_components(
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            pad_token_id=0,
-            eos_token_id=1,
-        )  # fmt: skip
-    ).eval()
+    text_encoder = UMT5EncoderModel(UMT5Config(**_tiny_t5_kwargs(tokenizer, text_dim))).eval()
     if vae is None:
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(
@@ -210,10 +213,7 @@ def tiny_ltx_components(
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1)
-    ).eval()  # fmt: skip
+    text_encoder = T5EncoderModel(T5Config(**_tiny_t5_kwargs(tokenizer, text_dim))).eval()
     torch.manual_seed(seed)
     vae = AutoencoderKLLTXVideo(
         latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
@@ -235,4 +235,60 @@ def tiny_ltx_components(
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "transformer": transformer,
+    }
+
+
+def tiny_cogvideox_components(
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_dim: int = 32,
+    use_rotary_positional_embeddings: bool = True,
+) -> dict[str, Any]:
+    """``tokenizer, text_encoder, vae, transformer, scheduler`` of a toy CogVideoX, deterministic in ``seed``.
+
+    CogVideoX's exact structure at toy width: T5 encoder, ``AutoencoderKLCogVideoX`` (8x spatial, 4x temporal, like
+    the real one), ``CogVideoXTransformer3DModel`` (spatial patch 2, rotary embeddings as CogVideoX-5B, or sincos
+    positions as CogVideoX-2B with ``use_rotary_positional_embeddings=False``) and the v-prediction DDIM scheduler
+    with CogVideoX's published config. Random weights: mechanics only.
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer(max_length=226)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(**_tiny_t5_kwargs(tokenizer, text_dim))).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=text_dim,
+        num_layers=num_layers,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=use_rotary_positional_embeddings,
+    ).eval()
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        set_alpha_to_one=True, snr_shift_scale=1.0, timestep_spacing="trailing",
+    )  # fmt: skip
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "transformer": transformer,
+        "scheduler": scheduler,
     }
