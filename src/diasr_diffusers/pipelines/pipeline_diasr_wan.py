@@ -36,7 +36,6 @@ from .subjects import (
 )
 
 logger = logging.get_logger(__name__)
-_CPU = torch.device("cpu")
 
 EXAMPLE_DOC_STRING = """
     Examples:
