@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,17 +96,33 @@ class AppSettings:
     @classmethod
     def for_pipeline(cls, pipe: Any) -> AppSettings:
         """Defaults of ``pipe``'s reference style (steps, frames, guidance, fps, its first trained size; else
-        Wan2.1's 480x832)."""
+        Wan2.1's 480x832), reduced to what the model can make (:func:`model_limits`)."""
         style = pipe.reference_style
         height, width = style.trained_sizes[0] if style.trained_sizes else (480, 832)
+        limits = model_limits(pipe)
         return cls(
-            height=height,
-            width=width,
-            num_frames=style.num_frames,
+            height=min(height, limits["max_size"]),
+            width=min(width, limits["max_size"]),
+            num_frames=min(style.num_frames, limits["max_frames"]),
             num_inference_steps=style.num_inference_steps,
             guidance_scale=style.guidance_scale,
             fps=style.fps,
         )
+
+
+def model_limits(pipe: Any) -> dict[str, int]:
+    """The sizes ``pipe`` can make, for the page's sliders: height and width in steps of ``size_step`` (VAE x patch)
+    up to ``max_size`` (the transformer's ``rope_max_seq_len`` tokens, at most 2048 pixels), frames in steps of
+    ``frame_step`` (the VAE's temporal factor) up to ``max_frames`` (``rope_max_seq_len`` latent frames)."""
+    tcfg = pipe.transformer.config
+    size_step = pipe.vae_scale_factor_spatial * tcfg.patch_size[1]
+    frame_step = pipe.vae_scale_factor_temporal
+    return {
+        "size_step": size_step,
+        "max_size": min(2048, tcfg.rope_max_seq_len * size_step) // size_step * size_step,
+        "frame_step": frame_step,
+        "max_frames": (tcfg.rope_max_seq_len - 1) * frame_step + 1,
+    }
 
 
 @dataclass
@@ -139,7 +157,7 @@ _FIELD_WORDS = (
     ("`routing", "routing", "routing"),
     ("--routing", "routing", "Routing"),
     ("`id_router`", "routing", "router"),
-    ("`max_sequence_length`", "prompt", "the prompt's token limit"),
+    ("`max_sequence_length`", "prompt", None),
     ("`subject_images`", "images", "reference images"),
     ("`subject_masks`", "mask", "masks"),
 )
@@ -175,11 +193,10 @@ def _page_words(message: str, request_slots: list[int]) -> str:
     message = in_cli_words(message, [(api, label) for api, _, label in _FIELD_WORDS if label is not None])
 
     def slot(match: re.Match[str]) -> str:
-        index = int(match.group(2))
-        return f"{match.group(1)}{request_slots[index] + 1}" if index < len(request_slots) else match.group(0)
+        index = int(match.group(1))
+        return f"subject {request_slots[index] + 1}" if index < len(request_slots) else match.group(0)
 
-    message = re.sub(r"(subject_phrases\[|subject )(\d+)", slot, message)
-    return message.replace("subject_phrases[", "subject ").replace("]`", "`")
+    return re.sub(r"subject (\d+)", slot, message)
 
 
 class DiasRApp:
@@ -199,11 +216,10 @@ class DiasRApp:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.max_subjects = pipe.max_subjects or DEFAULT_MAX_SUBJECTS
         self.routing_modes = tuple(m for m in ROUTING_MODES if m != "router" or pipe.id_router is not None)
-        tcfg = pipe.transformer.config
-        self.size_step = pipe.vae_scale_factor_spatial * tcfg.patch_size[1]
-        self.max_size = min(2048, tcfg.rope_max_seq_len * self.size_step)
-        self.frame_step = pipe.vae_scale_factor_temporal
-        self.max_frames = (tcfg.rope_max_seq_len - 1) * self.frame_step + 1
+        self.limits = model_limits(pipe)
+        # A fast tokenizer must not run in two threads at once ("Already borrowed"): the validator's phrase check
+        # (another thread) waits while a generation encodes its prompt, which it does before its first step.
+        self._tokenizer_lock = threading.Lock()
         self._outputs = Path(tempfile.mkdtemp(prefix="diasr-app-"))
         weakref.finalize(self, shutil.rmtree, self._outputs, ignore_errors=True)
 
@@ -237,7 +253,7 @@ class DiasRApp:
             raise FieldError("routing", f"Routing must be one of {', '.join(self.routing_modes)}, got {routing!r}.")
         numbers = {}
         for key, value in (("frames", num_frames), ("height", height), ("width", width), ("steps", steps), ("seed", seed)):  # fmt: skip
-            if value is None or float(value) != int(value):
+            if value is None or not math.isfinite(float(value)) or float(value) != int(value):
                 raise FieldError(key, f"{key.capitalize()} must be a whole number, got {value!r}.")
             numbers[key] = int(value)
         if numbers["seed"] < 0 or numbers["seed"] >= 2**63:
@@ -341,17 +357,18 @@ class DiasRApp:
             )
             if request.phrases:
                 subjects = normalize_subject_images(request.images)
-                pipe.check_subject_inputs(
-                    [request.prompt],
-                    subjects,
-                    request.phrases,
-                    request.masks,
-                    request.num_frames,
-                    request.height,
-                    request.width,
-                    request.routing,
-                    self.settings.max_sequence_length,
-                )
+                with self._tokenizer_lock:
+                    pipe.check_subject_inputs(
+                        [request.prompt],
+                        subjects,
+                        request.phrases,
+                        request.masks,
+                        request.num_frames,
+                        request.height,
+                        request.width,
+                        request.routing,
+                        self.settings.max_sequence_length,
+                    )
                 pipe.check_reference_style_inputs(
                     subjects, request.height, request.width, request.num_frames, request.routing
                 )
@@ -397,32 +414,48 @@ class DiasRApp:
             raise gr.Error(str(err), print_exception=False) from None
         steps = request.num_inference_steps
 
+        encoding = [True]
+
         def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            if encoding[0]:
+                encoding[0] = False
+                self._tokenizer_lock.release()
             if progress is not None:
                 progress((step + 1, steps), desc="Denoising", unit="steps")
             return {}
 
         if progress is not None:
             progress(0.0, desc="Encoding the prompt and references")
-        with _pipeline_warnings() as warnings:
-            result = self.pipe(
-                prompt=request.prompt,
-                subject_images=request.images or None,
-                subject_phrases=request.phrases or None,
-                subject_masks=request.masks,
-                height=request.height,
-                width=request.width,
-                num_frames=request.num_frames,
-                num_inference_steps=steps,
-                guidance_scale=request.guidance_scale,
-                routing=request.routing,
-                max_sequence_length=self.settings.max_sequence_length,
-                generator=torch.Generator(device="cpu").manual_seed(request.seed),
-                return_routing_maps=bool(request.phrases) and request.routing != "dense",
-                callback_on_step_end=on_step,
-            )
+        self._tokenizer_lock.acquire()
+        try:
+            with _pipeline_warnings() as warnings:
+                result = self.pipe(
+                    prompt=request.prompt,
+                    subject_images=request.images or None,
+                    subject_phrases=request.phrases or None,
+                    subject_masks=request.masks,
+                    height=request.height,
+                    width=request.width,
+                    num_frames=request.num_frames,
+                    num_inference_steps=steps,
+                    guidance_scale=request.guidance_scale,
+                    routing=request.routing,
+                    max_sequence_length=self.settings.max_sequence_length,
+                    generator=torch.Generator(device="cpu").manual_seed(request.seed),
+                    return_routing_maps=bool(request.phrases) and request.routing != "dense",
+                    callback_on_step_end=on_step,
+                )
+        except torch.cuda.OutOfMemoryError:  # a size too large for the GPU: say so instead of a generic error
+            raise gr.Error(
+                "Out of memory on the device: try fewer frames, a smaller size or fewer references."
+            ) from None
+        except (ValueError, TypeError) as err:  # a check the page did not foresee: still one sentence
+            raise gr.Error(_page_words(str(err), request.slots), print_exception=False) from None
+        finally:
+            if encoding[0]:
+                self._tokenizer_lock.release()
         for message in warnings:
-            gr.Warning(message)
+            gr.Warning(_page_words(message, request.slots))
         out = Path(tempfile.mkdtemp(dir=self._outputs))
         for old in self._outputs.iterdir():  # the page has copied earlier results into its own cache
             if old != out:
@@ -529,6 +562,7 @@ def build_app(pipe: Any, settings: AppSettings | None = None, checkpoint: str | 
                             layers=False,
                             transforms=(),
                             visible=default_routing == "masks",
+                            height=300,
                             elem_id=f"mask-{slot}",
                         )
                     groups.append(group)
@@ -539,19 +573,18 @@ def build_app(pipe: Any, settings: AppSettings | None = None, checkpoint: str | 
                     add = gr.Button("Add subject", size="sm", elem_id="add-subject")
                     remove = gr.Button("Remove last subject", size="sm", elem_id="remove-subject")
                 with gr.Accordion("Size and sampling", open=True):
+                    fstep, sstep, smax = app.limits["frame_step"], app.limits["size_step"], app.limits["max_size"]
                     with gr.Row():
                         frames = gr.Slider(
-                            1, app.max_frames, value=s.num_frames, step=app.frame_step, precision=0,
-                            label=f"Frames ({app.frame_step}k+1)", elem_id="frames",
+                            1, app.limits["max_frames"], value=s.num_frames, step=fstep, precision=0,
+                            label=f"Frames ({fstep}k+1)", elem_id="frames",
                         )  # fmt: skip
                         height = gr.Slider(
-                            app.size_step, app.max_size, value=s.height, step=app.size_step, precision=0,
-                            label="Height", elem_id="height",
-                        )  # fmt: skip
+                            sstep, smax, value=s.height, step=sstep, precision=0, label="Height", elem_id="height"
+                        )
                         width = gr.Slider(
-                            app.size_step, app.max_size, value=s.width, step=app.size_step, precision=0,
-                            label="Width", elem_id="width",
-                        )  # fmt: skip
+                            sstep, smax, value=s.width, step=sstep, precision=0, label="Width", elem_id="width"
+                        )
                     with gr.Row():
                         steps = gr.Slider(1, 200, value=s.num_inference_steps, step=1, precision=0, label="Steps", elem_id="steps")  # fmt: skip
                         guidance = gr.Number(value=s.guidance_scale, minimum=0, label="Guidance", elem_id="guidance")
