@@ -62,15 +62,12 @@ def _app(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError('the page needs Gradio: pip install "diasr-diffusers[app]"') from None
     _check_listen(args.host, args.port)  # before the model loads: a taken port is reported at once
-    import torch
 
     from ..app import AppSettings, build_app
-    from .generate import check_device, checkpoint_class, load_pipeline, resolve_checkpoint
+    from .generate import check_device, checkpoint_class, load_pipeline, resolve_checkpoint, resolve_dtype
 
     device = check_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     if args.model is None:
         from ..utils.toy import load_sprite_model, sprite_model_path
 

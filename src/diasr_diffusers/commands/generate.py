@@ -365,6 +365,15 @@ def check_device(value: str | None) -> str:
     return value
 
 
+def resolve_dtype(name: str, device: str):
+    """``--dtype``: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"`` (bfloat16 on CUDA, float32 elsewhere)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 # -- the model ----------------------------------------------------------------------------------------------------
 
 
@@ -688,9 +697,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     device = check_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     router_folder = resolve_checkpoint(args.router, "--router") if args.router else None
     if args.model is not None:
         folder = resolve_checkpoint(args.model, "--model")
