@@ -245,7 +245,7 @@ def test_cli_checks_before_loading(tmp_path, capsys):
     assert time.monotonic() - start < 10  # refused before the model loads
 
 
-def test_cli_serves_any_model_on_localhost(tmp_path, monkeypatch):
+def test_cli_serves_any_model_on_localhost(tmp_path, monkeypatch, capsys):
     """``diasr app --model FOLDER`` on a tiny random Wan2.1-architecture model (no router): the page's defaults fit
     the model, its functions generate, and it listens on 127.0.0.1 unless told otherwise."""
     from diasr_diffusers import DiasRPipeline
@@ -262,6 +262,7 @@ def test_cli_serves_any_model_on_localhost(tmp_path, monkeypatch):
     port = _free_port()
     assert main(["app", "--model", str(tmp_path / "tiny"), "--port", str(port)]) == 0
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == port
+    assert f"serving http://127.0.0.1:{port}/" in capsys.readouterr().out
     app: DiasRApp = launched["demo"].diasr_app
     assert app.routing_modes == ("similarity", "masks", "dense")  # no router in this model
     assert app.limits["max_size"] == 512 and app.settings.width == 512  # Wan's 832 does not fit its rope length

@@ -82,9 +82,18 @@ def _app(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     demo = build_app(pipe, settings, checkpoint=folder)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False)
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            show_error=False,
+            quiet=True,
+            prevent_thread_lock=True,
+        )
     except OSError:  # taken since the check above
         raise UsageError(f"--port {args.port} on {args.host} is taken; pick another --port") from None
+    print(f"diasr app: serving http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    demo.block_thread()
     return 0
 
 
