@@ -272,6 +272,11 @@ def test_cli_serves_any_model_on_localhost(tmp_path, monkeypatch, capsys):
     video, overlay, shares = app.generate(*values.values())
     assert iio.imread(video).shape == (5, 32, 32, 3) and overlay is not None
     assert set(shares) == {"the man", "(null)"}
+    # The pipeline's warnings reach the page (outside a request, gr.Warning is a Python warning).
+    values.update(phrase_1="", images_1=None, routing="dense")
+    with pytest.warns(UserWarning, match="Ignoring `routing='dense'`: no reference images"):
+        video, overlay, shares = app.generate(*values.values())
+    assert overlay is None and shares is None  # nothing routed, nothing to show
 
 
 # -- a real browser ---------------------------------------------------------------------------------------------------

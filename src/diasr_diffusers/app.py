@@ -154,7 +154,7 @@ _FIELD_WORDS = (
     ("`width`", "width", "Width"),
     ("--width", "width", "Width"),
     ("`guidance_scale`", "guidance", "Guidance"),
-    ("`routing", "routing", "routing"),
+    ("`routing", "routing", None),
     ("--routing", "routing", "Routing"),
     ("`id_router`", "routing", "router"),
     ("`max_sequence_length`", "prompt", None),
