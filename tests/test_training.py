@@ -233,26 +233,53 @@ def test_outputs_load_into_pipeline_and_change_it(data_dir, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP, gloo) x batch 1 = one process x batch 2: the same logged losses
+    (the global batch's), and its checkpoint resumes in one process (world size 2 -> 1) exactly where it stopped."""
     one = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=2, checkpointing_steps=100), "one.yaml")
-    two = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=2, checkpointing_steps=100), "two.yaml")
+    two = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=1, checkpointing_steps=1), "two.yaml")
     assert main(["train", "--config", str(one), "--output-dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` is accelerate's multi-process launcher (torchrun); without a GPU the trainer's Accelerator runs
+    # DDP over gloo (`--cpu` would start a single process).
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
         "-m", "diasr_diffusers.cli", "train", "--config", str(two), "--output-dir", str(tmp_path / "two"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert (state["num_processes"], state["global_batch"]) == (2, 2)
+
+    # A world-size change must keep the global batch: 1 process x batch 1 is refused by name, x batch 2 resumes.
+    bad = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=2, checkpointing_steps=1), "bad.yaml")
+    with pytest.raises(ValueError, match="global batch of 2"):
+        DiasRTrainer(TrainConfig.from_yaml(bad), tmp_path / "two", resume=True).check_output_dir()
+    resumed = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=2, checkpointing_steps=1), "resumed.yaml")
+    assert main(["train", "--config", str(resumed), "--output-dir", str(tmp_path / "two"), "--resume"]) == 0
+
     a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in b] == [1, 2]
+    for ma, mb in zip(a, b):
+        assert ma.keys() == mb.keys() and ma["lr"] == mb["lr"]
+        # Step 1 differs only by summation order; step 2 also by the 1-vs-2-process gradient all-reduce under Adam.
+        for k in ("loss", "diffusion", "route", "routing_accuracy"):
+            assert abs(ma[k] - mb[k]) <= 1e-4 * max(1.0, abs(ma[k])), (ma["step"], k, ma[k], mb[k])
     wa = load_file(str(tmp_path / "one" / "router" / "diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "router" / "diffusion_pytorch_model.safetensors"))
     # Same samples, noise and averaged gradients: equal up to float rounding (2 threads vs 1 per process) that
     # Adam amplifies on small gradients. A wrong split of the batch would move every weight by ~lr (3e-3).
     diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
-    assert a[0]["lr"] == b[0]["lr"]
+
+
+def test_fsdp_launch_is_refused_by_name(data_dir, tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` sets this; without a GPU accelerate would silently run DDP (or nothing sharded).
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir)), tmp_path / "run")
+    with pytest.raises(NotImplementedError, match="does not support FSDP: use DDP"):
+        trainer.setup()
 
 
 def test_training_reads_a_latent_cache(data_dir, tmp_path):

@@ -17,6 +17,9 @@ _LAZY = {
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
+    "IngredientsPipeline": ".pipelines",
+    "IngredientsPipelineOutput": ".pipelines",
+    "IngredientsTransformer3DModel": ".models",
     "SubjectRoutingState": ".processors",
     "SubjectSparseAttnProcessor": ".processors",
     "bucketed_attention": ".ops",
@@ -28,6 +31,9 @@ __all__ = [
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
+    "IngredientsPipeline",
+    "IngredientsPipelineOutput",
+    "IngredientsTransformer3DModel",
     "SubjectRoutingState",
     "SubjectSparseAttnProcessor",
     "__version__",
@@ -36,8 +42,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .models import IngredientsTransformer3DModel
     from .ops import bucketed_attention
-    from .pipelines import DiasRPipeline, DiasRPipelineOutput
+    from .pipelines import DiasRPipeline, DiasRPipelineOutput, IngredientsPipeline, IngredientsPipelineOutput
     from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
     from .routing import IDRouter
 

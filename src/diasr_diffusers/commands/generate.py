@@ -582,6 +582,8 @@ def load_lora(pipe: Any, lora: str) -> None:
     """``pipe.load_lora_weights`` with one clear sentence for weights made for another model."""
     import logging
 
+    from ..training.trainer import LORA_2_WEIGHT_NAME
+
     path = Path(lora).expanduser()
     kwargs: dict[str, Any] = {}
     source: str | Path = lora
@@ -595,6 +597,10 @@ def load_lora(pipe: Any, lora: str) -> None:
     diffusers_logger.setLevel(logging.CRITICAL)
     try:
         pipe.load_lora_weights(str(source), **kwargs)
+        # A Wan2.2 A14B training output: the low-noise expert's LoRA is its own file (as Diffusers loads them).
+        second = path / LORA_2_WEIGHT_NAME
+        if path.is_dir() and second.is_file() and getattr(pipe, "transformer_2", None) is not None:
+            pipe.load_lora_weights(str(path), weight_name=second.name, load_into_transformer_2=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UsageError(f"--lora {lora!r}: {_shape_mismatch_sentence(err) or _first_line(err)}") from None
     finally:

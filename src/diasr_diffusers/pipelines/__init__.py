@@ -1,6 +1,16 @@
 """Pipelines."""
 
+from .pipeline_diasr_ltx import DiasRLTXPipeline
 from .pipeline_diasr_wan import DiasRPipeline, DiasRPipelineOutput
+from .pipeline_ingredients import IngredientsPipeline, IngredientsPipelineOutput
 from .reference_styles import REFERENCE_STYLES, ReferenceStyle
 
-__all__ = ["REFERENCE_STYLES", "DiasRPipeline", "DiasRPipelineOutput", "ReferenceStyle"]
+__all__ = [
+    "REFERENCE_STYLES",
+    "DiasRLTXPipeline",
+    "DiasRPipeline",
+    "DiasRPipelineOutput",
+    "IngredientsPipeline",
+    "IngredientsPipelineOutput",
+    "ReferenceStyle",
+]

@@ -32,12 +32,14 @@ from ..processors import (
     TextSegments,
     set_subject_sparse_attn_processor,
 )
+from ..processors.parallel import check_context_parallel_inputs
 from ..routing import (
     IDRouter,
     masks_to_token_grid,
     normalize_masks,
     phrase_token_owners,
     routing_labels_from_coverage,
+    token_grid_factors,
 )
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox, normalize_subject_images
@@ -165,6 +167,34 @@ def _scheduler_shift(scheduler: Any) -> float:
     )
 
 
+def _check_experts(transformer: Any, transformer_2: Any, boundary_ratio: Any, expand_timesteps: Any) -> None:
+    """Wan2.2's expert set-up: a ``transformer_2`` that would never run (or a boundary with nothing to switch to)
+    is a mistake, refused here rather than silently sampling with one expert (or failing at the switch)."""
+    if not isinstance(expand_timesteps, bool):
+        raise TypeError(f"`expand_timesteps` must be a bool, got {expand_timesteps!r}")
+    if boundary_ratio is not None:
+        if (
+            isinstance(boundary_ratio, bool)
+            or not isinstance(boundary_ratio, numbers.Real)
+            or not 0.0 < boundary_ratio < 1.0
+        ):
+            raise ValueError(f"`boundary_ratio` must be None or a number in (0, 1), got {boundary_ratio!r}")
+        if transformer_2 is None:
+            raise ValueError(
+                f"`boundary_ratio={boundary_ratio}` switches to a low-noise expert, but `transformer_2` is None"
+            )
+    elif transformer_2 is not None:
+        raise ValueError(
+            "`transformer_2` (the Wan2.2 low-noise expert) needs `boundary_ratio` (e.g. 0.875 for Wan2.2-T2V-A14B); "
+            "without it it would never run"
+        )
+    if transformer_2 is not None and transformer is not None:
+        for key in ("in_channels", "out_channels", "patch_size", "num_layers"):
+            a, b = transformer.config.get(key), transformer_2.config.get(key)
+            if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+                raise ValueError(f"`transformer` and `transformer_2` differ in {key} ({a} vs {b}): not a Wan2.2 pair")
+
+
 class DiasRPipeline(WanPipeline):
     r"""Multi-subject video generation with Wan2.1 and DiasR subject-sparse routed attention.
 
@@ -176,17 +206,29 @@ class DiasRPipeline(WanPipeline):
     Components:
         tokenizer, text_encoder, vae, scheduler, transformer: as in ``WanPipeline``.
         id_router (:class:`~diasr_diffusers.IDRouter`, optional): the trained router; without it, the training-free
-            similarity router is used.
+            similarity router is used. With two Wan2.2 experts, this one router serves both (see below).
+        transformer_2 (optional, Wan2.2 A14B): the low-noise expert, run for timesteps below
+            ``boundary_ratio * num_train_timesteps`` (as :class:`~diffusers.WanPipeline`).
 
     Config:
         reference_style: ``"diasr"`` (default), ``"phantom"`` or ``"skyreels_v3"``: the conventions of the weights
             (see :mod:`~diasr_diffusers.pipelines.reference_styles`, :meth:`from_phantom`, :meth:`from_skyreels_v3`).
+        boundary_ratio (Wan2.2 A14B): where ``transformer`` (high noise) hands over to ``transformer_2``.
+        expand_timesteps (Wan2.2 TI2V-5B): per-token timesteps. Reference tokens get timestep 0: they are clean
+            latents, and 0 is what Wan2.2 itself gives clean conditioning tokens (the first frame in TI2V's
+            image-to-video mode), so the model reads them as "already denoised" rather than as noise at level ``t``.
+
+    Wan2.2's two experts share one ``id_router`` and one routing state: the processors of both experts are
+    installed on the same :class:`SubjectRoutingState`, the references are appended for whichever expert runs, and
+    the router is trained on timesteps of both noise ranges (the trainer sends each sample to the expert its
+    timestep selects). One router keeps a token's subject stable across the hand-over and halves the router weights;
+    the experts have the same architecture, so one router fits both (checked at construction).
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
     # The router runs inside the transformer's forward; it is small, so it stays on the execution device.
     _exclude_from_cpu_offload = ["id_router"]
-    _optional_components = ["id_router"]
+    _optional_components = ["id_router", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -198,11 +240,17 @@ class DiasRPipeline(WanPipeline):
         transformer: WanTransformer3DModel,
         id_router: IDRouter | None = None,
         reference_style: str | ReferenceStyle = "diasr",
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
     ):
-        # WanPipeline's own __init__ registers Wan2.2-only config (transformer_2, boundary_ratio): skip it.
+        # WanPipeline's own __init__ registers its components itself (and allows a missing `transformer`): skip it.
         super(WanPipeline, self).__init__()
-        if id_router is not None and transformer is not None:
-            id_router.check_compatible(transformer)  # one sentence now, not a matmul error mid-denoising
+        _check_experts(transformer, transformer_2, boundary_ratio, expand_timesteps)
+        if id_router is not None:
+            for expert in (transformer, transformer_2):
+                if expert is not None:
+                    id_router.check_compatible(expert)  # one sentence now, not a matmul error mid-denoising
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -210,9 +258,11 @@ class DiasRPipeline(WanPipeline):
             scheduler=scheduler,
             transformer=transformer,
             id_router=id_router,
+            transformer_2=transformer_2,
         )
         # Recorded by name in model_index.json, so a saved Phantom/SkyReels pipeline reloads with its conventions.
         self.register_to_config(reference_style=get_reference_style(reference_style).name)
+        self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -224,12 +274,67 @@ class DiasRPipeline(WanPipeline):
         """The most subjects per call: the router's limit, or ``None`` (no limit) with the similarity router."""
         return self.id_router.config.max_subjects if self.id_router is not None else None
 
+    @property
+    def experts(self) -> list[WanTransformer3DModel]:
+        """The transformers this pipeline runs: ``[transformer]``, or Wan2.2 A14B's ``[transformer, transformer_2]``."""
+        return [t for t in (self.transformer, getattr(self, "transformer_2", None)) if t is not None]
+
     def _install_processors(self) -> None:
-        if self.transformer is None:
-            return
-        procs = self.transformer.attn_processors.values()
-        if not all(isinstance(p, SubjectSparseAttnProcessor) and p.state is self.routing_state for p in procs):
-            set_subject_sparse_attn_processor(self.transformer, self.routing_state)
+        for expert in self.experts:
+            procs = expert.attn_processors.values()
+            if not all(isinstance(p, SubjectSparseAttnProcessor) and p.state is self.routing_state for p in procs):
+                set_subject_sparse_attn_processor(expert, self.routing_state)
+
+    def expert_for(self, t: torch.Tensor) -> tuple[WanTransformer3DModel, bool]:
+        """The expert that denoises timestep ``t`` (as :class:`~diffusers.WanPipeline`), and whether it is the
+        low-noise one (``transformer_2``, guided by ``guidance_scale_2``)."""
+        if self.config.get("boundary_ratio") is None:
+            return self.transformer, False
+        boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        return (self.transformer, False) if t >= boundary else (self.transformer_2, True)
+
+    def transformer_timesteps(
+        self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0
+    ):
+        """The transformer's ``timestep`` for a ``[video | refs]`` input: ``t`` per sample, or with
+        ``expand_timesteps`` (Wan2.2 TI2V) one per token, ``t`` on the video tokens and 0 on the reference tokens
+        (clean latents, as Wan2.2 marks its clean conditioning frames)."""
+        if not self.config.get("expand_timesteps"):
+            return t.expand(batch)
+        f, h, w = latent_shape[-3:]
+        pt, ph, pw = self.transformer.config.patch_size
+        # The same arithmetic as WanPipeline (a float32 mask of ones times t), so subject-free calls match it bit for bit.
+        video = torch.ones(f // pt, h // ph, w // pw, dtype=torch.float32, device=t.device) * t
+        refs = torch.zeros(num_ref_frames // pt, h // ph, w // pw, dtype=torch.float32, device=t.device)
+        return torch.cat([video, refs]).flatten().unsqueeze(0).expand(batch, -1)
+
+    # The model-specific steps of training (used by DiasRTrainer; every pipeline family provides these four).
+
+    def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(B, C, F, h, w)`` latents of ``(B, 3, F, H, W)`` pixels in [-1, 1] (posterior mean)."""
+        return encode_latents(self.vae, pixels)
+
+    def encode_training_prompt(
+        self, caption: str, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, attention mask or None)`` of one caption, as the denoiser reads them."""
+        embeds, _ = self.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+        )
+        return embeds, None
+
+    def denoiser_inputs(
+        self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: Any
+    ) -> dict[str, Any]:
+        """The transformer's keyword inputs for ``[video | refs]`` (``(B, C, F, h, w)`` and ``(B, C, K, h, w)``) at
+        timestep ``t`` (a 0-d tensor; per-token with ``expand_timesteps``)."""
+        timestep = self.transformer_timesteps(t, noisy.shape[0], noisy.shape, refs.shape[2]).to(noisy.dtype)
+        hidden = torch.cat([noisy, refs], dim=2)
+        return {"hidden_states": hidden, "timestep": timestep, "encoder_hidden_states": prompt_embeds}
+
+    def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
+        """The video part ``(B, C, F, h, w)`` of the transformer's output for :meth:`denoiser_inputs`."""
+        return pred[:, :, : video_shape[2]]
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
@@ -262,16 +367,21 @@ class DiasRPipeline(WanPipeline):
         folder = pretrained_model_name_or_path
         if not os.path.isdir(folder):
             folder = cls.download(folder, **kwargs)
-        if kwargs.get("transformer") is None:
-            check_block_model_folder(WanTransformer3DModel, os.path.join(folder, "transformer"), kwargs.get("variant"))
+        for name in ("transformer", "transformer_2"):
+            if kwargs.get(name) is None and os.path.isdir(os.path.join(folder, name)):
+                check_block_model_folder(WanTransformer3DModel, os.path.join(folder, name), kwargs.get("variant"))
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
     def from_wan(
         cls, wan_pipeline_or_path: WanPipeline | str | os.PathLike, id_router: IDRouter | str | None = None, **kwargs
     ) -> DiasRPipeline:
-        """Build from a stock Wan2.1 Diffusers pipeline (object, local folder or Hub id) plus an optional router
-        (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
+        """Build from a stock Wan Diffusers pipeline (object, local folder or Hub id) plus an optional router
+        (object, local folder or Hub id). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``).
+
+        Wan2.1 and Wan2.2 checkpoints are accepted: a Wan2.2-A14B folder's ``transformer_2`` and ``boundary_ratio``
+        and a TI2V-5B folder's ``expand_timesteps`` (from its ``model_index.json``) are carried over. One router
+        serves both A14B experts."""
         wan = wan_pipeline_or_path
         if not isinstance(wan, (WanPipeline, str, os.PathLike)):
             raise TypeError(
@@ -282,11 +392,14 @@ class DiasRPipeline(WanPipeline):
                 f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
             )
         if not isinstance(wan, WanPipeline):
-            if os.path.isdir(wan) and kwargs.get("transformer") is None:
-                check_block_model_folder(WanTransformer3DModel, os.path.join(wan, "transformer"), kwargs.get("variant"))
+            for name in ("transformer", "transformer_2"):
+                if os.path.isdir(os.path.join(wan, name)) and kwargs.get(name) is None:
+                    check_block_model_folder(WanTransformer3DModel, os.path.join(wan, name), kwargs.get("variant"))
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
-        if getattr(wan, "transformer_2", None) is not None:
-            raise ValueError("`from_wan` supports single-transformer Wan2.1 checkpoints (got a Wan2.2 two-stage one)")
+        if wan.transformer is None:
+            raise ValueError(
+                "`from_wan` needs the pipeline's `transformer` (a Wan2.2 folder with only transformer_2?)"
+            )
         if isinstance(id_router, (str, os.PathLike)):
             hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
             id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
@@ -297,6 +410,9 @@ class DiasRPipeline(WanPipeline):
             scheduler=wan.scheduler,
             transformer=wan.transformer,
             id_router=id_router,
+            transformer_2=getattr(wan, "transformer_2", None),
+            boundary_ratio=wan.config.get("boundary_ratio"),
+            expand_timesteps=bool(wan.config.get("expand_timesteps", False)),
         )
 
     @classmethod
@@ -415,8 +531,16 @@ class DiasRPipeline(WanPipeline):
         route_text: bool = True,
         return_routing_maps: bool = False,
         sigmas: Any = None,
+        guidance_scale_2: float | None = None,
     ) -> None:
         """Check every argument of a call before anything is encoded; raise ``ValueError``/``TypeError`` naming it."""
+        if guidance_scale_2 is not None:
+            if self.config.get("boundary_ratio") is None:
+                raise ValueError(
+                    "`guidance_scale_2` is the low-noise expert's guidance (Wan2.2 A14B); this pipeline has one "
+                    "transformer (`boundary_ratio` is None)"
+                )
+            _check_real("guidance_scale_2", guidance_scale_2, 0.0)
         # WanPipeline.check_inputs also reads Wan2.2's `boundary_ratio`, which this pipeline does not have.
         _check_int("height", height, 1)
         _check_int("width", width, 1)
@@ -602,10 +726,10 @@ class DiasRPipeline(WanPipeline):
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
             normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
-        rope_frames = self.transformer.config.rope_max_seq_len
+        rope_frames = self.transformer.config.get("rope_max_seq_len")  # Wan's frame limit (other families: none)
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
-        if latent_frames + total_refs > rope_frames:
+        if rope_frames is not None and latent_frames + total_refs > rope_frames:
             raise ValueError(
                 f"{latent_frames} latent frames + {total_refs} reference images exceed the transformer's "
                 f"rope_max_seq_len={rope_frames}"
@@ -689,6 +813,7 @@ class DiasRPipeline(WanPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 512,
         sigmas: list[float] | None = None,
+        guidance_scale_2: float | None = None,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
 
@@ -726,6 +851,8 @@ class DiasRPipeline(WanPipeline):
                 pipeline undoes the scheduler's static shift first, so ``scheduler.sigmas[:-1]`` equals ``sigmas``
                 (to float32 rounding); a scheduler that cannot reproduce them (dynamic shifting, Karras sigmas, no
                 flow sigmas) is refused. They override the :attr:`reference_style`'s schedule.
+            guidance_scale_2: Wan2.2 A14B: the text guidance of the low-noise expert (``transformer_2``), as in
+                ``WanPipeline``; ``None`` = ``guidance_scale``. ``guidance_scale_ref`` applies to both experts.
 
         Examples:
         """
@@ -748,6 +875,7 @@ class DiasRPipeline(WanPipeline):
             max_sequence_length=max_sequence_length, routing=routing, output_type=output_type, generator=generator,
             latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
             route_text=route_text, return_routing_maps=return_routing_maps, sigmas=sigmas,
+            guidance_scale_2=guidance_scale_2,
         )  # fmt: skip
         if num_frames % self.vae_scale_factor_temporal != 1:
             # As WanPipeline: round down to the nearest size the VAE can make, and say which one is used.
@@ -827,7 +955,17 @@ class DiasRPipeline(WanPipeline):
             ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype, generator)
             ref_latents = self._pad_reference_latents(ref_latents, routing).expand(num_videos, -1, -1, -1, -1)
         three_way = subjects and guidance_scale_ref is not None and guide
+        if guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+        self._guidance_scale_2 = guidance_scale_2
+        num_ref_frames = ref_latents.shape[2] if subjects else 0
         self._install_processors()
+        # Under context parallelism: lengths Diffusers' even split would refuse mid-transformer, refused here.
+        pt, ph, pw = self.transformer.config.patch_size
+        frames = [num_latent_frames] + ([num_latent_frames + ref_latents.shape[2]] if subjects else [])
+        check_context_parallel_inputs(
+            self.transformer, [f // pt * (latents.shape[3] // ph) * (latents.shape[4] // pw) for f in frames]
+        )
         state = self.routing_state
 
         # 4. Denoise.
@@ -840,50 +978,58 @@ class DiasRPipeline(WanPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                timestep = t.expand(num_videos)
+                # Wan2.2 A14B: the expert for this timestep (references appended whichever it is), and its guidance.
+                model, low_noise = self.expert_for(t)
+                step_guidance = guidance_scale_2 if low_noise else guidance_scale
+                timestep = self.transformer_timesteps(t, num_videos, latents.shape)
+                ref_timestep = self.transformer_timesteps(t, num_videos, latents.shape, num_ref_frames)
                 video_input = latents.to(transformer_dtype)
                 cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": self._num_timesteps}  # fmt: skip
 
                 if subjects:
                     model_input = torch.cat([video_input, ref_latents], dim=2)
                     record = return_routing_maps and i == len(timesteps) - 1
-                    with state.activate(**routing_inputs, record=record), self.transformer.cache_context("cond", **cache_kwargs):  # fmt: skip
-                        noise_pred = self.transformer(
-                            model_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
+                    with state.activate(**routing_inputs, record=record), model.cache_context("cond", **cache_kwargs):  # fmt: skip
+                        noise_pred = model(
+                            model_input,
+                            ref_timestep,
+                            prompt_embeds,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
                         )[0]
                         if record:
                             routing_maps = self._routing_maps(state)
                         cond_buckets = self._majority_buckets(state)
                     noise_pred = noise_pred[:, :, :num_latent_frames]
                 else:
-                    with self.transformer.cache_context("cond", **cache_kwargs):
-                        noise_pred = self.transformer(
+                    with model.cache_context("cond", **cache_kwargs):
+                        noise_pred = model(
                             video_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
                         )[0]
 
                 if guide and subjects and style.zero_negative_references:
                     noise_uncond = self._zero_reference_negative(
-                        model_input, num_latent_frames, timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
-                        cache_kwargs, attention_kwargs,
+                        model_input, num_latent_frames, ref_timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
+                        cache_kwargs, attention_kwargs, model,
                     )[:, :, :num_latent_frames]  # fmt: skip
                 elif guide:
                     # The negative branch has no references: with every video token routed to null this is exactly
                     # video-only attention, so the reference tokens need not be computed at all.
-                    with self.transformer.cache_context("uncond", **cache_kwargs):
-                        noise_uncond = self.transformer(video_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
+                    with model.cache_context("uncond", **cache_kwargs):
+                        noise_uncond = model(video_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
                 if guide:
                     if three_way:
                         ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
-                        with state.activate(**ref_only), self.transformer.cache_context("ref", **cache_kwargs):
-                            noise_ref = self.transformer(model_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
+                        with state.activate(**ref_only), model.cache_context("ref", **cache_kwargs):
+                            noise_ref = model(model_input, ref_timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
                         noise_ref = noise_ref[:, :, :num_latent_frames]
                         noise_pred = (
                             noise_uncond
                             + guidance_scale_ref * (noise_ref - noise_uncond)
-                            + guidance_scale * (noise_pred - noise_ref)
+                            + step_guidance * (noise_pred - noise_ref)
                         )
                     else:
-                        noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                        noise_pred = noise_uncond + step_guidance * (noise_pred - noise_uncond)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
@@ -925,7 +1071,7 @@ class DiasRPipeline(WanPipeline):
         """The :class:`SubjectRoutingState` inputs for the conditional branches of this call (also used by the
         trainer). ``images_per_subject``: how many reference frames each subject has."""
         _, _, f, h, w = latents.shape
-        pt, ph, pw = self.transformer.config.patch_size
+        pt, ph, pw = token_grid_factors(self.transformer)["patch_size"]  # any family's patch layout
         tokens_per_frame = (h // ph) * (w // pw)
         inputs: dict[str, Any] = {
             "ref_lengths": [n * tokens_per_frame for n in images_per_subject],
@@ -1138,7 +1284,7 @@ class DiasRPipeline(WanPipeline):
 
     def _zero_reference_negative(
         self, model_input, num_latent_frames, timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
-        cache_kwargs, attention_kwargs=None,
+        cache_kwargs, attention_kwargs=None, transformer=None,
     ) -> torch.Tensor:  # fmt: skip
         """The negative branch of Phantom and SkyReels: the reference frames stay in the sequence, as zeros.
 
@@ -1152,7 +1298,8 @@ class DiasRPipeline(WanPipeline):
         inputs = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}
         if routing_inputs["mode"] != "dense":
             inputs.update(mode="masks", mask_buckets=cond_buckets, router=None)
-        with self.routing_state.activate(**inputs), self.transformer.cache_context("uncond", **cache_kwargs):
-            return self.transformer(
+        transformer = self.transformer if transformer is None else transformer  # Wan2.2: the expert of this step
+        with self.routing_state.activate(**inputs), transformer.cache_context("uncond", **cache_kwargs):
+            return transformer(
                 zero_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
             )[0]

@@ -17,9 +17,10 @@ import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ops import bucketed_attention
@@ -197,25 +198,54 @@ def subject_of_reference_tokens(ref_lengths: list[int], batch: int, device: torc
     return torch.cat(ids).expand(batch, -1)
 
 
+class VideoShard(Protocol):
+    """This rank's share of the video tokens under context parallelism (see :mod:`.parallel`).
+
+    ``num_video_tokens``: ``Lv`` of the whole sequence; ``gather(t)``: ``(B, l, ...)`` rows of this rank's video
+    tokens -> ``(B, Lv, ...)``, the same on every rank (differentiable).
+    """
+
+    num_video_tokens: int
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
 def similarity_logits(
-    video_query: torch.Tensor, ref_key: torch.Tensor, ref_lengths: list[int], threshold: float
+    video_query: torch.Tensor,
+    ref_key: torch.Tensor,
+    ref_lengths: list[int],
+    threshold: float,
+    heads_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Training-free routing logits ``(B, Lv, N + 1)``: mean over heads of the cosine between each video query and
     each subject's mean reference key; the null column is the constant ``threshold``.
 
     ``video_query (B, Lv, H, D)`` and ``ref_key (B, sum R_s, H, D)`` are taken before rotary embedding so that
-    position does not dominate identity.
+    position does not dominate identity. ``heads_group``: the process group the heads are sharded over (tensor
+    parallelism): the per-head sum is all-reduced over it, so every rank routes as one process holding all heads.
     """
     means = torch.stack([k.mean(dim=1) for k in ref_key.split(ref_lengths, dim=1)], dim=1)  # (B, N, H, D)
     q = F.normalize(video_query.float(), dim=-1)
     means = F.normalize(means.float(), dim=-1)
-    sim = torch.einsum("blhd,bnhd->bln", q, means) / q.shape[2]
+    sim = torch.einsum("blhd,bnhd->bln", q, means)
+    heads = q.shape[2]
+    if heads_group is not None:
+        import torch.distributed._functional_collectives as funcol
+
+        # Routing is hard (argmax): nothing differentiates through the similarity, so a plain all-reduce will do.
+        sim = funcol.all_reduce(sim.detach(), "sum", heads_group)
+        heads = heads * dist.get_world_size(heads_group)  # Diffusers' tensor parallelism shards heads evenly
+    sim = sim / heads
     null = sim.new_full((*sim.shape[:2], 1), threshold)
     return torch.cat([sim, null], dim=-1)
 
 
 def _router_logits(
-    state: SubjectRoutingState, layer_idx: int, video_hidden: torch.Tensor, ref_hidden: torch.Tensor
+    state: SubjectRoutingState,
+    layer_idx: int,
+    video_hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    shard: VideoShard | None = None,
 ) -> torch.Tensor:
     anchors, image_anchors, text_anchors = state.router.encode_anchors(
         list(ref_hidden.split(state.ref_lengths, dim=1)), state.phrase_features, state.phrase_masks,
@@ -223,7 +253,12 @@ def _router_logits(
     )  # fmt: skip
     if state.record:
         state.anchors[layer_idx] = (image_anchors, text_anchors)
-    return state.router(video_hidden, anchors, layer_idx, grid=state.video_grid)
+    if shard is None:
+        return state.router(video_hidden, anchors, layer_idx, grid=state.video_grid)
+    if state.router.config.context_kernel > 1:
+        # The spatial context of a token crosses shard borders: route the gathered tokens (the same on every rank).
+        return state.router(shard.gather(video_hidden), anchors, layer_idx, grid=state.video_grid)
+    return shard.gather(state.router(video_hidden, anchors, layer_idx, grid=state.video_grid))
 
 
 def route_video_tokens(
@@ -233,22 +268,33 @@ def route_video_tokens(
     ref_hidden: torch.Tensor,
     video_query: torch.Tensor,
     ref_key: torch.Tensor,
+    *,
+    heads_group: dist.ProcessGroup | None = None,
+    shard: VideoShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Buckets ``(B, Lv)`` for this layer and the log-probability carrier for router gradients (or ``None``).
 
     ``video_hidden``/``ref_hidden``: the attention module's input tokens (router features);
     ``video_query``/``ref_key``: pre-rotary ``(B, L, H, D)`` (similarity features).
+    ``heads_group``: heads sharded over this group (tensor parallelism), see :func:`similarity_logits`.
+    ``shard``: context parallelism: ``video_hidden``/``video_query`` hold this rank's video tokens only (the
+    reference inputs are whole); logits are gathered, so buckets, bias and recorded maps cover all ``Lv`` tokens
+    and are the same on every rank.
     """
     logits = None
+    gather = shard.gather if shard is not None else (lambda t: t)
     if state.mode == "masks":
         buckets = state.mask_buckets.to(video_hidden.device)
-        if buckets.shape != video_hidden.shape[:2]:
+        lv = shard.num_video_tokens if shard is not None else video_hidden.shape[1]
+        if tuple(buckets.shape) != (video_hidden.shape[0], lv):
             raise ValueError(
-                f"`mask_buckets` has shape {tuple(buckets.shape)} but the transformer has {tuple(video_hidden.shape[:2])} "
+                f"`mask_buckets` has shape {tuple(buckets.shape)} but the transformer has {(video_hidden.shape[0], lv)} "
                 "video tokens (B, Lv)"
             )
     elif state.mode == "similarity":
-        logits = similarity_logits(video_query, ref_key, state.ref_lengths, state.similarity_threshold)
+        logits = gather(
+            similarity_logits(video_query, ref_key, state.ref_lengths, state.similarity_threshold, heads_group)
+        )
         buckets = buckets_from_logits(logits)
     elif state.mode == "router":
         router = state.router
@@ -260,7 +306,7 @@ def route_video_tokens(
         source = router.routed_layer_indices[router.head_index(layer_idx)]
         if not router.is_routed(layer_idx) and source in state.buckets:
             return state.buckets[source], None
-        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden)
+        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden, shard)
         buckets = buckets_from_logits(logits)
     else:
         raise ValueError(f"no bucket routing in mode {state.mode!r}")
@@ -270,7 +316,7 @@ def route_video_tokens(
         and layer_idx is not None
         and state.router.is_routed(layer_idx)
     ):
-        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden)
+        logits = _router_logits(state, layer_idx, video_hidden, ref_hidden, shard)
 
     if layer_idx is not None:
         state.buckets[layer_idx] = buckets
@@ -316,17 +362,22 @@ def routed_cross_attention(
     value: torch.Tensor,
     state: SubjectRoutingState,
     buckets: torch.Tensor,
+    query_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Text cross-attention where a video token routed to subject ``s`` sees the general prompt tokens plus
     ``s``'s phrase only (null: general only) and reference tokens see their own phrase.
 
     ``query (B, L, H, D)`` over ``[video | refs]``; ``key``/``value`` ``(B, Lt, H, D)`` in prompt order.
+    ``query_range``: context parallelism: ``query`` holds rows ``[start, stop)`` of ``[video | refs]`` only, while
+    ``buckets`` covers all ``Lv`` video tokens.
     """
     batch = query.shape[0]
     if len(state.text_segments) != batch:
         raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
     ref_buckets = subject_of_reference_tokens(state.ref_lengths, batch, query.device)
     all_buckets = torch.cat([buckets, ref_buckets], dim=1)
+    if query_range is not None:
+        all_buckets = all_buckets[:, query_range[0] : query_range[1]]
     outs = []
     # Phrase lengths can differ between prompts, and the op takes one segment layout per call: go per sample.
     for b, seg in enumerate(state.text_segments):

@@ -18,6 +18,13 @@ from .core import (
     routed_cross_attention,
     routed_self_attention,
 )
+from .parallel import (
+    check_processors_before_parallelism,
+    context_parallel_config,
+    heads_group,
+    ulysses_routed_cross_attention,
+    ulysses_routed_self_attention,
+)
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,8 +85,6 @@ class SubjectSparseAttnProcessor:
             return WanAttnProcessor.__call__(
                 self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
             )
-        if self._parallel_config is not None:
-            raise NotImplementedError("subject-sparse attention does not support context parallelism yet")
         if attn.is_cross_attention:
             return self._cross_attention(attn, hidden_states, encoder_hidden_states, state)
         return self._self_attention(attn, hidden_states, rotary_emb, state)
@@ -87,10 +92,17 @@ class SubjectSparseAttnProcessor:
     def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        return (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        # Heads from the projection's width, not `attn.heads`: under tensor parallelism it holds this rank's heads.
+        heads = query.shape[-1] * attn.heads // attn.inner_dim
+        return (t.unflatten(2, (heads, -1)) for t in (query, key, value))
 
     def _self_attention(self, attn, hidden_states, rotary_emb, state: SubjectRoutingState) -> torch.Tensor:
         query, key, value = self._project(attn, hidden_states, None)
+        cp = context_parallel_config(self._parallel_config)
+        if cp is not None:
+            rotate = (lambda x: _apply_rotary(x, *rotary_emb)) if rotary_emb is not None else None
+            out = ulysses_routed_self_attention(state, self.layer_idx, hidden_states, query, key, value, rotate, cp)
+            return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
         lv = hidden_states.shape[1] - sum(state.ref_lengths)
         if lv <= 0:
             raise ValueError(
@@ -98,8 +110,9 @@ class SubjectSparseAttnProcessor:
                 "reference tokens"
             )
         buckets, bias = route_video_tokens(
-            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:]
-        )
+            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:],
+            heads_group=heads_group(attn),
+        )  # fmt: skip
         state.current_buckets = buckets
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
@@ -112,7 +125,11 @@ class SubjectSparseAttnProcessor:
             # No text routing requested (or an I2V image branch we do not route): stock cross-attention.
             return WanAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, None, None)
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
-        out = routed_cross_attention(query, key, value, state, state.current_buckets)
+        cp = context_parallel_config(self._parallel_config)
+        if cp is not None:
+            out = ulysses_routed_cross_attention(state, query, key, value, cp)
+        else:
+            out = routed_cross_attention(query, key, value, state, state.current_buckets)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -134,6 +151,7 @@ def set_subject_sparse_attn_processor(
         raise TypeError(
             f"`transformer` must be a Diffusers Wan transformer (e.g. `pipe.transformer`), got {type(transformer).__name__}"
         )
+    check_processors_before_parallelism(transformer)
     state = state if state is not None else SubjectRoutingState()
     processors = {}
     for name, old in transformer.attn_processors.items():

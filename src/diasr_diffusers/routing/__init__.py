@@ -1,16 +1,20 @@
 """Routing: identity anchors, the ID router, routing losses and mask helpers."""
 
-from .losses import mask_loss, routing_cross_entropy
+from .ingredients_router import IngredientsIDRouter, majority_identity
+from .losses import ingredients_routing_loss, mask_loss, routing_cross_entropy
 from .masks import masks_to_token_grid, normalize_masks, routing_labels_from_coverage, token_grid_factors
 from .phrases import check_phrases, clean_prompt, phrase_problems, phrase_spans, phrase_token_owners
 from .router import IDRouter, buckets_from_logits, chosen_log_prob, resolve_routed_layers
 
 __all__ = [
     "IDRouter",
+    "IngredientsIDRouter",
+    "ingredients_routing_loss",
     "buckets_from_logits",
     "check_phrases",
     "chosen_log_prob",
     "clean_prompt",
+    "majority_identity",
     "mask_loss",
     "masks_to_token_grid",
     "normalize_masks",

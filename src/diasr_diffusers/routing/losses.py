@@ -102,3 +102,32 @@ def mask_loss(
             raise ValueError("`subject_valid` must be bool (or 0/1): True for real subjects, False for padding")
         per_subject = per_subject * subject_valid.to(per_subject.dtype)
     return per_subject.sum(dim=1).mean()
+
+
+def ingredients_routing_loss(
+    layer_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], index_mask: torch.Tensor
+) -> torch.Tensor:
+    """Ingredients' routing loss as its released training forward computes it.
+
+    For each sample, the cross-entropy of every routed layer's ``(L, N)`` logits against its ``(L,)`` labels
+    (background ``-1`` ignored) is summed over the layers and divided by their number; a sample with no labelled
+    token contributes 0 (the released code turns that NaN into 0); the result is the mean over samples. Each sample
+    is averaged over its own labelled tokens, so a sample with a small face weighs as much as one with a large face
+    (unlike :func:`routing_cross_entropy` on the whole batch, which pools the tokens).
+
+    Args:
+        layer_logits: one ``(B, L, N)`` tensor per routed layer (``IngredientsTransformer3DModel(...,
+            return_routing_logits=True).routing_logits``).
+        index_mask: ``(B, L)`` integer labels in ``[-1, N)``: the identity of each video token, ``-1`` background.
+    """
+    if not layer_logits:
+        raise ValueError("`layer_logits` is empty: the model has no routed layer")
+    per_layer = []
+    for logits in layer_logits:
+        if logits.shape[:2] != index_mask.shape:
+            raise ValueError(
+                f"`index_mask` must be (B, L) = {tuple(logits.shape[:2])} like the logits, got {tuple(index_mask.shape)}"
+            )
+        per_sample = [routing_cross_entropy(logits[b : b + 1], index_mask[b : b + 1]) for b in range(logits.shape[0])]
+        per_layer.append(torch.stack(per_sample))
+    return torch.stack(per_layer).mean(dim=0).mean()

@@ -64,14 +64,21 @@ def _positive_int(value: Any, name: str) -> int:
 def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, Any]:
     """``temporal_compression``, ``spatial_compression`` and ``patch_size`` read off a Diffusers transformer + VAE.
 
-    Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)).
+    Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)). Wan VAEs state ``scale_factor_temporal/spatial`` in
+    their config; LTX-Video's VAE has ``temporal/spatial_compression_ratio`` attributes (8, 32). Wan transformers give
+    a 3-tuple ``patch_size``; LTX-style ones an int ``patch_size`` (spatial) plus ``patch_size_t``.
     """
     vae_cfg = getattr(vae, "config", None)
     tr_cfg = getattr(transformer, "config", None)
+    temporal = getattr(vae_cfg, "scale_factor_temporal", None) or getattr(vae, "temporal_compression_ratio", None)
+    spatial = getattr(vae_cfg, "scale_factor_spatial", None) or getattr(vae, "spatial_compression_ratio", None)
+    patch = getattr(tr_cfg, "patch_size", (1, 2, 2))
+    if isinstance(patch, int):
+        patch = (getattr(tr_cfg, "patch_size_t", None) or 1, patch, patch)
     return {
-        "temporal_compression": int(getattr(vae_cfg, "scale_factor_temporal", 4)),
-        "spatial_compression": int(getattr(vae_cfg, "scale_factor_spatial", 8)),
-        "patch_size": tuple(getattr(tr_cfg, "patch_size", (1, 2, 2))),
+        "temporal_compression": int(temporal or 4),
+        "spatial_compression": int(spatial or 8),
+        "patch_size": tuple(patch),
     }
 
 

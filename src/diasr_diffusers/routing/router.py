@@ -214,7 +214,12 @@ class IDRouter(ModelMixin, ConfigMixin):
         """``hidden_dim``, ``text_dim`` and ``num_layers`` of a Diffusers video transformer, as a router needs them."""
         cfg = transformer.config
         hidden = cfg.num_attention_heads * cfg.attention_head_dim
-        text_dim = getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None)
+        # Wan: text_dim; CogVideoX: text_embed_dim; LTX-Video: caption_channels (the T5 width its prompts have).
+        text_dim = (
+            getattr(cfg, "text_dim", None)
+            or getattr(cfg, "text_embed_dim", None)
+            or getattr(cfg, "caption_channels", None)
+        )
         num_layers = getattr(cfg, "num_layers", None) or len(transformer.blocks)
         if text_dim is None:
             raise ValueError(f"cannot read the text width of {type(transformer).__name__}; pass `text_dim=`")

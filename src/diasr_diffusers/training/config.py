@@ -36,7 +36,15 @@ _FLOATS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "logit_std": (0.0, False, None, False),
     "mode_scale": (0.0, True, None, False),
 }
-_BOOLS = ("allow_scratch", "train_lora", "train_transformer", "route_background", "route_text", "cache_latents", "gradient_checkpointing")
+_BOOLS = (
+    "allow_scratch",
+    "train_lora",
+    "train_transformer",
+    "route_background",
+    "route_text",
+    "cache_latents",
+    "gradient_checkpointing",
+)
 _PATHS = ("train_data", "model", "init_from", "eval_data", "latent_cache")
 # Keys of IDRouter's constructor a config may set; the others are read off the transformer.
 _ROUTER_FROM_TRANSFORMER = ("hidden_dim", "text_dim", "num_layers")
@@ -331,7 +339,9 @@ class TrainConfig:
         if self.train_transformer and self.train_lora:
             raise ConfigError("`train_transformer: true` trains every transformer weight: set `train_lora: false`")
         if self.stage == "dense" and not (self.train_lora or self.train_transformer):
-            raise ConfigError("nothing to train: stage `dense` trains no router; set `train_lora` or `train_transformer`")
+            raise ConfigError(
+                "nothing to train: stage `dense` trains no router; set `train_lora` or `train_transformer`"
+            )
         if self.router_learning_rate == 0 and not (self.train_lora or self.train_transformer):
             raise ConfigError("nothing to train: `router_learning_rate` is 0 and `train_lora` is false")
         if self.cache_latents and self.latent_cache is not None:
@@ -342,12 +352,26 @@ class TrainConfig:
     def _validate_tiny_model(self) -> None:
         import inspect
 
-        from ..utils.tiny import SPRITES_VAE, tiny_wan_components, toy_vae_path
+        from ..utils.tiny import SPRITES_VAE, WAN22_KINDS, tiny_wan_components, toy_vae_path
 
-        allowed = set(inspect.signature(tiny_wan_components).parameters)
+        allowed = set(inspect.signature(tiny_wan_components).parameters) | {"wan22", "ltx"}
         unknown = sorted((k for k in self.tiny_model if k not in allowed), key=str)
         if unknown:
             raise ConfigError(f"unknown `tiny_model` key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "ltx" in self.tiny_model:  # a toy LTX-Video (utils.tiny.tiny_ltx_components)
+            if self.tiny_model["ltx"] is not True:
+                raise ConfigError(f"`tiny_model.ltx` must be true (a toy LTX-Video), got {self.tiny_model['ltx']!r}")
+            extra = sorted(k for k in self.tiny_model if k not in ("ltx", "seed", "num_layers", "num_attention_heads",
+                                                                   "attention_head_dim", "text_dim"))  # fmt: skip
+            if extra:
+                raise ConfigError(f"`tiny_model.ltx` takes seed, num_layers, num_attention_heads, attention_head_dim "
+                                  f"and text_dim only; remove {extra}")  # fmt: skip
+        if "wan22" in self.tiny_model:  # a toy Wan2.2 (utils.tiny.tiny_wan22_components): its own VAE and patch size
+            if self.tiny_model["wan22"] not in WAN22_KINDS:
+                raise ConfigError(f"`tiny_model.wan22` must be one of {WAN22_KINDS}, got {self.tiny_model['wan22']!r}")
+            fixed = sorted(k for k in ("vae", "patch_size") if k in self.tiny_model)
+            if fixed:
+                raise ConfigError(f"`tiny_model.wan22` fixes {fixed}; remove them")
         for key, value in self.tiny_model.items():
             if key == "seed" and not (_is_int(value) and value >= 0):
                 raise ConfigError(f"`tiny_model.seed` must be an integer >= 0, got {value!r}")
@@ -355,7 +379,7 @@ class TrainConfig:
                 isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
             ):
                 raise ConfigError(f"`tiny_model.patch_size` must be 3 positive integers, got {value!r}")
-            if key not in ("seed", "patch_size", "vae") and not (_is_int(value) and value >= 1):
+            if key not in ("seed", "patch_size", "vae", "wan22", "ltx") and not (_is_int(value) and value >= 1):
                 raise ConfigError(f"`tiny_model.{key}` must be a positive integer, got {value!r}")
         vae = self.tiny_model.get("vae")
         if vae is not None:
@@ -376,7 +400,11 @@ class TrainConfig:
             defaults = {k: p.default for k, p in inspect.signature(tiny_wan_components).parameters.items()}
             return {
                 "_class_name": "WanTransformer3DModel",
-                **{k: v for k, v in {**defaults, **self.tiny_model}.items() if k not in ("seed", "vae")},
+                **{
+                    k: v
+                    for k, v in {**defaults, **self.tiny_model}.items()
+                    if k not in ("seed", "vae", "wan22", "ltx")
+                },
             }
         return _read_json(self.resolve(self.model) / "transformer" / "config.json", "`model`")
 

@@ -26,19 +26,22 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
 from ..pipelines import DiasRPipeline
-from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
+from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy, token_grid_factors
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
-from ..utils.latents import encode_latents
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Wan2.2 A14B's low-noise expert: its own file, loaded as Diffusers does (`load_lora_weights(..., load_into_transformer_2=True)`).
+LORA_2_WEIGHT_NAME = "pytorch_lora_weights_2.safetensors"
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its list of files and sizes marks it complete
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_EXPERT_NAMES = ("transformer", "transformer_2")  # folder names of the experts (Wan2.2 A14B has two)
+_LORA_NAMES = (LORA_WEIGHT_NAME, LORA_2_WEIGHT_NAME)
 # Our temporary names in the output folder (utils.io.atomic_dir / atomic_path, pruning): a kill leaves them behind.
 _LEFTOVER = re.compile(
-    r"\.(checkpoint-\d+|router|transformer|pipeline)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights)\..+\.tmp\.(json|jsonl|safetensors)"
+    r"\.(checkpoint-\d+|router|transformer|transformer_2|pipeline)\.(tmp|deleting)|\.(eval|metrics|pytorch_lora_weights|pytorch_lora_weights_2)\..+\.tmp\.(json|jsonl|safetensors)"
 )
 # Keys a resumed run may change: they do not touch the weights, the optimizer or the data stream already taken.
 RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "eval_data",
@@ -50,14 +53,16 @@ class _Trainable(nn.Module):
     from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
     are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None):
         super().__init__()
         self.transformer = transformer
+        self.transformer_2 = transformer_2  # Wan2.2 A14B's low-noise expert (None for one transformer)
         self.router = router
         self.state = state
 
-    def forward(self, hidden: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        pred = self.transformer(hidden, timestep, text, return_dict=False)[0]
+    def forward(self, low_noise: bool = False, **inputs: Any):
+        model = self.transformer_2 if low_noise else self.transformer
+        pred = model(**inputs, return_dict=False)[0]
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -140,6 +145,7 @@ class DiasRTrainer:
         self.output_dir = Path(output_dir).expanduser()
         self.resume = resume
         self._trained = False
+        self._inherited_transformer = False  # set by setup(): an init_from transformer this run starts from
         self.skipped_records = 0
         self.failed_samples = 0
 
@@ -148,8 +154,17 @@ class DiasRTrainer:
     def _build_pipeline(self) -> DiasRPipeline:
         cfg = self.config
         if cfg.tiny_model is not None:
-            from ..utils.tiny import tiny_wan_components
+            from ..utils.tiny import tiny_wan22_components, tiny_wan_components
 
+            if cfg.tiny_model.get("ltx"):
+                from ..pipelines import DiasRLTXPipeline
+                from ..utils.tiny import tiny_ltx_components
+
+                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "ltx"}
+                return DiasRLTXPipeline(**tiny_ltx_components(**kwargs))
+            if "wan22" in cfg.tiny_model:
+                kwargs = {k: v for k, v in cfg.tiny_model.items() if k != "wan22"}
+                return DiasRPipeline(**tiny_wan22_components(cfg.tiny_model["wan22"], **kwargs))
             return DiasRPipeline(**tiny_wan_components(**cfg.tiny_model))
         from ..commands.generate import load_pipeline
 
@@ -218,33 +233,40 @@ class DiasRTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self._refuse_fsdp()
         resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
-        for module in (self.pipe.text_encoder, self.pipe.vae, self.pipe.transformer):
+        # Wan2.2 A14B: both experts are trained alike (LoRA or full), each on the samples whose timestep selects it;
+        # one router serves both (see DiasRPipeline).
+        experts = self.pipe.experts
+        for module in (self.pipe.text_encoder, self.pipe.vae, *experts):
             module.requires_grad_(False)
         transformer = self.pipe.transformer
         # A generator trained by an earlier stage is inherited even when this stage freezes it: silently falling back to
         # the base (or random `tiny_model`) weights would train a router for a transformer nobody uses.
         self._inherited_transformer = cfg.init_from is not None and (cfg.resolve(cfg.init_from) / "transformer").is_dir()
         if self._inherited_transformer and not cfg.train_transformer:  # else `_load_weights` loads it below
-            self._load_transformer(cfg.resolve(cfg.init_from) / "transformer", transformer)
-        if cfg.train_transformer:
-            transformer.requires_grad_(True)
-        if cfg.train_lora:
-            transformer.add_adapter(
-                LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
-            )
-        if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            for name, expert in zip(_EXPERT_NAMES, experts):
+                self._load_transformer(cfg.resolve(cfg.init_from) / name, expert)
+        for expert in experts:
+            if cfg.train_transformer:
+                expert.requires_grad_(True)
+            if cfg.train_lora:
+                expert.add_adapter(
+                    LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
+                )
+            if cfg.gradient_checkpointing:
+                expert.enable_gradient_checkpointing()
         router = IDRouter.from_transformer(transformer, **cfg.router)
         self.pipe.register_modules(id_router=router)
+        self.experts = experts
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
-        if cfg.random_toy_vae:
+        if cfg.random_toy_vae and isinstance(self.pipe, DiasRPipeline):  # LTX's VAE keeps its statistics as buffers
             self._calibrate_toy_vae()
 
-        transformer_params = [p for p in transformer.parameters() if p.requires_grad]  # LoRA, or every weight
+        transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
         router_lr = cfg.learning_rate if cfg.router_learning_rate is None else cfg.router_learning_rate
         groups = []
         if cfg.stage != "dense":  # the dense baseline never calls the router
@@ -258,7 +280,7 @@ class DiasRTrainer:
         device = self.accelerator.device
         self.pipe.to(device)
         self.model, self.optimizer = self.accelerator.prepare(
-            _Trainable(transformer, router, self.pipe.routing_state), self.optimizer
+            _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None)), self.optimizer
         )
         self.router = router
         self.transformer = transformer
@@ -266,6 +288,23 @@ class DiasRTrainer:
         self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+
+    def _refuse_fsdp(self) -> None:
+        """``accelerate launch --use_fsdp`` is refused by name instead of running something else.
+
+        On a machine without GPUs accelerate ignores FSDP (``Accelerator(cpu=True)`` becomes DDP over gloo, and
+        ``Accelerator()`` a single unsharded process per rank), so it cannot be tested here; on GPUs our checkpoints
+        and final weights are written by the main process alone, which FSDP's sharded state would hang or truncate.
+        """
+        from accelerate.utils import DistributedType
+
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        if asked or self.accelerator.distributed_type == DistributedType.FSDP:
+            raise NotImplementedError(
+                "`diasr train` does not support FSDP: use DDP (`accelerate launch --multi_gpu --num_processes N ...`). "
+                "Only the router and the LoRA are trained; the frozen base is replicated on each GPU (Wan2.1-14B in "
+                "bf16: 28 GB), see docs/distributed.md"
+            )
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
@@ -284,9 +323,7 @@ class DiasRTrainer:
 
     @staticmethod
     def _load_transformer(folder: Path, transformer: nn.Module) -> None:
-        from diffusers import WanTransformer3DModel
-
-        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(folder).state_dict())
+        transformer.load_state_dict(type(transformer).from_pretrained(folder).state_dict())
 
     def _load_weights(self, folder: Path, router: IDRouter, transformer: nn.Module) -> None:
         """Router + LoRA (+ the whole transformer when this run trains it) of a finished stage or a checkpoint folder.
@@ -300,26 +337,29 @@ class DiasRTrainer:
         if not (router_dir / "config.json").is_file():
             raise ValueError(f"`init_from`/checkpoint {folder} has no router/ (expected a diasr train output)")
         router.load_state_dict(IDRouter.from_pretrained(router_dir).state_dict())
-        lora_file = folder / LORA_WEIGHT_NAME
-        if lora_file.is_file() and self.config.train_lora:
-            sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
-            sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
-            set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(sd), adapter_name="default")
-        if self.config.train_transformer:
-            self._load_transformer(folder / "transformer", transformer)
+        for expert, name, lora_name in zip(self.experts, _EXPERT_NAMES, _LORA_NAMES):
+            lora_file = folder / lora_name
+            if lora_file.is_file() and self.config.train_lora:
+                sd = DiasRPipeline.lora_state_dict(str(folder), weight_name=lora_name)
+                sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+                set_peft_model_state_dict(expert, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+            if self.config.train_transformer:
+                self._load_transformer(folder / name, expert)
 
     def _save_weights(self, folder: Path) -> None:
         self.router.save_pretrained(folder / "router")
-        if self.config.train_lora:
-            self._save_lora(folder)
-        if self.config.train_transformer:
-            self.transformer.save_pretrained(folder / "transformer")
+        for expert, name, lora_name in zip(self.experts, _EXPERT_NAMES, _LORA_NAMES):
+            if self.config.train_lora:
+                self._save_lora(folder, lora_name, expert)
+            if self.config.train_transformer:
+                expert.save_pretrained(folder / name)
 
-    def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
+    def _save_lora(self, folder: Path, weight_name: str = LORA_WEIGHT_NAME, expert: nn.Module | None = None) -> None:
         from peft.utils import get_peft_model_state_dict
 
+        expert = self.transformer if expert is None else expert
         DiasRPipeline.save_lora_weights(
-            str(folder), transformer_lora_layers=get_peft_model_state_dict(self.transformer), weight_name=weight_name
+            str(folder), transformer_lora_layers=get_peft_model_state_dict(expert), weight_name=weight_name
         )
 
     def _save_final(self) -> None:
@@ -327,16 +367,18 @@ class DiasRTrainer:
         kill leaves the previous outputs (or none), never a half-written one."""
         out = self.output_dir
         (out / "eval.json").unlink(missing_ok=True)  # it would describe the previous weights until evaluate() ends
-        lora = out / LORA_WEIGHT_NAME
         with atomic_dir(out / "router") as router_tmp, contextlib.ExitStack() as stack:
             self.router.save_pretrained(router_tmp)
-            if self.config.train_lora:
-                lora_tmp = stack.enter_context(atomic_path(lora))
-                self._save_lora(lora_tmp.parent, lora_tmp.name)
-            else:  # one of an earlier run would be loaded with this router
-                lora.unlink(missing_ok=True)
+            for i, lora_name in enumerate(_LORA_NAMES):
+                lora = out / lora_name
+                if self.config.train_lora and i < len(self.experts):
+                    lora_tmp = stack.enter_context(atomic_path(lora))
+                    self._save_lora(lora_tmp.parent, lora_tmp.name, self.experts[i])
+                else:  # one of an earlier run would be loaded with this router
+                    lora.unlink(missing_ok=True)
             if self.config.train_transformer or self._inherited_transformer:  # a complete model, not base weights
-                self.transformer.save_pretrained(stack.enter_context(atomic_dir(out / "transformer")))
+                for expert, name in zip(self.experts, _EXPERT_NAMES):
+                    expert.save_pretrained(stack.enter_context(atomic_dir(out / name)))
                 self._save_pipeline(stack.enter_context(atomic_dir(out / "pipeline")))
 
     def _save_pipeline(self, folder: Path) -> None:
@@ -404,7 +446,17 @@ class DiasRTrainer:
         saved, ours = state.get("config"), self._config_record()
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
-        changed = sorted(k for k in set(saved) | set(ours) if k not in RESUMABLE_CHANGES and saved.get(k) != ours.get(k))
+        # The data stream is defined by the global batch: another world size may resume with the per-process
+        # `batch_size` that keeps it (a checkpoint without `global_batch` predates this and keeps `batch_size`).
+        flexible = (*RESUMABLE_CHANGES, "batch_size") if "global_batch" in state else RESUMABLE_CHANGES
+        if "global_batch" in state and state["global_batch"] != self._global_batch():
+            raise ValueError(
+                f"checkpoint {folder} was trained with a global batch of {state['global_batch']} samples per step "
+                f"({state.get('num_processes')} process(es) x batch_size {saved.get('batch_size')}); this run has "
+                f"{self._num_processes()} x {self.config.batch_size} = {self._global_batch()}: set `batch_size` to "
+                f"{state['global_batch']} / number of processes"
+            )
+        changed = sorted(k for k in set(saved) | set(ours) if k not in flexible and saved.get(k) != ours.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in changed[:6])
             raise ValueError(
@@ -476,7 +528,8 @@ class DiasRTrainer:
             _optimizer_state_to_safetensors(optimizer, tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
-                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files}  # fmt: skip
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files,
+                     "num_processes": self._num_processes(), "global_batch": self._global_batch()}  # fmt: skip
             (tmp / STATE_NAME).write_text(json.dumps(state))
         self._prune_checkpoints()
         return final
@@ -499,10 +552,19 @@ class DiasRTrainer:
 
     # -- data -----------------------------------------------------------------------------------------------------
 
+    def _num_processes(self) -> int:
+        # Before `setup` (the CLI checks the output folder first) the launcher's WORLD_SIZE is what accelerate will use.
+        if hasattr(self, "accelerator"):
+            return self.accelerator.num_processes
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def _global_batch(self) -> int:
+        return self.config.batch_size * self._num_processes()
+
     def _global_indices(self, step: int) -> list[tuple[int, int]]:
         """``(epoch, dataset index)`` of each sample of the global batch of ``step`` (all processes)."""
         n = len(self.train_set)
-        global_batch = self.config.batch_size * self.accelerator.num_processes
+        global_batch = self._global_batch()
         out = []
         for g in range(step * global_batch, (step + 1) * global_batch):
             epoch, pos = divmod(g, n)
@@ -543,22 +605,22 @@ class DiasRTrainer:
             x0 = item["latents"][None].to(device).float()  # (1, C, F_lat, h, w)
             ref_latents = item["ref_latents"].to(device)  # (N, C, 1, h, w)
         else:
-            x0 = encode_latents(pipe.vae, item["video"][None].to(device))
+            x0 = pipe.encode_video_latents(item["video"][None].to(device))
             ref_pixels = torch.stack(list(item["ref_images"]))[:, :, None].to(device)  # (N, 3, 1, H, W)
-            ref_latents = encode_latents(pipe.vae, ref_pixels)
+            ref_latents = pipe.encode_video_latents(ref_pixels)
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
-        prompt_embeds, _ = pipe.encode_prompt(
-            item["caption"], do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length, device=device
-        )
+        prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe._prepare_routing(
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
             self.config.num_frames, x0, self.config.max_sequence_length,
         )  # fmt: skip
+        if prompt_mask is not None and routing["text_segments"] is not None:  # LTX: padded tokens are masked
+            routing["text_segments"] = pipe.drop_padding_tokens(routing["text_segments"], prompt_mask)
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
-        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(pipe.transformer.config.patch_size):
+        if labels.shape[1] != x0.shape[2] * x0.shape[3] * x0.shape[4] // math.prod(token_grid_factors(pipe.transformer)["patch_size"]):
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
@@ -566,17 +628,22 @@ class DiasRTrainer:
             routing.update(mode="dense", router=None)
         else:
             routing.update(router=self.router, router_gradient="straight_through")
-        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "routing": routing, "labels": labels, "coverage": coverage}
+        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "routing": routing,
+                "labels": labels, "coverage": coverage}  # fmt: skip
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
         x0 = enc["x0"]
         noisy = (1 - sigma) * x0 + sigma * noise
         state = self.pipe.routing_state
         dtype = self.pipe.transformer.dtype
+        t = (sigma * 1000).reshape(())
+        # The pipeline builds the family's inputs: Wan2.2 picks the expert of this timestep and gives TI2V per-token
+        # timesteps; LTX packs the latents. Reference tokens are clean (timestep 0) where the model takes per-token ones.
+        low_noise = self.pipe.expert_for(t)[1]
+        inputs = self.pipe.denoiser_inputs(noisy.to(dtype), enc["refs"], t, enc["prompt_embeds"], enc["prompt_mask"])
         with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
-            hidden = torch.cat([noisy.to(dtype), enc["refs"]], dim=2)
-            pred, logits, anchors, buckets = model(hidden, (sigma * 1000).reshape(1).to(dtype), enc["prompt_embeds"])
-        pred = pred[:, :, : x0.shape[2]].float()
+            pred, logits, anchors, buckets = model(low_noise, **inputs)
+        pred = self.pipe.video_prediction(pred, x0.shape).float()
         return pred, logits, anchors, buckets
 
     def _losses(self, enc, pred, noise, logits, anchors) -> dict[str, torch.Tensor]:
@@ -656,6 +723,12 @@ class DiasRTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
             self.lr_scheduler.step()
             done = step + 1
+            if acc.num_processes > 1:  # the logged losses are the global batch's, as one process would log them
+                from accelerate.utils import gather_object
+
+                shares = gather_object([(sums, count)])
+                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)}
+                count = sum(c for _, c in shares)
             record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
             if acc.is_main_process and done % cfg.log_every == 0:
                 with metrics_path.open("a") as f:

@@ -82,15 +82,23 @@ def tiny_wan_components(
           latent statistics measured on its training clips). Use it to train routing on ``make-synthetic`` data.
         - a folder with a saved ``AutoencoderKLWan``.
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=0,
+            eos_token_id=1,
         )  # fmt: skip
     ).eval()
     if vae is None:
@@ -100,13 +108,38 @@ def tiny_wan_components(
         ).eval()
     else:
         vae = AutoencoderKLWan.from_pretrained(toy_vae_path(vae)).eval()
+    transformer = _tiny_wan_transformer(
+        seed, num_layers, num_attention_heads, attention_head_dim, text_dim, patch_size, ffn_dim, in_channels=16
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": scheduler,
+        "transformer": transformer,
+    }
+
+
+def _tiny_wan_transformer(
+    seed: int,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    text_dim: int,
+    patch_size: tuple[int, int, int],
+    ffn_dim: int,
+    in_channels: int,
+):
+    from diffusers import WanTransformer3DModel
+
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=tuple(patch_size),
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
-        in_channels=16,
-        out_channels=16,
+        in_channels=in_channels,
+        out_channels=in_channels,
         text_dim=text_dim,
         freq_dim=256,
         ffn_dim=ffn_dim,
@@ -115,11 +148,91 @@ def tiny_wan_components(
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+
+
+WAN22_KINDS = ("a14b", "ti2v")
+
+
+def tiny_wan22_components(
+    kind: str = "a14b",
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    text_dim: int = 32,
+    ffn_dim: int = 32,
+    boundary_ratio: float = 0.875,
+) -> dict[str, Any]:
+    """The components of a toy Wan2.2, laid out as Diffusers' Wan2.2 pipelines take them (random weights).
+
+    ``kind``:
+        - ``"a14b"`` (T2V/I2V-A14B layout): two experts of the same architecture, ``transformer`` (high noise, seeded
+          ``seed``) and ``transformer_2`` (low noise, seeded ``seed + 1``), switched at ``boundary_ratio``; Wan2.1's
+          16-channel VAE (8x spatial).
+        - ``"ti2v"`` (TI2V-5B layout): one transformer with 48 latent channels, ``expand_timesteps=True``
+          (per-token timesteps), and a Wan2.2-style VAE: ``z_dim=48``, a 2x2 pixel patchify in the VAE
+          (``is_residual``, ``patch_size=2``), 16x spatial and 4x temporal compression, so sizes are multiples of 32.
+    """
+    if kind not in WAN22_KINDS:
+        raise ValueError(f"`kind` must be one of {WAN22_KINDS}, got {kind!r}")
+    sizes = dict(num_layers=num_layers, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+                 text_dim=text_dim, ffn_dim=ffn_dim, patch_size=(1, 2, 2))  # fmt: skip
+    comps = tiny_wan_components(seed=seed, **sizes)
+    if kind == "a14b":
+        comps["transformer_2"] = _tiny_wan_transformer(seed + 1, in_channels=16, **sizes)
+        comps["boundary_ratio"] = boundary_ratio
+        return comps
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    comps["vae"] = AutoencoderKLWan(
+        base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+        dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+    ).eval()  # fmt: skip
+    comps["transformer"] = _tiny_wan_transformer(seed, in_channels=48, **sizes)
+    comps["expand_timesteps"] = True
+    return comps
+
+
+def tiny_ltx_components(
+    seed: int = 0, num_layers: int = 2, num_attention_heads: int = 2, attention_head_dim: int = 12, text_dim: int = 32
+) -> dict[str, Any]:
+    """``scheduler, vae, text_encoder, tokenizer, transformer`` of a toy LTX-Video (random weights, no download).
+
+    The VAE keeps LTX-Video's token geometry: a 4x4 pixel patchify and three 2x down-samplings in space and time, so
+    32x spatial and 8x temporal compression (``num_frames = 8k + 1``, sizes multiples of 32); the transformer has
+    patch size 1, like LTX-Video's. The text encoder is a one-layer T5 of width ``text_dim`` (LTX's
+    ``caption_channels``).
+    """
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1)
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    inner = num_attention_heads * attention_head_dim
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim, cross_attention_dim=inner, num_layers=num_layers,
+        caption_channels=text_dim,
+    ).eval()  # fmt: skip
     return {
-        "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": vae,
-        "scheduler": scheduler,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
         "transformer": transformer,
     }
