@@ -20,11 +20,14 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 
 def fsdp_requested() -> bool:
@@ -68,12 +71,19 @@ def shard(model: nn.Module, accelerator: Any, block_owners: list[nn.Module]) -> 
     kwargs: dict[str, Any] = {"mesh": mesh, "offload_policy": plugin.cpu_offload}  # FSDP_OFFLOAD_PARAMS
     if isinstance(plugin.reshard_after_forward, bool):  # FSDP_RESHARD_AFTER_FORWARD
         kwargs["reshard_after_forward"] = plugin.reshard_after_forward
+    units = 0
     for owner in block_owners:
         names = set(getattr(owner, "_no_split_modules", None) or ())
         for module in owner.modules():
             if type(module).__name__ in names:
                 fully_shard(module, **kwargs)
+                units += 1
     fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        f"FSDP2: {units} blocks + root over {accelerator.num_processes} processes; this one holds {local} of {total} weights"
+    )
     return model
 
 
