@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from diasr_diffusers import DiasRPipeline, IDRouter
 from diasr_diffusers.cli import main
 from diasr_diffusers.data import make_synthetic
 from diasr_diffusers.training import ConfigError, DiasRTrainer, TrainConfig
+from diasr_diffusers.training.trainer import read_metrics
 from diasr_diffusers.utils.latents import encode_latents
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
@@ -232,22 +234,26 @@ def test_outputs_load_into_pipeline_and_change_it(data_dir, tmp_path):
     assert np.abs(frames_base - frames_tuned).max() > 1e-4
 
 
+def _launch(args: list[str], port: int, *train: str) -> None:
+    """`accelerate launch <args> -m diasr_diffusers.cli train <train>` in 2 CPU processes (gloo)."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *args, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "diasr_diffusers.cli", "train", *train,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes (DDP, gloo) x batch 1 = one process x batch 2: the same logged losses
     (the global batch's), and its checkpoint resumes in one process (world size 2 -> 1) exactly where it stopped."""
     one = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=2, checkpointing_steps=100), "one.yaml")
     two = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=1, checkpointing_steps=1), "two.yaml")
     assert main(["train", "--config", str(one), "--output-dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `--multi_gpu` is accelerate's multi-process launcher (torchrun); without a GPU the trainer's Accelerator runs
     # DDP over gloo (`--cpu` would start a single process).
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        "-m", "diasr_diffusers.cli", "train", "--config", str(two), "--output-dir", str(tmp_path / "two"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(["--multi_gpu"], 29517, "--config", str(two), "--output-dir", str(tmp_path / "two"))
     state = json.loads((tmp_path / "two" / "checkpoint-1" / "trainer_state.json").read_text())
     assert (state["num_processes"], state["global_batch"]) == (2, 2)
 
@@ -274,11 +280,62 @@ def test_two_process_ddp_matches_one_process_with_double_batch(data_dir, tmp_pat
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
 
 
-def test_fsdp_launch_is_refused_by_name(data_dir, tmp_path, monkeypatch):
-    # `accelerate launch --use_fsdp` sets this; without a GPU accelerate would silently run DDP (or nothing sharded).
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir)), tmp_path / "run")
-    with pytest.raises(NotImplementedError, match="does not support FSDP: use DDP"):
+def test_fsdp_matches_one_process_and_resumes_across_world_sizes(data_dir, tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2` with 2 CPU processes, every transformer weight trained: it
+    resumes a 1-process checkpoint (world size 1 -> 2, the optimizer state scattered into shards), takes the step
+    one process with the same global batch takes (same losses, same weights and Adam moments in its gathered
+    checkpoint), and one process resumes that checkpoint (2 -> 1) to the same end."""
+    full = {"train_lora": False, "train_transformer": True, "checkpoints_total_limit": 3}
+    one = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=3, checkpointing_steps=1, **full), "one.yaml")
+    assert main(["train", "--config", str(one), "--output-dir", str(tmp_path / "one")]) == 0
+    a = read_metrics(tmp_path / "one" / "metrics.jsonl")
+
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoint-1", two / "checkpoint-1")
+    (two / "metrics.jsonl").write_text(json.dumps(a[0]) + "\n")
+    cfg = _write(tmp_path, _config(data_dir, batch_size=1, max_steps=2, checkpointing_steps=1, **full), "two.yaml")
+    _launch(["--use_fsdp", "--fsdp_version", "2"], 29518, "--config", str(cfg), "--output-dir", str(two), "--resume")
+    state = json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())
+    assert (state["num_processes"], state["global_batch"], state["fsdp"]) == (2, 2, True)
+    # The gathered checkpoint is the one an unsharded process writes: same files, same weights and optimizer state.
+    for name in ("router/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors",
+                 "optimizer.safetensors"):  # fmt: skip
+        wa, wb = (load_file(str(d / "checkpoint-2" / name)) for d in (tmp_path / "one", two))
+        assert wa.keys() == wb.keys(), name
+        # A wrong split or an unreduced gradient moves weights by ~lr (3e-3); Adam amplifies rounding to ~1e-5.
+        diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+        assert max(diffs.values()) < 1e-4, (name, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+
+    resumed = _write(tmp_path, _config(data_dir, batch_size=2, max_steps=3, checkpointing_steps=1, **full), "r.yaml")
+    assert main(["train", "--config", str(resumed), "--output-dir", str(two), "--resume"]) == 0
+    b = read_metrics(two / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for ma, mb in zip(a, b):
+        assert ma.keys() == mb.keys() and ma["lr"] == mb["lr"]
+        for k in ("loss", "diffusion", "route", "routing_accuracy"):
+            assert abs(ma[k] - mb[k]) <= 1e-4 * max(1.0, abs(ma[k])), (ma["step"], k, ma[k], mb[k])
+    for name in ("router", "transformer"):
+        wa, wb = (load_file(str(d / name / "diffusion_pytorch_model.safetensors")) for d in (tmp_path / "one", two))
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "env, tiny, message",
+    [
+        ({"FSDP_VERSION": "1"}, None, "launch with `--use_fsdp --fsdp_version 2`"),
+        ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, None, "`fsdp_activation_checkpointing` is not supported"),
+        ({"FSDP_VERSION": "2"}, {"wan22": "a14b", "num_layers": 1, "attention_head_dim": 8, "ffn_dim": 16},
+         "FSDP with two experts"),
+    ],
+)  # fmt: skip
+def test_fsdp_launches_it_cannot_run_are_refused_by_name(data_dir, tmp_path, monkeypatch, env, tiny, message):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    overrides = {} if tiny is None else {"tiny_model": tiny}
+    trainer = DiasRTrainer(TrainConfig.from_dict(_config(data_dir, **overrides)), tmp_path / "run")
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
         trainer.setup()
 
 

@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "diasr_diffusers.commands.data",
     "diasr_diffusers.commands.train",
     "diasr_diffusers.commands.eval",
+    "diasr_diffusers.commands.app",
 ]
 
 

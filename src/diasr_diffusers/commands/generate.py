@@ -201,7 +201,7 @@ def parse_subject(spec: str) -> tuple[str, list[Path]]:
     return phrase.strip(), paths
 
 
-def _open_image(path: Path, flag: str):
+def open_image(path: Path, flag: str):
     """A fully decoded PIL image, or a UsageError naming the flag and the file."""
     import PIL.Image
 
@@ -255,11 +255,8 @@ def check_phrases(prompt: str, phrases: list[str]) -> None:
 def parse_mask(spec: str, phrases: list[str], height: int, width: int) -> tuple[str, np.ndarray]:
     """``"the man=left.png"`` -> ``("the man", (height, width) bool)``.
 
-    White (>= 128) is the subject; a mask whose values are only 0 and 1 counts 1 as the subject. The PNG is resized to
-    the video size (nearest neighbour).
+    The PNG is read as :func:`mask_from_image` says.
     """
-    import PIL.Image
-
     phrase, sep, file = spec.partition("=")
     phrase, file = phrase.strip(), file.strip()
     if not sep or not phrase or not file:
@@ -269,14 +266,21 @@ def parse_mask(spec: str, phrases: list[str], height: int, width: int) -> tuple[
     path = Path(file).expanduser()
     if not path.is_file():
         raise UsageError(f"--mask {phrase!r}: file not found: {file}")
-    image = _open_image(path, f"--mask {phrase!r}")
+    image = open_image(path, f"--mask {phrase!r}")
+    return phrase, mask_from_image(image, height, width, f"--mask {phrase!r}: {file}")
+
+
+def mask_from_image(image: Any, height: int, width: int, what: str) -> np.ndarray:
+    """A layout mask drawn as an image -> ``(height, width)`` bool: white (>= 128) is the subject; an image whose
+    values are only 0 and 1 counts 1 as the subject. Resized to the video size (nearest neighbour). A mask with no
+    subject pixel raises a :class:`UsageError` starting with ``what``."""
+    import PIL.Image
+
     gray = np.asarray(image.convert("L").resize((width, height), PIL.Image.NEAREST))
     mask = gray == 1 if gray.max() == 1 else gray >= 128
     if not mask.any():
-        raise UsageError(
-            f"--mask {phrase!r}: {file} has no white pixel (white = the subject), so it would route nothing"
-        )
-    return phrase, mask
+        raise UsageError(f"{what} has no white pixel (white = the subject), so it would route nothing")
+    return mask
 
 
 @dataclass
@@ -305,7 +309,7 @@ def check_arguments(args: argparse.Namespace) -> GenerateInputs:
     subjects = [parse_subject(s) for s in args.subject]
     phrases = [p for p, _ in subjects]
     check_phrases(args.prompt, phrases)
-    images = [[_open_image(p, f"--subject {phrase!r}") for p in paths] for phrase, paths in subjects]
+    images = [[open_image(p, f"--subject {phrase!r}") for p in paths] for phrase, paths in subjects]
 
     masks = None
     if args.mask:
@@ -359,6 +363,15 @@ def check_device(value: str | None) -> str:
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
         raise UsageError(f"--device {value}: not available on this machine; expected cpu or cuda")
     return value
+
+
+def resolve_dtype(name: str, device: str):
+    """``--dtype``: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"`` (bfloat16 on CUDA, float32 elsewhere)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 # -- the model ----------------------------------------------------------------------------------------------------
@@ -635,7 +648,7 @@ def write_video_atomic(frames: Any, path: Path, fps: int) -> None:
             raise RuntimeError(f"writing {path} produced an empty file")
 
 
-def _save_outputs(
+def save_outputs(
     pipe_out,
     phrases: list[str],
     out: Path,
@@ -644,6 +657,11 @@ def _save_outputs(
     temporal_compression: int = 4,
     upscale: int = 1,
 ) -> dict[str, Any]:
+    """Write the first video of ``pipe_out`` to ``out`` (and its routing-map overlay with a legend to ``maps_out``).
+
+    Returns a summary: ``video``, ``frames``, and when ``pipe_out`` has routing maps the share of video tokens routed
+    to each subject phrase and to ``"(null)"`` (``routing_share``), and the overlay's path (``routing_maps``).
+    """
     from ..utils.visualization import overlay_routing_maps
 
     frames = np.asarray(pipe_out.frames[0])
@@ -666,7 +684,8 @@ def _save_outputs(
 # -- commands -----------------------------------------------------------------------------------------------------
 
 
-def _report(command: str, err: UsageError) -> int:
+def report_usage_error(command: str, err: UsageError) -> int:
+    """Print ``diasr COMMAND: error: ...`` on stderr; the exit code 2."""
     print(f"diasr {command}: error: {err}", file=sys.stderr)
     return 2
 
@@ -675,7 +694,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         return _generate(args)
     except UsageError as err:
-        return _report("generate", err)
+        return report_usage_error("generate", err)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -684,9 +703,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     device = check_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     router_folder = resolve_checkpoint(args.router, "--router") if args.router else None
     if args.model is not None:
         folder = resolve_checkpoint(args.model, "--model")
@@ -721,7 +738,7 @@ def _generate(args: argparse.Namespace) -> int:
         return_routing_maps=inputs.maps_out is not None,
     )
     temporal = pipe.vae_scale_factor_temporal
-    summary = _save_outputs(result, inputs.phrases, inputs.out, inputs.maps_out, args.fps, temporal)
+    summary = save_outputs(result, inputs.phrases, inputs.out, inputs.maps_out, args.fps, temporal)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -787,7 +804,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         return _demo(args)
     except UsageError as err:
-        return _report("demo", err)
+        return report_usage_error("demo", err)
 
 
 def _check_out_folder(value: str) -> Path:
@@ -812,7 +829,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = generate_demo(pipe, phrases, images, args.seed)
     seconds = time.perf_counter() - start
     temporal = pipe.vae_scale_factor_temporal
-    summary = _save_outputs(
+    summary = save_outputs(
         result, phrases, out_dir / "demo.mp4", out_dir / "routing_maps.mp4", 8, temporal, upscale=DEMO_UPSCALE
     )
     scores = demo_identity_scores(result.frames[0], [np.asarray(im) for im in images], phrases)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
+from . import sharding
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + index * 101 + 12_345) % (2**63 - 1)
 
 
-def _optimizer_state_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Optimizer state as safetensors (tensors) + JSON (scalars, param groups): no pickle."""
-    sd = optimizer.state_dict()
+def _optimizer_state_to_safetensors(sd: dict[str, Any], path: Path) -> None:
+    """Optimizer state (``optimizer.state_dict()``'s layout) as safetensors (tensors) + JSON (scalars, param
+    groups): no pickle."""
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -84,7 +85,7 @@ def _optimizer_state_to_safetensors(optimizer: torch.optim.Optimizer, path: Path
     (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
-def _optimizer_state_from_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def _optimizer_state_from_safetensors(path: Path) -> dict[str, Any]:
     meta = json.loads((path / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, v in load_file(str(path / "optimizer.safetensors")).items():
@@ -93,7 +94,7 @@ def _optimizer_state_from_safetensors(optimizer: torch.optim.Optimizer, path: Pa
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:
@@ -145,6 +146,7 @@ class DiasRTrainer:
         self.resume = resume
         self._trained = False
         self._inherited_transformer = False  # set by setup(): an init_from transformer this run starts from
+        self._sharded = False  # set by setup(): FSDP (training/sharding.py)
         self.skipped_records = 0
         self.failed_samples = 0
 
@@ -219,12 +221,16 @@ class DiasRTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        self._refuse_fsdp()
+        self._sharded = sharding.fsdp_requested()
+        if self._sharded:
+            sharding.check_fsdp_launch()
         resume_from = self._prepare_output_dir()  # user mistakes in the output folder surface before any model loads
         self.pipe = self._build_pipeline()
         # Wan2.2 A14B: both experts are trained alike (LoRA or full), each on the samples whose timestep selects it;
         # one router serves both (see DiasRPipeline).
         experts = self.pipe.experts
+        if self._sharded:
+            sharding.check_fsdp_launch(len(experts))
         for module in (self.pipe.text_encoder, self.pipe.vae, *experts):
             module.requires_grad_(False)
         transformer = self.pipe.transformer
@@ -248,10 +254,17 @@ class DiasRTrainer:
         self.experts = experts
         if cfg.init_from is not None:
             self._load_weights(cfg.resolve(cfg.init_from), router, transformer)
+        if resume_from is not None:  # weights before any wrapping (FSDP shards them); optimizer state after it
+            self._load_weights(resume_from, router, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
         if cfg.random_toy_vae:
             self._calibrate_toy_vae()
 
+        device = self.accelerator.device
+        self.pipe.to(device)
+        trainable = _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None))
+        if self._sharded:  # before the optimizer is built: sharding replaces the parameters
+            sharding.shard(trainable, self.accelerator, experts)
         transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
         router_lr = cfg.learning_rate if cfg.router_learning_rate is None else cfg.router_learning_rate
         groups = []
@@ -263,34 +276,16 @@ class DiasRTrainer:
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
         )
-        device = self.accelerator.device
-        self.pipe.to(device)
-        self.model, self.optimizer = self.accelerator.prepare(
-            _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None)), self.optimizer
-        )
+        if self._sharded:  # already sharded: accelerate would wrap it in DDP without GPUs; it takes the optimizer only
+            self.model, self.optimizer = trainable, self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(trainable, self.optimizer)
         self.router = router
         self.transformer = transformer
         self.start_step = 0
         self._encoded: dict[int, dict[str, Any] | None] = {}  # `cache_latents`: frozen-encoder outputs per clip
         if resume_from is not None:
             self._load_checkpoint(resume_from)
-
-    def _refuse_fsdp(self) -> None:
-        """``accelerate launch --use_fsdp`` is refused by name instead of running something else.
-
-        On a machine without GPUs accelerate ignores FSDP (``Accelerator(cpu=True)`` becomes DDP over gloo, and
-        ``Accelerator()`` a single unsharded process per rank), so it cannot be tested here; on GPUs our checkpoints
-        and final weights are written by the main process alone, which FSDP's sharded state would hang or truncate.
-        """
-        from accelerate.utils import DistributedType
-
-        asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
-        if asked or self.accelerator.distributed_type == DistributedType.FSDP:
-            raise NotImplementedError(
-                "`diasr train` does not support FSDP: use DDP (`accelerate launch --multi_gpu --num_processes N ...`). "
-                "Only the router and the LoRA are trained; the frozen base is replicated on each GPU (Wan2.1-14B in "
-                "bf16: 28 GB), see docs/distributed.md"
-            )
 
     def _calibrate_toy_vae(self, num_clips: int = 16) -> None:
         """Give the random toy VAE latent statistics measured on the first training clips.
@@ -502,23 +497,60 @@ class DiasRTrainer:
         return self.check_output_dir()
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write ``checkpoint-{step}`` atomically (a temp folder renamed into place), keep the newest M."""
+        """Write ``checkpoint-{step}`` atomically (a temp folder renamed into place), keep the newest M. Under FSDP
+        every process must call it (they gather the weights and optimizer state; the main process writes)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be an integer >= 0, got {step!r}")
         if not hasattr(self, "accelerator"):
             self.setup()
         final = self.output_dir / f"checkpoint-{step}"
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        if self._sharded:  # every rank takes part in the gathers; the main process writes
+            optimizer_state = sharding.full_optimizer_state(self.model, optimizer)
+            with self._whole_modules():
+                if self.accelerator.is_main_process:
+                    self._write_checkpoint(final, step, optimizer_state)
+            return final
+        self._write_checkpoint(final, step, optimizer.state_dict())
+        return final
+
+    def _write_checkpoint(self, final: Path, step: int, optimizer_state: dict[str, Any]) -> None:
         with atomic_dir(final) as tmp:
             self._save_weights(tmp)
-            optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            _optimizer_state_to_safetensors(optimizer, tmp)
+            _optimizer_state_to_safetensors(optimizer_state, tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
                      "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files,
-                     "num_processes": self._num_processes(), "global_batch": self._global_batch()}  # fmt: skip
+                     "num_processes": self._num_processes(), "global_batch": self._global_batch(), "fsdp": self._sharded}  # fmt: skip
             (tmp / STATE_NAME).write_text(json.dumps(state))
         self._prune_checkpoints()
-        return final
+
+    @contextlib.contextmanager
+    def _whole_modules(self) -> Iterator[None]:
+        """Under FSDP, the trained modules as plain unsharded copies on the main process (``self.router``,
+        ``self.experts``, the pipeline's), so that the savers write what an unsharded run writes. Every rank must
+        enter it (it gathers the weights); nothing changes without FSDP."""
+        if not self._sharded:
+            yield
+            return
+        full = sharding.full_model_state(self.model)  # `{}` on all but the main process
+        if not self.accelerator.is_main_process:
+            yield
+            return
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+
+        kept = (self.router, self.experts, self.transformer)
+        router = sharding.unsharded_copy(self.router, part("router."))
+        experts = [sharding.unsharded_copy(e, part(f"{name}.")) for e, name in zip(self.experts, _EXPERT_NAMES)]
+        self.router, self.experts, self.transformer = router, experts, experts[0]
+        self.pipe.register_modules(id_router=router, **dict(zip(_EXPERT_NAMES, experts)))
+        try:
+            yield
+        finally:
+            self.router, self.experts, self.transformer = kept
+            self.pipe.register_modules(id_router=kept[0], **dict(zip(_EXPERT_NAMES, kept[1])))
 
     def _prune_checkpoints(self) -> None:
         """Keep the newest ``checkpoints_total_limit``. Each old one is first renamed to a hidden name (one step, so
@@ -530,9 +562,15 @@ class DiasRTrainer:
             shutil.rmtree(doomed)
 
     def _load_checkpoint(self, folder: Path) -> None:
+        """The optimizer, schedule and step of a checkpoint (its weights were loaded by :meth:`setup`, before any
+        wrapping). The optimizer state is whole in the file, whatever the world size that wrote it."""
         state = json.loads((folder / STATE_NAME).read_text())
-        self._load_weights(folder, self.router, self.transformer)
-        _optimizer_state_from_safetensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, folder)
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        saved = _optimizer_state_from_safetensors(folder)
+        if self._sharded:
+            sharding.load_optimizer_state(self.model, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.start_step = int(state["step"])
 
@@ -722,14 +760,18 @@ class DiasRTrainer:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "diffusion", "route", "mask", "routing_accuracy")})
-            if done % cfg.checkpointing_steps == 0 and acc.is_main_process:
+            if done % cfg.checkpointing_steps == 0 and (acc.is_main_process or self._sharded):
                 self.save_checkpoint(done)
             acc.wait_for_everyone()
         self._trained = True
         result: dict[str, Any] = {}
+        with self._whole_modules():
+            if acc.is_main_process:
+                self._save_final()
+        if acc.is_main_process or self._sharded:  # sharded: every rank runs the forward passes together
+            evaluated = self.evaluate()
         if acc.is_main_process:
-            self._save_final()
-            result = self.evaluate()
+            result = evaluated
             result.update(skipped_records=self.skipped_records, failed_samples=self.failed_samples)
             atomic_write_text(self.output_dir / "eval.json", json.dumps(result, indent=2))
         acc.wait_for_everyone()
@@ -745,7 +787,8 @@ class DiasRTrainer:
         With ``details``, ``"subjects"`` also lists every (clip, subject, σ) scored: ``index`` (of the clip in
         ``self.eval_set``), ``clip_id``, ``subject``, ``sigma``,
         ``iou``, ``tokens`` (its ground-truth tokens) and ``predicted`` (tokens of it routed to each label, ``-1`` =
-        null), for breakdowns such as ``benchmarks/routing_breakdown.py``."""
+        null), for breakdowns such as ``benchmarks/routing_breakdown.py``. Under FSDP every process must call it
+        (the forward passes gather each block's weights from all of them)."""
         from ..eval.routing import label_iou
 
         if not hasattr(self, "accelerator"):
