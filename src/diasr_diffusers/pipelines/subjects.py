@@ -147,6 +147,8 @@ class SubjectPipelineMixin:
 
     _processor_class: type[RoutedAttnProcessorBase]
     _transformer_class: type
+    # Module-name prefix of the attention modules to route (``install_subject_processors(only=...)``); ``None``: all.
+    _processor_prefix: str | None = None
 
     @property
     def max_subjects(self) -> int | None:
@@ -156,9 +158,12 @@ class SubjectPipelineMixin:
     def _install_processors(self) -> None:
         if self.transformer is None:
             return
-        procs = self.transformer.attn_processors.values()
+        prefix = self._processor_prefix
+        procs = [
+            p for name, p in self.transformer.attn_processors.items() if prefix is None or name.startswith(prefix)
+        ]
         if not all(isinstance(p, self._processor_class) and p.state is self.routing_state for p in procs):
-            install_subject_processors(self.transformer, self.routing_state, self._processor_class)
+            install_subject_processors(self.transformer, self.routing_state, self._processor_class, only=prefix)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:

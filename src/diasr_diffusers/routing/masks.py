@@ -64,14 +64,15 @@ def _positive_int(value: Any, name: str) -> int:
 def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, Any]:
     """``temporal_compression``, ``spatial_compression`` and ``patch_size`` read off a Diffusers transformer + VAE.
 
-    Reads Wan-style configs (``scale_factor_temporal`` / ``scale_factor_spatial``, ``patch_size=(p_t, p_h, p_w)``)
-    and CogVideoX-style ones (``temporal_compression_ratio``, ``2 ** (len(block_out_channels) - 1)`` spatial,
-    ``patch_size=p`` with ``patch_size_t``). Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)).
+    Reads Wan-style configs (``scale_factor_temporal`` / ``scale_factor_spatial``, ``patch_size=(p_t, p_h, p_w)``),
+    HunyuanVideo-1.5's (``temporal_compression_ratio`` / ``spatial_compression_ratio``, ``patch_size`` +
+    ``patch_size_t``) and CogVideoX-style ones (``temporal_compression_ratio``,
+    ``2 ** (len(block_out_channels) - 1)`` spatial, ``patch_size=p`` with ``patch_size_t``). Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)).
     """
     vae_cfg = getattr(vae, "config", None)
     tr_cfg = getattr(transformer, "config", None)
     temporal = getattr(vae_cfg, "scale_factor_temporal", None) or getattr(vae_cfg, "temporal_compression_ratio", 4)
-    spatial = getattr(vae_cfg, "scale_factor_spatial", None)
+    spatial = getattr(vae_cfg, "scale_factor_spatial", None) or getattr(vae_cfg, "spatial_compression_ratio", None)
     if spatial is None and hasattr(vae_cfg, "temporal_compression_ratio"):  # CogVideoX: one 2x per extra block
         spatial = 2 ** (len(vae_cfg.block_out_channels) - 1)
     spatial = 8 if spatial is None else spatial
