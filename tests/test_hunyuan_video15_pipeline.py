@@ -19,7 +19,7 @@ from diasr_diffusers.processors import HunyuanVideo15SubjectSparseAttnProcessor
 from diasr_diffusers.routing import token_grid_factors
 from diasr_diffusers.utils.images import letterbox
 from diasr_diffusers.utils.latents import encode_latents
-from diasr_diffusers.utils.tiny import tiny_hunyuan_video15_components
+from diasr_diffusers.utils.tiny import configure_tiny_hunyuan_video15, tiny_hunyuan_video15_components
 
 PROMPT = "the red star and the blue bottle dance in the park"
 PHRASES = ["the red star", "the blue bottle"]
@@ -30,18 +30,9 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def template_prefix(pipe) -> int:
-    """Tokens of the chat template before the user's prompt (HunyuanVideo-1.5 crops 108 with Qwen's tokenizer)."""
-    text = pipe.tokenizer.apply_chat_template(format_text_input(["X"], pipe.system_message)[0], tokenize=False, add_generation_prompt=True)  # fmt: skip
-    return len(pipe.tokenizer(text[: text.rfind("X")], add_special_tokens=False).input_ids)
-
-
 def shrink(pipe):
-    """Toy text lengths on a pipeline (the stock pipeline reads them off the instance); the crop at the template's
-    end, as HunyuanVideo-1.5's 108 is for Qwen's tokenizer."""
-    pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 16, 4
-    pipe.prompt_template_encode_start_idx = template_prefix(pipe)
-    pipe.set_progress_bar_config(disable=True)
+    """The toy text lengths (crop at the template's end, as 108 is for Qwen's tokenizer), no progress bars."""
+    configure_tiny_hunyuan_video15(pipe).set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -210,6 +201,12 @@ def test_save_and_load_with_router(pipe, tmp_path):
     a, b = loaded(**call, generator=gen()), original(**call, generator=gen())
     torch.testing.assert_close(a.frames, b.frames)
     torch.testing.assert_close(a.routing_maps, b.routing_maps)
+    # A stock HunyuanVideo-1.5 folder loads as a DiasR pipeline without a router (similarity routing).
+    HunyuanVideo15Pipeline(**tiny_hunyuan_video15_components()).save_pretrained(tmp_path / "stock")
+    plain = shrink(DiasRHunyuanVideo15Pipeline.from_pretrained(tmp_path / "stock"))
+    assert plain.id_router is None
+    torch.testing.assert_close(plain(**call, routing="similarity", generator=gen()).frames,
+                               original(**call, routing="similarity", generator=gen()).frames)  # fmt: skip
 
 
 def test_bad_inputs(pipe, images):
@@ -223,3 +220,15 @@ def test_bad_inputs(pipe, images):
         DiasRHunyuanVideo15Pipeline(**{**pipe.components, "id_router": IDRouter(hidden_dim=8, text_dim=16, num_layers=2)})  # fmt: skip
     with pytest.raises(ValueError, match="`height` and `width` have to be divisible by 4"):
         pipe(**{**KW, "height": 30}, subject_images=images)
+
+
+def test_readme_hunyuan_video15_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "tiny_hunyuan_video15_components" in b)  # fmt: skip
+    namespace: dict = {}
+    exec(compile(block, "README HunyuanVideo-1.5 example", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["out"].frames[0].shape == (5, 32, 32, 3)
+    assert "(5, 32, 32, 3) (3, 8, 8)" in capsys.readouterr().out

@@ -275,3 +275,18 @@ def tiny_hunyuan_video15_components(
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
         "guider": ClassifierFreeGuidance(guidance_scale=guidance_scale),
     }
+
+
+def configure_tiny_hunyuan_video15(pipe: Any) -> Any:
+    """Set the toy text lengths on a (stock or DiasR) HunyuanVideo-1.5 pipeline built from
+    :func:`tiny_hunyuan_video15_components`; returns it. The stock pipeline keeps them as instance attributes (set
+    again after ``from_pretrained``): the chat-template crop at the end of the toy template's system turn (95 tokens
+    here; HunyuanVideo-1.5's ``prompt_template_encode_start_idx=108`` is that point for Qwen's tokenizer), 16 ByT5
+    tokens (256) and 4 image tokens (729)."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    chat = format_text_input(["X"], pipe.system_message)[0]
+    text = pipe.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(text[: text.rfind("X")], add_special_tokens=False).input_ids)  # fmt: skip
+    pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 16, 4
+    return pipe
