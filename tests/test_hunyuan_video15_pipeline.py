@@ -103,6 +103,15 @@ def test_phrase_tokens_map_through_the_crop_and_the_text_reorder(pipe, keep_syst
             q_general = len(q.order) - sum(q.lengths)
             want = pipe.tokenizer(PHRASES[0], add_special_tokens=False).input_ids
             assert [ids[p] for p in q.order[q_general : q_general + q.lengths[0]].tolist()] == want
+        # The pipeline hands the transformer these joint segments.
+        seen = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a: seen.append(pipe.routing_state.text_segments))
+        try:
+            pipe(**{**KW, "prompt": prompts, "num_inference_steps": 1}, subject_images=[Image.new("RGB", (8, 8))] * 2,
+                 subject_phrases=PHRASES, guidance_scale=1.0, output_type="latent")  # fmt: skip
+        finally:
+            hook.remove()
+        assert [(x.order.tolist(), x.lengths) for x in seen[0]] == [(x.order.tolist(), x.lengths) for x in joint]
     finally:
         pipe.prompt_template_encode_start_idx = crop
 
@@ -186,6 +195,17 @@ def test_callbacks_generators_batches_and_outputs(pipe, images):
     torch.testing.assert_close(out.frames[1:2], single)
     pil = pipe(**KW, generator=gen(), output_type="pil", guidance_scale=1.0).frames
     assert len(pil[0]) == 5 and pil[0][0].size == (32, 32)
+
+
+def test_sigmas_are_the_levels_used(pipe, images):
+    call = {k: v for k, v in KW.items() if k != "num_inference_steps"}
+    pipe(**call, subject_images=images, sigmas=[0.9, 0.4], output_type="latent", generator=gen())
+    torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([0.9, 0.4, 0.0]), rtol=0, atol=1e-5)
+    pipe(**KW, output_type="latent", generator=gen())  # default: stock linspace(1, 0) shifted by the scheduler
+    shift = pipe.scheduler.config.shift
+    torch.testing.assert_close(pipe.scheduler.sigmas[1], torch.tensor(shift * 0.5 / (1 + (shift - 1) * 0.5)))
+    with pytest.raises(ValueError, match="`sigmas` must be strictly decreasing"):
+        pipe(**call, sigmas=[0.4, 0.9])
 
 
 def test_save_and_load_with_router(pipe, tmp_path):

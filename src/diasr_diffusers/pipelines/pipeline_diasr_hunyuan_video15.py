@@ -27,7 +27,8 @@ from ..routing import IDRouter
 from ..routing.phrases import check_phrases, clean_prompt, phrase_owners_from_offsets, phrase_spans
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
-from .subjects import DiasRPipelineOutput, SubjectPipelineMixin
+from .pipeline_diasr_wan import DiasRPipeline
+from .subjects import DiasRPipelineOutput, SubjectPipelineMixin, _sigma_array
 
 logger = logging.get_logger(__name__)
 
@@ -225,8 +226,8 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
         for a, b in enc["offset_mapping"][crop:length]:
             a, b = max(a, start) - start, min(b, end) - start
             offsets.append((a, b) if b > a else (0, 0))  # template tokens belong to no phrase
-        first = next((t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > start), len(enc["offset_mapping"]))
-        if first < crop and any(s < enc["offset_mapping"][crop][0] - start for p in phrases for s, _ in phrase_spans(prompt, p)):  # fmt: skip
+        kept_from = enc["offset_mapping"][crop][0] if enc["offset_mapping"][crop][1] > 0 else len(text)
+        if any(start + a < kept_from for p in phrases for a, _ in phrase_spans(prompt, p)):
             raise ValueError(
                 f"the chat template's crop (crop_start={crop}) cuts into the prompt before a subject phrase: "
                 "the text encoder's output never holds it"
@@ -328,8 +329,9 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
         transformer's ``target_size`` at 16:9, ``guidance_scale`` the ``guider``'s (another value guides with
         ``guider.new(guidance_scale=...)``), an empty ``negative_prompt``. ``max_sequence_length``: Qwen tokens after
         the chat template's crop (the stock pipeline's ``tokenizer_max_length``). ``latents`` are
-        ``(videos, latent channels, latent frames, h, w)``. ``sigmas`` default to HunyuanVideo's
-        ``linspace(1, 0, steps + 1)[:-1]`` (shifted by the scheduler). The ``*_mask`` / ``*_2`` embedding arguments
+        ``(videos, latent channels, latent frames, h, w)``. ``sigmas``: the noise levels the loop uses, exactly as
+        for ``DiasRPipeline`` (the scheduler's shift undone; ``DiasRPipeline.set_exact_sigmas``); ``None``:
+        HunyuanVideo's ``linspace(1, 0, steps + 1)[:-1]`` given to the scheduler, which shifts it (as stock). The ``*_mask`` / ``*_2`` embedding arguments
         are the stock pipeline's (Qwen mask, ByT5 glyph embeddings and mask). With ``subject_phrases`` the prompt
         is encoded as the phrase matcher reads it (``routing.phrases.clean_prompt``).
 
@@ -344,7 +346,8 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
                 self.default_aspect_ratio[1], self.default_aspect_ratio[0], self.target_size
             )
         num_frames = 121 if num_frames is None else num_frames
-        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = 50 if sigmas is None else len(_sigma_array(sigmas))
         guider = self.guider
         if guidance_scale is not None:
             if not isinstance(guider, ClassifierFreeGuidance):
@@ -410,8 +413,12 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
         negative_prompt_embeds = negative[0]
 
         # 3. Timesteps, latents, references.
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1] if sigmas is None else sigmas
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        if sigmas is None:  # HunyuanVideo15Pipeline's schedule (shifted by the scheduler)
+            schedule = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+            timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=schedule)  # fmt: skip
+        else:  # the exact noise levels, as DiasRPipeline takes them (the scheduler's shift undone)
+            DiasRPipeline.set_exact_sigmas(self, sigmas, device)
+            timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
             num_videos, self.num_channels_latents, height, width, num_frames, dtype, device, generator, latents
