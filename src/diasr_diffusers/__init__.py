@@ -15,6 +15,7 @@ __version__ = "0.1.0.dev0"
 # command line must answer `--help` (and reject bad arguments) without paying for them.
 _LAZY = {
     "DiasRCogVideoXPipeline": ".pipelines",
+    "DiasRHunyuanVideo15Pipeline": ".pipelines",
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
@@ -30,6 +31,7 @@ _LAZY = {
 # A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
     "DiasRCogVideoXPipeline",
+    "DiasRHunyuanVideo15Pipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .ops import bucketed_attention
     from .pipelines import (
         DiasRCogVideoXPipeline,
+        DiasRHunyuanVideo15Pipeline,
         DiasRPipeline,
         DiasRPipelineOutput,
         IngredientsPipeline,

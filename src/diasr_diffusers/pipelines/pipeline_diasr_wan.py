@@ -30,8 +30,6 @@ from .subjects import (
     DiasRPipelineOutput,
     SubjectPipelineMixin,
     _check_real,
-    _check_sigmas,
-    _scheduler_shift,
     _sigma_array,
 )
 
@@ -753,27 +751,6 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
             self.scheduler.set_timesteps(device=device, sigmas=sigmas)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
-
-    def set_exact_sigmas(self, sigmas: list[float] | np.ndarray, device: torch.device | None = None) -> None:
-        """Set the scheduler so that the sigmas it steps through are exactly ``sigmas`` (then 0).
-
-        Flow-matching schedulers shift the sigmas given to ``set_timesteps`` (``s -> k s / (1 + (k - 1) s)``,
-        ``k`` = ``shift`` or ``flow_shift``); each is therefore first mapped through the inverse,
-        ``s -> s / (k - (k - 1) s)``. The result is checked, so a scheduler that remaps sigmas in another way
-        (Karras / exponential / beta sigmas, ``shift_terminal``) is refused instead of silently running another
-        schedule.
-        """
-        target = _check_sigmas(sigmas, None)
-        shift = _scheduler_shift(self.scheduler)
-        unshifted = target / (shift - (shift - 1.0) * target)
-        self.scheduler.set_timesteps(sigmas=unshifted, device=device)  # an array: UniPC does arithmetic on it
-        used = self.scheduler.sigmas[: len(target)].double().cpu().numpy()
-        # float32 arithmetic in the scheduler (and UniPC's 1 - 1e-6 for a first sigma of 1) stay well inside 1e-5.
-        if len(used) != len(target) or not np.allclose(used, target, rtol=0.0, atol=1e-5):
-            raise ValueError(
-                f"`sigmas`: the pipeline's scheduler {type(self.scheduler).__name__} remaps explicit sigmas (e.g. "
-                f"Karras sigmas or shift_terminal): asked for {target.tolist()}, it would use {used.tolist()}"
-            )
 
     def _pad_reference_latents(self, ref_latents: torch.Tensor, routing: str) -> torch.Tensor:
         """SkyReels' zero padding of the reference set to a fixed number of frames (dense routing only).

@@ -155,6 +155,8 @@ class SubjectPipelineMixin:
     _transformer_class: type
     # The folders of a saved pipeline holding a `_transformer_class` (checked against their weights on loading).
     _transformer_folders: tuple[str, ...] = ("transformer",)
+    # Module-name prefix of the attention modules to route (``install_subject_processors(only=...)``); ``None``: all.
+    _processor_prefix: str | None = None
 
     @property
     def max_subjects(self) -> int | None:
@@ -171,10 +173,11 @@ class SubjectPipelineMixin:
         return self.transformer, False
 
     def _install_processors(self) -> None:
+        prefix = self._processor_prefix
         for expert in self.experts:
-            procs = expert.attn_processors.values()
+            procs = [p for name, p in expert.attn_processors.items() if prefix is None or name.startswith(prefix)]
             if not all(isinstance(p, self._processor_class) and p.state is self.routing_state for p in procs):
-                install_subject_processors(expert, self.routing_state, self._processor_class)
+                install_subject_processors(expert, self.routing_state, self._processor_class, only=prefix)
 
     def check_context_parallel_lengths(self, latents: torch.Tensor, num_ref_frames: int = 0) -> None:
         """Under context parallelism, refuse here (``ValueError`` naming the fix) the token counts Diffusers' even
@@ -504,7 +507,7 @@ class SubjectPipelineMixin:
                     raise ValueError(f"`subject_phrases[{i}]` must be a non-empty string, got {phrase!r}")
             for p in prompts:
                 # Tokenizing here (cheap) finds phrases past `max_sequence_length` before anything is encoded.
-                phrase_token_owners(p, subject_phrases, self.tokenizer, max_sequence_length)
+                self.phrase_owners(p, subject_phrases, max_sequence_length)
         if subject_masks is not None:
             if n == 0:
                 raise ValueError("`subject_masks` were given without `subject_images`")
@@ -524,20 +527,25 @@ class SubjectPipelineMixin:
                 f"rope_max_seq_len={rope_frames}"
             )
 
+    def phrase_owners(
+        self, prompt: str, phrases: list[str], max_sequence_length: int, what: str = "prompt"
+    ) -> list[int]:
+        """The subject owning each of the ``max_sequence_length`` positions of ``prompt_embeds`` (``-1``: general
+        text); ``ValueError`` naming the subject when a phrase cannot be routed. A pipeline whose text encoder does
+        not see the bare prompt (HunyuanVideo-1.5's chat template) overrides it."""
+        return phrase_token_owners(prompt, phrases, self.tokenizer, max_sequence_length, what)
+
     def _text_routing(
         self, prompts: list[str], phrases: list[str], max_sequence_length: int, num_videos_per_prompt: int
     ) -> list[TextSegments]:
-        """Per (prompt, video) sample: text positions reordered ``[general | phrase_0 | ...]`` and phrase lengths."""
+        """Per (prompt, video) sample: ``prompt_embeds`` positions reordered ``[general | phrase_0 | ...]`` and the
+        phrase lengths."""
         segments = []
         for prompt in prompts:
-            owner = phrase_token_owners(prompt, phrases, self.tokenizer, max_sequence_length)
-            order = [t for t in range(max_sequence_length) if owner[t] == -1]
-            lengths = []
-            for s in range(len(phrases)):
-                mine = [t for t in range(max_sequence_length) if owner[t] == s]
-                order += mine
-                lengths.append(len(mine))
-            seg = TextSegments(order=torch.tensor(order, dtype=torch.long), lengths=lengths)
+            owner = self.phrase_owners(prompt, phrases, max_sequence_length)
+            mine = [[t for t, o in enumerate(owner) if o == s] for s in range(len(phrases))]
+            order = [t for t, o in enumerate(owner) if o == -1] + [t for m in mine for t in m]
+            seg = TextSegments(order=torch.tensor(order, dtype=torch.long), lengths=[len(m) for m in mine])
             segments += [seg] * num_videos_per_prompt
         return segments
 
@@ -589,6 +597,27 @@ class SubjectPipelineMixin:
             labels = routing_labels_from_coverage(coverage)  # (1, Lv)
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs
+
+    def set_exact_sigmas(self, sigmas: list[float] | np.ndarray, device: torch.device | None = None) -> None:
+        """Set the scheduler so that the sigmas it steps through are exactly ``sigmas`` (then 0).
+
+        Flow-matching schedulers shift the sigmas given to ``set_timesteps`` (``s -> k s / (1 + (k - 1) s)``,
+        ``k`` = ``shift`` or ``flow_shift``); each is therefore first mapped through the inverse,
+        ``s -> s / (k - (k - 1) s)``. The result is checked, so a scheduler that remaps sigmas in another way
+        (Karras / exponential / beta sigmas, ``shift_terminal``) is refused instead of silently running another
+        schedule.
+        """
+        target = _check_sigmas(sigmas, None)
+        shift = _scheduler_shift(self.scheduler)
+        unshifted = target / (shift - (shift - 1.0) * target)
+        self.scheduler.set_timesteps(sigmas=unshifted, device=device)  # an array: UniPC does arithmetic on it
+        used = self.scheduler.sigmas[: len(target)].double().cpu().numpy()
+        # float32 arithmetic in the scheduler (and UniPC's 1 - 1e-6 for a first sigma of 1) stay well inside 1e-5.
+        if len(used) != len(target) or not np.allclose(used, target, rtol=0.0, atol=1e-5):
+            raise ValueError(
+                f"`sigmas`: the pipeline's scheduler {type(self.scheduler).__name__} remaps explicit sigmas (e.g. "
+                f"Karras sigmas or shift_terminal): asked for {target.tolist()}, it would use {used.tolist()}"
+            )
 
     def _majority_buckets(self, state: SubjectRoutingState) -> torch.Tensor | None:
         """Majority vote over the routed layers of the last forward: ``(B, Lv)`` int64, or ``None`` (dense)."""

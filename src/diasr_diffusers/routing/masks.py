@@ -67,7 +67,8 @@ def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, An
     Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)). Wan VAEs state ``scale_factor_temporal/spatial`` in
     their config; LTX-Video's VAE has ``temporal/spatial_compression_ratio`` attributes (8, 32); CogVideoX's VAE
     states ``temporal_compression_ratio`` in its config and halves space once per extra block
-    (``2 ** (len(block_out_channels) - 1)``). Wan transformers give a 3-tuple ``patch_size``; LTX- and CogVideoX-style
+    (``2 ** (len(block_out_channels) - 1)``); HunyuanVideo-1.5's states ``temporal/spatial_compression_ratio`` in its
+    config. Wan transformers give a 3-tuple ``patch_size``; LTX- and CogVideoX-style
     ones an int ``patch_size`` (spatial) plus ``patch_size_t``.
     """
     vae_cfg = getattr(vae, "config", None)

@@ -113,11 +113,27 @@ def phrase_token_owners(
         return_offsets_mapping=True,
     )
     offsets = [(a, b) for a, b in enc["offset_mapping"]][:max_sequence_length]
-    seen_end = max((b for a, b in offsets if b > a), default=0)
-    owner = [-1] * max_sequence_length
+    return phrase_owners_from_offsets(text, phrases, offsets, max_sequence_length, what)
+
+
+def phrase_owners_from_offsets(
+    text: str,
+    phrases: Sequence[str],
+    offsets: Sequence[tuple[int, int]],
+    max_sequence_length: int,
+    what: str = "prompt",
+) -> list[int]:
+    """The subject owning each token (``-1``: general text), from the tokens' character ``offsets`` into ``text``
+    (the cleaned prompt; ``(0, 0)`` for a token that is not part of it, e.g. a chat template's). Each phrase must
+    have an occurrence inside the span the tokens cover; a token may belong to one phrase only.
+    """
+    covered = [(a, b) for a, b in offsets if b > a]
+    seen_start = min((a for a, _ in covered), default=0)
+    seen_end = max((b for _, b in covered), default=0)
+    owner = [-1] * len(offsets)
     for s, phrase in enumerate(phrases):
         found = phrase_spans(text, phrase)
-        if not any(end <= seen_end for _, end in found):
+        if not any(seen_start <= start and end <= seen_end for start, end in found):
             raise ValueError(
                 f"subject {s}: phrase {phrase!r} lies past the first max_sequence_length={max_sequence_length} "
                 f"tokens of the {what}, which the text encoder never sees; move it earlier or raise "

@@ -292,3 +292,103 @@ def tiny_cogvideox_components(
         "transformer": transformer,
         "scheduler": scheduler,
     }
+
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer(max_length: int = 2048):
+    """A word-level fast tokenizer (with offsets) standing in for Qwen2.5-VL's: Qwen's chat special tokens and its
+    ChatML template, ``<|endoftext|>`` as padding, no special tokens added outside the template."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 3}
+    for w in [*_vocabulary(), "system", "user", "assistant", '"']:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+        model_max_length=max_length, chat_template=_QWEN_CHAT_TEMPLATE, padding_side="right",
+    )  # fmt: skip
+
+
+def tiny_hunyuan_video15_components(
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_dim: int = 16,
+    guidance_scale: float = 6.0,
+) -> dict[str, Any]:
+    """The components of a toy HunyuanVideo-1.5 text-to-video pipeline (``HunyuanVideo15Pipeline`` /
+    ``DiasRHunyuanVideo15Pipeline``), deterministic in ``seed``.
+
+    HunyuanVideo-1.5's structure at toy width: a Qwen2.5-VL text model behind a ChatML template
+    (:func:`tiny_qwen_tokenizer`), a ByT5 glyph encoder (T5 with the byte-level ``ByT5Tokenizer``),
+    ``AutoencoderKLHunyuanVideo15`` (4x spatial, 2x temporal here; 16x / 4x in the real one),
+    ``HunyuanVideo15Transformer3DModel`` (patch 1, ``in_channels = 2 * latent channels + 1``: latents, condition
+    latents, condition mask), the flow-matching scheduler and classifier-free guidance. Random weights: mechanics only.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6, bos_token_id=None, eos_token_id=2,
+            pad_token_id=0, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        )
+    ).eval()  # fmt: skip
+    tokenizer_2 = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(T5Config(**{**_tiny_t5_kwargs(tokenizer_2, 8), "vocab_size": len(tokenizer_2)})).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4, block_out_channels=(8, 8), layers_per_block=1, spatial_compression_ratio=4,
+        temporal_compression_ratio=2, downsample_match_channel=False, upsample_match_channel=False,
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+        num_layers=num_layers, num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=text_dim, text_embed_2_dim=8,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6), target_size=32, task_type="t2v",
+    ).eval()  # fmt: skip
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_2": text_encoder_2,
+        "vae": vae,
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        "guider": ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    }
+
+
+def configure_tiny_hunyuan_video15(pipe: Any) -> Any:
+    """Set the toy text lengths on a (stock or DiasR) HunyuanVideo-1.5 pipeline built from
+    :func:`tiny_hunyuan_video15_components`; returns it. The stock pipeline keeps them as instance attributes (set
+    again after ``from_pretrained``): the chat-template crop at the end of the toy template's system turn (95 tokens
+    here; HunyuanVideo-1.5's ``prompt_template_encode_start_idx=108`` is that point for Qwen's tokenizer), 16 ByT5
+    tokens (256) and 4 image tokens (729)."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    chat = format_text_input(["X"], pipe.system_message)[0]
+    text = pipe.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(text[: text.rfind("X")], add_special_tokens=False).input_ids)  # fmt: skip
+    pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 16, 4
+    return pipe
