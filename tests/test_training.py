@@ -618,3 +618,36 @@ def test_dense_stage_trains_without_a_router(data_dir, tmp_path):
 def test_train_transformer_config_errors(data_dir, change, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(_config(data_dir, **change))
+
+
+@pytest.mark.parametrize("stage", ["route", "align"])
+def test_gradient_checkpointing_gives_the_same_step(data_dir, tmp_path, stage):
+    """`gradient_checkpointing: true` recomputes each block in the backward pass, after the forward's routing state
+    has ended: the recompute must route as the forward did (else torch's CheckpointError, or other gradients).
+    The gradients handed to the optimizer and the weights after the step equal those without checkpointing."""
+    runs = []
+    for checkpointing in (False, True):
+        cfg = _config(data_dir, stage=stage, max_steps=1, eval_fraction=0.0, gradient_checkpointing=checkpointing)
+        trainer = DiasRTrainer(TrainConfig.from_dict(cfg), tmp_path / f"{stage}-{checkpointing}")
+        trainer.setup()
+        assert trainer.transformer.gradient_checkpointing is checkpointing
+        grads, step = [], trainer.optimizer.step
+
+        def record(*args, _trainer=trainer, _grads=grads, _step=step, **kwargs):
+            _grads.append({n: p.grad.clone() for n, p in _trainer.model.named_parameters() if p.grad is not None})
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = record
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        runs.append((grads, weights))
+    (plain_grads, plain_weights), (ckpt_grads, ckpt_weights) = runs
+    assert len(plain_grads) == len(ckpt_grads) == 1
+    router = [n for n in plain_grads[0] if n.startswith("router.")]
+    lora = [n for n in plain_grads[0] if "lora" in n]
+    assert router and lora and set(plain_grads[0]) == set(ckpt_grads[0])
+    assert any(plain_grads[0][n].abs().max() > 0 for n in router)
+    for n, g in plain_grads[0].items():
+        torch.testing.assert_close(ckpt_grads[0][n], g, rtol=1e-4, atol=1e-7, msg=n)
+    for n, w in plain_weights.items():
+        torch.testing.assert_close(ckpt_weights[n], w, rtol=1e-5, atol=1e-7, msg=n)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..ops import bucketed_attention
 from ..routing.router import buckets_from_logits, chosen_log_prob
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from ..routing.router import IDRouter
 
 ROUTING_MODES = ("router", "similarity", "masks", "dense")
+# The per-forward outputs of SubjectRoutingState (everything else is an input of the forward).
+_RECORDED = ("buckets", "logits", "anchors")
 
 
 @dataclass
@@ -135,6 +138,47 @@ class SubjectRoutingState:
         self.clear_outputs()
         try:
             yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def gradient_checkpointing_func(self) -> Callable[..., Any]:
+        """A ``gradient_checkpointing_func`` for ``transformer.enable_gradient_checkpointing(...)`` under which the
+        backward pass recomputes each block with the routing inputs its forward had.
+
+        Diffusers' default recomputes a checkpointed block during ``backward()``, usually after :meth:`activate`
+        has ended: the recompute then runs stock attention, saves other tensors than the routed forward did, and
+        torch raises ``CheckpointError`` (or, were the shapes to agree, the gradients would be those of another
+        computation). This one snapshots the inputs (and ``current_buckets``, which a block's cross-attention reads
+        from its self-attention) when the block runs forward and restores them around its recompute; the recompute's
+        recorded outputs are discarded, so the forward's ``buckets`` / ``logits`` / ``anchors`` stay.
+
+        Example:
+            ```py
+            transformer.enable_gradient_checkpointing(pipe.routing_state.gradient_checkpointing_func())
+            with pipe.routing_state.activate(**routing_inputs, record=True):
+                pred = transformer(...)[0]
+            loss(pred).backward()  # outside the `with` block: recomputed blocks are still routed
+            ```
+        """
+
+        def checkpoint(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            snapshot = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RECORDED}
+            contexts = lambda: (contextlib.nullcontext(), self._replay(snapshot))  # noqa: E731 (forward, recompute)
+            return torch.utils.checkpoint.checkpoint(
+                module.__call__, *args, use_reentrant=False, context_fn=contexts, **kwargs
+            )
+
+        return checkpoint
+
+    @contextlib.contextmanager
+    def _replay(self, snapshot: dict[str, Any]) -> Iterator[None]:
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in snapshot.items():
+            setattr(self, name, value)
+        self.buckets, self.logits, self.anchors = {}, {}, {}
+        try:
+            yield
         finally:
             for name, value in saved.items():
                 setattr(self, name, value)

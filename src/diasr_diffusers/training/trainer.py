@@ -247,8 +247,8 @@ class DiasRTrainer:
                 expert.add_adapter(
                     LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
                 )
-            if cfg.gradient_checkpointing:
-                expert.enable_gradient_checkpointing()
+            if cfg.gradient_checkpointing:  # the backward pass runs after `activate`: recomputed blocks must route
+                expert.enable_gradient_checkpointing(self.pipe.routing_state.gradient_checkpointing_func())
         router = IDRouter.from_transformer(transformer, **cfg.router)
         self.pipe.register_modules(id_router=router)
         self.experts = experts
