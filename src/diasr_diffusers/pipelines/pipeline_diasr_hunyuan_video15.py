@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 from diffusers.models import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import (
     HunyuanVideo15Pipeline,
@@ -54,7 +55,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
+class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, HunyuanVideoLoraLoaderMixin):
     r"""Multi-subject text-to-video with HunyuanVideo-1.5 and DiasR subject-sparse routed attention.
 
     Reference images are VAE-encoded to one clean latent frame each and appended after the video latents on the frame
@@ -81,6 +82,10 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
     Same call signature and outputs as :class:`~diasr_diffusers.DiasRPipeline`, with HunyuanVideo-1.5's defaults
     (121 frames, 50 steps, the size from ``target_size`` at 16:9, guidance from the ``guider``, 1000 Qwen tokens),
     plus the stock pipeline's extra text inputs (``prompt_embeds_mask``, ``prompt_embeds_2`` ...).
+
+    **LoRA.** ``load_lora_weights`` / ``save_lora_weights`` are Diffusers' ``HunyuanVideoLoraLoaderMixin`` (the
+    stock HunyuanVideo-1.5 pipeline has none): Diffusers-format files, as ``diasr train`` writes them. A file in the
+    original HunyuanVideo layout (``img_attn_qkv`` keys) would be converted by HunyuanVideo 1.0's rules: untested.
 
     Components:
         text_encoder, tokenizer, transformer, vae, scheduler, text_encoder_2, tokenizer_2, guider: as in
@@ -149,10 +154,66 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline):
         white at the video size."""
         frames = [letterbox(img, height, width) for images in subjects for img in images]
         pixels = self.video_processor.preprocess(frames, height=height, width=width)  # (K, 3, H, W) in [-1, 1]
-        # One image per call: the VAE's mid-block attention mask broadcasts wrongly over a batch (diffusers 0.42).
-        latents = torch.cat([encode_latents(self.vae, p[None, :, None]) for p in pixels], dim=2)  # (1, C, K, h, w)
-        mask = torch.ones_like(latents[:, :1])
-        return torch.cat([latents, latents, mask], dim=1).to(device, dtype)
+        latents = self.encode_video_latents(pixels[:, :, None])  # (K, C, 1, h, w)
+        return self.reference_input(latents[:, :, 0].transpose(0, 1)[None]).to(device, dtype)
+
+    @staticmethod
+    def reference_input(ref_latents: torch.Tensor) -> torch.Tensor:
+        """``[clean latent | clean latent (condition) | 1 (condition mask)]`` on the channel axis of
+        ``(B, C, K, h, w)`` reference latents: the transformer's ``(B, 2C + 1, K, h, w)`` input for reference frames
+        (inference and training build it here)."""
+        return torch.cat([ref_latents, ref_latents, torch.ones_like(ref_latents[:, :1])], dim=1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training hooks (DiasRTrainer, training/families.py): the trainer holds (B, C, F, h, w) latents; these build the
+    # transformer's inputs exactly as `__call__` does for its conditional branch.
+
+    def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, C, F, h, w)`` latents of ``(B, 3, F, H, W)`` pixels in [-1, 1]: posterior mean × ``scaling_factor``
+        (no shift), as HunyuanVideo-1.5 encodes its image condition and as ``__call__`` decodes (``/ scaling_factor``)."""
+        # One clip per call: the VAE's mid-block attention mask broadcasts wrongly over a batch (diffusers 0.42).
+        return torch.cat([encode_latents(self.vae, clip[None]) for clip in pixels], dim=0)
+
+    def encode_training_prompt(
+        self, caption: str, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(Qwen embeddings (1, max_sequence_length, D), the other text inputs)`` of ``caption`` as ``__call__``
+        encodes a prompt with subject phrases (``clean_prompt``; chat template, crop). The second item goes to
+        :meth:`denoiser_inputs` and :meth:`drop_padding_tokens`: the Qwen mask and the ByT5 embeddings and mask."""
+        embeds, mask, embeds_2, mask_2 = self.encode_text([clean_prompt(caption)], 1, 1, max_sequence_length, device)
+        return embeds, {"encoder_attention_mask": mask, "encoder_hidden_states_2": embeds_2, "encoder_attention_mask_2": mask_2}  # fmt: skip
+
+    def drop_padding_tokens(self, segments: list[TextSegments], text: dict[str, torch.Tensor]) -> list[TextSegments]:
+        """The trainer's hook for routed text: segments over Qwen positions (``phrase_owners``) mapped into the
+        transformer's reordered joint text (:meth:`text_segments`, as ``__call__`` maps them); ``text`` is the second
+        item of :meth:`encode_training_prompt`. Padded tokens stay masked by the transformer's own text mask."""
+        return self.text_segments(
+            segments, text["encoder_attention_mask"], text["encoder_attention_mask_2"], self.vision_num_semantic_tokens
+        )
+
+    def denoiser_inputs(
+        self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+        text: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:  # fmt: skip
+        """The transformer's keyword inputs for ``[video | refs]`` on the frame axis: video frames
+        ``[x_t | 0 | 0]`` (text-to-video's zero condition latents and mask), reference frames
+        :meth:`reference_input` of ``refs`` ``(1 or B, C, K, h, w)``; one timestep ``t`` per sample, shared by the
+        reference frames (as ``__call__``); zero ``image_embeds``; the Qwen and ByT5 text of ``text``."""
+        b = noisy.shape[0]
+        video = torch.cat([noisy, noisy.new_zeros(b, noisy.shape[1] + 1, *noisy.shape[2:])], dim=1)
+        refs = self.reference_input(refs.to(noisy.dtype)).expand(b, -1, -1, -1, -1)
+        dtype = prompt_embeds.dtype
+        return {
+            "hidden_states": torch.cat([video, refs], dim=2), "timestep": t.reshape(-1).expand(b).to(noisy.dtype),
+            "encoder_hidden_states": prompt_embeds, "encoder_attention_mask": text["encoder_attention_mask"],
+            "encoder_hidden_states_2": text["encoder_hidden_states_2"].to(dtype),
+            "encoder_attention_mask_2": text["encoder_attention_mask_2"],
+            "image_embeds": prompt_embeds.new_zeros(b, self.vision_num_semantic_tokens, self.vision_states_dim),
+        }  # fmt: skip
+
+    def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
+        """The video frames of the transformer's ``(B, C, F + K, h, w)`` output (the reference frames dropped)."""
+        return pred[:, :, : video_shape[2]]
 
     # ------------------------------------------------------------------------------------------------------------
     # Text: Qwen2.5-VL behind a chat template (cropped), ByT5 glyphs; the transformer reorders the joint text.

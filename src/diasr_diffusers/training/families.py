@@ -67,6 +67,10 @@ class TrainingFamily:
             return tiny_wan22_components(tiny_model["wan22"], **kwargs)
         return self.tiny_builder()(**tiny_model)
 
+    def tiny_pipeline(self, tiny_model: dict[str, Any]) -> Any:
+        """The toy pipeline ``tiny_model`` describes."""
+        return self.pipeline_class()(**self.tiny_components(tiny_model))
+
     def load(self, folder: str) -> Any:
         from ..commands.generate import load_pipeline
 
@@ -144,8 +148,45 @@ class CogVideoXTrainingFamily(_ConvertingFamily):
         return scheduler.add_noise(x0, noise, t), t, scheduler.get_velocity(x0, noise, t)
 
 
+class HunyuanVideo15TrainingFamily(_ConvertingFamily):
+    """HunyuanVideo-1.5 text-to-video: flow matching as Wan (``FlowMatchEulerDiscreteScheduler``; the timestep
+    ``1000 s`` is shared by the reference frames). The pipeline builds the ``[x_t | cond | mask]`` frames (zeros for
+    the video, ``[x0_ref | x0_ref | 1]`` for references), the Qwen + ByT5 text and zero image embeddings. A ``model``
+    folder is a stock ``HunyuanVideo15Pipeline`` or a saved ``DiasRHunyuanVideo15Pipeline`` (both load with
+    ``from_pretrained``); the toy is ``tiny_hunyuan_video15_components`` with its text lengths set
+    (``configure_tiny_hunyuan_video15``)."""
+
+    name = "hunyuan_video15"
+    pipeline_classes = ("HunyuanVideo15Pipeline", "DiasRHunyuanVideo15Pipeline")
+    # The real VAE: 4x temporal, 16x spatial, patch 1 (the toy's 2x / 4x accept these sizes too).
+    frame_multiple = 4
+    size_multiple = 16
+
+    def pipeline_class(self) -> type:
+        from ..pipelines import DiasRHunyuanVideo15Pipeline
+
+        return DiasRHunyuanVideo15Pipeline
+
+    def tiny_builder(self) -> Any:
+        from ..utils.tiny import tiny_hunyuan_video15_components
+
+        return tiny_hunyuan_video15_components
+
+    def tiny_parameters(self) -> set[str]:
+        return super().tiny_parameters() - {"guidance_scale"}  # training never guides
+
+    def tiny_pipeline(self, tiny_model: dict[str, Any]) -> Any:
+        from ..utils.tiny import configure_tiny_hunyuan_video15
+
+        return configure_tiny_hunyuan_video15(super().tiny_pipeline(tiny_model))
+
+    def load(self, folder: str) -> Any:
+        return self.pipeline_class().from_pretrained(folder)  # a stock folder loads as is (no `from_...` needed)
+
+
 FAMILIES: dict[str, TrainingFamily] = {
     "wan": TrainingFamily(),
     "ltx": LTXTrainingFamily(),
     "cogvideox": CogVideoXTrainingFamily(),
+    "hunyuan_video15": HunyuanVideo15TrainingFamily(),
 }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
-from ..routing import IDRouter, mask_loss, phrase_token_owners, routing_cross_entropy
+from ..routing import IDRouter, mask_loss, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from . import sharding
 from .config import TrainConfig
@@ -155,7 +155,7 @@ class DiasRTrainer:
     def _build_pipeline(self) -> Any:
         cfg = self.config
         if cfg.tiny_model is not None:
-            return cfg.family.pipeline_class()(**cfg.family.tiny_components(cfg.tiny_model))
+            return cfg.family.tiny_pipeline(cfg.tiny_model)
         return cfg.family.load(str(cfg.resolve(cfg.model)))
 
     def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
@@ -200,7 +200,8 @@ class DiasRTrainer:
         keep = []
         for rec in records:
             try:
-                phrase_token_owners(rec.caption, rec.phrases, self.pipe.tokenizer, self.config.max_sequence_length, "caption")  # fmt: skip
+                # The pipeline's matcher: HunyuanVideo-1.5 finds phrases through its chat template and crop.
+                self.pipe.phrase_owners(rec.caption, rec.phrases, self.config.max_sequence_length, "caption")
             except ValueError as err:
                 logger.warning(f"skipping the record at line {rec.line}: {err}")
                 self.skipped_records += 1
@@ -640,7 +641,8 @@ class DiasRTrainer:
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
             self.config.num_frames, x0, self.config.max_sequence_length,
         )  # fmt: skip
-        if prompt_mask is not None and routing["text_segments"] is not None:  # LTX: padded tokens are masked
+        # LTX: padded tokens are masked; HunyuanVideo-1.5: segments mapped into the transformer's text order.
+        if prompt_mask is not None and routing["text_segments"] is not None:
             routing["text_segments"] = pipe.drop_padding_tokens(routing["text_segments"], prompt_mask)
         labels = item["token_labels"].reshape(1, -1).to(device)
         coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
