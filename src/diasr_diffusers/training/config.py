@@ -138,10 +138,12 @@ class TrainConfig:
             with the trained weights (``DiasRPipeline(..., max_sequence_length=...)``).
         ``tiny_model``: a toy model built in-process: arguments of ``utils.tiny.tiny_wan_components`` (plus
             ``wan22: a14b | ti2v`` for a toy Wan2.2, ``tiny_wan22_components``), or of ``tiny_ltx_components`` /
-            ``tiny_cogvideox_components`` with ``model_family: ltx`` / ``cogvideox``. With Wan's random VAE (``vae``
+            ``tiny_cogvideox_components`` / ``tiny_hunyuan_video15_components`` with ``model_family: ltx`` /
+            ``cogvideox`` / ``hunyuan_video15``. With Wan's random VAE (``vae``
             unset) the VAE's latent statistics are measured on the first training clips.
         ``model_family``: ``wan`` (Wan2.1 and Wan2.2, flow matching; a Wan2.2 A14B folder trains both experts),
-            ``ltx`` (LTX-Video, flow matching) or ``cogvideox`` (CogVideoX 1.0 text-to-video, v-prediction); ``model``
+            ``ltx`` (LTX-Video, flow matching), ``cogvideox`` (CogVideoX 1.0 text-to-video, v-prediction) or
+            ``hunyuan_video15`` (HunyuanVideo-1.5 text-to-video, flow matching); ``model``
             is then a stock or DiasR Diffusers folder of that family. See ``training/families.py``.
     """
 
