@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..utils.io import atomic_dir, atomic_path
 from .config import ConfigError
 from .families import FAMILIES, CogVideoXTrainingFamily
-from .trainer import LORA_WEIGHT_NAME, DiasRTrainer
+from .trainer import LORA_WEIGHT_NAME, DiasRTrainer, _sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -406,10 +406,7 @@ class IngredientsTrainer(DiasRTrainer):
         if self.config.train_lora:
             self._save_lora(folder)
         if self.config.train_transformer:
-            self._unwrapped_transformer().save_pretrained(folder / "transformer")
-
-    def _unwrapped_transformer(self) -> nn.Module:
-        return self.transformer
+            self.transformer.save_pretrained(folder / "transformer")
 
     def _save_final(self) -> None:
         """``router.safetensors`` (+ LoRA / ``transformer/`` / ``pipeline/``), each renamed into place once written."""
@@ -460,8 +457,6 @@ class IngredientsTrainer(DiasRTrainer):
             enc = self._encode(self.eval_set[idx])
             labels = enc["labels"][0]
             for k, sigma in enumerate(self.config.eval_sigmas):
-                from .trainer import _sample_seed
-
                 gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
                 noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
                 pred, target, logits, _, _ = self._forward(
