@@ -155,3 +155,40 @@ def test_bad_config(data_dir, change, message):
 
     with pytest.raises(ConfigError, match=message):
         _config(data_dir, **change)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    IngredientsTrainer(
+        _config(data_dir, max_steps=3, checkpointing_steps=1, eval_fraction=0.0), tmp_path / "a"
+    ).train()
+    IngredientsTrainer(
+        _config(data_dir, max_steps=2, checkpointing_steps=1, eval_fraction=0.0), tmp_path / "b"
+    ).train()
+    resumed = IngredientsTrainer(
+        _config(data_dir, max_steps=3, checkpointing_steps=1, eval_fraction=0.0), tmp_path / "b", resume=True
+    )
+    resumed.train()
+    assert resumed.start_step == 2
+    a, b = load_file(str(tmp_path / "a" / "router.safetensors")), load_file(str(tmp_path / "b" / "router.safetensors"))
+    assert a.keys() == b.keys() and all(k.startswith("router.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_subjects_without_features_need_the_face_models(tmp_path):
+    """With a `model` folder, a subject without `face_features` falls back to the face models, whose absence is
+    named before training starts."""
+    from diasr_diffusers.utils.tiny_ingredients import tiny_ingredients_components
+
+    IngredientsPipeline(**tiny_ingredients_components(num_layers=2, cross_attn_interval=1)).save_pretrained(
+        tmp_path / "m"
+    )
+    data = _dataset(tmp_path / "d", drop=True)
+    cfg = _config(data, tiny_model=None, model=str(tmp_path / "m"))
+    with pytest.raises(
+        (ImportError, FileNotFoundError),
+        match=r"line 2: `subjects\[1\]\.meta\.face_features` is not given, so the face models are needed: .*(face_encoder|insightface)",
+    ):
+        IngredientsTrainer(cfg, tmp_path / "o").setup()

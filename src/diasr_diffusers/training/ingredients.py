@@ -259,7 +259,10 @@ class IngredientsTrainer(DiasRTrainer):
             transformer.enable_gradient_checkpointing()
         self.experts = [transformer]
         if self.pipe.face_encoder is None and self._needs_face_encoder:
-            self.pipe.load_face_encoder()  # ImportError / FileNotFoundError naming the missing package or file
+            try:
+                self.pipe.load_face_encoder()  # names the missing package or file
+            except (ImportError, FileNotFoundError) as e:
+                raise type(e)(f"{self._needs_face_encoder} is not given, so the face models are needed: {e}") from e
         if resume_from is not None:
             self._load_weights(resume_from, None, transformer)
         self.train_set, self.eval_set = self._build_datasets(transformer, self.pipe.vae)
@@ -292,7 +295,7 @@ class IngredientsTrainer(DiasRTrainer):
 
         cfg = self.config
         tcfg = transformer_config(cfg)
-        self._needs_face_encoder = False
+        self._needs_face_encoder: str | bool = False
         for key in ("train_data", "eval_data"):
             if getattr(cfg, key) is None:
                 continue
@@ -308,8 +311,8 @@ class IngredientsTrainer(DiasRTrainer):
                             f"{where} is missing: a `tiny_model` has no face models, so every subject needs "
                             "precomputed face features (a .safetensors with `id_cond` and `id_vit_hidden.{k}`)"
                         )
-                    else:
-                        self._needs_face_encoder = True
+                    elif not self._needs_face_encoder:
+                        self._needs_face_encoder = where  # the first such subject, for the error message
 
     def _build_datasets(self, transformer: nn.Module, vae: nn.Module):
         train, evaluation = super()._build_datasets(transformer, vae)
