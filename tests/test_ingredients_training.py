@@ -54,7 +54,7 @@ def _config(data_dir: Path, **overrides) -> TrainConfig:
     cfg = {
         "stage": "route", "model_family": "ingredients", "train_data": str(data_dir), "tiny_model": TINY_MODEL,
         "height": 64, "width": 96, "num_frames": 5, "batch_size": 1, "max_steps": 2, "learning_rate": 3e-2,
-        "max_sequence_length": 16, "train_lora": False, "checkpointing_steps": 100, "eval_fraction": 0.34,
+        "max_sequence_length": 16, "checkpointing_steps": 100, "eval_fraction": 0.34,
         "eval_sigmas": [0.5], "lambda_route": 1.0,
     }  # fmt: skip
     cfg.update(overrides)
@@ -88,6 +88,7 @@ def test_route_step_trains_only_the_routers_and_lowers_the_routing_loss(data_dir
     trainer.train()
     after = losses()
     assert after < 0.95 * first, (first, after)  # measured 0.696 -> 0.621
+    assert not cfg.train_lora  # the family's default: routers only
     changed = {k for k, v in trainer.transformer.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("router.") for k in changed), sorted(changed)[:4]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

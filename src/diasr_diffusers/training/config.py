@@ -212,7 +212,14 @@ class TrainConfig:
         missing = [k for k in ("stage", "train_data") if k not in raw]
         if missing:
             raise ConfigError(f"missing required config key(s) {missing}")
-        return cls(**raw)
+        from .families import FAMILIES
+
+        family = (
+            FAMILIES.get(raw.get("model_family", "wan")) if isinstance(raw.get("model_family", "wan"), str) else None
+        )
+        return cls(
+            **{**getattr(family, "config_defaults", {}), **raw}
+        )  # a family's own defaults (Ingredients: no LoRA)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

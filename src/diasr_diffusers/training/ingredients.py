@@ -51,6 +51,7 @@ class IngredientsTrainingFamily(CogVideoXTrainingFamily):
     name = "ingredients"
     pipeline_classes = ("IngredientsPipeline",)
     route_needs_align = False  # the routers come with the model: `route` is the only stage
+    config_defaults = {"train_lora": False}  # the released router stage trains the routers alone
 
     def pipeline_class(self) -> type:
         from ..pipelines.pipeline_ingredients import IngredientsPipeline
