@@ -24,7 +24,7 @@ def _user_error(message: str) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..training import ConfigError, DiasRTrainer, TrainConfig
+    from ..training import ConfigError, TrainConfig
 
     overrides = {}
     if args.eval_data is not None:
@@ -35,7 +35,7 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_yaml(args.config, overrides=overrides)
     except ConfigError as e:
         return _user_error(str(e))
-    trainer = DiasRTrainer(config, args.output_dir, resume=args.resume)
+    trainer = config.family.trainer_class()(config, args.output_dir, resume=args.resume)
     try:
         # The output folder and the checkpoint to resume are checked at the start of setup, before any model loads.
         trainer.check_output_dir()

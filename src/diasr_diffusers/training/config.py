@@ -212,7 +212,14 @@ class TrainConfig:
         missing = [k for k in ("stage", "train_data") if k not in raw]
         if missing:
             raise ConfigError(f"missing required config key(s) {missing}")
-        return cls(**raw)
+        from .families import FAMILIES
+
+        family = (
+            FAMILIES.get(raw.get("model_family", "wan")) if isinstance(raw.get("model_family", "wan"), str) else None
+        )
+        return cls(
+            **{**getattr(family, "config_defaults", {}), **raw}
+        )  # a family's own defaults (Ingredients: no LoRA)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -583,11 +590,19 @@ class TrainConfig:
                 raise ConfigError(
                     "`latent_cache` needs a fixed VAE; the random toy VAE (tiny_model without `vae`) has none"
                 )
-        if self.stage == "route" and self.init_from is None and not self.allow_scratch:
+        if (
+            self.stage == "route"
+            and self.init_from is None
+            and not self.allow_scratch
+            and self.family.route_needs_align
+        ):
             raise ConfigError(
                 "stage `route` starts from an `align` checkpoint: set `init_from: <align output dir>` "
                 "(or `allow_scratch: true` to train the router from scratch)"
             )
+        if hasattr(self.family, "validate_config"):  # a family with its own routers (Ingredients) checks them itself
+            self.family.validate_config(self)
+            return
         self._validate_router_and_lora()
         if self.init_from is not None:
             self._validate_init_from()

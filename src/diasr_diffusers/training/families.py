@@ -32,6 +32,7 @@ class TrainingFamily:
     # `num_frames = 1 + frame_multiple * k`, sizes multiples of `size_multiple` (VAE compression x patch size).
     frame_multiple = 4
     size_multiple = 16
+    route_needs_align = True  # stage `route` continues an `align` run (`init_from`) unless `allow_scratch`
 
     def pipeline_class(self) -> type:
         from ..pipelines import DiasRPipeline
@@ -70,6 +71,12 @@ class TrainingFamily:
     def tiny_pipeline(self, tiny_model: dict[str, Any]) -> Any:
         """The toy pipeline ``tiny_model`` describes."""
         return self.pipeline_class()(**self.tiny_components(tiny_model))
+
+    def trainer_class(self) -> type:
+        """The trainer ``diasr train`` builds for this family."""
+        from .trainer import DiasRTrainer
+
+        return DiasRTrainer
 
     def load(self, folder: str) -> Any:
         from ..commands.generate import load_pipeline
@@ -190,3 +197,4 @@ FAMILIES: dict[str, TrainingFamily] = {
     "cogvideox": CogVideoXTrainingFamily(),
     "hunyuan_video15": HunyuanVideo15TrainingFamily(),
 }
+# `model_family: ingredients` is registered by training/ingredients.py (imported with this package).
