@@ -4,6 +4,7 @@ trainer and the pipeline accept and reject the same captions."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from _data_fixtures import square_clip, write_jsonl
 from diasr_diffusers import DiasRPipeline
 from diasr_diffusers.data import MuSADataset, load_manifest
 from diasr_diffusers.data.manifest import parse_record
+from diasr_diffusers.pipelines.subjects import SubjectPipelineMixin
 from diasr_diffusers.routing import phrase_problems, phrase_spans, phrase_token_owners
 from diasr_diffusers.training.trainer import DiasRTrainer
 from diasr_diffusers.utils.tiny import tiny_tokenizer, tiny_wan_components
@@ -102,7 +104,8 @@ def test_dataset_and_trainer_skip_what_the_pipeline_cannot_route(tmp_path):
         MuSADataset([record, fishy], skip_invalid=False, **kw)
 
     far = dataclasses.replace(record, caption="Far below on grey " * 3 + record.caption, line=3)
-    trainer = SimpleNamespace(pipe=SimpleNamespace(tokenizer=tiny_tokenizer()), skipped_records=0,
-                              config=SimpleNamespace(max_sequence_length=12))  # fmt: skip
+    pipe = SimpleNamespace(tokenizer=tiny_tokenizer())
+    pipe.phrase_owners = functools.partial(SubjectPipelineMixin.phrase_owners, pipe)  # the pipeline's own matcher
+    trainer = SimpleNamespace(pipe=pipe, skipped_records=0, config=SimpleNamespace(max_sequence_length=12))
     assert DiasRTrainer._routable(trainer, [record, far]) == [record]
     assert trainer.skipped_records == 1
