@@ -22,13 +22,13 @@ import torch.nn.functional as F
 
 from diasr_diffusers.data import MuSADataset
 from diasr_diffusers.eval import label_iou
-from diasr_diffusers.routing import IDRouter, masks_to_token_grid, routing_cross_entropy, token_grid_factors
+from diasr_diffusers.routing import IDRouter, pixels_to_token_grid, routing_cross_entropy, token_grid_factors
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
 
 def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(1, L, 3) mean colour of each token (``spatial``^2 pixels, Wan's frame grouping) and per-subject references."""
-    grid = masks_to_token_grid(
+    grid = pixels_to_token_grid(
         item["video"], temporal_compression=temporal, spatial_compression=spatial, patch_size=(1, 1, 1)
     )
     video = grid.flatten(1).T[None]  # (3, F_lat, h, w) -> (1, L, 3) in token order
@@ -39,7 +39,7 @@ def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[
 def pixel_patch_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(1, L, 3 * spatial^2) every pixel of each token (averaged over its frames): colour plus in-token texture."""
     unshuffled = F.pixel_unshuffle(item["video"].transpose(0, 1), spatial).transpose(0, 1)  # (3 s^2, F, h, w)
-    grid = masks_to_token_grid(unshuffled, temporal_compression=temporal, spatial_compression=1, patch_size=(1, 1, 1))
+    grid = pixels_to_token_grid(unshuffled, temporal_compression=temporal, spatial_compression=1, patch_size=(1, 1, 1))
     refs = [F.pixel_unshuffle(r[None], spatial)[0].flatten(1).T[None] for r in item["ref_images"]]
     return grid.flatten(1).T[None], refs
 

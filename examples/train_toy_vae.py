@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from diasr_diffusers.data import MuSADataset
-from diasr_diffusers.routing import masks_to_token_grid
+from diasr_diffusers.routing import pixels_to_token_grid
 from diasr_diffusers.utils.io import atomic_dir
 from diasr_diffusers.utils.latents import calibrate_latent_statistics
 
@@ -53,7 +53,7 @@ preview = torch.nn.Conv3d(16, 3, 1)
 
 def pooled_colour(x: torch.Tensor) -> torch.Tensor:
     """Pixels averaged onto the latent grid (frame 0 alone, then pairs of frames, 4x4 pixels): mask coverage's rule."""
-    return masks_to_token_grid(x, temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1))
+    return pixels_to_token_grid(x, temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1))
 
 
 opt = torch.optim.AdamW([*vae.parameters(), *preview.parameters()], lr=args.lr)

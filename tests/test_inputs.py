@@ -476,3 +476,17 @@ def test_hostile_transformer_config_fails_fast_when_loading_a_pipeline_folder(sa
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_pixels_to_token_grid_is_each_tokens_mean_colour():
+    """Pixel values in [-1, 1] pool like masks (frame 0 alone, then groups of 2 frames, 4x4 pixels); other ranges
+    are refused (the example and benchmark scripts once passed pixels to masks_to_token_grid, which rightly refused)."""
+    from diasr_diffusers.routing import pixels_to_token_grid
+
+    x = torch.rand(3, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = pixels_to_token_grid(x, temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1))
+    assert grid.shape == (3, 3, 2, 2)
+    assert torch.allclose(grid[:, 0, 1, 0], x[:, 0, 4:8, 0:4].mean(dim=(-1, -2)), atol=1e-6)
+    assert torch.allclose(grid[:, 2, 0, 1], x[:, 3:5, 0:4, 4:8].mean(dim=(-1, -2, -3)), atol=1e-6)
+    with pytest.raises(ValueError, match="masks"):
+        pixels_to_token_grid(x * 3, temporal_compression=2, spatial_compression=4, patch_size=(1, 1, 1))

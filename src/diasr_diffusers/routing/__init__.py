@@ -2,7 +2,13 @@
 
 from .ingredients_router import IngredientsIDRouter, majority_identity
 from .losses import ingredients_routing_loss, mask_loss, routing_cross_entropy
-from .masks import masks_to_token_grid, normalize_masks, routing_labels_from_coverage, token_grid_factors
+from .masks import (
+    masks_to_token_grid,
+    normalize_masks,
+    pixels_to_token_grid,
+    routing_labels_from_coverage,
+    token_grid_factors,
+)
 from .phrases import check_phrases, clean_prompt, phrase_problems, phrase_spans, phrase_token_owners
 from .router import IDRouter, buckets_from_logits, chosen_log_prob, resolve_routed_layers
 
@@ -17,6 +23,7 @@ __all__ = [
     "majority_identity",
     "mask_loss",
     "masks_to_token_grid",
+    "pixels_to_token_grid",
     "normalize_masks",
     "phrase_problems",
     "phrase_spans",

@@ -152,6 +152,15 @@ def masks_to_token_grid(
     return x.reshape(*lead, *x.shape[1:])
 
 
+def pixels_to_token_grid(pixels: torch.Tensor, **factors: Any) -> torch.Tensor:
+    """Average pixel values in ``[-1, 1]`` (e.g. a video's ``(3, F, H, W)``) onto the token grid, with the same frame
+    grouping and pooling as :func:`masks_to_token_grid` (same keyword arguments): each token's mean colour.
+
+    Values outside ``[-1, 1]`` are refused rather than read as masks of another range.
+    """
+    return masks_to_token_grid((pixels.float() + 1) / 2, **factors) * 2 - 1
+
+
 def routing_labels_from_coverage(coverage: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Hard per-token labels from per-subject coverage.
 
