@@ -345,7 +345,8 @@ def markdown_benchmark(res: dict) -> str:
     lines = [
         f"### {res['preset']} · {res['dtype']} · {res['pass']} · {res['device']}",
         "",
-        f"- {res['date']}; torch {v['torch']}, triton {v['triton']}, diffusers {v['diffusers']}, Python {v['python']}",
+        f"- {res['date']}; torch {v['torch']}, triton {v['triton']}, diffusers {v['diffusers']}, "
+        f"Python {v['python']}",
         f"- Shape: Lv = {s['video']:,}, references {s['refs']}, H = {s['heads']}, D = {s['head_dim']}, B = 1; "
         f"video tokens routed per subject {res['routed_video_tokens']} (rest null)",
         f"- Median of {res['repeats']} runs after {res['warmup']} warm-up runs, workloads interleaved round-robin; "
@@ -388,9 +389,7 @@ def markdown_wan_cpu(res: dict) -> str:
 def append_markdown(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        path.write_text(
-            "# Benchmarks\n\nAppended by `benchmarks/bench_attention.py` and `benchmarks/flops_table.py`.\n"
-        )
+        path.write_text("# Benchmarks\n\nAppended by `benchmarks/bench_attention.py` and `benchmarks/flops_table.py`.\n")
     with path.open("a") as f:
         f.write("\n" + text)
 

@@ -43,9 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
     parser.add_argument("--run", required=True, help="the `diasr train` output dir (router/ + LoRA)")
-    parser.add_argument(
-        "--data", default=None, help="held-out make-synthetic folder (default: the config's eval_data)"
-    )
+    parser.add_argument("--data", default=None, help="held-out make-synthetic folder (default: the config's eval_data)")
     args = parser.parse_args()
 
     raw = dataclasses.asdict(TrainConfig.from_yaml(args.config)) | {"init_from": args.run}
@@ -76,9 +74,7 @@ def main() -> None:
             }
         )  # fmt: skip
 
-    print(
-        f"run {args.run}; held-out {config.manifest_path(config.eval_data)} ({result['num_eval_clips']} clips, σ {result['eval_sigmas']})"
-    )
+    print(f"run {args.run}; held-out {config.manifest_path(config.eval_data)} ({result['num_eval_clips']} clips, σ {result['eval_sigmas']})")
     print("| subjects | scored (subject × σ) | routing IoU | own tokens routed to null | to another subject |")
     print("|---|---:|---:|---:|---:|")
     for name, keep in _groups(subjects):

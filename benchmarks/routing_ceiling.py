@@ -28,9 +28,7 @@ from diasr_diffusers.utils.tiny import tiny_wan_components
 
 def pixel_tokens(item, spatial: int, temporal: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(1, L, 3) mean colour of each token (``spatial``^2 pixels, Wan's frame grouping) and per-subject references."""
-    grid = pixels_to_token_grid(
-        item["video"], temporal_compression=temporal, spatial_compression=spatial, patch_size=(1, 1, 1)
-    )
+    grid = pixels_to_token_grid(item["video"], temporal_compression=temporal, spatial_compression=spatial, patch_size=(1, 1, 1))
     video = grid.flatten(1).T[None]  # (3, F_lat, h, w) -> (1, L, 3) in token order
     refs = [F.avg_pool2d(r[None], spatial)[0].flatten(1).T[None] for r in item["ref_images"]]
     return video, refs
@@ -66,9 +64,7 @@ def colour_baseline(items, spatial: int, temporal: int) -> float:
 def fit_router(samples, hidden_dim: int, epochs: int, seed: int = 0, pixels: bool = False) -> float:
     """Train a router on (video tokens, per-subject reference tokens, labels); held-out IoU on the last 20%."""
     torch.manual_seed(seed)
-    router = IDRouter(
-        hidden_dim=hidden_dim, text_dim=8, num_layers=1, router_dim=64, num_identity_queries=4, num_heads=2
-    )
+    router = IDRouter(hidden_dim=hidden_dim, text_dim=8, num_layers=1, router_dim=64, num_identity_queries=4, num_heads=2)
     if pixels:
         # A LayerNorm over 3 colour channels keeps only their zero-mean direction (1 of 3 degrees of freedom). The
         # transformer's tokens the router normally sees are wide and already LayerNorm-ed by the block.
@@ -125,9 +121,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument(
-        "--tiny-vae", default=None, help="'sprites' (the shipped toy VAE) or a saved VAE folder; default random"
-    )
+    parser.add_argument("--tiny-vae", default=None, help="'sprites' (the shipped toy VAE) or a saved VAE folder; default random")
     parser.add_argument("--sigma", type=float, default=0.3, help="noise level of the toy model's video tokens")
     args = parser.parse_args()
     grid = token_grid_factors(vae=tiny_wan_components(vae=args.tiny_vae)["vae"])
@@ -140,12 +134,7 @@ def main() -> None:
     cs, ct = grid["spatial_compression"], grid["temporal_compression"]
     rows = [("colour (no learning, best threshold)", colour_baseline(items[int(len(items) * 0.8) :], cs, ct))]
     pixel_samples = [(*pixel_tokens(it, cs, ct), it["token_labels"][None]) for it in items]
-    rows.append(
-        (
-            "router on oracle pixel features (token LayerNorm off)",
-            fit_router(pixel_samples, 3, args.epochs, pixels=True),
-        )
-    )
+    rows.append(("router on oracle pixel features (token LayerNorm off)", fit_router(pixel_samples, 3, args.epochs, pixels=True)))
     patch_samples = [(*pixel_patch_tokens(it, cs, ct), it["token_labels"][None]) for it in items]
     rows.append(
         (
@@ -154,12 +143,7 @@ def main() -> None:
         )
     )
     toy = toy_model_samples(items, args.data, args.size, args.tiny_vae, args.sigma)
-    rows.append(
-        (
-            f"router on toy-model layer-0 features (sigma {args.sigma})",
-            fit_router(toy, toy[0][0].shape[-1], args.epochs),
-        )
-    )
+    rows.append((f"router on toy-model layer-0 features (sigma {args.sigma})", fit_router(toy, toy[0][0].shape[-1], args.epochs)))
     print(f"toy VAE: {args.tiny_vae or 'random'}; latent grid: {cs}x spatial, {ct}x temporal")
     print(f"| reference point ({len(items)} clips, 80/20 split, {args.epochs} epochs) | held-out routing IoU |")
     print("|---|---:|")

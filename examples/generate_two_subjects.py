@@ -1,6 +1,6 @@
 """Two-subject generation with Wan2.1-1.3B and DiasR routing (needs a GPU and the Wan2.1 download).
 
-python examples/generate_two_subjects.py --man man.png --woman woman.png --router path/to/router  # router optional
+    python examples/generate_two_subjects.py --man man.png --woman woman.png --router path/to/router  # router optional
 """
 
 import argparse

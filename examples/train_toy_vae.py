@@ -57,17 +57,11 @@ def pooled_colour(x: torch.Tensor) -> torch.Tensor:
 
 
 opt = torch.optim.AdamW([*vae.parameters(), *preview.parameters()], lr=args.lr)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
 gen = torch.Generator().manual_seed(0)
 for step in range(args.steps):
     # Alternate clips and single reference frames so both paths of the causal encoder learn; flips add variety.
-    x = (
-        clips[torch.randint(len(clips), (2,), generator=gen)]
-        if step % 2 == 0
-        else refs[torch.randint(len(refs), (8,), generator=gen)]
-    )
+    x = clips[torch.randint(len(clips), (2,), generator=gen)] if step % 2 == 0 else refs[torch.randint(len(refs), (8,), generator=gen)]
     if torch.rand((), generator=gen) < 0.5:
         x = x.flip(-1)
     post = vae.encode(x).latent_dist

@@ -9,27 +9,8 @@ from diasr_diffusers.data import LatentCacheDataset, MuSADataset, validate_manif
 
 def test_make_synthetic_validate_and_cache_latents(tmp_path, capsys):
     out = tmp_path / "synth"
-    rc = main(
-        [
-            "make-synthetic",
-            "--out",
-            str(out),
-            "--num-clips",
-            "3",
-            "--seed",
-            "2",
-            "--subjects",
-            "2-3",
-            "--frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--mask-format",
-            "png",
-        ]
-    )
+    rc = main(["make-synthetic", "--out", str(out), "--num-clips", "3", "--seed", "2", "--subjects", "2-3",
+               "--frames", "5", "--height", "32", "--width", "32", "--mask-format", "png"])
     assert rc == 0
     manifest = out / "manifest.jsonl"
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -57,23 +38,8 @@ def test_make_synthetic_validate_and_cache_latents(tmp_path, capsys):
 
     model = tmp_path / "model"
     tiny_vae().save_pretrained(model / "vae")
-    rc = main(
-        [
-            "cache-latents",
-            "--data",
-            str(manifest),
-            "--model",
-            str(model),
-            "--out",
-            str(tmp_path / "lat"),
-            "--frames",
-            "5",
-            "--height",
-            "32",
-            "--width",
-            "32",
-        ]
-    )
+    rc = main(["cache-latents", "--data", str(manifest), "--model", str(model), "--out", str(tmp_path / "lat"),
+               "--frames", "5", "--height", "32", "--width", "32"])
     assert rc == 0
     cache = LatentCacheDataset(tmp_path / "lat")
     assert len(cache) == 3 and cache[0]["latents"].shape == (4, 2, 4, 4)
@@ -92,12 +58,8 @@ def test_cli_errors(tmp_path, capsys):
 def test_validate_data_refuses_outside_paths_unless_allowed(tmp_path, capsys):
     ds = tmp_path / "ds"
     ds.mkdir()
-    record = {
-        "id": "x",
-        "video": "/etc/passwd",
-        "caption": "a cat",
-        "subjects": [{"phrase": "a cat", "references": ["../cat.png"], "masks": {"npz": "m.npz"}}],
-    }
+    record = {"id": "x", "video": "/etc/passwd", "caption": "a cat", "subjects": [
+        {"phrase": "a cat", "references": ["../cat.png"], "masks": {"npz": "m.npz"}}]}
     (ds / "manifest.jsonl").write_text(json.dumps(record) + "\n")
     assert main(["validate-data", str(ds), "--quick"]) == 1
     text = capsys.readouterr().out

@@ -43,9 +43,8 @@ def test_item_shapes_mask_alignment_and_token_labels(squares):
     want[:, 0, 1] = 0
     want[:2, 1, 0] = 1
     assert torch.equal(labels, want)
-    direct = routing_labels_from_coverage(
-        masks_to_token_grid(expected[None], temporal_compression=4, spatial_compression=8, patch_size=(1, 2, 2))
-    )
+    direct = routing_labels_from_coverage(masks_to_token_grid(expected[None], temporal_compression=4,
+                                                              spatial_compression=8, patch_size=(1, 2, 2)))
     assert torch.equal(item["token_labels"], direct[0])
 
 
@@ -74,11 +73,8 @@ def test_masks_follow_the_video_under_random_crop_and_stride(squares):
 def test_determinism_under_seed_and_epoch(tmp_path):
     manifest = make_synthetic(tmp_path / "s", num_clips=2, seed=1, subjects=(2, 2), num_frames=9, height=48, width=64)
     kwargs = dict(num_frames=5, height=32, width=32, ref_augment=RefAugment())
-    a, b, c = (
-        MuSADataset(manifest, seed=5, **kwargs),
-        MuSADataset(manifest, seed=5, **kwargs),
-        MuSADataset(manifest, seed=6, **kwargs),
-    )
+    a, b, c = MuSADataset(manifest, seed=5, **kwargs), MuSADataset(manifest, seed=5, **kwargs), \
+        MuSADataset(manifest, seed=6, **kwargs)
     ia, ib, ic = a[1], b[1], c[1]
     for key in ("video", "masks", "token_labels", "frame_indices"):
         assert torch.equal(ia[key], ib[key]), key
@@ -114,13 +110,9 @@ def test_reference_background_removal_and_augmentation():
     # Flip: an asymmetric image is mirrored.
     asym = np.full((20, 20, 3), 255, dtype=np.uint8)
     asym[:, :5] = BLUE
-    flipped = prepare_reference(
-        asym,
-        None,
-        (20, 20),
-        np.random.default_rng(0),
-        RefAugment(crop_scale=(1, 1), scale=(1, 1), flip_p=1.0, brightness=0, contrast=0, saturation=0),
-    )
+    flipped = prepare_reference(asym, None, (20, 20), np.random.default_rng(0),
+                                RefAugment(crop_scale=(1, 1), scale=(1, 1), flip_p=1.0, brightness=0, contrast=0,
+                                           saturation=0))
     assert flipped[2, 10, -1] > 0.5 and flipped[0, 10, -1] < -0.5 and torch.allclose(flipped[:, 10, 0], torch.ones(3))
 
 

@@ -60,9 +60,7 @@ def test_masks_are_exact_and_occlusion_aware(index):
             front = [j for j in range(n) if clip.depth[j] > clip.depth[i]]
             covered = np.zeros((h, w), dtype=bool)
             for j in front:
-                bj, ij, _ = _render_sprite(
-                    clip.sprites[j], h, w, *clip.centers[j, t], clip.radii[j], clip.angles[j, t]
-                )
+                bj, ij, _ = _render_sprite(clip.sprites[j], h, w, *clip.centers[j, t], clip.radii[j], clip.angles[j, t])
                 covered[bj] |= ij
             # Visible = own silhouette minus every sprite in front of it.
             np.testing.assert_array_equal(clip.masks[i, t], full & ~covered)

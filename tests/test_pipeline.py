@@ -97,13 +97,9 @@ def test_routing_modes_run_with_maps(pipe, router_pipe, n, routing):
 
 
 def test_router_with_spatial_context_gets_the_token_grid(router_pipe):
-    comps = {
-        name: getattr(router_pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    }
+    comps = {name: getattr(router_pipe, name) for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     torch.manual_seed(0)
-    router = IDRouter.from_transformer(
-        comps["transformer"], router_dim=16, num_identity_queries=4, num_heads=2, context_kernel=3
-    )
+    router = IDRouter.from_transformer(comps["transformer"], router_dim=16, num_identity_queries=4, num_heads=2, context_kernel=3)
     seen = []
     local_mean = router._local_mean
     router._local_mean = lambda tokens, grid: seen.append(grid) or local_mean(tokens, grid)

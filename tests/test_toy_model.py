@@ -76,11 +76,7 @@ def _appearance_accuracy(vae, data_dir) -> tuple[float, float]:
 
 def test_shipped_sprite_vae_reconstructs_and_keeps_appearance(sprite_clips):
     vae = tiny_wan_components(vae="sprites")["vae"]
-    assert token_grid_factors(vae=vae) == {
-        "temporal_compression": 2,
-        "spatial_compression": 4,
-        "patch_size": (1, 2, 2),
-    }
+    assert token_grid_factors(vae=vae) == {"temporal_compression": 2, "spatial_compression": 4, "patch_size": (1, 2, 2)}
     mse, acc = _appearance_accuracy(vae, sprite_clips)
     random_mse, random_acc = _appearance_accuracy(tiny_wan_components()["vae"], sprite_clips)
     assert mse < 0.05 and mse < random_mse / 4, (mse, random_mse)

@@ -86,12 +86,8 @@ def resize_crop(
         v = F.interpolate(v, size=size, mode="bilinear", antialias=True, align_corners=False)
         if m.numel():
             n, f = m.shape[:2]
-            m = (
-                F.interpolate(
-                    m.reshape(n * f, 1, h, w).float(), size=size, mode="bilinear", antialias=True, align_corners=False
-                ).reshape(n, f, *size)
-                >= 0.5
-            )
+            m = F.interpolate(m.reshape(n * f, 1, h, w).float(), size=size, mode="bilinear", antialias=True,
+                              align_corners=False).reshape(n, f, *size) >= 0.5
     return v, m.bool()
 
 
@@ -226,10 +222,8 @@ class MuSADataset(Dataset):
                 raise TypeError(f"`{name}` must be an integer, got {value!r}")
             if not low <= value < 2**31:
                 raise ValueError(f"`{name}` must be an integer in [{low}, 2**31), got {value}")
-        if (
-            not isinstance(patch_size, Sequence)
-            or len(patch_size) != 3
-            or not all(isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in patch_size)
+        if not isinstance(patch_size, Sequence) or len(patch_size) != 3 or not all(
+            isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in patch_size
         ):
             raise ValueError(f"`patch_size` must be three positive integers (t, h, w), got {patch_size!r}")
         if ref_size is not None and (
@@ -369,15 +363,11 @@ class MuSADataset(Dataset):
         coverage, labels = self.token_targets(mask_t)
         refs = []
         for subject in record.subjects:
-            ref = (
-                subject.references[int(rng.integers(len(subject.references)))]
-                if self.ref_augment
-                else subject.references[0]
-            )
+            ref = subject.references[int(rng.integers(len(subject.references)))] if self.ref_augment else \
+                subject.references[0]
             image, ref_mask = load_reference(ref)
-            refs.append(
-                prepare_reference(image, ref_mask, self.ref_size, rng if self.ref_augment else None, self.ref_augment)
-            )
+            refs.append(prepare_reference(image, ref_mask, self.ref_size, rng if self.ref_augment else None,
+                                          self.ref_augment))
         return {
             "video": video.movedim(0, 1).contiguous(),  # (3, F, H, W)
             "ref_images": refs,
@@ -696,9 +686,7 @@ def cache_latents(
         except (ValueError, RecursionError, OSError):
             old = None
         if not isinstance(old, dict) or old.get("format") != CACHE_FORMAT:
-            raise FileExistsError(
-                f"`out_dir` {out} holds an index.json that is not a latent cache's; pass overwrite=True"
-            )
+            raise FileExistsError(f"`out_dir` {out} holds an index.json that is not a latent cache's; pass overwrite=True")
         if old.get("config") != config or old.get("vae", vae_info) != vae_info:
             raise FileExistsError(
                 f"`out_dir` {out} holds a cache with other dataset settings or another VAE; pass overwrite=True"
@@ -714,9 +702,8 @@ def cache_latents(
             record = dataset.records[i]
             key = _cache_key(record)
             file = f"clip_{key[:32]}.safetensors"
-            entries.append(
-                {"key": key, "file": file, "line": record.line, "id": record.id, "video": record.video.as_posix()}
-            )
+            entries.append({"key": key, "file": file, "line": record.line, "id": record.id,
+                            "video": record.video.as_posix()})
             if not overwrite and _cached_with(out / file, config_json, writer_json, key):
                 continue
             item = dataset[i]
@@ -731,15 +718,9 @@ def cache_latents(
                 "token_labels": item["token_labels"].contiguous(),
                 "frame_indices": item["frame_indices"].contiguous(),
             }
-            metadata = {
-                "caption": item["caption"],
-                "phrases": json.dumps(item["phrases"]),
-                "clip_id": item["clip_id"],
-                "line": str(record.line),
-                "config": config_json,
-                "key": key,
-                "writer": writer_json,
-            }
+            metadata = {"caption": item["caption"], "phrases": json.dumps(item["phrases"]),
+                        "clip_id": item["clip_id"], "line": str(record.line), "config": config_json, "key": key,
+                        "writer": writer_json}
             with atomic_path(out / file) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
     finally:

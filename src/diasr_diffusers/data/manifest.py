@@ -93,9 +93,7 @@ class MaskTrack:
 
     def _png_files(self) -> list[Path]:
         assert self.path is not None
-        return sorted(
-            (p for p in self.path.iterdir() if p.suffix.lower() == ".png"), key=lambda p: _natural_key(p.name)
-        )
+        return sorted((p for p in self.path.iterdir() if p.suffix.lower() == ".png"), key=lambda p: _natural_key(p.name))
 
     def _npz_array(self) -> np.ndarray:
         assert self.path is not None
@@ -103,7 +101,7 @@ class MaskTrack:
             names = list(data.files)
             if self.key is None:
                 if len(names) != 1:
-                    raise ValueError(f'{self.path} holds {len(names)} arrays {names}; name one with "key"')
+                    raise ValueError(f"{self.path} holds {len(names)} arrays {names}; name one with \"key\"")
                 array = data[names[0]]
             else:
                 if self.key not in names:
@@ -288,9 +286,7 @@ def resolve_manifest_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / MANIFEST_NAME).is_file():
-            raise FileNotFoundError(
-                f"`path`: folder {p} holds no {MANIFEST_NAME} (give a .jsonl manifest or its folder)"
-            )
+            raise FileNotFoundError(f"`path`: folder {p} holds no {MANIFEST_NAME} (give a .jsonl manifest or its folder)")
         return p / MANIFEST_NAME
     if not p.is_file():
         raise FileNotFoundError(f"`path`: manifest {p} does not exist (give a .jsonl manifest or its folder)")
@@ -333,37 +329,37 @@ def parse_record(
     for key in ("video", "caption", "subjects"):
         if key not in obj:
             problems.append(f"missing required key {key!r}")
-    video = _resolve(obj["video"], base_dir, '"video"', problems, root) if "video" in obj else None
+    video = _resolve(obj["video"], base_dir, "\"video\"", problems, root) if "video" in obj else None
     caption = obj.get("caption")
     if "caption" in obj and (not isinstance(caption, str) or not caption.strip()):
-        problems.append(f'"caption" must be a non-empty string, got {caption!r}')
+        problems.append(f"\"caption\" must be a non-empty string, got {caption!r}")
         caption = None
     clip_id = obj.get("id", "")
     if not isinstance(clip_id, str):
-        problems.append(f'"id" must be a string, got {clip_id!r}')
+        problems.append(f"\"id\" must be a string, got {clip_id!r}")
         clip_id = ""
     fps = obj.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
-        problems.append(f'"fps" must be a positive number, got {fps!r}')
+        problems.append(f"\"fps\" must be a positive number, got {fps!r}")
     frame_start = obj.get("frame_start", 0)
     frame_end = obj.get("frame_end")
     if isinstance(frame_start, bool) or not isinstance(frame_start, int) or frame_start < 0:
-        problems.append(f'"frame_start" must be an integer >= 0, got {frame_start!r}')
+        problems.append(f"\"frame_start\" must be an integer >= 0, got {frame_start!r}")
         frame_start = 0
     if frame_end is not None and (isinstance(frame_end, bool) or not isinstance(frame_end, int)):
-        problems.append(f'"frame_end" must be an integer or null, got {frame_end!r}')
+        problems.append(f"\"frame_end\" must be an integer or null, got {frame_end!r}")
         frame_end = None
     if frame_end is not None and frame_end <= frame_start:
         problems.append(f"empty frame range: frame_end {frame_end} <= frame_start {frame_start}")
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
-        problems.append(f'"meta" must be an object, got {type(meta).__name__}')
+        problems.append(f"\"meta\" must be an object, got {type(meta).__name__}")
         meta = {}
 
     subjects: list[SubjectRecord] = []
     raw_subjects = obj.get("subjects")
     if "subjects" in obj and (not isinstance(raw_subjects, list) or not raw_subjects):
-        problems.append('"subjects" must be a non-empty list')
+        problems.append("\"subjects\" must be a non-empty list")
         raw_subjects = []
     phrases: list[str | None] = [None] * len(raw_subjects or [])
     for j, raw in enumerate(raw_subjects or []):
@@ -376,13 +372,13 @@ def parse_record(
             problems.append(f"{where}: unknown keys {unknown} (allowed: {sorted(SUBJECT_KEYS)})")
         phrase = raw.get("phrase")
         if not isinstance(phrase, str) or not phrase.strip():
-            problems.append(f'{where}: "phrase" must be a non-empty string, got {phrase!r}')
+            problems.append(f"{where}: \"phrase\" must be a non-empty string, got {phrase!r}")
             phrase = None
         phrases[j] = phrase
         refs: list[ReferenceImage] = []
         raw_refs = raw.get("references")
         if not isinstance(raw_refs, list) or not raw_refs:
-            problems.append(f'{where}: "references" must be a non-empty list of image paths')
+            problems.append(f"{where}: \"references\" must be a non-empty list of image paths")
             raw_refs = []
         for k, ref in enumerate(raw_refs):
             rwhere = f"{where} reference {k}"
@@ -390,8 +386,8 @@ def parse_record(
                 unknown = sorted(set(ref) - REFERENCE_KEYS)
                 if unknown:
                     problems.append(f"{rwhere}: unknown keys {unknown} (allowed: {sorted(REFERENCE_KEYS)})")
-                image = _resolve(ref.get("image"), base_dir, f'{rwhere} "image"', problems, root)
-                mask = _resolve(ref["mask"], base_dir, f'{rwhere} "mask"', problems, root) if ref.get("mask") else None
+                image = _resolve(ref.get("image"), base_dir, f"{rwhere} \"image\"", problems, root)
+                mask = _resolve(ref["mask"], base_dir, f"{rwhere} \"mask\"", problems, root) if ref.get("mask") else None
             else:
                 image = _resolve(ref, base_dir, rwhere, problems, root)
                 mask = None
@@ -400,7 +396,7 @@ def parse_record(
         track = None
         raw_masks = raw.get("masks")
         if not isinstance(raw_masks, dict):
-            problems.append(f'{where}: "masks" must be an object with one of {list(MASK_KINDS)}')
+            problems.append(f"{where}: \"masks\" must be an object with one of {list(MASK_KINDS)}")
         else:
             unknown = sorted(set(raw_masks) - MASK_KEYS)
             kinds = [k for k in MASK_KINDS if k in raw_masks]
@@ -410,14 +406,14 @@ def parse_record(
                 problems.append(f"{where} masks: give exactly one of {list(MASK_KINDS)}, got {kinds}")
             elif kinds[0] == "rle" and isinstance(raw_masks["rle"], list):
                 if not all(isinstance(r, dict) and "size" in r and "counts" in r for r in raw_masks["rle"]):
-                    problems.append(f'{where} masks: every RLE entry needs "size" and "counts"')
+                    problems.append(f"{where} masks: every RLE entry needs \"size\" and \"counts\"")
                 else:
                     track = MaskTrack(kind="rle", rle=raw_masks["rle"])
             else:
                 path = _resolve(raw_masks[kinds[0]], base_dir, f"{where} masks {kinds[0]!r}", problems, root)
                 key = raw_masks.get("key")
                 if key is not None and not isinstance(key, str):
-                    problems.append(f'{where} masks: "key" must be a string, got {key!r}')
+                    problems.append(f"{where} masks: \"key\" must be a string, got {key!r}")
                     key = None
                 if path is not None:
                     track = MaskTrack(kind=kinds[0], path=path, key=key)
@@ -485,9 +481,7 @@ def check_record(record: ClipRecord, check_media: bool = True) -> list[str]:
         if track.path is not None:
             exists = track.path.is_dir() if track.kind == "png_dir" else track.path.is_file()
             if not exists:
-                problems.append(
-                    f"{where}: missing mask {'folder' if track.kind == 'png_dir' else 'file'} {track.path}"
-                )
+                problems.append(f"{where}: missing mask {'folder' if track.kind == 'png_dir' else 'file'} {track.path}")
     if not check_media or problems:
         return problems
 
@@ -511,7 +505,9 @@ def check_record(record: ClipRecord, check_media: bool = True) -> list[str]:
         if masks.shape[0] < end:
             problems.append(f"{where}: mask track has {masks.shape[0]} frames, the clip needs {end}")
         if masks.shape[1:] != (height, width):
-            problems.append(f"{where}: mask size {masks.shape[1]}x{masks.shape[2]} != video size {height}x{width}")
+            problems.append(
+                f"{where}: mask size {masks.shape[1]}x{masks.shape[2]} != video size {height}x{width}"
+            )
         elif not masks[record.frame_start : end].any():
             problems.append(f"{where}: empty mask track (no pixel set in frames {record.frame_start}..{end - 1})")
     return problems
@@ -585,10 +581,7 @@ def validate_manifest(
         clip_id = obj.get("id", "") if isinstance(obj, dict) and isinstance(obj.get("id", ""), str) else ""
         if clip_id:
             if clip_id in first_line_of_id:
-                errs = [
-                    *errs,
-                    f"duplicate id {clip_id!r} (first used on line {first_line_of_id[clip_id]}); ids must be unique",
-                ]
+                errs = [*errs, f"duplicate id {clip_id!r} (first used on line {first_line_of_id[clip_id]}); ids must be unique"]
                 duplicates.add(line)  # still checked below, so every problem of the line is reported at once
             else:
                 first_line_of_id[clip_id] = line

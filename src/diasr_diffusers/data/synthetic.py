@@ -241,9 +241,8 @@ def _caption(rng: np.random.Generator, phrases: list[str], background: str) -> s
     templates = [
         f"{listed} {verb} across {bg}.",
         f"A video of {listed} moving over {bg}.",
-        f"{listed} slowly {verb2} and turns in front of {bg}."
-        if len(phrases) == 1
-        else f"{listed} slowly {verb2}, turn and pass each other in front of {bg}.",
+        f"{listed} slowly {verb2} and turns in front of {bg}." if len(phrases) == 1 else
+        f"{listed} slowly {verb2}, turn and pass each other in front of {bg}.",
     ]
     text = templates[int(rng.integers(len(templates)))]
     return text[0].upper() + text[1:]
@@ -456,20 +455,10 @@ def make_synthetic(
             break
     manifest_path = out / "manifest.jsonl"
     if manifest_path.exists() and not overwrite:
-        raise FileExistsError(
-            f"`out_dir` {out} already holds a manifest.jsonl; pass overwrite=True (`--overwrite`) to replace it"
-        )
+        raise FileExistsError(f"`out_dir` {out} already holds a manifest.jsonl; pass overwrite=True (`--overwrite`) to replace it")
     # Fail on bad geometry before writing anything.
-    render_clip(
-        seed,
-        0,
-        num_subjects=subjects[0],
-        subjects=subjects,
-        num_frames=1,
-        height=height,
-        width=width,
-        ref_size=ref_size,
-    )
+    render_clip(seed, 0, num_subjects=subjects[0], subjects=subjects, num_frames=1, height=height, width=width,
+                ref_size=ref_size)
 
     records: list[dict[str, Any]] = []
     for i in range(num_clips):
@@ -500,12 +489,8 @@ def make_synthetic(
                     "phrase": spec.phrase,
                     "references": [{"image": f"refs/{clip_id}_s{j}.png", "mask": f"refs/{clip_id}_s{j}_mask.png"}],
                     "masks": masks_entry,
-                    "meta": {
-                        "shape": spec.shape,
-                        "color": spec.color,
-                        "pattern": spec.pattern,
-                        "depth": clip.depth[j],
-                    },
+                    "meta": {"shape": spec.shape, "color": spec.color, "pattern": spec.pattern,
+                             "depth": clip.depth[j]},
                 }
             )
         records.append(

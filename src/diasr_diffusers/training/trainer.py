@@ -135,9 +135,7 @@ class DiasRTrainer:
 
     def __init__(self, config: TrainConfig, output_dir: str | os.PathLike, resume: bool = False):
         if not isinstance(config, TrainConfig):
-            raise TypeError(
-                f"`config` must be a TrainConfig (TrainConfig.from_yaml / from_dict), got {type(config).__name__}"
-            )
+            raise TypeError(f"`config` must be a TrainConfig (TrainConfig.from_yaml / from_dict), got {type(config).__name__}")
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
             raise TypeError(f"`output_dir` must be a folder path, got {output_dir!r}")
         if not isinstance(resume, bool):
@@ -239,9 +237,7 @@ class DiasRTrainer:
         transformer = self.pipe.transformer
         # A generator trained by an earlier stage is inherited even when this stage freezes it: silently falling back to
         # the base (or random `tiny_model`) weights would train a router for a transformer nobody uses.
-        self._inherited_transformer = (
-            cfg.init_from is not None and (cfg.resolve(cfg.init_from) / "transformer").is_dir()
-        )
+        self._inherited_transformer = cfg.init_from is not None and (cfg.resolve(cfg.init_from) / "transformer").is_dir()
         if self._inherited_transformer and not cfg.train_transformer:  # else `_load_weights` loads it below
             for name, expert in zip(_EXPERT_NAMES, experts):
                 self._load_transformer(cfg.resolve(cfg.init_from) / name, expert)
@@ -250,12 +246,7 @@ class DiasRTrainer:
                 expert.requires_grad_(True)
             if cfg.train_lora:
                 expert.add_adapter(
-                    LoraConfig(
-                        r=cfg.lora_rank,
-                        lora_alpha=cfg.lora_alpha,
-                        init_lora_weights=True,
-                        target_modules=cfg.lora_targets,
-                    )
+                    LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True, target_modules=cfg.lora_targets)
                 )
             if cfg.gradient_checkpointing:  # the backward pass runs after `activate`: recomputed blocks must route
                 expert.enable_gradient_checkpointing(self.pipe.routing_state.gradient_checkpointing_func())
@@ -387,11 +378,7 @@ class DiasRTrainer:
         """``(step, folder)`` of every ``checkpoint-<step>`` folder, oldest first; other names are not ours."""
         if not self.output_dir.is_dir():
             return []
-        found = [
-            (int(m.group(1)), p)
-            for p in self.output_dir.iterdir()
-            if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()
-        ]
+        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
         return sorted(found)
 
     @staticmethod
@@ -405,11 +392,7 @@ class DiasRTrainer:
             return f"no {STATE_NAME}"
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"unreadable {STATE_NAME} ({e})"
-        if (
-            not isinstance(state, dict)
-            or not isinstance(state.get("files"), dict)
-            or not isinstance(state.get("step"), int)
-        ):
+        if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
             return f"{STATE_NAME} lacks its step or file list"
         for name, size in state["files"].items():
             path = folder / name
@@ -441,9 +424,7 @@ class DiasRTrainer:
         would mix two runs, fail inside torch on shape mismatches, or be silently overridden by the saved optimizer."""
         state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
         if state.get("stage") != self.config.stage:
-            raise ValueError(
-                f"checkpoint {folder} is from stage {state.get('stage')!r}, the config says {self.config.stage!r}"
-            )
+            raise ValueError(f"checkpoint {folder} is from stage {state.get('stage')!r}, the config says {self.config.stage!r}")
         saved, ours = state.get("config"), self._config_record()
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
@@ -465,13 +446,8 @@ class DiasRTrainer:
                 f"{', '.join(RESUMABLE_CHANGES)}; use another --output-dir for a new run"
             )
         if state["step"] > self.config.max_steps:
-            raise ValueError(
-                f"checkpoint {folder} is at step {state['step']}, past `max_steps` ({self.config.max_steps})"
-            )
-        if saved.get("max_steps") != self.config.max_steps and self.config.lr_scheduler not in (
-            "constant",
-            "constant_with_warmup",
-        ):
+            raise ValueError(f"checkpoint {folder} is at step {state['step']}, past `max_steps` ({self.config.max_steps})")
+        if saved.get("max_steps") != self.config.max_steps and self.config.lr_scheduler not in ("constant", "constant_with_warmup"):
             logger.warning(
                 f"`max_steps` changed from {saved.get('max_steps')} to {self.config.max_steps}: the {self.config.lr_scheduler} "
                 f"learning-rate schedule continues from step {state['step']} on the new length"
@@ -659,9 +635,7 @@ class DiasRTrainer:
             ref_latents = pipe.encode_video_latents(ref_pixels)
         # One latent frame per reference, appended in subject order (as DiasRPipeline.encode_references).
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
-        prompt_embeds, prompt_mask = pipe.encode_training_prompt(
-            item["caption"], self.config.max_sequence_length, device
-        )
+        prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe.prepare_routing(
             [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
@@ -713,29 +687,19 @@ class DiasRTrainer:
             # Background is taught to the null anchor (class N) unless `route_background` is off (Ingredients).
             target = torch.where(labels < 0, torch.full_like(labels, n if cfg.route_background else -100), labels)
             losses["route"] = torch.stack(
-                [
-                    routing_cross_entropy(lg, target, ignore_index=-100, balanced=cfg.balanced_routing_loss)
-                    for lg in layer_logits
-                ]
+                [routing_cross_entropy(lg, target, ignore_index=-100, balanced=cfg.balanced_routing_loss) for lg in layer_logits]
             ).mean()
         else:
             maps = [lg.float().softmax(-1)[..., :n].transpose(1, 2) for lg in layer_logits]
             losses["mask"] = torch.stack([mask_loss(m, coverage) for m in maps]).mean()
             pairs = [(img, txt) for img, txt in anchors.values() if txt is not None]
             if pairs:
-                losses["align"] = torch.stack(
-                    [1 - F.cosine_similarity(img, txt, dim=-1).mean() for img, txt in pairs]
-                ).mean()
+                losses["align"] = torch.stack([1 - F.cosine_similarity(img, txt, dim=-1).mean() for img, txt in pairs]).mean()
         with torch.no_grad():
             pred_cls = torch.stack([lg.argmax(-1) for lg in layer_logits]).mode(dim=0).values
             truth = torch.where(labels < 0, torch.full_like(labels, n), labels)
             losses["routing_accuracy"] = (pred_cls == truth).float().mean()
-        weights = {
-            "diffusion": cfg.lambda_diffusion,
-            "route": cfg.lambda_route,
-            "mask": cfg.lambda_mask,
-            "align": cfg.lambda_align,
-        }
+        weights = {"diffusion": cfg.lambda_diffusion, "route": cfg.lambda_route, "mask": cfg.lambda_mask, "align": cfg.lambda_align}
         losses["loss"] = sum(weights[k] * v for k, v in losses.items() if k in weights)
         return losses
 
@@ -745,9 +709,7 @@ class DiasRTrainer:
         from tqdm.auto import tqdm
 
         if self._trained:
-            raise RuntimeError(
-                "train() already ran on this trainer; build a new DiasRTrainer (resume=True to continue)"
-            )
+            raise RuntimeError("train() already ran on this trainer; build a new DiasRTrainer (resume=True to continue)")
         if not hasattr(self, "accelerator"):
             self.setup()
         cfg, acc = self.config, self.accelerator
@@ -793,25 +755,13 @@ class DiasRTrainer:
                 from accelerate.utils import gather_object
 
                 shares = gather_object([(sums, count)])
-                sums = {
-                    k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)
-                }
+                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)}
                 count = sum(c for _, c in shares)
-            record = {
-                "step": done,
-                **{k: v / max(count, 1) for k, v in sums.items()},
-                "lr": self.lr_scheduler.get_last_lr()[0],
-            }
+            record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
             if acc.is_main_process and done % cfg.log_every == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    {
-                        k: f"{v:.3f}"
-                        for k, v in record.items()
-                        if k in ("loss", "diffusion", "route", "mask", "routing_accuracy")
-                    }
-                )
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "diffusion", "route", "mask", "routing_accuracy")})
             if done % cfg.checkpointing_steps == 0 and (acc.is_main_process or self._sharded):
                 self.save_checkpoint(done)
             acc.wait_for_everyone()
@@ -866,9 +816,7 @@ class DiasRTrainer:
             for k, sigma in enumerate(self.config.eval_sigmas):
                 gen = torch.Generator().manual_seed(_sample_seed(self.config.seed, -2, idx * 31 + k))
                 noise = torch.randn(enc["x0"].shape, generator=gen).to(self.accelerator.device)
-                pred, target, _, _, buckets = self._forward(
-                    enc, torch.tensor(float(sigma), device=noise.device), noise, model
-                )
+                pred, target, _, _, buckets = self._forward(enc, torch.tensor(float(sigma), device=noise.device), noise, model)
                 diff.append(float(F.mse_loss(pred, target)))
                 if dense:  # nothing is routed
                     continue
@@ -880,9 +828,7 @@ class DiasRTrainer:
                         ious.setdefault(s, []).append(v)
                         by_sigma.setdefault(k, []).append(v)
                         if details:
-                            routed = (predicted[0][enc["labels"][0] == s] + 1).bincount(
-                                minlength=n + 1
-                            )  # index 0 = null
+                            routed = (predicted[0][enc["labels"][0] == s] + 1).bincount(minlength=n + 1)  # index 0 = null
                             subjects.append({
                                 "index": idx, "clip_id": item["clip_id"], "subject": s, "sigma": sigma, "iou": v,
                                 "tokens": int(routed.sum()), "predicted": {str(j - 1): int(c) for j, c in enumerate(routed.tolist()) if c},
@@ -901,11 +847,7 @@ class DiasRTrainer:
             "routing_iou_mean": sum(all_ious) / len(all_ious) if all_ious else float("nan"),
             "routing_iou_per_subject": per_slot,
             "routing_iou_per_layer": {k: sum(v) / len(v) for k, v in by_layer.items() if v},
-            "routing_iou_per_sigma": {
-                str(sig): sum(by_sigma[k]) / len(by_sigma[k])
-                for k, sig in enumerate(self.config.eval_sigmas)
-                if k in by_sigma
-            },
+            "routing_iou_per_sigma": {str(sig): sum(by_sigma[k]) / len(by_sigma[k]) for k, sig in enumerate(self.config.eval_sigmas) if k in by_sigma},
             "null_accuracy": null_hits / null_total if null_total else float("nan"),
             "diffusion_loss": sum(diff) / len(diff) if diff else float("nan"),
             "num_eval_clips": len(self.eval_set),

@@ -29,29 +29,9 @@ LN2: tl.constexpr = 0.6931471805599453
 
 @triton.jit
 def _attend_range(
-    acc,
-    m_i,
-    l_i,
-    q,
-    qb,
-    bias2,
-    K,
-    V,
-    KSeg,
-    kv_base_k,
-    kv_base_v,
-    stride_kn,
-    stride_vn,
-    offs_d,
-    d_valid,
-    lo,
-    hi,
-    qk_scale,
-    SEGMENT: tl.constexpr,
-    MASK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v, stride_kn, stride_vn, offs_d, d_valid,
+    lo, hi, qk_scale,
+    SEGMENT: tl.constexpr, MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) (M, D), (M,), (M,) with keys ``[lo, hi)``; q (M, D), qb (M,) buckets,
@@ -99,43 +79,15 @@ def _attend_range(
 
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    Bias,
-    Order,
-    QB,
-    KSeg,
-    BlkLo,
-    BlkHi,
-    Out,
-    LSE,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_ob,
-    stride_om,
-    stride_oh,
+    Q, K, V, Bias, Order, QB, KSeg, BlkLo, BlkHi, Out, LSE,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
     stride_bb,
-    H,
-    Lq,
-    shared,
-    num_m_blocks,
-    qk_scale,
-    D,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    SHARED_DONE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    H, Lq, shared, num_m_blocks, qk_scale, D,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SHARED_DONE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * H)``. Q (B, Lq, H, D), K/V (B, Lk, H, D), Bias (B, Lq), Order/QB (B, Lq),
     KSeg (Lk,), BlkLo/BlkHi (B, num_m_blocks), Out (B, Lq, H, D), LSE (B, H, Lq) fp32.
@@ -152,11 +104,8 @@ def _fwd_kernel(
     d_valid = offs_d < D
     rows = tl.load(Order + b * Lq + offs_m, mask=m_valid, other=0)
     qb = tl.load(QB + b * Lq + offs_m, mask=m_valid, other=-2)  # -2 matches no key
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-        mask=m_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     bias2 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -178,87 +127,18 @@ def _fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         # Shared keys: visible to every query of the tile; whole tiles unmasked, then the tail.
         shared_full = (shared // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            qb,
-            bias2,
-            K,
-            V,
-            KSeg,
-            kv_base_k,
-            kv_base_v,
-            stride_kn,
-            stride_vn,
-            offs_d,
-            d_valid,
-            0,
-            shared_full,
-            qk_scale,
-            False,
-            False,
-            HAS_BIAS,
-            UPCAST,
-            IEEE,
-            BLOCK_N,
-        )
-        acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            qb,
-            bias2,
-            K,
-            V,
-            KSeg,
-            kv_base_k,
-            kv_base_v,
-            stride_kn,
-            stride_vn,
-            offs_d,
-            d_valid,
-            shared_full,
-            shared,
-            qk_scale,
-            False,
-            True,
-            HAS_BIAS,
-            UPCAST,
-            IEEE,
-            BLOCK_N,
-        )
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                      stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
+                                      False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                      stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
+                                      False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     # Private segments of the tile's buckets (contiguous keys), masked by bucket.
     lo = tl.load(BlkLo + b * num_m_blocks + pid_m)
     hi = tl.load(BlkHi + b * num_m_blocks + pid_m)
-    acc, m_i, l_i = _attend_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        qb,
-        bias2,
-        K,
-        V,
-        KSeg,
-        kv_base_k,
-        kv_base_v,
-        stride_kn,
-        stride_vn,
-        offs_d,
-        d_valid,
-        lo,
-        hi,
-        qk_scale,
-        True,
-        True,
-        HAS_BIAS,
-        UPCAST,
-        IEEE,
-        BLOCK_N,
-    )
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qb, bias2, K, V, KSeg, kv_base_k, kv_base_v,
+                                  stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
+                                  True, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -279,31 +159,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_range(
-    dq,
-    dbias,
-    q,
-    do,
-    qb,
-    bias2,
-    lse2,
-    delta,  # dq (M, D), dbias (M,) accumulators; lse2 = LSE * log2(e)
-    K,
-    V,
-    KSeg,
-    kv_base_k,
-    kv_base_v,
-    stride_kn,
-    stride_vn,
-    offs_d,
-    d_valid,
-    lo,
-    hi,
-    qk_scale,
-    SEGMENT: tl.constexpr,
-    MASK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    dq, dbias, q, do, qb, bias2, lse2, delta,  # dq (M, D), dbias (M,) accumulators; lse2 = LSE * log2(e)
+    K, V, KSeg, kv_base_k, kv_base_v, stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
+    SEGMENT: tl.constexpr, MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dQ / dBias contributions of keys ``[lo, hi)``; flags as in :func:`_attend_range`."""
@@ -348,49 +206,16 @@ def _dq_range(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Bias,
-    Order,
-    QB,
-    KSeg,
-    BlkLo,
-    BlkHi,
-    DO,
-    LSE,
-    Delta,
-    DQ,
-    DBias,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_dob,
-    stride_dom,
-    stride_doh,
-    stride_dqb,
-    stride_dqm,
-    stride_dqh,
+    Q, K, V, Bias, Order, QB, KSeg, BlkLo, BlkHi, DO, LSE, Delta, DQ, DBias,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
     stride_bb,
-    H,
-    Lq,
-    shared,
-    num_m_blocks,
-    qk_scale,
-    sm_scale,
-    D,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    H, Lq, shared, num_m_blocks, qk_scale, sm_scale, D,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), B * H)``. DO/DQ (B, Lq, H, D); LSE/Delta (B, H, Lq) fp32; DBias (B, H, Lq) fp32
     (per head, summed over heads on the host). Other arguments as in :func:`_fwd_kernel`."""
@@ -405,12 +230,9 @@ def _bwd_dq_kernel(
     md_mask = m_valid[:, None] & d_valid[None, :]
     rows = tl.load(Order + b * Lq + offs_m, mask=m_valid, other=0)
     qb = tl.load(QB + b * Lq + offs_m, mask=m_valid, other=-2)
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :], mask=md_mask, other=0.0
-    )
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=md_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -425,150 +247,37 @@ def _bwd_dq_kernel(
     kv_base_k = b * stride_kb + h * stride_kh
     kv_base_v = b * stride_vb + h * stride_vh
     shared_full = (shared // BLOCK_N) * BLOCK_N
-    dq, dbias = _dq_range(
-        dq,
-        dbias,
-        q,
-        do,
-        qb,
-        bias2,
-        lse2,
-        delta,
-        K,
-        V,
-        KSeg,
-        kv_base_k,
-        kv_base_v,
-        stride_kn,
-        stride_vn,
-        offs_d,
-        d_valid,
-        0,
-        shared_full,
-        qk_scale,
-        False,
-        False,
-        HAS_BIAS,
-        UPCAST,
-        IEEE,
-        BLOCK_N,
-    )
-    dq, dbias = _dq_range(
-        dq,
-        dbias,
-        q,
-        do,
-        qb,
-        bias2,
-        lse2,
-        delta,
-        K,
-        V,
-        KSeg,
-        kv_base_k,
-        kv_base_v,
-        stride_kn,
-        stride_vn,
-        offs_d,
-        d_valid,
-        shared_full,
-        shared,
-        qk_scale,
-        False,
-        True,
-        HAS_BIAS,
-        UPCAST,
-        IEEE,
-        BLOCK_N,
-    )
+    dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
+                          stride_kn, stride_vn, offs_d, d_valid, 0, shared_full, qk_scale,
+                          False, False, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
+    dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
+                          stride_kn, stride_vn, offs_d, d_valid, shared_full, shared, qk_scale,
+                          False, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     lo = tl.load(BlkLo + b * num_m_blocks + pid_m)
     hi = tl.load(BlkHi + b * num_m_blocks + pid_m)
-    dq, dbias = _dq_range(
-        dq,
-        dbias,
-        q,
-        do,
-        qb,
-        bias2,
-        lse2,
-        delta,
-        K,
-        V,
-        KSeg,
-        kv_base_k,
-        kv_base_v,
-        stride_kn,
-        stride_vn,
-        offs_d,
-        d_valid,
-        lo,
-        hi,
-        qk_scale,
-        True,
-        True,
-        HAS_BIAS,
-        UPCAST,
-        IEEE,
-        BLOCK_N,
-    )
+    dq, dbias = _dq_range(dq, dbias, q, do, qb, bias2, lse2, delta, K, V, KSeg, kv_base_k, kv_base_v,
+                          stride_kn, stride_vn, offs_d, d_valid, lo, hi, qk_scale,
+                          True, True, HAS_BIAS, UPCAST, IEEE, BLOCK_N)
     dq *= sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=md_mask,
-    )
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
     if HAS_BIAS:
         tl.store(DBias + pid_bh * Lq + rows, dbias, mask=m_valid)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Bias,
-    Order,
-    QB,
-    KSeg,
-    QLo,
-    QHi,
-    DO,
-    LSE,
-    Delta,
-    DK,
-    DV,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_dob,
-    stride_dom,
-    stride_doh,
-    stride_dkb,
-    stride_dkn,
-    stride_dkh,
-    stride_dvb,
-    stride_dvn,
-    stride_dvh,
+    Q, K, V, Bias, Order, QB, KSeg, QLo, QHi, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
     stride_bb,
-    H,
-    Lq,
-    Lk,
-    num_n_blocks,
-    qk_scale,
-    sm_scale,
-    D,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    H, Lq, Lk, num_n_blocks, qk_scale, sm_scale, D,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), B * H)``. QLo/QHi (B, num_n_blocks): the sorted-query range ``[QLo, QHi)`` whose
     buckets can see some key of the tile (all queries for a tile holding shared keys). DK/DV (B, Lk, H, D)."""
@@ -581,12 +290,8 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     nd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0
-    )
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -601,14 +306,10 @@ def _bwd_dkdv_kernel(
         md_mask = m_valid[:, None] & d_valid[None, :]
         rows = tl.load(Order + b * Lq + offs_m, mask=m_valid, other=0)
         qb = tl.load(QB + b * Lq + offs_m, mask=m_valid, other=-2)
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-            mask=md_mask,
-            other=0.0,
-        )
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=md_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                     mask=md_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -634,13 +335,7 @@ def _bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p).to(do.dtype), do)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q)
     dk *= sm_scale
-    tl.store(
-        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=nd_mask,
-    )
-    tl.store(
-        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=nd_mask,
-    )
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=nd_mask)

@@ -310,9 +310,7 @@ def triton_bucketed_attention_impl(
     scale: float,
     segment_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return bucketed_attention_fwd(query, key, value, query_buckets, segment_bias, list(segment_lengths), float(scale))[
-        0
-    ]
+    return bucketed_attention_fwd(query, key, value, query_buckets, segment_bias, list(segment_lengths), float(scale))[0]
 
 
 __all__ = ["INTERPRET", "bucketed_attention_bwd", "bucketed_attention_fwd", "triton_bucketed_attention_impl"]
