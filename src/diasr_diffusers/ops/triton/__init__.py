@@ -86,14 +86,16 @@ def triton_bucketed_attention(
     *,
     scale: float,
     segment_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``bucketed_attention`` backend running the Triton kernels (see :mod:`._kernels` for the design)."""
     if torch.compiler.is_compiling():  # probed in eager already; keep the traced graph free of host-side checks
         from ._op import triton_bucketed_attention_impl
 
         return triton_bucketed_attention_impl(
-            query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias
-        )
+            query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias,
+            return_lse=return_lse,
+        )  # fmt: skip
     if not triton_available():
         raise RuntimeError(
             "backend='triton' needs the `triton` package (pip install 'diasr-diffusers[triton]', Linux only); "
@@ -111,7 +113,7 @@ def triton_bucketed_attention(
     from ._op import triton_bucketed_attention_impl
 
     return triton_bucketed_attention_impl(
-        query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias
+        query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias, return_lse=return_lse
     )
 
 

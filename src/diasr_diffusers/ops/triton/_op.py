@@ -6,8 +6,9 @@ opaque to ``torch.compile(fullgraph=True)`` and capturable in CUDA graphs: the p
 torch ops (argsort, gather, searchsorted), never ``.item()`` / ``.tolist()``; ``segment_lengths`` and ``scale``
 are op attributes (Python values).
 
-The backward recomputes attention from the *final* O and LSE of the forward (one online softmax over shared and
-segment keys), so there is no LSE merge to differentiate through.
+The backward recomputes attention from the *final* O and LSE of the forward, so nothing is differentiated through
+an LSE merge. The LSE output is differentiable: a gradient reaching it only shifts ``Delta`` in the backward kernels
+(``d LSE / d z = P``), which ring attention needs when it merges partial results.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import logging
 import torch
 import triton
 
+from .._common import unit_stride_last_dim
 from .._dense_backend import key_segment_ids
+from ..lse import merge_attention_partials
 from . import _kernels
 
 INTERPRET: bool = isinstance(_kernels._fwd_kernel, triton.runtime.interpreter.InterpretedFunction)
@@ -29,8 +32,9 @@ logger = logging.getLogger(__name__)
 #             validated once per (device, dtype, head dim) against the pure Triton path; else "triton".
 #   "sdpa":   like "auto", and on CPU the fused CPU flash kernel (used by the tests to check the continuation).
 #   "triton": the Triton kernel does shared and segment keys in one online softmax.
-# The segment keys always run in Triton, continuing exactly from the shared part's (O, LSE). The backward always
-# recomputes from the merged O and LSE with the Triton kernels, so nothing is differentiated through a merge.
+# In the split, the segment keys run in Triton alone and the two partial results are merged exactly by the public
+# ``merge_attention_partials`` (one elementwise pass over the output). The backward always recomputes from the
+# merged O and LSE with the Triton kernels, so nothing is differentiated through a merge.
 SHARED_FORWARD = "auto"
 _VALIDATED: dict[tuple, object] = {}
 
@@ -97,16 +101,33 @@ def _shared_impl(q: torch.Tensor, shared: int):
     return _VALIDATED[key]
 
 
-def _config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes. Under the interpreter small tiles keep tests cheap and exercise the multi-tile paths."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if INTERPRET:
-        return dict(BLOCK_D=block_d, fwd=(16, 16), bwd=(16, 16), num_warps=4, num_stages=1)
-    if dtype == torch.float32 or block_d > 128:  # fp32 IEEE dots and wide heads need more registers per tile
-        return dict(BLOCK_D=block_d, fwd=(64, 32), bwd=(32, 32), num_warps=4 if block_d <= 64 else 8, num_stages=2)
-    if block_d <= 64:
-        return dict(BLOCK_D=block_d, fwd=(128, 64), bwd=(64, 64), num_warps=4, num_stages=3)
-    return dict(BLOCK_D=block_d, fwd=(128, 64), bwd=(64, 64), num_warps=8, num_stages=3)
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Tile configurations. On a GPU ``triton.autotune`` times the candidates once per (head dim, dtype) and keeps the
+# fastest; the first entry of each list is the former hand-written choice, so autotuning can only match or beat it.
+# Candidates a GPU cannot hold (shared memory, registers) are skipped by the autotuner. Under the interpreter a
+# single small configuration (16 x 16 tiles) keeps the tests cheap and exercises the multi-tile paths; the
+# interpreter cannot run a multi-config autotune.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
+_BWD_CONFIGS = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
+AUTOTUNE: bool = True  # False: the first configuration of each list, no timing (e.g. for quick GPU smoke tests)
+
+
+def _configs(table):
+    rows = [_INTERPRETER_CONFIG] if INTERPRET else table if AUTOTUNE else table[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in rows]
+
+
+def _tuned(kernel, table):
+    return triton.autotune(configs=_configs(table), key=["D"])(kernel)
+
+
+_fwd_kernel = _tuned(_kernels._fwd_kernel, _FWD_CONFIGS)
+_bwd_dq_kernel = _tuned(_kernels._bwd_dq_kernel, _BWD_CONFIGS)
+_bwd_dkdv_kernel = _tuned(_kernels._bwd_dkdv_kernel, _BWD_CONFIGS)
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -118,114 +139,112 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 class _Plan:
-    """Device-side bucket sort and per-tile key / query ranges (see the notes at the top of ``_kernels``)."""
+    """Device-side bucket sort and the segment / bucket boundaries the kernels read (see the notes in ``_kernels``).
+
+    Only sorts, gathers and searches on the device: no value is read back to the host, and nothing depends on the
+    tile sizes, so the autotuner may pick any.
+    """
 
     def __init__(self, buckets: torch.Tensor, segment_lengths: list[int], lk: int):
-        self.kseg = key_segment_ids(lk, segment_lengths, buckets.device)  # (Lk,) non-decreasing
+        device = buckets.device
+        self.kseg32 = key_segment_ids(lk, segment_lengths, device).to(torch.int32)  # (Lk,) non-decreasing
+        starts = [lk - sum(segment_lengths)]
+        for n in segment_lengths:
+            starts.append(starts[-1] + n)
+        self.seg_start = torch.tensor(starts, dtype=torch.int32, device=device)  # (N + 1,), last = Lk
         order = torch.argsort(buckets, dim=1, stable=True)  # (B, Lq)
-        self.sorted_buckets = buckets.gather(1, order)  # (B, Lq) non-decreasing per row
+        sorted_buckets = buckets.gather(1, order)  # (B, Lq) non-decreasing per row
         self.order = order.to(torch.int32).contiguous()
-        self.qb = self.sorted_buckets.to(torch.int32).contiguous()
-        self.kseg32 = self.kseg.to(torch.int32)
+        self.qb = sorted_buckets.to(torch.int32).contiguous()
+        self.num_buckets = len(segment_lengths) + 1  # with the null bucket
+        self._sorted = sorted_buckets
 
-    def query_tile_key_range(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, cdiv(Lq, block_m))`` key range ``[lo, hi)`` holding the segments of each sorted query tile."""
-        lq = self.sorted_buckets.shape[1]
-        first = torch.arange(0, lq, block_m, device=self.kseg.device)
-        last = (first + block_m - 1).clamp(max=lq - 1)
-        bmin, bmax = self.sorted_buckets[:, first], self.sorted_buckets[:, last]
-        lo = torch.searchsorted(self.kseg, bmin.clamp(min=0).contiguous())
-        hi = torch.searchsorted(self.kseg, bmax.contiguous(), right=True)
-        hi = torch.where(bmax < 0, lo, hi)  # tile of null queries only: no segment keys
-        return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-
-    def key_tile_query_range(self, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, cdiv(Lk, block_n))`` sorted-query range ``[lo, hi)`` of the buckets that can see each key tile."""
-        batch, lq = self.sorted_buckets.shape
-        lk = self.kseg.shape[0]
-        first = torch.arange(0, lk, block_n, device=self.kseg.device)
-        last = (first + block_n - 1).clamp(max=lk - 1)
-        kmin = self.kseg[first].expand(batch, -1).contiguous()
-        kmax = self.kseg[last].expand(batch, -1).contiguous()
-        lo = torch.searchsorted(self.sorted_buckets, kmin)
-        hi = torch.searchsorted(self.sorted_buckets, kmax, right=True)
-        shared = kmin < 0  # the tile holds shared keys: every query sees it
-        lo = torch.where(shared, 0, lo)
-        hi = torch.where(shared, lq, hi)
-        return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    def query_start(self) -> torch.Tensor:
+        """``(B, N + 2)`` int32: position of the first sorted query of bucket ``>= t - 1`` (last column = Lq)."""
+        values = torch.arange(-1, self.num_buckets, device=self._sorted.device).expand(self._sorted.shape[0], -1)
+        return torch.searchsorted(self._sorted.contiguous(), values.contiguous()).to(torch.int32).contiguous()
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _unit_stride_bias(bias: torch.Tensor) -> torch.Tensor:
+    return bias if bias.stride(1) == 1 else bias.contiguous()  # (B, Lq): tiny, the kernels read rows as unit-stride
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _segment_forward(q, k, v, buckets, bias, segment_lengths, scale, skip_shared, out):
+    """Launch the forward kernel into ``out``; returns the LSE (B, H, Lq) fp32, ``+inf`` on rows without keys."""
+    batch, lq, heads, dim = q.shape
+    lk = k.shape[1]
+    lse = q.new_empty((batch, heads, lq), dtype=torch.float32)
+    plan = _Plan(buckets, segment_lengths, lk)
+    bias_arg = _unit_stride_bias(bias) if bias is not None else q
+    _fwd_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, plan.seg_start, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        bias_arg.stride(0) if bias is not None else 0,
+        heads, lq, lk - sum(segment_lengths), scale * _LOG2E, dim,
+        HAS_BIAS=bias is not None, **_flags(q.dtype), SKIP_SHARED=skip_shared, BLOCK_D=_block_d(dim),
+    )  # fmt: skip
+    return lse
 
 
 def _forward(q, k, v, buckets, bias, segment_lengths, scale, shared_impl="auto"):
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
     shared = lk - sum(segment_lengths)
-    out = q.new_zeros(batch, lq, heads, dim)
-    lse = q.new_full((batch, heads, lq), float("inf"), dtype=torch.float32)
     if batch * heads * lq == 0 or lk == 0:
-        return out, lse
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return q.new_zeros(batch, lq, heads, dim), q.new_full((batch, heads, lq), float("inf"), dtype=torch.float32)
     if shared_impl == "auto":
         shared_impl = _shared_impl(q, shared)
-    shared_done = False
     if shared_impl is not None and shared > 0:  # (dense kernels may not survive zero keys)
         try:
-            o_shared, lse_shared = shared_impl(q, k[:, :shared], v[:, :shared], scale)
-            out.copy_(o_shared)
-            lse.copy_(lse_shared.reshape(batch, heads, lq))
-            shared_done = True
+            # The fused SDPA kernels read the head dim as unit-stride; other strides are passed as they are.
+            qs, ks, vs = (unit_stride_last_dim(t) for t in (q, k[:, :shared], v[:, :shared]))
+            o_shared, lse_shared = shared_impl(qs, ks, vs, scale)  # (B, Lq, H, D), (B, H, Lq)
         except Exception as err:  # e.g. a shape this SDPA kernel rejects: the pure Triton path is always there
             logger.debug("bucketed_attention[triton]: shared part fell back to Triton (%s)", err)
-    cfg = _config(dim, q.dtype)
-    block_m, block_n = cfg["fwd"]
-    plan = _Plan(buckets, segment_lengths, lk)
-    lo, hi = plan.query_tile_key_range(block_m)
-    bias_arg = bias.contiguous() if bias is not None else q
-    grid = (triton.cdiv(lq, block_m), batch * heads)
-    _kernels._fwd_kernel[grid](
-        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, lo, hi, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        bias_arg.stride(0) if bias is not None else 0,
-        heads, lq, shared, lo.shape[1], scale * _LOG2E, dim,
-        HAS_BIAS=bias is not None, **_flags(q.dtype), SHARED_DONE=shared_done,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
-    return out, lse
+        else:
+            o_seg = q.new_empty((batch, lq, heads, dim), dtype=torch.float32)  # fp32: rounded once, after the merge
+            lse_seg = _segment_forward(q, k, v, buckets, bias, segment_lengths, scale, True, o_seg)
+            lse_seg = torch.where(lse_seg == float("inf"), float("-inf"), lse_seg)  # kernel: +inf = no key
+            out, lse = merge_attention_partials(
+                o_shared.to(torch.float32), lse_shared.reshape(batch, heads, lq).transpose(1, 2),
+                o_seg, lse_seg.transpose(1, 2),
+            )  # fmt: skip
+            # Every row saw the shared keys, so no LSE is -inf here.
+            return out.to(q.dtype), lse.transpose(1, 2).contiguous()
+    out = q.new_empty(batch, lq, heads, dim)
+    return out, _segment_forward(q, k, v, buckets, bias, segment_lengths, scale, False, out)
 
 
-def _backward(dout, q, k, v, out, lse, buckets, bias, segment_lengths, scale):
+def _backward(dout, q, k, v, out, lse, grad_lse, buckets, bias, segment_lengths, scale):
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
     # Contiguous outputs (the fake impl promises the same layout).
-    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     dbias = q.new_zeros(batch, heads, lq, dtype=torch.float32)
     if batch * heads * lq == 0 or lk == 0:
-        return dq, dk, dv, dbias.sum(1)
-    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Lq)
-    cfg = _config(dim, q.dtype)
-    block_m, block_n = cfg["bwd"]
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias.sum(1)
+    # dZ = P (dP - Delta) + P dLSE: a gradient reaching the LSE only shifts Delta (d LSE / d z = P).
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, Lq)
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    delta = delta.contiguous()
     plan = _Plan(buckets, segment_lengths, lk)
-    bias_arg = bias.contiguous() if bias is not None else q
+    bias_arg = _unit_stride_bias(bias) if bias is not None else q
     bias_stride = bias_arg.stride(0) if bias is not None else 0
-    common = dict(HAS_BIAS=bias is not None, **_flags(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # fmt: skip
-
-    lo, hi = plan.query_tile_key_range(block_m)
-    _kernels._bwd_dq_kernel[(triton.cdiv(lq, block_m), batch * heads)](
-        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, lo, hi, dout, lse, delta, dq, dbias,
+    common = dict(HAS_BIAS=bias is not None, **_flags(q.dtype), BLOCK_D=_block_d(dim))
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, plan.seg_start, dout, lse, delta, dq, dbias,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), bias_stride,
-        heads, lq, lk - sum(segment_lengths), lo.shape[1], scale * _LOG2E, scale, dim, **common,
+        heads, lq, lk - sum(segment_lengths), scale * _LOG2E, scale, dim, **common,
     )  # fmt: skip
-    qlo, qhi = plan.key_tile_query_range(block_n)
-    _kernels._bwd_dkdv_kernel[(triton.cdiv(lk, block_n), batch * heads)](
-        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, qlo, qhi, dout, lse, delta, dk, dv,
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
+        q, k, v, bias_arg, plan.order, plan.qb, plan.kseg32, plan.query_start(), dout, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv), bias_stride,
-        heads, lq, lk, qlo.shape[1], scale * _LOG2E, scale, dim, **common,
+        heads, lq, lk, plan.num_buckets, scale * _LOG2E, scale, dim, **common,
     )  # fmt: skip
     return dq, dk, dv, dbias.sum(1)
 
@@ -245,7 +264,8 @@ def bucketed_attention_fwd(
     segment_lengths: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Lq, H, D), lse (B, H, Lq) fp32; ``+inf`` on rows without visible keys)."""
+    """(out (B, Lq, H, D), lse (B, H, Lq) fp32; ``+inf`` on rows without visible keys, so that the backward's
+    ``exp(z - LSE)`` is 0 there)."""
     return _forward(query, key, value, query_buckets, segment_bias, segment_lengths, scale)
 
 
@@ -263,17 +283,20 @@ def bucketed_attention_bwd(
     value: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     query_buckets: torch.Tensor,
     segment_bias: torch.Tensor | None,
     segment_lengths: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias (B, Lq) fp32; zeros when there is no bias)."""
-    return _backward(grad_out, query, key, value, out, lse, query_buckets, segment_bias, segment_lengths, scale)
+    return _backward(
+        grad_out, query, key, value, out, lse, grad_lse, query_buckets, segment_bias, segment_lengths, scale
+    )
 
 
 @bucketed_attention_bwd.register_fake
-def _(grad_out, query, key, value, out, lse, query_buckets, segment_bias, segment_lengths, scale):
+def _(grad_out, query, key, value, out, lse, grad_lse, query_buckets, segment_bias, segment_lengths, scale):
     batch, lq, _, _ = query.shape
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
             query.new_empty(batch, lq, dtype=torch.float32))  # fmt: skip
@@ -282,16 +305,17 @@ def _(grad_out, query, key, value, out, lse, query_buckets, segment_bias, segmen
 def _setup_context(ctx, inputs, output):
     query, key, value, query_buckets, segment_bias, segment_lengths, scale = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, value, out, lse, query_buckets, segment_bias)
     ctx.segment_lengths = segment_lengths
     ctx.scale = scale
 
 
-def _autograd_backward(ctx, grad_out, _grad_lse):
+def _autograd_backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, query_buckets, segment_bias = ctx.saved_tensors
+    if grad_out is None:  # only the LSE reached the loss
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, dbias = bucketed_attention_bwd(
-        grad_out, query, key, value, out, lse, query_buckets, segment_bias, ctx.segment_lengths, ctx.scale
+        grad_out, query, key, value, out, lse, grad_lse, query_buckets, segment_bias, ctx.segment_lengths, ctx.scale
     )
     dbias = dbias.to(segment_bias.dtype) if segment_bias is not None and ctx.needs_input_grad[4] else None
     return dq, dk, dv, None, dbias, None, None
@@ -309,8 +333,16 @@ def triton_bucketed_attention_impl(
     *,
     scale: float,
     segment_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return bucketed_attention_fwd(query, key, value, query_buckets, segment_bias, list(segment_lengths), float(scale))[0]
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    out, lse = bucketed_attention_fwd(
+        query, key, value, query_buckets, segment_bias, list(segment_lengths), float(scale)
+    )
+    if not return_lse:
+        return out
+    # The op's convention (+inf where no key is visible, for the backward) -> log(0) = -inf, layout (B, Lq, H).
+    lse = torch.where(lse == float("inf"), float("-inf"), lse).transpose(1, 2)
+    return out, lse
 
 
 __all__ = ["INTERPRET", "bucketed_attention_bwd", "bucketed_attention_fwd", "triton_bucketed_attention_impl"]
