@@ -5,8 +5,11 @@ invisible keys inside one joint SDPA instead would let a NaN/inf in one segment'
 (``NaN + -inf`` is NaN, ``0 * NaN`` is NaN, in the forward and in the backward); gathering keeps it confined to the
 queries that do see it, as in the sparse backends. Exact, but O(Lq * Lk) memory for the mask.
 
-Under ``torch.compile`` the gather (data-dependent group sizes) would break the graph, so the traced reference is one
-joint SDPA with the visibility as an additive mask: the same answer for finite inputs, without the NaN confinement.
+Under ``torch.compile`` (and with ``sync_free=True``, the op's trusted path) the gather (data-dependent group sizes,
+read on the host) would break the graph, so that reference is one joint SDPA with the visibility as an additive mask:
+the same answer for finite inputs, without the NaN confinement, and no host read.
+
+With ``return_lse`` the log-sum-exp is computed explicitly from the logits (``logsumexp``), so it is differentiable.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import zeros_output
+from ._common import empty_lse, zeros_output
 
 
 def key_segment_ids(lk: int, segment_lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -41,13 +44,16 @@ def dense_bucketed_attention(
     *,
     scale: float,
     segment_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    sync_free: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     batch, lq, heads, dim = query.shape
     seg = key_segment_ids(key.shape[1], segment_lengths, query.device)
     visible = visibility_mask(query_buckets, segment_lengths, key.shape[1])
-    if torch.compiler.is_compiling():
-        return _masked_sdpa(query, key, value, query_buckets, seg, visible, scale, segment_bias)
-    rows, index = [], []
+    if torch.compiler.is_compiling() or sync_free:
+        out, lse = _masked_sdpa(query, key, value, query_buckets, seg, visible, scale, segment_bias, return_lse)
+        return (out, lse) if return_lse else out
+    rows, lses, index = [], [], []
     for b in range(batch):
         for s in range(-1, len(segment_lengths)):
             idx = (query_buckets[b] == s).nonzero().squeeze(1)
@@ -67,13 +73,23 @@ def dense_bucketed_attention(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             rows.append(out.transpose(0, 1))  # (n, H, D)
             index.append(idx + b * lq)
+            if return_lse:
+                dt = empty_lse(query).dtype  # fp32 logits for half inputs, as the fused kernels
+                logits = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale + (0 if mask is None else mask.to(dt))
+                lses.append(logits.logsumexp(-1).transpose(0, 1))  # (H, n, m) -> (n, H)
     if not rows:  # no query sees any key
-        return zeros_output(query, key, value, segment_bias)
+        out = zeros_output(query, key, value, segment_bias)
+        return (out, empty_lse(query)) if return_lse else out
+    index = torch.cat(index)
     out = torch.zeros(batch * lq, heads, dim, dtype=query.dtype, device=query.device)
-    return out.index_copy(0, torch.cat(index), torch.cat(rows)).view(batch, lq, heads, dim)
+    out = out.index_copy(0, index, torch.cat(rows)).view(batch, lq, heads, dim)
+    if not return_lse:
+        return out
+    lse = empty_lse(query).view(batch * lq, heads)
+    return out, lse.index_copy(0, index, torch.cat(lses).to(lse.dtype)).view(batch, lq, heads)
 
 
-def _masked_sdpa(query, key, value, query_buckets, seg, visible, scale: float, segment_bias) -> torch.Tensor:
+def _masked_sdpa(query, key, value, query_buckets, seg, visible, scale: float, segment_bias, return_lse=False):
     """The traceable form: one SDPA over all keys, invisible ones masked with ``-inf`` (static shapes)."""
     own = (seg[None, None, :] == query_buckets[:, :, None]) & (query_buckets[:, :, None] >= 0)
     has_key = visible.any(dim=-1)  # (B, Lq)
@@ -85,4 +101,10 @@ def _masked_sdpa(query, key, value, query_buckets, seg, visible, scale: float, s
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask[:, None], scale=scale
     ).transpose(1, 2)
-    return torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if not return_lse:
+        return out, None
+    dt = empty_lse(query).dtype
+    logits = torch.einsum("bqhd,bkhd->bhqk", query.to(dt), key.to(dt)) * scale + mask[:, None].to(dt)
+    lse = logits.logsumexp(-1).transpose(1, 2)  # (B, H, Lq, Lk) -> (B, Lq, H)
+    return out, torch.where(has_key[..., None], lse, float("-inf"))

@@ -35,8 +35,10 @@ def flex_bucketed_attention(
     *,
     scale: float,
     segment_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``bucketed_attention`` backend; the LSE (``(B, Lq, H)``, ``-inf`` where no key is visible) is FlexAttention's."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     on_cpu = query.device.type == "cpu"
     if (
@@ -67,22 +69,29 @@ def flex_bucketed_attention(
             return score + torch.where(own, bias[b, q_idx].to(score.dtype), 0.0)
 
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
+    aux = AuxRequest(lse=True) if return_lse else None
     if on_cpu:
         with warnings.catch_warnings():  # eager flex warns that it is unfused: expected on CPU
             warnings.simplefilter("ignore", UserWarning)
             block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device)
-            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=aux)
     else:
         compiling = torch.compiler.is_compiling()
         block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device, _compile=not compiling)
         flex = flex_attention if compiling else _compiled_flex()
-        out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=aux)
+    lse = None
+    if return_lse:
+        out, lse = out[0], out[1].lse.transpose(1, 2)  # (B, H, Lq) -> (B, Lq, H)
     out = out.transpose(1, 2)
     if lk - sum(segment_lengths) > 0:  # shared keys exist: every query sees some key
-        return out
+        return (out, lse) if return_lse else out
     # Rows with no visible key: make the op's contract (zeros) explicit instead of relying on flex's convention.
     has_key = torch.zeros_like(buckets, dtype=torch.bool)
     for s, n in enumerate(segment_lengths):
         if n > 0:
             has_key = has_key | (buckets == s)
-    return torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = torch.where(has_key[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if not return_lse:
+        return out
+    return out, torch.where(has_key[..., None], lse, float("-inf"))

@@ -3,7 +3,17 @@
 Queries of bucket ``s`` are gathered with ``index_select`` (no padding), attend to ``[shared | segment s]`` with
 plain SDPA (so the fused CPU/GPU kernels apply and no ``Lq x Lk`` score matrix or mask is ever built), and are
 scattered back with ``index_copy``. Autograd flows through gather, SDPA and scatter, so gradients are exact.
-The group sizes are read on the host (``.tolist()``): fine for eager use; the Triton backend avoids it.
+The group sizes are read on the host (``.tolist()``): one device sync per call on a GPU.
+
+Sync-free route (:func:`_static_route`): with ``sync_free=True`` (the op's trusted path, ``check_inputs=False``) on a
+non-CPU device, and always under ``torch.compile``, every shape is static: one SDPA of all queries over the shared keys
+and one of all queries over each segment, each returning its log-sum-exp; each query takes its own segment's part
+(a select) and the two parts are merged exactly by :func:`~diasr_diffusers.ops.lse.merge_attention_partials`. No value
+is read back to the host, at the price of ``Lq * sum(R_s)`` segment FLOPs instead of ``sum(n_s R_s)``. It runs only
+without autograd (the fused kernels do not differentiate their LSE): with gradients, the trusted path on a GPU keeps
+the grouped route and its one sync, and a compiled graph uses the dense reference's masked SDPA (exact, differentiable,
+``Lq x Lk`` mask). On CPU the trusted path keeps the grouped routes: a host read of a CPU tensor is no device sync
+(``HOST_READS_ON_CPU``; set it to False to run the sync-free route on CPU, as the tests do).
 
 CPU inference (fp32, autograd off) takes a faster, leaner route (:func:`_cpu_inference`): one SDPA call of all queries
 over the shared keys, one per bucket over its segment (key views, no copies), merged exactly through the
@@ -18,7 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import unit_stride_last_dim, zeros_output
+from ._common import empty_lse, sdpa_with_lse, unit_stride_last_dim, zeros_output
+from .lse import merge_attention_partials
+
+HOST_READS_ON_CPU: bool = True
 
 
 def _visible(x: torch.Tensor, shared: int, start: int, length: int) -> torch.Tensor:
@@ -71,7 +84,10 @@ def torch_bucketed_attention(
     *,
     scale: float,
     segment_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    sync_free: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``bucketed_attention`` backend; see the module docstring for its routes. LSE: ``(B, Lq, H)``, not differentiable."""
     batch, lq, heads, dim = query.shape
     shared = key.shape[1] - sum(segment_lengths)
     starts = [shared]
@@ -82,10 +98,23 @@ def torch_bucketed_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, segment_bias)
     )
-    if not needs_grad and query.device.type == "cpu" and query.dtype == torch.float32:
-        return _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias)
+    on_cpu = query.device.type == "cpu"
+    static = torch.compiler.is_compiling() or (sync_free and not (on_cpu and HOST_READS_ON_CPU))
+    if static and not needs_grad:
+        out, lse = _static_route(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias)
+        return (out, lse) if return_lse else out
+    if static and torch.compiler.is_compiling():  # traced with autograd: the static, differentiable reference
+        from ._dense_backend import dense_bucketed_attention
+
+        return dense_bucketed_attention(
+            query, key, value, query_buckets, segment_lengths, scale=scale, segment_bias=segment_bias,
+            return_lse=return_lse, sync_free=True,
+        )  # fmt: skip
+    if not needs_grad and on_cpu and query.dtype == torch.float32:
+        out, lse = _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias)
+        return (out, lse) if return_lse else out
     max_length = max(segment_lengths, default=0)
-    rows, index = [], []
+    rows, lses, index = [], [], []
     for b in range(batch):
         keys = _KeyWindow(key[b], shared, max_length, reuse=not needs_grad)
         values = _KeyWindow(value[b], shared, max_length, reuse=not needs_grad)
@@ -104,24 +133,54 @@ def torch_bucketed_attention(
             k, v = keys(start, length), values(start, length)
             if segment_bias is not None and length > 0:
                 q, k, v = _add_bias_channel(q, k, v, segment_bias[b].index_select(0, idx), shared, scale)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
-            )[0].transpose(0, 1)
+            if return_lse:
+                out, lse = sdpa_with_lse(q[None], k[None], v[None], scale)
+                out = out[0]
+                lses.append(lse[0])
+            else:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
+                )[0].transpose(0, 1)
             rows.append(out[..., :dim])
             index.append(idx + b * lq)
 
     if not rows:  # no query sees any key: zeros, still attached to the graph so backward() works
-        return zeros_output(query, key, value, segment_bias)
-    out = query.new_zeros(batch * lq, heads, dim).index_copy(0, torch.cat(index), torch.cat(rows))
-    return out.view(batch, lq, heads, dim)
+        out = zeros_output(query, key, value, segment_bias)
+        return (out, empty_lse(query)) if return_lse else out
+    index = torch.cat(index)
+    out = query.new_zeros(batch * lq, heads, dim).index_copy(0, index, torch.cat(rows)).view(batch, lq, heads, dim)
+    if not return_lse:
+        return out
+    lse = empty_lse(query).view(batch * lq, heads).index_copy(0, index, torch.cat(lses).to(empty_lse(query).dtype))
+    return out, lse.view(batch, lq, heads)
+
+
+def _static_route(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias):
+    """Sync-free, static shapes (no autograd): shared part and every segment for all queries, selected and merged."""
+    shared = key.shape[1] - sum(segment_lengths)
+    if shared > 0:
+        out, lse = sdpa_with_lse(query, key[:, :shared], value[:, :shared], scale)
+    else:
+        out, lse = query.new_zeros(query.shape), empty_lse(query)
+    seg_out, seg_lse = query.new_zeros(query.shape), empty_lse(query)
+    for s, (start, length) in enumerate(zip(starts, segment_lengths)):
+        if length == 0:
+            continue
+        o, lse_s = sdpa_with_lse(query, key[:, start : start + length], value[:, start : start + length], scale)
+        if segment_bias is not None:  # constant over the segment's keys: shifts its LSE only
+            lse_s = lse_s + segment_bias.to(lse_s.dtype)[..., None]
+        mine = (query_buckets == s)[..., None]  # (B, Lq, 1); a select keeps another segment's NaN out
+        seg_out = torch.where(mine[..., None], o, seg_out)
+        seg_lse = torch.where(mine, lse_s, seg_lse)
+    return merge_attention_partials(out, lse, seg_out, seg_lse)
 
 
 def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias):
     """Shared part for all queries at once, then each bucket's segment, merged exactly (CPU, fp32, no autograd).
 
-    With ``(o1, l1)`` the output and log-sum-exp over the shared keys and ``(o2, l2)`` over the segment,
-    ``l = logaddexp(l1, l2)`` and ``o = o1 exp(l1 - l) + o2 exp(l2 - l) = lerp(o1, o2, sigmoid(l2 - l1))``. The segment bias is constant over a
-    query's segment keys, so it only shifts ``l2`` (``o2`` is unchanged). Rows that see no key keep ``o = 0``.
+    The two parts are merged by :func:`merge_attention_partials`. The segment bias is constant over a query's segment
+    keys, so it only shifts the segment's LSE (its output is unchanged). Rows that see no key keep ``o = 0``.
+    Returns ``(out, lse)``.
     """
     sdpa_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     query, key, value = (unit_stride_last_dim(t) for t in (query, key, value))
@@ -133,8 +192,7 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
         )[:2]
         out, lse = o.transpose(1, 2), lse.transpose(1, 2)  # (B, Lq, H, D), (B, Lq, H) views: no copies
     else:
-        out = query.new_zeros(batch, lq, heads, dim)
-        lse = query.new_full((batch, lq, heads), float("-inf"))
+        out, lse = query.new_zeros(batch, lq, heads, dim), empty_lse(query)
     for b in range(batch):
         buckets = query_buckets[b]
         order = torch.argsort(buckets, stable=True)
@@ -153,8 +211,7 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
             o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
             if segment_bias is not None:
                 l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]
-            # exp(l2 - logaddexp(l1, l2)) = sigmoid(l2 - l1): the merge is one lerp (few ops: each is a parallel region)
-            weight = torch.sigmoid(l2 - lse[b].index_select(0, idx))[..., None]
-            o = torch.lerp(out[b].index_select(0, idx), o2, weight)
+            o, merged_lse = merge_attention_partials(out[b].index_select(0, idx), lse[b].index_select(0, idx), o2, l2)
             out[b].index_copy_(0, idx, o)
-    return out
+            lse[b].index_copy_(0, idx, merged_lse)
+    return out, lse

@@ -18,6 +18,11 @@ This module is the thin public interface: argument checks and backend dispatch. 
 
 ``"auto"`` picks ``"triton"`` on CUDA tensors when Triton imports and supports the GPU/dtype/head dim, else
 ``"torch"``; the choice is logged once per distinct outcome.
+
+Checked and trusted calls: by default the op validates its arguments, and the bucket range check reads one value
+back to the host (a device sync on a GPU). Callers that produce valid buckets themselves (the routing processors,
+whose buckets are checked where the router, the masks or the routing state make them) pass ``check_inputs=False``:
+no argument checks and no host read in the op or in the sync-free backends (see :func:`bucketed_attention`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 import torch
 
-from ._common import zeros_output
+from ._common import empty_lse, zeros_output
 from ._dense_backend import dense_bucketed_attention
 from ._flex_backend import flex_bucketed_attention
 from ._torch_backend import torch_bucketed_attention
@@ -46,6 +51,10 @@ _BACKENDS: dict[str, BackendFn] = {
     "triton": triton_bucketed_attention,
     "flex": flex_bucketed_attention,
 }
+# Capabilities by backend name. A backend registered without them takes the base call only
+# (query, key, value, buckets, lengths, *, scale, segment_bias).
+_LSE_BACKENDS: set[str] = {"torch", "dense", "triton", "flex"}  # accept return_lse=True
+_SYNC_FREE_BACKENDS: set[str] = {"torch", "dense"}  # take sync_free=True on the trusted path (the others never sync)
 _LOGGED_CHOICES: set[tuple[str, str, str | None]] = set()
 
 
@@ -54,13 +63,19 @@ def available_backends() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def register_backend(name: str, fn: BackendFn) -> None:
-    """Register an extra backend (used by the optional Triton and FlexAttention paths)."""
+def register_backend(name: str, fn: BackendFn, *, supports_lse: bool = False) -> None:
+    """Register an extra backend.
+
+    ``fn(query, key, value, query_buckets, segment_lengths, *, scale, segment_bias)`` returns the ``(B, Lq, H, D)``
+    output; with ``supports_lse=True`` it also takes ``return_lse`` and then returns ``(out, lse)``, lse ``(B, Lq, H)``.
+    """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"`name` must be a non-empty string other than 'auto', got {name!r}")
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
     _BACKENDS[name] = fn
+    _SYNC_FREE_BACKENDS.discard(name)
+    (_LSE_BACKENDS.add if supports_lse else _LSE_BACKENDS.discard)(name)
 
 
 def select_backend(query: torch.Tensor) -> str:
@@ -191,7 +206,9 @@ def bucketed_attention(
     scale: float | None = None,
     segment_bias: torch.Tensor | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+    check_inputs: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention where each query sees the shared keys plus the private segment of its bucket.
 
     Args:
@@ -207,11 +224,25 @@ def bucketed_attention(
             (straight-through: the forward is unchanged), lets gradients reach a router whose forward is hard.
         backend: ``"auto"`` (best available, see :func:`select_backend`), ``"torch"``, ``"triton"``, ``"flex"`` or
             ``"dense"`` (reference, materialises the mask).
+        return_lse: also return the natural log-sum-exp of each query's logits over its visible keys (segment bias
+            included), ``(B, Lq, H)``, fp32 (fp64 for fp64 inputs), ``-inf`` for a query that sees no key. With it,
+            partial results over disjoint key sets merge exactly (:func:`~diasr_diffusers.ops.merge_attention_partials`,
+            ring attention). Gradients through the output stay exact on every backend; the LSE itself is
+            differentiable on ``"triton"`` and ``"dense"``, and a constant (``requires_grad=False``) on ``"torch"``
+            and ``"flex"``, whose fused kernels do not differentiate it.
+        check_inputs: ``False`` is the trusted path for callers that guarantee valid arguments (buckets in
+            ``[-1, N)``, shapes, dtypes, devices, a valid ``scale``, ``segment_lengths`` a list of Python ints): no
+            checks and no value read back to the host. The ``"triton"``, ``"flex"`` and ``"dense"`` backends then
+            never sync (``"dense"`` switches to its masked form). ``"torch"`` does not sync without autograd on a
+            GPU (its static route, at ``Lq * sum(R_s)`` segment FLOPs); with autograd it reads its group sizes on the
+            host (one sync per call), and on CPU it keeps its faster grouped routes (a CPU host read is no device
+            sync). Invalid arguments here give wrong results or errors from deep inside torch.
 
     Returns:
-        ``(B, Lq, H, D)``, the dtype of ``query``. Any strides are accepted (views, expanded tensors). Empty sizes give
-        an empty (or, without keys, all-zero) result. A NaN/inf in a key or value reaches only the queries that see it
-        (except for a value under ``"flex"`` on CPU, whose eager ``P @ V`` multiplies masked zeros by every value).
+        ``(B, Lq, H, D)``, the dtype of ``query`` (and the LSE with ``return_lse=True``). Any strides are accepted
+        (views, expanded tensors). Empty sizes give an empty (or, without keys, all-zero) result. A NaN/inf in a key or
+        value reaches only the queries that see it (except for a value under ``"flex"`` on CPU, whose eager ``P @ V``
+        multiplies masked zeros by every value, and on the sync-free routes, see the backends' notes).
 
     Example:
         >>> q = torch.randn(1, 10, 2, 8); k = v = torch.randn(1, 7, 2, 8)  # 4 shared keys, segments of 2 and 1
@@ -219,15 +250,27 @@ def bucketed_attention(
         >>> bucketed_attention(q, k, v, buckets, [2, 1]).shape
         torch.Size([1, 10, 2, 8])
     """
-    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKENDS):
-        raise ValueError(f"Unknown `backend` {backend!r}; expected one of {available_backends()}")
-    lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
-    scale = _check_scale(scale, query.shape[-1])
+    if check_inputs:
+        if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKENDS):
+            raise ValueError(f"Unknown `backend` {backend!r}; expected one of {available_backends()}")
+        lengths = _check_inputs(query, key, value, query_buckets, segment_lengths, segment_bias)
+        scale = _check_scale(scale, query.shape[-1])
+    else:
+        lengths = list(segment_lengths)
+        scale = float(scale) if scale is not None else (query.shape[-1] ** -0.5 if query.shape[-1] else 1.0)
+    if backend == "auto":
+        backend = select_backend(query)
+    if return_lse and backend not in _LSE_BACKENDS:
+        raise ValueError(f"`return_lse=True` is not supported by backend {backend!r}; use one of {sorted(_LSE_BACKENDS)}")
     # Empty sizes never reach a backend: the CPU flash kernel dies with SIGFPE on H = 0 and FlexAttention fails on
     # B = 0 or Lk = 0. Without keys every query sees nothing, so the output is zeros.
     if query.numel() == 0 or key.shape[1] == 0:
-        return zeros_output(query, key, value, segment_bias)
-    if backend == "auto":
-        backend = select_backend(query)
+        out = zeros_output(query, key, value, segment_bias)
+        return (out, empty_lse(query)) if return_lse else out
+    extra = {}
+    if return_lse:
+        extra["return_lse"] = True
+    if not check_inputs and backend in _SYNC_FREE_BACKENDS:
+        extra["sync_free"] = True
     query_buckets = query_buckets.long()
-    return _BACKENDS[backend](query, key, value, query_buckets, lengths, scale=scale, segment_bias=segment_bias)
+    return _BACKENDS[backend](query, key, value, query_buckets, lengths, scale=scale, segment_bias=segment_bias, **extra)
