@@ -3,6 +3,7 @@ ragged/degenerate layouts, argument checking, and the torch backend's "no Lq x L
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -17,17 +18,19 @@ from diasr_diffusers.ops import available_backends, bucketed_attention, select_b
 # Independent reference: per query, an explicit softmax over exactly the keys it may see, in fp64, with plain loops.
 
 
-def reference_attention(query, key, value, buckets, segment_lengths, scale=None, segment_bias=None):
-    """Loop reference (differentiable): query (B, Lq, H, D), key/value (B, Lk, H, D), buckets (B, Lq)."""
+def reference_attention(query, key, value, buckets, segment_lengths, scale=None, segment_bias=None, return_lse=False):
+    """Loop reference (differentiable): query (B, Lq, H, D), key/value (B, Lk, H, D), buckets (B, Lq).
+
+    With ``return_lse``, also the (B, Lq, H) natural log-sum-exp of each query's visible logits (-inf: no key)."""
     b_, lq, h_, d = query.shape
     lk = key.shape[1]
     scale = d**-0.5 if scale is None else scale
     shared = lk - sum(segment_lengths)
     starts = [shared + sum(segment_lengths[:s]) for s in range(len(segment_lengths))]
     q, k, v = query.double(), key.double(), value.double()
-    rows = []
+    rows, lses = [], []
     for b in range(b_):
-        out_b = []
+        out_b, lse_b = [], []
         for i in range(lq):
             s = int(buckets[b, i])
             idx = list(range(shared))
@@ -35,6 +38,7 @@ def reference_attention(query, key, value, buckets, segment_lengths, scale=None,
             idx += own
             if not idx:
                 out_b.append(torch.zeros(h_, d, dtype=torch.float64))
+                lse_b.append(torch.full((h_,), float("-inf"), dtype=torch.float64))
                 continue
             idx_t = torch.tensor(idx, dtype=torch.long)
             kk, vv = k[b, idx_t], v[b, idx_t]  # (n, H, D)
@@ -45,8 +49,10 @@ def reference_attention(query, key, value, buckets, segment_lengths, scale=None,
                 logits = logits + extra[None]
             p = torch.softmax(logits, dim=-1)
             out_b.append(torch.einsum("hn,nhd->hd", p, vv))
+            lse_b.append(torch.logsumexp(logits, dim=-1))
         rows.append(torch.stack(out_b) if out_b else torch.zeros(0, h_, d, dtype=torch.float64))
-    return torch.stack(rows)
+        lses.append(torch.stack(lse_b) if lse_b else torch.zeros(0, h_, dtype=torch.float64))
+    return (torch.stack(rows), torch.stack(lses)) if return_lse else torch.stack(rows)
 
 
 def make_inputs(b, lq, lk, h, d, segment_lengths, *, seed=0, dtype=torch.float32, null_frac=0.25, buckets=None):
@@ -591,3 +597,90 @@ def test_itertools_layouts_product_exhaustive_small():
         ref = reference_attention(q, k, v, buckets, lengths)
         out = bucketed_attention(q, k, v, buckets, lengths, backend="torch")
         torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# return_lse: the log-sum-exp of every backend (and route) against the fp64 reference; gradients with it.
+
+
+def _lse_case(name, dtype=torch.float64, bias=True):
+    b, lq, lk, h, d, lengths = LAYOUTS[name]
+    q, k, v, buckets = make_inputs(b, lq, lk, h, d, lengths, seed=7, dtype=dtype)
+    g = torch.Generator().manual_seed(8)
+    sb = torch.randn(b, lq, generator=g, dtype=torch.float32).to(dtype) if bias else None
+    return q, k, v, buckets, lengths, sb
+
+
+def _assert_lse_close(lse, ref, atol):
+    assert lse.shape == ref.shape, (lse.shape, ref.shape)
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(lse), empty), "rows without visible keys must have LSE = -inf"
+    torch.testing.assert_close(lse[~empty].double(), ref[~empty], atol=atol, rtol=atol)
+
+
+# (backend, dtype, grad, host reads on CPU): torch covers its three routes (grouped with autograd, CPU inference,
+# sync-free static); dense its grouped and masked (trusted) forms; flex is forward-only on CPU.
+LSE_ROUTES = [
+    ("torch", torch.float64, True, True),
+    ("torch", torch.float32, False, True),
+    ("torch", torch.float64, False, False),
+    ("dense", torch.float64, True, True),
+    ("flex", torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+@pytest.mark.parametrize("route", LSE_ROUTES, ids=lambda r: f"{r[0]}-{str(r[1])[6:]}-grad{r[2]}-hostreads{r[3]}")
+@pytest.mark.parametrize("name", ["basic", "odd_ragged", "no_shared", "no_segments", "all_zero_segments"])
+def test_return_lse_matches_fp64_reference(name, route, check_inputs, monkeypatch):
+    backend, dtype, grad, host_reads = route
+    monkeypatch.setattr(torch_backend_module, "HOST_READS_ON_CPU", host_reads)
+    q, k, v, buckets, lengths, sb = _lse_case(name, dtype)
+    ref, ref_lse = reference_attention(q, k, v, buckets, lengths, segment_bias=sb, return_lse=True)
+    with torch.set_grad_enabled(grad):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        out, lse = bucketed_attention(*leaves, buckets, lengths, segment_bias=sb, backend=backend, return_lse=True,
+                                      check_inputs=check_inputs)  # fmt: skip
+    atol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.detach().double(), ref, atol=atol, rtol=atol)
+    _assert_lse_close(lse.detach(), ref_lse, atol)
+    if grad:  # backward through the output, with the LSE returned as well
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=dtype)
+        grads = torch.autograd.grad((out * go).sum(), leaves)
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out = reference_attention(*ref_leaves, buckets, lengths, segment_bias=sb)
+        ref_grads = torch.autograd.grad((ref_out * go).sum(), ref_leaves)
+        for n, got, want in zip("qkv", grads, ref_grads):
+            assert_grad_close(got, want, n, atol=1e-9)
+
+
+def test_dense_lse_is_differentiable_and_exact():
+    q, k, v, buckets, lengths, sb = _lse_case("odd_ragged")
+    g = torch.Generator().manual_seed(10)
+    go = torch.randn(*q.shape, generator=g, dtype=torch.float64)
+    gl = torch.randn(*q.shape[:-1], generator=g, dtype=torch.float64)
+
+    def loss(fn, leaves):
+        out, lse = fn(*leaves)
+        finite = torch.isfinite(lse)
+        return (out * go).sum() + torch.where(finite, lse * gl, 0).sum()
+
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, sb)]
+    ref = torch.autograd.grad(loss(lambda q, k, v, b: reference_attention(
+        q, k, v, buckets, lengths, segment_bias=b, return_lse=True), ref_leaves), ref_leaves)  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sb)]
+    got = torch.autograd.grad(loss(lambda q, k, v, b: bucketed_attention(
+        q, k, v, buckets, lengths, segment_bias=b, backend="dense", return_lse=True), leaves), leaves)  # fmt: skip
+    for n, x, r in zip(("q", "k", "v", "bias"), got, ref):
+        assert_grad_close(x, r, n, atol=1e-9)
+
+
+def test_return_lse_on_empty_inputs_and_unsupported_backend(monkeypatch):
+    dispatch = importlib.import_module("diasr_diffusers.ops.bucketed_attention")  # the module, not the function
+    q = torch.randn(1, 4, 2, 8)
+    out, lse = bucketed_attention(q, q[:, :0], q[:, :0], torch.zeros(1, 4, dtype=torch.long), [0], return_lse=True)
+    assert (out == 0).all() and lse.shape == (1, 4, 2) and torch.isneginf(lse).all()
+    monkeypatch.setitem(dispatch._BACKENDS, "no_lse", lambda *a, **kw: a[0])  # registered without supports_lse
+    with pytest.raises(ValueError, match=r"return_lse=True.*not supported by backend 'no_lse'"):
+        bucketed_attention(q, q, q, torch.zeros(1, 4, dtype=torch.long), [1], backend="no_lse", return_lse=True)

@@ -32,7 +32,14 @@ FP32_CASES = [
     "compile_fullgraph_and_opcheck",
     "hybrid_fp32_bias",
     "hybrid_fp32_no_bias_short_shared",
+    # every supported family's head dim (64: LTX, CogVideoX; 128: Wan, HunyuanVideo-1.5) on a reduced layout
+    "family_wan_d128",
+    "family_ltx_d64",
+    "family_cogvideox_d64",
+    "family_hunyuanvideo15_d128",
 ]
+LSE_CASES = ["lse_fp32", "lse_fp32_no_shared", "lse_hybrid_fp32"]
+NONFINITE_CASES = ["nonfinite_value_inf", "nonfinite_value_nan"]
 LOW_PRECISION_CASES = {"fp16_bias": 1e-4, "fp16_d64_shared0": 1e-4, "bf16_bias": 1e-3, "hybrid_fp16_bias": 1e-4}
 HYBRID_CASES = ["hybrid_fp32_bias", "hybrid_fp32_no_bias_short_shared", "hybrid_fp16_bias"]
 CASES_WITH_EMPTY_ROWS = ["fp32_d16_shared0_zero_len", "fp32_shared0_null_rows", "fp16_d64_shared0"]
@@ -58,7 +65,35 @@ def interpreted() -> dict:
 
 
 def test_all_cases_ran(interpreted):
-    assert set(interpreted) == set(FP32_CASES) | set(LOW_PRECISION_CASES)
+    extra = {"trusted_no_host_reads_no_copies", *LSE_CASES, *NONFINITE_CASES}
+    assert set(interpreted) == set(FP32_CASES) | set(LOW_PRECISION_CASES) | extra
+
+
+def test_trusted_path_reads_nothing_back_and_copies_no_strided_input(interpreted):
+    res = interpreted["trusted_no_host_reads_no_copies"]
+    assert res["host_reads"] == [], f"device-to-host reads on the trusted Triton path: {res['host_reads']}"
+    assert res["copies"] == [], f"strided q/k/v/dO were copied: {res['copies']}"
+    for m in (*METRICS, "dbias"):
+        assert res[m] <= 1e-5, f"{m}: {res[m]:.3g}"
+
+
+@pytest.mark.parametrize("case", LSE_CASES)
+def test_return_lse_and_its_gradient_match_dense(interpreted, case):
+    res = interpreted[case]
+    assert res["finite"] and res["lse_empty_match"], res
+    if case == "lse_fp32_no_shared":
+        assert res["empty_rows"] > 0, "case lost its rows without visible keys (LSE = -inf)"
+    for m in ("lse", *METRICS, "dbias"):  # the gradients include a loss term on the LSE
+        assert res[m] <= 1e-5, f"{case}: max |{m} - reference| = {res[m]:.3g} > 1e-5"
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_nonfinite_value_reaches_only_the_queries_that_see_it(interpreted, case):
+    # Issue 25: an inf/NaN in one segment's value made every query's output non-finite (0 * inf in P @ V).
+    res = interpreted[case]
+    assert res["seeing_rows"] > 0 and res["seeing_nonfinite"], res
+    assert res["others_finite"] and res["others_dq_finite"], res
+    assert res["others_err"] <= 1e-5, res
 
 
 @pytest.mark.parametrize("case", FP32_CASES)
@@ -192,3 +227,43 @@ def test_gpu_triton_matches_flex():
         a = bucketed_attention(*qkv, buckets, segs, segment_bias=bias, backend="triton").float()
         b = bucketed_attention(*qkv, buckets, segs, segment_bias=bias, backend="flex").float()
     assert (a - b).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "flex", "torch", "dense"])
+def test_gpu_trusted_path_never_syncs(backend):
+    # With autograd the torch backend reads its group sizes (documented), so it is checked without.
+    qkv, buckets, segs, bias, dout = _gpu_inputs(torch.bfloat16, 128)
+    grad = backend != "torch"
+    leaves = [t.detach().requires_grad_(grad) for t in (*qkv, bias)]
+
+    def step():
+        with torch.set_grad_enabled(grad):
+            out, lse = bucketed_attention(*leaves[:3], buckets, segs, segment_bias=leaves[3], backend=backend,
+                                          return_lse=True, check_inputs=False)  # fmt: skip
+            if grad:
+                torch.autograd.grad(out, leaves, dout)
+        return out, lse
+
+    step()  # warm-up: kernel compilation, autotuning and the one-time SDPA self-check may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "flex", "torch"])
+def test_gpu_return_lse_matches_dense(backend):
+    qkv, buckets, segs, bias, _ = _gpu_inputs(torch.float32, 64, segs=(130, 0, 257), shared=0)
+    with torch.no_grad():
+        out, lse = bucketed_attention(*qkv, buckets, segs, segment_bias=bias, backend=backend, return_lse=True)
+        ref, ref_lse = bucketed_attention(*qkv, buckets, segs, segment_bias=bias, backend="dense", return_lse=True)
+    empty = torch.isneginf(ref_lse)
+    assert empty.any() and torch.equal(torch.isneginf(lse), empty)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from diasr_diffusers.ops import bucketed_attention  # noqa: E402
 from diasr_diffusers.ops._dense_backend import key_segment_ids  # noqa: E402
@@ -128,6 +129,136 @@ def compile_and_opcheck():
     return "compile_fullgraph_and_opcheck", res
 
 
+# Head dims and (reduced) layouts of every supported family: heads cut to 2 and token counts to tens so that the
+# interpreter stays fast; the odd sizes keep partial tiles everywhere. (family, head dim, shared, segments, Lq)
+FAMILIES = {
+    "wan": (128, 45, [13, 7, 0], 52),  # Wan 2.1/2.2: D = 128; video keys + reference segments
+    "ltx": (64, 38, [9, 17], 41),  # LTX-Video: D = 64
+    "cogvideox": (64, 30, [11, 5, 8], 47),  # CogVideoX: D = 64; joint [text, video] keys
+    "hunyuanvideo15": (128, 27, [6, 19], 35),  # HunyuanVideo-1.5: D = 128
+}
+
+
+def family_case(family):
+    dim, shared, segs, lq = FAMILIES[family]
+    return check(f"family_{family}_d{dim}", torch.float32, 2, lq, 2, dim, shared, segs)
+
+
+class Recorder(TorchDispatchMode):
+    """Host reads (``_local_scalar_dense`` & co., plus ``Tensor.tolist``/``numpy``) and copies of float tensors."""
+
+    READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
+             "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default"}  # fmt: skip
+    COPIES = {"aten.clone.default", "aten.copy_.default", "aten._to_copy.default"}
+
+    def __init__(self, min_copy_numel):
+        super().__init__()
+        self.reads, self.copies, self.min_copy_numel = [], [], min_copy_numel
+        self._saved = {}
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _n=name, _o=original, **kw):
+                self.reads.append(f"Tensor.{_n}")
+                return _o(t, *a, **kw)
+
+            setattr(torch.Tensor, name, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in self.READS:
+            self.reads.append(name)
+        src = args[-1] if name == "aten.copy_.default" else args[0] if args else None
+        if name in self.COPIES and isinstance(src, torch.Tensor) and src.dtype.is_floating_point:
+            if src.numel() >= self.min_copy_numel:
+                self.copies.append(f"{name} {tuple(src.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+def trusted_no_host_reads_no_copies():
+    """Trusted path, forward + backward, on strided views (the shapes a processor slices out of a joint sequence, and
+    (B, H, L, D) storage): nothing read back to the host, no copy of q/k/v/dO, same numbers as the dense reference."""
+    segs = [7, 0, 12]
+    q, k, v, buckets, b, dout = make_inputs(2, 40, 2, 16, 19, segs, seed=5)
+    q_store = torch.cat([q, torch.randn_like(q[:, :9])], dim=1).requires_grad_()  # query = its first 40 tokens
+    k_store, v_store = (t.transpose(1, 2).contiguous().requires_grad_() for t in (k, v))  # (B, H, L, D) storage
+    bias = b.clone().requires_grad_()
+    views = [q_store[:, :40], k_store.transpose(1, 2), v_store.transpose(1, 2), bias]
+    dout_view = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (*views[:3], dout_view))
+    rec = Recorder(min_copy_numel=min(t.numel() for t in (q, k, v)))
+    with rec:
+        out, lse = bucketed_attention(*views[:3], buckets, segs, segment_bias=views[3], backend="triton",
+                                      return_lse=True, check_inputs=False)  # fmt: skip
+        grads = torch.autograd.grad(out, views, dout_view)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, b)]
+    ref = bucketed_attention(*ref_leaves[:3], buckets, segs, segment_bias=ref_leaves[3], backend="dense")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    res = {"out": max_err(out, ref), "host_reads": rec.reads, "copies": rec.copies, "finite": True, "ref_scale": 1.0}
+    res.update({n: max_err(x, r) for n, x, r in zip(GRADS, grads, ref_grads)})
+    res["empty_rows"] = 0
+    return "trusted_no_host_reads_no_copies", res
+
+
+def lse_case(name, shared, segs, hybrid=False):
+    """return_lse: forward LSE and the gradient of a loss on both out and LSE, against the dense reference (whose LSE
+    is differentiable); -inf where no key is visible."""
+    q, k, v, buckets, b, dout = make_inputs(2, 37, 2, 16, shared, segs, seed=11)
+    dlse = torch.randn(2, 37, 2, generator=torch.Generator().manual_seed(12))
+
+    def run_lse(backend):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, b)]
+        out, lse = bucketed_attention(*leaves[:3], buckets, segs, segment_bias=leaves[3], backend=backend,
+                                      return_lse=True)  # fmt: skip
+        loss = (out * dout).sum() + torch.where(torch.isfinite(lse), lse * dlse, 0).sum()
+        return [out, lse, *torch.autograd.grad(loss, leaves)]
+
+    saved = _op.SHARED_FORWARD
+    _op.SHARED_FORWARD = "sdpa" if hybrid else "triton"
+    try:
+        got = run_lse("triton")
+    finally:
+        _op.SHARED_FORWARD = saved
+    ref = run_lse("dense")
+    empty = torch.isneginf(ref[1])
+    res = {n: max_err(x, r) for n, x, r in zip(("out", "dq", "dk", "dv", "dbias"), [got[0], *got[2:]], [ref[0], *ref[2:]])}
+    res["lse"] = max_err(got[1][~empty], ref[1][~empty])
+    res["lse_empty_match"] = bool(torch.equal(torch.isneginf(got[1]), empty))
+    res["empty_rows"] = int(empty.any(-1).sum())
+    res["finite"] = all(bool(torch.isfinite(x).all()) for x in [got[0], *got[2:]])
+    res["ref_scale"] = 1.0
+    return name, res
+
+
+def nonfinite_value_case(value):
+    """Issue 25: a NaN/inf in one segment's value reaches only the queries of that bucket (forward and dQ)."""
+    segs = [6, 9, 5]
+    q, k, v, buckets, _, dout = make_inputs(1, 48, 2, 16, 21, segs, bias=False, seed=13)
+    poisoned = v.clone()
+    poisoned[0, 21 + 6 + 2, 1, 3] = value  # a value of segment 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, poisoned)]
+    out = bucketed_attention(*leaves, buckets, segs, backend="triton")
+    sees = buckets == 1
+    clean = bucketed_attention(q, k, v, buckets, segs, backend="dense")
+    dq = torch.autograd.grad(out[~sees].sum(), leaves[0])[0]
+    res = {
+        "seeing_rows": int(sees.sum()),
+        "seeing_nonfinite": bool((~torch.isfinite(out[sees])).any()),
+        "others_finite": bool(torch.isfinite(out[~sees]).all()),
+        "others_err": max_err(out[~sees], clean[~sees]),
+        "others_dq_finite": bool(torch.isfinite(dq[~sees]).all()),
+    }
+    return f"nonfinite_value_{'nan' if value != value else 'inf'}", res
+
+
 def cases():
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     yield check("fp32_bias", f32, 2, 70, 2, 32, 37, [9, 0, 21])
@@ -148,6 +279,14 @@ def cases():
     yield check("bf16_bias", bf16, 2, 70, 2, 32, 37, [9, 0, 21])
     yield compile_and_opcheck()
     yield from hybrid_cases()
+    for family in FAMILIES:
+        yield family_case(family)
+    yield trusted_no_host_reads_no_copies()
+    yield lse_case("lse_fp32", 13, [5, 0, 8])
+    yield lse_case("lse_fp32_no_shared", 0, [5, 0, 8])
+    yield lse_case("lse_hybrid_fp32", 13, [5, 0, 8], hybrid=True)
+    yield nonfinite_value_case(float("inf"))
+    yield nonfinite_value_case(float("nan"))
 
 
 def hybrid_cases():

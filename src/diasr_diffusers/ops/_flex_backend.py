@@ -70,7 +70,7 @@ def flex_bucketed_attention(
 
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
     aux = AuxRequest(lse=True) if return_lse else None
-    if on_cpu:
+    if on_cpu and not torch.compiler.is_compiling():  # (a warnings filter is not traceable)
         with warnings.catch_warnings():  # eager flex warns that it is unfused: expected on CPU
             warnings.simplefilter("ignore", UserWarning)
             block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device)
