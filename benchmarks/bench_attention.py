@@ -6,8 +6,14 @@ Workloads, all over one self-attention layer on ``[video | ref_1 | ... | ref_N]`
   references of subject s, buckets = a random routing with roughly equal shares for the subjects and null), plus the
   reference queries attending to their own reference (``bucketed_attention`` with no shared keys), outputs
   concatenated: exactly the FLOPs of the routed pattern ``4dH[Lv^2 + sum n_s R_s + sum R_s^2]``.
+  A backend may carry a suffix: ``torch:trusted`` calls the op with ``check_inputs=False`` (the processors' path: no
+  argument checks, no host read of the bucket range), ``torch:static`` the torch backend's sync-free route (what the
+  trusted path runs on a GPU without autograd; on CPU only when forced, as here).
 * ``dense_joint_sdpa``: ``scaled_dot_product_attention`` over all tokens (what Phantom pays).
 * ``video_only_sdpa``: ``scaled_dot_product_attention`` over the video tokens (plain text-to-video, the floor).
+
+The FLOPs floor of a workload is the video-only time scaled by its FLOPs ratio (own pattern / video-only): the time it
+would take at video-only SDPA's throughput. ``× floor`` = median time / floor time.
 
 Time is the median of ``--repeats`` runs after ``--warmup`` runs. TFLOP/s are counted on each workload's own pattern
 (the routed rows on the routed FLOPs). Peak memory: CUDA ``max_memory_allocated`` above the inputs; on CPU the
@@ -42,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diasr_diffusers.ops import attention_flops, bucketed_attention
+from diasr_diffusers.ops import _torch_backend, attention_flops, bucketed_attention
+from diasr_diffusers.ops.bucketed_attention import _check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,9 +90,29 @@ def make_inputs(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0, re
 
 def routed(backend: str, q, k, v, video_buckets, ref_buckets, shape: Shape):
     lv, refs = shape.video, list(shape.refs)
-    out_video = bucketed_attention(q[:, :lv], k, v, video_buckets, refs, backend=backend)
-    out_refs = bucketed_attention(q[:, lv:], k[:, lv:], v[:, lv:], ref_buckets, refs, backend=backend)
+    backend, _, mode = backend.partition(":")
+    kw = dict(backend=backend, check_inputs=mode not in ("trusted", "static"))
+    saved = _torch_backend.HOST_READS_ON_CPU
+    _torch_backend.HOST_READS_ON_CPU = mode != "static"
+    try:
+        out_video = bucketed_attention(q[:, :lv], k, v, video_buckets, refs, **kw)
+        out_refs = bucketed_attention(q[:, lv:], k[:, lv:], v[:, lv:], ref_buckets, refs, **kw)
+    finally:
+        _torch_backend.HOST_READS_ON_CPU = saved
     return torch.cat([out_video, out_refs], dim=1)
+
+
+def check_inputs_cost(shape: Shape, inputs, repeats: int = 500) -> float:
+    """Median seconds of the op's argument checks alone (two calls per routed layer, as in ``routed``)."""
+    (q, k, v), vb, rb = inputs
+    lv, refs = shape.video, list(shape.refs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _check_inputs(q[:, :lv], k, v, vb, refs, None)
+        _check_inputs(q[:, lv:], k[:, lv:], v[:, lv:], rb, refs, None)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def sdpa(q, k, v):
@@ -275,6 +302,7 @@ def run_benchmark(args) -> dict:
         rows.append({
             "workload": name, "median_s": median, "min_s": min(times), "times_s": times, "flops": flops,
             "tflops_per_s": flops / median / 1e12, "peak_memory_bytes": mem,
+            "flops_x_video_only": flops / flops_of("video_only_sdpa", shape, inputs[1], which),
         })  # fmt: skip
         print(f"{name:24s} {median * 1e3:10.2f} ms  {flops / median / 1e12:8.3f} TFLOP/s  ({_gib(mem)})", flush=True)
     by_name = {r["workload"]: r for r in rows if "median_s" in r}
@@ -282,6 +310,8 @@ def run_benchmark(args) -> dict:
         if "median_s" in r:
             r["x_video_only"] = r["median_s"] / by_name["video_only_sdpa"]["median_s"]
             r["x_dense_joint"] = r["median_s"] / by_name["dense_joint_sdpa"]["median_s"]
+            r["x_floor"] = r["x_video_only"] / r["flops_x_video_only"]
+    check_seconds = check_inputs_cost(shape, inputs) if args.device == "cpu" else None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
@@ -297,6 +327,7 @@ def run_benchmark(args) -> dict:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "load_average_1min": f"{load_before} -> {load_average()}",
+        "check_inputs_seconds_per_layer": check_seconds,
         "rows": rows,
     }
 
@@ -353,17 +384,22 @@ def markdown_benchmark(res: dict) -> str:
         f"{res['threads']} torch threads; machine load average (1 min) {res['load_average_1min']}. "
         f"Command: `{res['command']}`",
         "",
-        "| workload | median time | × video-only | × dense joint | GFLOP (own pattern) | TFLOP/s | peak memory |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | median time | × video-only | × dense joint | FLOPs × video-only | × FLOPs floor "
+        "| GFLOP (own pattern) | TFLOP/s | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['workload']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['workload']} | error: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['workload']} | {r['median_s'] * 1e3:.1f} ms | {r['x_video_only']:.3f} | {r['x_dense_joint']:.3f} "
+            f"| {r.get('flops_x_video_only', float('nan')):.3f} | {r.get('x_floor', float('nan')):.3f} "
             f"| {r['flops'] / 1e9:,.1f} | {r['tflops_per_s']:.3f} | {_gib(r['peak_memory_bytes'])} |"
         )
+    if res.get("check_inputs_seconds_per_layer") is not None:
+        lines += ["", f"Argument checks alone (both calls of one routed layer, median of 500): "
+                  f"{res['check_inputs_seconds_per_layer'] * 1e6:.0f} µs."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
