@@ -111,7 +111,9 @@ def torch_bucketed_attention(
             return_lse=return_lse, sync_free=True,
         )  # fmt: skip
     if not needs_grad and on_cpu and query.dtype == torch.float32:
-        out, lse = _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias)
+        out, lse = _cpu_inference(
+            query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias, return_lse
+        )
         return (out, lse) if return_lse else out
     max_length = max(segment_lengths, default=0)
     rows, lses, index = [], [], []
@@ -175,7 +177,7 @@ def _static_route(query, key, value, query_buckets, segment_lengths, starts, sca
     return merge_attention_partials(out, lse, seg_out, seg_lse)
 
 
-def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias):
+def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, scale, segment_bias, return_lse):
     """Shared part for all queries at once, then each bucket's segment, merged exactly (CPU, fp32, no autograd).
 
     The two parts are merged by :func:`merge_attention_partials`. The segment bias is constant over a query's segment
@@ -211,7 +213,11 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
             o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
             if segment_bias is not None:
                 l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]
-            o, merged_lse = merge_attention_partials(out[b].index_select(0, idx), lse[b].index_select(0, idx), o2, l2)
-            out[b].index_copy_(0, idx, o)
-            lse[b].index_copy_(0, idx, merged_lse)
+            merged = merge_attention_partials(
+                out[b].index_select(0, idx), lse[b].index_select(0, idx), o2, l2, return_lse=return_lse
+            )
+            if return_lse:
+                merged, merged_lse = merged
+                lse[b].index_copy_(0, idx, merged_lse)
+            out[b].index_copy_(0, idx, merged)
     return out, lse

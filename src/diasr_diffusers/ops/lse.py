@@ -13,8 +13,8 @@ import torch
 
 
 def merge_attention_partials(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *, return_lse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """Merge two partial attention results over disjoint key sets into the result over their union (exact).
 
     Args:
@@ -22,6 +22,8 @@ def merge_attention_partials(
         lse_a, lse_b: ``out.shape[:-1]`` natural log-sum-exp of the logits of each part; ``-inf`` for a row that saw
             no key in that part (its output row must then be finite, e.g. zeros; FlashAttention-2 writes ``+inf``
             there, map it to ``-inf`` first).
+
+        return_lse: ``False`` returns ``out`` alone (one op less per call on hot paths that do not need the LSE).
 
     Returns:
         ``(out, lse)``: ``out`` in the dtype of ``out_a`` (the weights are computed in the promoted dtype of the inputs
@@ -49,6 +51,8 @@ def merge_attention_partials(
     weight = torch.where(lse_b == float("-inf"), torch.zeros((), dtype=dtype, device=lse_b.device),
                          torch.sigmoid(lse_b - lse_a))  # fmt: skip
     out = torch.lerp(out_a.to(dtype), out_b.to(dtype), weight[..., None])
+    if not return_lse:
+        return out.to(out_a.dtype)
     return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b)
 
 
