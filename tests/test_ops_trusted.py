@@ -21,6 +21,9 @@ HOST_READ_OPS = {
     "aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default",
     "aten.nonzero.default", "aten.masked_select.default", "aten._unique2.default", "aten.unique_dim.default",
     "aten.unique_consecutive.default", "aten.bincount.default",
+    # a tensor made from host data (torch.tensor(list)): on a GPU a blocking host-to-device copy, which
+    # torch.cuda.set_sync_debug_mode("error") rejects as well
+    "aten.lift_fresh.default", "aten.lift_fresh_copy.default",
 }  # fmt: skip
 
 

@@ -148,7 +148,8 @@ class Recorder(TorchDispatchMode):
     """Host reads (``_local_scalar_dense`` & co., plus ``Tensor.tolist``/``numpy``) and copies of float tensors."""
 
     READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
-             "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default"}  # fmt: skip
+             "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default",
+             "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}  # torch.tensor(list): H2D copy on a GPU
     COPIES = {"aten.clone.default", "aten.copy_.default", "aten._to_copy.default"}
 
     def __init__(self, min_copy_numel):

@@ -147,11 +147,12 @@ class _Plan:
 
     def __init__(self, buckets: torch.Tensor, segment_lengths: list[int], lk: int):
         device = buckets.device
-        self.kseg32 = key_segment_ids(lk, segment_lengths, device).to(torch.int32)  # (Lk,) non-decreasing
-        starts = [lk - sum(segment_lengths)]
-        for n in segment_lengths:
-            starts.append(starts[-1] + n)
-        self.seg_start = torch.tensor(starts, dtype=torch.int32, device=device)  # (N + 1,), last = Lk
+        kseg = key_segment_ids(lk, segment_lengths, device)  # (Lk,) non-decreasing
+        self.kseg32 = kseg.to(torch.int32)
+        # (N + 1,) first key of each segment, last = Lk. Searched on the device: torch.tensor(list, device="cuda")
+        # would be a blocking host-to-device copy, which set_sync_debug_mode("error") rejects.
+        segments = torch.arange(len(segment_lengths) + 1, device=device)
+        self.seg_start = torch.searchsorted(kseg, segments).to(torch.int32)
         order = torch.argsort(buckets, dim=1, stable=True)  # (B, Lq)
         sorted_buckets = buckets.gather(1, order)  # (B, Lq) non-decreasing per row
         self.order = order.to(torch.int32).contiguous()
