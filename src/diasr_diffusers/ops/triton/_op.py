@@ -210,12 +210,12 @@ def _forward(q, k, v, buckets, bias, segment_lengths, scale, shared_impl="auto")
             o_seg = q.new_empty((batch, lq, heads, dim), dtype=torch.float32)  # fp32: rounded once, after the merge
             lse_seg = _segment_forward(q, k, v, buckets, bias, segment_lengths, scale, True, o_seg)
             lse_seg = torch.where(lse_seg == float("inf"), float("-inf"), lse_seg)  # kernel: +inf = no key
-            out, lse = merge_attention_partials(
-                o_shared.to(torch.float32), lse_shared.reshape(batch, heads, lq).transpose(1, 2),
-                o_seg, lse_seg.transpose(1, 2),
-            )  # fmt: skip
-            # Every row saw the shared keys, so no LSE is -inf here.
-            return out.to(q.dtype), lse.transpose(1, 2).contiguous()
+            out, lse = merge_attention_partials(  # weights and sum in fp32, rounded to q's dtype once
+                o_shared, lse_shared.reshape(batch, heads, lq).transpose(1, 2), o_seg, lse_seg.transpose(1, 2)
+            )
+            # Every row saw the shared keys, so no LSE is -inf here. Contiguous, as the fake implementation says
+            # (the SDPA output is a transposed view, whose layout the merge would keep).
+            return out.to(q.dtype).contiguous(), lse.transpose(1, 2).contiguous()
     out = q.new_empty(batch, lq, heads, dim)
     return out, _segment_forward(q, k, v, buckets, bias, segment_lengths, scale, False, out)
 
