@@ -48,3 +48,10 @@ def test_dry_run_prints_one_table_with_every_part():
     step_rows = [line for line in rows if line.startswith("| step ")]
     assert {"T2V", "dense (Phantom)", "routed (DiasR)"} <= {r.split("|")[2].split(": ")[-1].strip() for r in step_rows}
     assert proc.returncode == 0, out + proc.stderr
+
+
+def test_a_spent_time_budget_skips_parts_instead_of_running_over():
+    proc, seconds = _run("--dry-run", env_extra={"GPU_CHECK_TOTAL_S": "1"}, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # incomplete, not OK
+    assert seconds < 30
+    assert proc.stdout.count("| SKIPPED |") >= 5, proc.stdout

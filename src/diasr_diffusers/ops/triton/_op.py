@@ -14,6 +14,7 @@ an LSE merge. The LSE output is differentiable: a gradient reaching it only shif
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import triton
@@ -113,7 +114,9 @@ def _block_d(head_dim: int) -> int:
 _FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]
 _BWD_CONFIGS = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
-AUTOTUNE: bool = True  # False: the first configuration of each list, no timing (e.g. for quick GPU smoke tests)
+# DIASR_TRITON_AUTOTUNE=0 (read when the kernels are loaded): the first configuration of each list, no timing, one
+# compilation per kernel variant (quick GPU correctness runs, e.g. the tests in benchmarks/gpu_check.sh).
+AUTOTUNE: bool = os.environ.get("DIASR_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _configs(table):
