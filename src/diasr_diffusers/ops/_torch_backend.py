@@ -199,25 +199,34 @@ def _cpu_inference(query, key, value, query_buckets, segment_lengths, starts, sc
         buckets = query_buckets[b]
         order = torch.argsort(buckets, stable=True)
         counts = torch.bincount(buckets + 1, minlength=len(segment_lengths) + 1).tolist()
-        offset = counts[0]  # bucket -1: shared keys only, already done
+        # The routed queries, sorted by bucket, are gathered, merged and scattered once for all buckets: each small
+        # op is a parallel region, and on a busy machine every region waits for a descheduled thread.
+        rows = order[counts[0] :]  # bucket -1 sees the shared keys only: already done
+        if rows.numel() == 0:
+            continue
+        q_sorted = query[b].index_select(0, rows)  # (m, H, D)
+        parts, part_lses, offset = [], [], 0
         for s, n in enumerate(counts[1:]):
-            idx = order[offset : offset + n]
-            offset += n
             length = segment_lengths[s]
-            if n == 0 or length == 0:
-                continue
-            seg = slice(starts[s], starts[s] + length)
-            q = query[b].index_select(0, idx).transpose(0, 1)[None]  # (1, H, n, D)
-            k, v = key[b, seg].transpose(0, 1)[None], value[b, seg].transpose(0, 1)[None]
-            o2, l2 = sdpa_lse(q, k, v, scale=scale)[:2]
-            o2, l2 = o2[0].transpose(0, 1), l2[0].transpose(0, 1)  # (n, H, D), (n, H)
-            if segment_bias is not None:
-                l2 = l2 + segment_bias[b].index_select(0, idx).to(l2.dtype)[:, None]
-            merged = merge_attention_partials(
-                out[b].index_select(0, idx), lse[b].index_select(0, idx), o2, l2, return_lse=return_lse
-            )
-            if return_lse:
-                merged, merged_lse = merged
-                lse[b].index_copy_(0, idx, merged_lse)
-            out[b].index_copy_(0, idx, merged)
+            if n > 0 and length > 0:
+                seg = slice(starts[s], starts[s] + length)
+                q = q_sorted[offset : offset + n].transpose(0, 1)[None]  # (1, H, n, D) view
+                k, v = key[b, seg].transpose(0, 1)[None], value[b, seg].transpose(0, 1)[None]
+                o2, l2 = sdpa_lse(q, k, v, scale=scale)[:2]
+                parts.append(o2[0].transpose(0, 1))  # (n, H, D)
+                part_lses.append(l2[0].transpose(0, 1))  # (n, H)
+            elif n > 0:  # empty segment: these queries see the shared keys only (weight 0 on this part)
+                parts.append(query.new_zeros(n, heads, dim))
+                part_lses.append(query.new_full((n, heads), float("-inf")))
+            offset += n
+        o2, l2 = torch.cat(parts), torch.cat(part_lses)
+        if segment_bias is not None:
+            l2 = l2 + segment_bias[b].index_select(0, rows).to(l2.dtype)[:, None]
+        merged = merge_attention_partials(
+            out[b].index_select(0, rows), lse[b].index_select(0, rows), o2, l2, return_lse=return_lse
+        )
+        if return_lse:
+            merged, merged_lse = merged
+            lse[b].index_copy_(0, rows, merged_lse)
+        out[b].index_copy_(0, rows, merged)
     return out, lse
