@@ -228,12 +228,13 @@ def bucketed_attention(
             included), ``(B, Lq, H)``, fp32 (fp64 for fp64 inputs), ``-inf`` for a query that sees no key. With it,
             partial results over disjoint key sets merge exactly (:func:`~diasr_diffusers.ops.merge_attention_partials`,
             ring attention). Gradients through the output stay exact on every backend; the LSE itself is
-            differentiable on ``"triton"`` and ``"dense"``, and a constant (``requires_grad=False``) on ``"torch"``
-            and ``"flex"``, whose fused kernels do not differentiate it.
+            differentiable on ``"triton"`` and ``"dense"`` and a constant (``requires_grad=False``) on ``"torch"``,
+            whose fused kernels do not differentiate it; ``"flex"`` has no backward on CPU.
         check_inputs: ``False`` is the trusted path for callers that guarantee valid arguments (buckets in
             ``[-1, N)``, shapes, dtypes, devices, a valid ``scale``, ``segment_lengths`` a list of Python ints): no
             checks and no value read back to the host. The ``"triton"``, ``"flex"`` and ``"dense"`` backends then
-            never sync (``"dense"`` switches to its masked form). ``"torch"`` does not sync without autograd on a
+            read nothing back (``"dense"`` switches to its masked form; shown on CPU by the tests, on a GPU by
+            ``benchmarks/gpu_check.sh`` under ``torch.cuda.set_sync_debug_mode("error")``). ``"torch"`` does not sync without autograd on a
             GPU (its static route, at ``Lq * sum(R_s)`` segment FLOPs); with autograd it reads its group sizes on the
             host (one sync per call), and on CPU it keeps its faster grouped routes (a CPU host read is no device
             sync). Invalid arguments here give wrong results or errors from deep inside torch.
