@@ -306,3 +306,112 @@ def test_nan_in_one_segment_stays_in_its_bucket_on_gpu():
     out = bucketed_attention(q.cuda(), k.cuda(), v.cuda(), buckets.cuda(), lengths, backend="xformers").cpu()
     poisoned = buckets[0] == 1
     assert out[0, poisoned].isnan().all() and out[0, ~poisoned].isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Item 3: `pipe.enable_xformers_memory_efficient_attention()` / `transformer.set_attention_backend("xformers")` on every
+# DiasR pipeline keep routing; stock paths go to Diffusers' xFormers backend, routed attention to backend="xformers".
+# On CPU, Diffusers' xFormers paths are emulated with SDPA and ours with the stand-in; the output must not change.
+
+
+def _family_pipelines():
+    import numpy as np
+
+    from diasr_diffusers.pipelines import (
+        DiasRCogVideoXPipeline,
+        DiasRHunyuanVideo15Pipeline,
+        DiasRLTXPipeline,
+        DiasRPipeline,
+    )
+    from diasr_diffusers.utils import tiny
+
+    rs = np.random.RandomState(0)
+    images = [rs.rand(24, 20, 3).astype(np.float32), rs.rand(20, 30, 3).astype(np.float32)]
+    common = dict(num_inference_steps=1, output_type="pt", subject_images=images, routing="similarity")
+    return {
+        "wan": (lambda: DiasRPipeline(**tiny.tiny_wan_components()),
+                dict(common, prompt="a man and a woman", height=32, width=32, num_frames=5, guidance_scale=1.0)),
+        "ltx": (lambda: DiasRLTXPipeline(**tiny.tiny_ltx_components()),
+                dict(common, prompt="a man and a woman", height=64, width=64, num_frames=9, guidance_scale=1.0)),
+        "cogvideox": (lambda: DiasRCogVideoXPipeline(**tiny.tiny_cogvideox_components()),
+                      dict(common, prompt="a man and a woman", height=32, width=32, num_frames=9, guidance_scale=1.0,
+                           max_sequence_length=16)),
+        "hunyuan_video15": (
+            lambda: tiny.configure_tiny_hunyuan_video15(
+                DiasRHunyuanVideo15Pipeline(**tiny.tiny_hunyuan_video15_components())),
+            dict(common, prompt="a man and a woman", height=32, width=32, num_frames=5, guidance_scale=1.0,
+                 max_sequence_length=24)),
+    }  # fmt: skip
+
+
+def _sdpa_like_xformers(query, key, value, attn_bias=None, op=None, scale=None, **kwargs):
+    """What Diffusers' `XFormersAttnProcessor` asks of `xformers.ops.memory_efficient_attention`, on CPU."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias, scale=scale)
+
+
+@contextlib.contextmanager
+def _diffusers_xformers_on_cpu(monkeypatch):
+    """Let Diffusers enable and run its xFormers paths on CPU: availability checks pass, its one-off CUDA probe is
+    skipped, and its xFormers attention computes SDPA (same numbers). Restores Diffusers' global backend after."""
+    import diffusers.models.attention as attention
+    import diffusers.models.attention_dispatch as dispatch
+    import diffusers.models.attention_processor as legacy
+
+    fake = SimpleNamespace(ops=SimpleNamespace(memory_efficient_attention=_sdpa_like_xformers))
+    registry = dispatch._AttentionBackendRegistry
+    with monkeypatch.context() as m:
+        for module in (attention, legacy):
+            m.setattr(module, "is_xformers_available", lambda: True)
+        m.setattr(attention, "xops", fake, raising=False)
+        m.setattr(legacy, "xformers", fake, raising=False)
+        m.setattr(dispatch, "_CAN_USE_XFORMERS_ATTN", True)
+        m.setitem(registry._backends, dispatch.AttentionBackendName.XFORMERS,
+                  registry._backends[dispatch.AttentionBackendName.NATIVE])  # fmt: skip
+        m.setattr(registry, "_active_backend", registry._active_backend)  # restored on exit
+        # Only while enabling: Diffusers refuses CPU-only torch, then probes xFormers on a `device="cuda"` tensor.
+        randn = torch.randn
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch, "randn", lambda *a, device=None, **kw: randn(*a, **kw))
+        yield m
+
+
+@pytest.mark.parametrize("how", ["enable_xformers", "set_attention_backend"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox", "hunyuan_video15"])
+def test_pipelines_keep_routing_under_diffusers_xformers(monkeypatch, family, how):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    make, kwargs = _family_pipelines()[family]
+    torch.manual_seed(0)
+    pipe = make()
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+
+    randn = torch.randn
+    with _diffusers_xformers_on_cpu(monkeypatch) as m:
+        if how == "enable_xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        else:
+            pipe.transformer.set_attention_backend("xformers")
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        m.setattr(torch, "randn", randn)
+        with stand_in(monkeypatch, LocalAttnBias) as fmha:
+            got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        routed = [p for name, p in pipe.transformer.attn_processors.items()
+                  if pipe._processor_prefix is None or name.startswith(pipe._processor_prefix)]  # fmt: skip
+    assert routed and all(isinstance(p, pipe._processor_class) and p.state is pipe.routing_state for p in routed)
+    assert all(p._attention_backend == AttentionBackendName.XFORMERS for p in routed)
+    assert "forward_varlen" in fmha.calls  # routed attention ran backend="xformers"
+    assert pipe.routing_state.op_backend == "xformers" and pipe.routing_state.backend == "auto"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_an_explicit_routing_backend_wins_over_diffusers_xformers():
+    from diasr_diffusers.processors import SubjectRoutingState
+
+    state = SubjectRoutingState(ref_lengths=[2], backend="torch")
+    state._xformers_caller = True
+    assert state.op_backend == "torch"
+    state.backend = "auto"
+    assert state.op_backend == "xformers"
+    state._xformers_caller = False
+    assert state.op_backend == "auto"
