@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +21,7 @@ from _xformers_standin import LocalAttnBias, StandInFmha, real_attn_bias
 from diasr_diffusers.ops import _xformers_backend as xb
 from diasr_diffusers.ops import available_backends, bucketed_attention, select_backend
 
+ROOT = Path(__file__).resolve().parents[1]
 ba = sys.modules["diasr_diffusers.ops.bucketed_attention"]
 REAL_BIAS = real_attn_bias()
 BIAS_MODULES = [
@@ -126,6 +131,32 @@ def test_refused_without_xformers_naming_the_extra(monkeypatch):
     q = torch.randn(1, 6, 1, 8)
     with pytest.raises(RuntimeError, match=r"not installed \(pip install 'diasr-diffusers\[xformers\]'\)"):
         bucketed_attention(q, q, q, torch.zeros(1, 6, dtype=torch.long), [2], backend="xformers")
+
+
+def test_works_without_xformers_installed():
+    script = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "xformers" or name.startswith("xformers."):
+                    raise ImportError("xformers blocked for this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from diasr_diffusers.ops import _xformers_backend as xb, bucketed_attention, select_backend
+        q = torch.randn(1, 6, 1, 8)
+        assert not xb.xformers_available() and "not installed" in xb.unsupported_reason(q)
+        assert select_backend(q) == "torch"
+        try:
+            bucketed_attention(q, q, q, torch.zeros(1, 6, dtype=torch.long), [2], backend="xformers")
+        except RuntimeError as err:
+            assert "not installed" in str(err), err
+            print("OK")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 def test_registered():
