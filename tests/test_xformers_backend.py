@@ -446,3 +446,26 @@ def test_an_explicit_routing_backend_wins_over_diffusers_xformers():
     assert state.op_backend == "xformers"
     state._xformers_caller = False
     assert state.op_backend == "auto"
+
+
+def test_reinstalling_after_diffusers_xformers_swap_keeps_xformers(monkeypatch):
+    """`transformer.enable_xformers_memory_efficient_attention()` on a legacy-`Attention` model (CogVideoX) swaps in
+    Diffusers' `XFormersAttnProcessor`; installing the routed processors again keeps the xFormers choice."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    from diasr_diffusers.processors import (
+        CogVideoXSubjectSparseAttnProcessor,
+        set_cogvideox_subject_sparse_attn_processor,
+    )
+    from diasr_diffusers.utils.tiny import tiny_cogvideox_components
+
+    transformer = tiny_cogvideox_components()["transformer"]
+    state = set_cogvideox_subject_sparse_attn_processor(transformer)
+    with _diffusers_xformers_on_cpu(monkeypatch):
+        transformer.enable_xformers_memory_efficient_attention()
+    assert all(isinstance(p, XFormersAttnProcessor) for p in transformer.attn_processors.values())
+    set_cogvideox_subject_sparse_attn_processor(transformer, state)
+    processors = list(transformer.attn_processors.values())
+    assert all(isinstance(p, CogVideoXSubjectSparseAttnProcessor) for p in processors)
+    assert all(p._attention_backend == AttentionBackendName.XFORMERS for p in processors)
