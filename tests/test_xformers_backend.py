@@ -159,6 +159,32 @@ def test_works_without_xformers_installed():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(REAL_BIAS is None, reason="xformers is not installed")
+def test_merge_equals_xformers_merge_attentions():
+    """The backend merges in PyTorch because `fmha.merge_attentions` is a Triton kernel (no use where Triton is
+    missing); on CPU it runs under Triton's interpreter, which is enough to check both merges agree."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from xformers.ops import fmha
+        from diasr_diffusers.ops._xformers_backend import _merge_weights
+        g = torch.Generator().manual_seed(0)
+        attn = torch.randn(2, 3, 17, 4, 8, generator=g)  # (parts, B, M, H, K)
+        lse = torch.randn(2, 3, 4, 17, generator=g)  # (parts, B, H, M)
+        lse[1, 0, :, :5] = float("-inf")  # rows the second part has no key for
+        want, want_lse = fmha.merge_attentions(attn, lse)
+        l, w1, w2 = _merge_weights(lse[0].transpose(1, 2), lse[1].transpose(1, 2))
+        got = attn[0] * w1[..., None] + attn[1] * w2[..., None]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l.transpose(1, 2), want_lse, atol=1e-5, rtol=1e-5)
+        print("OK")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
 def test_registered():
     assert "xformers" in available_backends()
 
