@@ -460,6 +460,11 @@ def test_pipelines_keep_routing_under_diffusers_xformers(monkeypatch, family, ho
     assert "forward_varlen" in fmha.calls  # routed attention ran backend="xformers"
     assert pipe.routing_state.op_backend == "xformers" and pipe.routing_state.backend == "auto"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if how == "enable_xformers":
+        pipe.disable_xformers_memory_efficient_attention()
+        routed = [p for name, p in pipe.transformer.attn_processors.items()
+                  if pipe._processor_prefix is None or name.startswith(pipe._processor_prefix)]  # fmt: skip
+        assert all(isinstance(p, pipe._processor_class) and p._attention_backend is None for p in routed)
 
 
 def test_an_explicit_routing_backend_wins_over_diffusers_xformers():
