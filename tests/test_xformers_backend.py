@@ -33,10 +33,13 @@ LSE_LAYOUTS = ["packed", "padded"]
 
 
 @contextlib.contextmanager
-def stand_in(monkeypatch, attn_bias, lse_layout="packed"):
-    """Route backend="xformers" to the CPU stand-in (xFormers has no CPU kernel, nor fp64 support)."""
+def stand_in(monkeypatch, attn_bias, lse_layout="packed", self_check=False):
+    """Route backend="xformers" to the CPU stand-in (xFormers has no CPU kernel, nor fp64 support). The backend's
+    one-time self-check is skipped unless asked for: the tests count the kernel calls."""
     fmha = StandInFmha(attn_bias, lse_layout)
     with monkeypatch.context() as m:
+        if not self_check:
+            m.setattr(xb, "_self_check", lambda *args: None)
         m.setattr(xb, "_fmha", lambda: fmha)
         m.setattr(xb, "xformers_available", lambda: True)
         m.setattr(xb, "KERNEL_DEVICES", ("cuda", "cpu"))
@@ -232,7 +235,7 @@ def test_unsupported_reason_checks(monkeypatch):
 
 @pytest.mark.parametrize("needs_grad", [False, True])
 def test_self_check_passes_on_the_stand_in_and_catches_a_wrong_kernel(monkeypatch, needs_grad):
-    with stand_in(monkeypatch, LocalAttnBias, "padded") as fmha:
+    with stand_in(monkeypatch, LocalAttnBias, "padded", self_check=True) as fmha:
         q = torch.randn(1, 4, 2, 8)
         assert xb.unsupported_reason(q, needs_grad=needs_grad) is None
         assert ("backward_varlen" in fmha.calls) == needs_grad
@@ -243,6 +246,10 @@ def test_self_check_passes_on_the_stand_in_and_catches_a_wrong_kernel(monkeypatc
         assert reason is not None and "differs from the exact backend" in reason
         fmha.memory_efficient_attention_forward_requires_grad = lambda *a, **kw: 1 / 0
         assert "ZeroDivisionError" in xb.unsupported_reason(torch.randn(1, 4, 2, 32), needs_grad=needs_grad)
+        # an explicit backend="xformers" refuses a build that fails its self-check, naming why
+        with pytest.raises(RuntimeError, match="backend='xformers' cannot run here: .*ZeroDivisionError"):
+            q = torch.randn(1, 6, 2, 32, requires_grad=needs_grad)
+            bucketed_attention(q, q, q, torch.zeros(1, 6, dtype=torch.long), [2], backend="xformers")
 
 
 class _NoHostSync:

@@ -124,7 +124,7 @@ def _self_check(device: torch.device, dtype: torch.dtype, dim: int, needs_grad: 
         want = torch_bucketed_attention(*leaves[:3], buckets, lengths, scale=scale, segment_bias=leaves[3])
         got_leaves = [t.detach().to(dtype if i < 3 else torch.float32).requires_grad_(needs_grad)
                       for i, t in enumerate(leaves)]  # fmt: skip
-        got = xformers_bucketed_attention(*got_leaves[:3], buckets, lengths, scale=scale, segment_bias=got_leaves[3])
+        got = _apply(*got_leaves[:3], buckets, lengths, scale, got_leaves[3])
         pairs = [("output", got, want)]
         if needs_grad:
             grad = torch.randn(want.shape, generator=g).to(device)
@@ -322,10 +322,28 @@ def xformers_bucketed_attention(
     scale: float,
     segment_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``bucketed_attention`` backend running xFormers' kernels (see the module docstring for the decomposition)."""
+    """``bucketed_attention`` backend running xFormers' kernels (see the module docstring for the decomposition).
+
+    Refuses, with the reason, tensors xFormers cannot take and, once per (device, dtype, head dim), a build whose
+    self-check fails (:func:`unsupported_reason`): no silent fallback, no silently wrong numbers. The self-check is
+    skipped while compiling or capturing a CUDA graph (it syncs); run one call eagerly first there.
+    """
     reason = _basic_reason(query)
+    if reason is None and not torch.compiler.is_compiling() and not _capturing(query):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (query, key, value, segment_bias)
+        )
+        reason = unsupported_reason(query, needs_grad=needs_grad)
     if reason is not None:
         raise RuntimeError(f"backend='xformers' cannot run here: {reason}; use backend='torch' or 'auto'")
+    return _apply(query, key, value, query_buckets, segment_lengths, scale, segment_bias)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _apply(query, key, value, query_buckets, segment_lengths, scale, segment_bias) -> torch.Tensor:
     out, _ = _XFormersBucketedAttention.apply(
         query, key, value, segment_bias, query_buckets, list(segment_lengths), scale, _fmha()
     )
