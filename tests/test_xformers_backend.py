@@ -209,6 +209,7 @@ def test_auto_prefers_triton_then_xformers_then_torch(monkeypatch, fresh_log, ca
         return None
 
     monkeypatch.setattr(ba, "xformers_unsupported_reason", xformers_reason)
+    monkeypatch.setattr(ba, "_capturing", lambda q: False)  # CPU-only torch cannot answer for a fake CUDA tensor
     monkeypatch.setattr(ba, "unsupported_reason", lambda q: None)
     assert select_backend(_fake_cuda_query()) == "triton" and asked == []  # xFormers not even probed
     monkeypatch.setattr(ba, "unsupported_reason", lambda q: "the `triton` package is not installed")
@@ -222,6 +223,9 @@ def test_auto_prefers_triton_then_xformers_then_torch(monkeypatch, fresh_log, ca
     assert select_backend(_fake_cuda_query()) == "torch"
     monkeypatch.setattr(ba, "xformers_unsupported_reason", lambda q, needs_grad=False: 1 / 0)
     assert select_backend(_fake_cuda_query()) == "torch"  # a broken xFormers install never breaks the op
+    monkeypatch.setattr(ba, "xformers_unsupported_reason", xformers_reason)
+    monkeypatch.setattr(ba, "_capturing", lambda q: True)
+    assert select_backend(_fake_cuda_query()) == "torch" and len(asked) == 2  # no self-check inside a graph capture
     assert select_backend(torch.randn(1, 4, 1, 8)) == "torch"  # CPU: never xFormers
 
 

@@ -87,9 +87,12 @@ def select_backend(query: torch.Tensor) -> str:
         reason = f"Triton: {triton_reason}"
         if triton_reason is None:
             choice, reason = "triton", None
-        elif not torch.compiler.is_compiling():  # the xFormers path is eager-only (its self-check runs kernels)
+        elif not torch.compiler.is_compiling():  # eager only: its self-check runs kernels and syncs
             try:
-                xformers_reason = xformers_unsupported_reason(query, needs_grad=torch.is_grad_enabled())
+                if _capturing(query):
+                    xformers_reason = "not probed while a CUDA graph is being captured"
+                else:
+                    xformers_reason = xformers_unsupported_reason(query, needs_grad=torch.is_grad_enabled())
             except Exception as err:
                 xformers_reason = f"probing xFormers failed ({type(err).__name__}: {err})"
             if xformers_reason is None:
@@ -99,11 +102,8 @@ def select_backend(query: torch.Tensor) -> str:
     key = (choice, query.device.type, reason)
     if key not in _LOGGED_CHOICES and not torch.compiler.is_compiling():  # logging is not traceable
         _LOGGED_CHOICES.add(key)
-        if reason is None or choice == "xformers":
-            logger.info("bucketed_attention: backend='auto' uses %r on %s%s", choice, query.device,
-                        f" ({reason})" if reason else "")  # fmt: skip
-        else:
-            logger.info("bucketed_attention: backend='auto' uses 'torch' on %s (%s)", query.device, reason)
+        suffix = f" ({reason})" if reason else ""
+        logger.info("bucketed_attention: backend='auto' uses %r on %s%s", choice, query.device, suffix)
     return choice
 
 
