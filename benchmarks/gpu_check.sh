@@ -104,11 +104,9 @@ B=$(budget $SYNC_BUDGET 30); run_part syncs $((B + 30)) "$PY" benchmarks/gpu_che
 B=$(budget $STEP_BUDGET 40); run_part step $((B + 40)) "$PY" benchmarks/gpu_check.py step --budget "$B" $DRY
 
 # ---------------------------------------------------------------------------------------------------------------
-# xFormers row: the `xformers` branch adds its script here. It must print its row(s) in the same format,
-#     ROW<TAB>xformers<TAB><item><TAB><result><TAB><detail>
-# e.g.:  run_part xformers 60 "$PY" benchmarks/gpu_check_xformers.py $DRY
-# Until then the table says so:
-printf 'ROW\txformers\t%s\t%s\t%s\n' "xFormers backend" "NOT RUN" "no xformers row script yet (branch xformers)" >>"$ROWS"
+# xFormers rows: exactness of backend="xformers" against fp64 per (case, dtype), and no host sync in its forward.
+# "NOT RUN" (not a failure) where xFormers is not installed.
+run_part xformers 90 "$PY" benchmarks/gpu_xformers_check.py $DRY
 # ---------------------------------------------------------------------------------------------------------------
 
 ELAPSED=$(( $(date +%s) - START ))

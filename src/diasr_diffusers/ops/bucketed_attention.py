@@ -15,8 +15,11 @@ This module is the thin public interface: argument checks and backend dispatch. 
 * ``"triton"`` (:mod:`.triton`): fused forward/backward kernels, a ``torch.library`` custom op (``torch.compile``
   and CUDA-graph friendly). CUDA, or CPU under ``TRITON_INTERPRET=1`` (for tests). Triton is imported lazily.
 * ``"flex"`` (:mod:`._flex_backend`): PyTorch FlexAttention with a bucket ``mask_mod``; forward-only on CPU.
+* ``"xformers"`` (:mod:`._xformers_backend`): xFormers' memory-efficient kernels (one dense call for the shared keys,
+  one block-diagonal variable-length call for the segments, merged through the log-sum-exps). CUDA only.
 
 ``"auto"`` picks ``"triton"`` on CUDA tensors when Triton imports and supports the GPU/dtype/head dim, else
+``"xformers"`` when xFormers is installed and passes its one-time self-check for the GPU/dtype/head dim, else
 ``"torch"``; the choice is logged once per distinct outcome.
 
 Checked and trusted calls: by default the op validates its arguments, and the bucket range check reads one value
@@ -39,6 +42,8 @@ from ._common import empty_lse, zeros_output
 from ._dense_backend import dense_bucketed_attention
 from ._flex_backend import flex_bucketed_attention
 from ._torch_backend import torch_bucketed_attention
+from ._xformers_backend import unsupported_reason as xformers_unsupported_reason
+from ._xformers_backend import xformers_bucketed_attention
 from .triton import triton_bucketed_attention, unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ _BACKENDS: dict[str, BackendFn] = {
     "dense": dense_bucketed_attention,
     "triton": triton_bucketed_attention,
     "flex": flex_bucketed_attention,
+    "xformers": xformers_bucketed_attention,
 }
 # Capabilities by backend name. A backend registered without them takes the base call only
 # (query, key, value, buckets, lengths, *, scale, segment_bias).
@@ -81,25 +87,38 @@ def register_backend(name: str, fn: BackendFn, *, supports_lse: bool = False) ->
 def select_backend(query: torch.Tensor) -> str:
     """The backend ``"auto"`` resolves to for tensors like ``query`` (B, Lq, H, D).
 
-    ``"triton"`` on CUDA tensors when Triton is importable and supports the GPU, dtype and head dim; otherwise
-    ``"torch"``. Never raises on a tensor: any problem probing Triton means the portable backend.
+    ``"triton"`` on CUDA tensors when Triton is importable and supports the GPU, dtype and head dim; else ``"xformers"``
+    when xFormers is importable and passes its self-check there (forward and, with autograd on, backward); otherwise
+    ``"torch"``. Never raises on a tensor: any problem probing Triton or xFormers means the next backend.
     """
     if not all(hasattr(query, a) for a in ("device", "dtype", "shape")):
         raise TypeError(f"`query` must be a torch.Tensor, got {type(query).__name__}")
-    reason: str | None = "not a CUDA tensor"
+    choice, reason = "torch", "not a CUDA tensor"
     if query.device.type == "cuda":
         try:
-            reason = unsupported_reason(query)
+            triton_reason = unsupported_reason(query)
         except Exception as err:  # a broken Triton/driver install must not break the op
-            reason = f"probing Triton failed ({type(err).__name__}: {err})"
-    choice = "triton" if reason is None else "torch"
+            triton_reason = f"probing Triton failed ({type(err).__name__}: {err})"
+        reason = f"Triton: {triton_reason}"
+        if triton_reason is None:
+            choice, reason = "triton", None
+        elif not torch.compiler.is_compiling():  # eager only: its self-check runs kernels and syncs
+            try:
+                if _capturing(query):
+                    xformers_reason = "not probed while a CUDA graph is being captured"
+                else:
+                    xformers_reason = xformers_unsupported_reason(query, needs_grad=torch.is_grad_enabled())
+            except Exception as err:
+                xformers_reason = f"probing xFormers failed ({type(err).__name__}: {err})"
+            if xformers_reason is None:
+                choice = "xformers"
+            else:
+                reason += f"; xFormers: {xformers_reason}"
     key = (choice, query.device.type, reason)
     if key not in _LOGGED_CHOICES and not torch.compiler.is_compiling():  # logging is not traceable
         _LOGGED_CHOICES.add(key)
-        if reason is None:
-            logger.info("bucketed_attention: backend='auto' uses 'triton' on %s", query.device)
-        else:
-            logger.info("bucketed_attention: backend='auto' uses 'torch' on %s (Triton: %s)", query.device, reason)
+        suffix = f" ({reason})" if reason else ""
+        logger.info("bucketed_attention: backend='auto' uses %r on %s%s", choice, query.device, suffix)
     return choice
 
 
@@ -222,8 +241,8 @@ def bucketed_attention(
         segment_bias: optional ``(B, Lq)`` float added to the logits of the query's own segment keys (not the shared
             keys). Passing the router's log-probability of the chosen bucket, e.g. ``logp - logp.detach()``
             (straight-through: the forward is unchanged), lets gradients reach a router whose forward is hard.
-        backend: ``"auto"`` (best available, see :func:`select_backend`), ``"torch"``, ``"triton"``, ``"flex"`` or
-            ``"dense"`` (reference, materialises the mask).
+        backend: ``"auto"`` (best available, see :func:`select_backend`), ``"torch"``, ``"triton"``, ``"xformers"``,
+            ``"flex"`` or ``"dense"`` (reference, materialises the mask).
         return_lse: also return the natural log-sum-exp of each query's logits over its visible keys (segment bias
             included), ``(B, Lq, H)``, fp32 (fp64 for fp64 inputs), ``-inf`` for a query that sees no key. With it,
             partial results over disjoint key sets merge exactly (:func:`~diasr_diffusers.ops.merge_attention_partials`,

@@ -179,6 +179,26 @@ class SubjectPipelineMixin:
             if not all(isinstance(p, self._processor_class) and p.state is self.routing_state for p in procs):
                 install_subject_processors(expert, self.routing_state, self._processor_class, only=prefix)
 
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
+        """Diffusers' switch behind ``enable_xformers_memory_efficient_attention()`` (its checks, and every other
+        component as Diffusers treats it), except that the transformers keep their processors, routed ones included,
+        with Diffusers' xFormers attention backend on each that takes one (disabling resets it to the default).
+        Diffusers would swap a legacy ``Attention``'s processor for ``XFormersAttnProcessor``, dropping routing and
+        breaking joint attention (CogVideoX) and HunyuanVideo 1.5's token refiner (4-D mask). Routed attention then
+        runs ``bucketed_attention(..., backend="xformers")`` (see ``SubjectRoutingState.op_backend``).
+        ``attention_op`` only reaches the other components (Diffusers' attention backends take no op)."""
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        saved = [(expert, expert.attn_processors) for expert in self.experts]
+        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        for expert, processors in saved:
+            expert.set_attn_processor(dict(processors))  # (it empties the dict it is given)
+            for processor in processors.values():
+                if valid and hasattr(processor, "_attention_backend"):
+                    processor._attention_backend = AttentionBackendName.XFORMERS
+                elif not valid and getattr(processor, "_attention_backend", None) == AttentionBackendName.XFORMERS:
+                    processor._attention_backend = None
+
     def check_context_parallel_lengths(self, latents: torch.Tensor, num_ref_frames: int = 0) -> None:
         """Under context parallelism, refuse here (``ValueError`` naming the fix) the token counts Diffusers' even
         split would refuse deep in the transformer: the video alone (negative branch) and video + references."""

@@ -117,6 +117,13 @@ class SubjectRoutingState:
     def num_subjects(self) -> int:
         return len(self.ref_lengths)
 
+    @property
+    def op_backend(self) -> str:
+        """The :func:`bucketed_attention` backend of the routed call in progress: ``backend``, except that ``"auto"``
+        is ``"xformers"`` under a processor whose Diffusers attention backend is xFormers
+        (``pipe.enable_xformers_memory_efficient_attention()``, ``transformer.set_attention_backend("xformers")``)."""
+        return "xformers" if self.backend == "auto" and getattr(self, "_xformers_caller", False) else self.backend
+
     def reset(self) -> None:
         """Back to inactive defaults (stock attention everywhere)."""
         for f in fields(self):
@@ -397,14 +404,14 @@ def routed_self_attention(
     """
     lv = query.shape[1] - sum(state.ref_lengths)
     video = bucketed_attention(
-        query[:, :lv], key, value, buckets, state.ref_lengths, segment_bias=segment_bias, backend=state.backend
+        query[:, :lv], key, value, buckets, state.ref_lengths, segment_bias=segment_bias, backend=state.op_backend
     )
     ref_buckets = subject_of_reference_tokens(state.ref_lengths, query.shape[0], query.device)
     if state.ref_attends_video:
-        refs = bucketed_attention(query[:, lv:], key, value, ref_buckets, state.ref_lengths, backend=state.backend)
+        refs = bucketed_attention(query[:, lv:], key, value, ref_buckets, state.ref_lengths, backend=state.op_backend)
     else:
         refs = bucketed_attention(
-            query[:, lv:], key[:, lv:], value[:, lv:], ref_buckets, state.ref_lengths, backend=state.backend
+            query[:, lv:], key[:, lv:], value[:, lv:], ref_buckets, state.ref_lengths, backend=state.op_backend
         )
     return torch.cat([video, refs], dim=1)
 
@@ -442,7 +449,7 @@ def routed_cross_attention(
                 value[b : b + 1, order],
                 all_buckets[b : b + 1],
                 seg.lengths,
-                backend=state.backend,
+                backend=state.op_backend,
             )
         )
     return torch.cat(outs, dim=0)
@@ -501,13 +508,13 @@ def routed_joint_attention(
     ref_buckets = subject_of_reference_tokens(lengths, batch, vq.device)
     if state.text_segments is None and text_mask is None:
         video_out = bucketed_attention(
-            vq, key, value, buckets, lengths, segment_bias=segment_bias, backend=state.backend
+            vq, key, value, buckets, lengths, segment_bias=segment_bias, backend=state.op_backend
         )
         if state.ref_attends_video:
-            ref_out = bucketed_attention(rq, key, value, ref_buckets, lengths, backend=state.backend)
+            ref_out = bucketed_attention(rq, key, value, ref_buckets, lengths, backend=state.op_backend)
         else:
             kr, vr = torch.cat([tk, rk], dim=1), torch.cat([tv, rv], dim=1)
-            ref_out = bucketed_attention(rq, kr, vr, ref_buckets, lengths, backend=state.backend)
+            ref_out = bucketed_attention(rq, kr, vr, ref_buckets, lengths, backend=state.op_backend)
         return text_out, video_out, ref_out
     if state.text_segments is not None and len(state.text_segments) != batch:
         raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
@@ -535,13 +542,13 @@ def routed_joint_attention(
         bias = None if segment_bias is None else segment_bias[b : b + 1]
         video_outs.append(
             bucketed_attention(vq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], buckets[b : b + 1],
-                               seg_lengths, segment_bias=bias, backend=state.backend)
+                               seg_lengths, segment_bias=bias, backend=state.op_backend)
         )  # fmt: skip
         if not state.ref_attends_video:
             idx = torch.cat([general, *subject_keys])
         ref_outs.append(
             bucketed_attention(rq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], ref_buckets[b : b + 1],
-                               seg_lengths, backend=state.backend)
+                               seg_lengths, backend=state.op_backend)
         )  # fmt: skip
     return text_out, torch.cat(video_outs), torch.cat(ref_outs)
 
@@ -571,12 +578,18 @@ class RoutedAttnProcessorBase:
         state = self.state
         if state is None or not state.active or state.mode == "dense" or attention_mask is not None:
             return None
+        state._xformers_caller = _is_xformers(self._attention_backend)  # read by `state.op_backend`
         if self._parallel_config is not None and not self.supports_context_parallel:
             raise NotImplementedError(
                 f"{type(self).__name__} does not support context parallelism with subjects active yet (only Wan "
                 "does); use `routing='dense'` or run without `enable_parallelism`"
             )
         return state
+
+
+def _is_xformers(backend: Any) -> bool:
+    """Whether a Diffusers attention backend (an ``AttentionBackendName`` or its string) is xFormers."""
+    return getattr(backend, "value", backend) == "xformers"
 
 
 def block_indices(names: list[str]) -> dict[str, int | None]:
@@ -607,10 +620,16 @@ def install_subject_processors(
 
     ``only``: a module-name prefix (e.g. ``"transformer_blocks."``); attention modules outside it (a text refiner's)
     keep their processors and are not counted as blocks. An attention backend set with
-    ``transformer.set_attention_backend(...)`` is kept on the new processors (it applies to their stock code paths).
+    ``transformer.set_attention_backend(...)`` is kept on the new processors (it applies to their stock code paths);
+    so is xFormers when ``enable_xformers_memory_efficient_attention()`` replaced a legacy ``Attention``'s processor
+    with Diffusers' ``XFormersAttnProcessor``. Under an xFormers backend, routed attention with
+    ``SubjectRoutingState.backend="auto"`` runs ``bucketed_attention(..., backend="xformers")``.
     Install before ``transformer.enable_parallelism(...)``: afterwards this raises
     (:func:`~.parallel.check_processors_before_parallelism`).
     """
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
     from .parallel import check_processors_before_parallelism  # parallel.py builds on this module
 
     if state is not None and not isinstance(state, SubjectRoutingState):
@@ -632,6 +651,8 @@ def install_subject_processors(
         # `set_attention_backend` stores the backend on each processor: keep it, or a backend chosen on the stock
         # transformer (e.g. before `DiasRPipeline.from_wan`) would silently be dropped for the stock code paths.
         backend = getattr(previous, "_attention_backend", None)
+        if isinstance(previous, XFormersAttnProcessor):  # what `enable_xformers_...()` puts on a legacy `Attention`
+            backend = AttentionBackendName.XFORMERS
         if backend is not None:
             processor._attention_backend = backend
         processors[name] = processor
