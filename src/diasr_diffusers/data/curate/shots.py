@@ -48,7 +48,10 @@ class ShotDetector:
             scenes = manager.get_scene_list(start_in_scene=True)
         except Exception as err:  # PySceneDetect raises its own VideoOpenFailure and OpenCV errors
             raise BadVideoError(f"shot detection failed ({type(err).__name__}: {err})") from None
-        cuts = [(s.get_frames(), e.get_frames()) for s, e in scenes]
+        def frame(tc) -> int:  # `frame_num` since PySceneDetect 0.7; `get_frames()` before
+            return int(tc.frame_num if hasattr(tc, "frame_num") else tc.get_frames())
+
+        cuts = [(frame(s), frame(e)) for s, e in scenes]
         # PySceneDetect decodes with OpenCV, whose frame count can differ from ffmpeg's by a frame or two (AVI index);
         # clamp to ffmpeg's exact count, which is what the clip writer will decode.
         shots = [(min(s, num_frames), min(e, num_frames)) for s, e in cuts]
