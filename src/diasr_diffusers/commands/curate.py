@@ -83,8 +83,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="dataset folder (new, empty, or an earlier curate run to resume)")
     p.add_argument("--captions", help="captions file (JSON/JSONL with caption and subject phrases per video/shot)")
     p.add_argument("--models", action="append", default=[], metavar="STAGE=ID",
-                   help="Hub id or folder for a model stage: aesthetic=, clip=, watermark=, grounding=, "
-                        "segmentation=, caption= (repeatable)")  # fmt: skip
+                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding= "
+                        "(repeatable)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device for the Hub-model stages")
     p.add_argument("--grounder", choices=("faces", "captions"), default="faces",
                    help="offline boxes: dlib faces for person phrases, or only boxes from the captions file")  # fmt: skip
