@@ -70,6 +70,7 @@ def test_shots_on_real_footage():
 
 
 def test_motion_and_ocr_on_real_footage():
+    pytest.importorskip("rapidocr_onnxruntime", reason="pip install --no-deps rapidocr-onnxruntime (see .ci/run)")
     motion = FarnebackMotion(num_pairs=3)
     walkers = motion.score(read_range(footage("vtest.avi"), 0, 20))["motion"]
     riders = motion.score(read_range(footage("bikes.mp4"), 78, 98))["motion"]
@@ -120,6 +121,7 @@ def _bikes_run(tmp_path: Path, out: Path, workers: int = 1) -> dict:
 
 
 def test_curate_real_footage_to_a_manifest_that_trains(tmp_path):
+    pytest.importorskip("rapidocr_onnxruntime", reason="pip install --no-deps rapidocr-onnxruntime (see .ci/run)")
     out = tmp_path / "ds"
     report = _bikes_run(tmp_path, out)
     detail = {c["source"]["shot"]: c for c in report["clips_detail"]}

@@ -33,7 +33,7 @@ class GrabCutFlowSegmenter:
     def segment(self, frames: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> tuple[np.ndarray, list]:
         import cv2
 
-        num, (f, h, w) = len(boxes), frames.shape[:3]
+        num, (h, w) = len(boxes), frames.shape[1:3]
         small = np.stack([resize_max_side(fr, self.max_side) for fr in frames])
         sh, sw = small.shape[1:3]
         sx, sy = sw / w, sh / h
@@ -56,6 +56,22 @@ class GrabCutFlowSegmenter:
             first[i] = fg
             # GrabCut has no confidence; report how much of the box it kept (1.0 = the box itself).
             scores.append(round(float(fg.sum() / max(1, rect[2] * rect[3])), 4))
+        return self.propagate(frames, first, small=small), scores
+
+    def propagate(self, frames: np.ndarray, first: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
+        """Carry masks ``(N, h, w)`` of frame 0 over every frame: ``(N, F, H, W)`` bool at the frames' size.
+
+        ``first`` may be at the frames' size or at the working size."""
+        import cv2
+
+        f, h, w = frames.shape[:3]
+        if small is None:
+            small = np.stack([resize_max_side(fr, self.max_side) for fr in frames])
+        sh, sw = small.shape[1:3]
+        num = len(first)
+        if first.shape[1:] != (sh, sw):
+            first = np.stack([cv2.resize(m.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST) > 0
+                              for m in first]) if num else np.zeros((0, sh, sw), bool)  # fmt: skip
         tracks = np.zeros((num, f, sh, sw), dtype=bool)
         tracks[:, 0] = first
         gray = [cv2.cvtColor(np.ascontiguousarray(fr), cv2.COLOR_RGB2GRAY) for fr in small]
@@ -72,4 +88,4 @@ class GrabCutFlowSegmenter:
                 for t in range(f):
                     full[i, t] = cv2.resize(tracks[i, t].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
             tracks = full
-        return tracks, scores
+        return tracks
