@@ -149,3 +149,42 @@ def test_pipeline_end_to_end_with_tiny_hub_models(tmp_path, tiny_clip, tiny_grou
     assert validate_manifest(tmp_path / "ds").ok
     # Every score and the thresholds it met are in meta, so a stricter threshold can be re-applied without models.
     assert record["meta"]["thresholds"]["min_aesthetic"] == 0.0 and "aesthetic" in record["meta"]["timing_s"]
+
+
+def _tiny_sam2_video_config():
+    from transformers import Sam2HieraDetConfig, Sam2VideoConfig, Sam2VisionConfig
+
+    # Smallest sizes that run: the memory encoder's 64 output channels and hidden sizes >= 128 are hard-coded
+    # assumptions of the video model (DATA_PIPELINE.md §3.3).
+    backbone = Sam2HieraDetConfig(hidden_size=8, image_size=[128, 128], blocks_per_stage=[1, 1, 2, 1],
+                                  embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1] * 4,
+                                  window_size_per_stage=[4] * 4, global_attention_blocks=[3],
+                                  window_positional_embedding_background_size=[4, 4])  # fmt: skip
+    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                              backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]], fpn_hidden_size=128)  # fmt: skip
+    return Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 128, "image_size": 128, "patch_size": 16, "mask_input_channels": 16},
+        mask_decoder_config={"hidden_size": 128, "mlp_dim": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                             "iou_head_hidden_dim": 32},
+        image_size=128, num_maskmem=2, memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_num_attention_heads=1, memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[8, 8], memory_encoder_hidden_size=128, memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=128, memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=256,
+    )  # fmt: skip
+
+
+def test_sam2_video_segmenter_tracks_every_frame(tmp_path):
+    from transformers import Sam2VideoModel
+
+    from diasr_diffusers.data.curate.hub import Sam2VideoSegmenter
+
+    torch.manual_seed(0)
+    Sam2VideoModel(_tiny_sam2_video_config()).save_pretrained(tmp_path / "sam2")
+    frames = np.random.default_rng(0).integers(0, 255, (2, 48, 80, 3), dtype=np.uint8)
+    segmenter = Sam2VideoSegmenter(model=str(tmp_path / "sam2"))
+    masks, scores = segmenter.segment(frames, [(4, 4, 30, 40), (40, 10, 78, 46)])
+    assert masks.shape == (2, 2, 48, 80) and masks.dtype == bool and len(scores) == 2
+    # The prompt reaches the model: another box gives another frame-0 mask.
+    other, _ = segmenter.segment(frames, [(50, 20, 60, 30), (40, 10, 78, 46)])
+    assert not np.array_equal(masks[0, 0], other[0, 0]) and np.array_equal(masks[1, 0], other[1, 0])

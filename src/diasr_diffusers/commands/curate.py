@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="dataset folder (new, empty, or an earlier curate run to resume)")
     p.add_argument("--captions", help="captions file (JSON/JSONL with caption and subject phrases per video/shot)")
     p.add_argument("--models", action="append", default=[], metavar="STAGE=ID",
-                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding= "
+                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding=, segmentation= "
                         "(repeatable)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device for the Hub-model stages")
     p.add_argument("--grounder", choices=("faces", "captions"), default="faces",

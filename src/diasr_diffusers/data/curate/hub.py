@@ -8,6 +8,8 @@ the same code on a laptop and a GPU node. Each fills the same slot as an offline
 - :class:`ImageClassifierWatermark`: any ``AutoModelForImageClassification`` checkpoint with a watermark label.
 - :class:`GroundingDinoGrounder`: ``GroundingDinoForObjectDetection`` (``IDEA-Research/grounding-dino-tiny`` or
   ``-base``), OpenS2V's box/text thresholds 0.25/0.25 and its ``"tag1. tag2."`` prompt.
+- :class:`Sam2VideoSegmenter`: ``Sam2VideoModel`` (``facebook/sam2.1-hiera-large``, the SAM 2.1 OpenS2V uses), box
+  prompts on frame 0, ``propagate_in_video_iterator`` over the clip.
 """
 
 from __future__ import annotations
@@ -163,14 +165,102 @@ class GroundingDinoGrounder:
         return best
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Sam2VideoSegmenter:
+    """``segment(frames, boxes) -> (masks (N, F, H, W) bool, scores)``: SAM 2.1 video, box prompts on frame 0.
+
+    With torchvision installed the checkpoint's own ``Sam2VideoProcessor`` prepares the video and the boxes
+    (``init_video_session``, ``add_inputs_to_inference_session``, ``post_process_masks``). Without it (its video
+    processor needs torchvision) the same steps run here with the public session API: frames resized to the model's
+    square ``image_size``, scaled to [0, 1] and normalised with ImageNet mean/std (SAM 2's preprocessing), boxes as
+    corner points with labels 2/3 in that square, low-resolution logits resized to the frame and thresholded at 0.
+    ``scores``: mean mask probability inside each frame-0 mask.
+    """
+
+    model: str = "facebook/sam2.1-hiera-large"
+    device: str = "cpu"
+    name: str = "sam2-video"
+    _parts: Any = field(default=None, repr=False)
+
+    def _load(self):
+        if self._parts is None:
+            from transformers import Sam2VideoModel
+
+            model = Sam2VideoModel.from_pretrained(self.model).to(_device(self.device)).eval()
+            try:
+                from transformers import Sam2VideoProcessor
+
+                processor = Sam2VideoProcessor.from_pretrained(self.model)
+            except (ImportError, OSError, ValueError):  # no torchvision, or a checkpoint saved without a processor
+                processor = None
+            self._parts = (model, processor)
+        return self._parts
+
+    def _session(self, model, processor, frames: np.ndarray, boxes: list):
+        import torch
+        import torch.nn.functional as F
+
+        h, w = frames.shape[1:3]
+        ids = list(range(1, len(boxes) + 1))
+        if processor is not None:
+            session = processor.init_video_session(video=list(frames), inference_device=self.device)
+            processor.add_inputs_to_inference_session(session, frame_idx=0, obj_ids=ids,
+                                                      input_boxes=[[list(map(float, b)) for b in boxes]])  # fmt: skip
+            return session
+        size = int(model.config.image_size)
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+        video = F.interpolate(video, size=(size, size), mode="bilinear", align_corners=False)
+        video = (video - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        from transformers import Sam2VideoInferenceSession
+
+        session = Sam2VideoInferenceSession(video=video, video_height=h, video_width=w,
+                                            inference_device=self.device, dtype=torch.float32)  # fmt: skip
+        for obj_id, box in zip(ids, boxes):
+            idx = session.obj_id_to_idx(obj_id)
+            coords = torch.tensor(box, dtype=torch.float32).reshape(1, 1, 2, 2)
+            coords[..., 0] *= size / w
+            coords[..., 1] *= size / h
+            session.add_point_inputs(idx, 0, {"point_coords": coords,
+                                              "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32)})  # fmt: skip
+            session.remove_mask_inputs(idx, 0)
+        session.obj_with_new_inputs = ids
+        return session
+
+    def segment(self, frames: np.ndarray, boxes: list) -> tuple[np.ndarray, list]:
+        import torch
+        import torch.nn.functional as F
+
+        model, processor = self._load()
+        f, h, w = frames.shape[:3]
+        session = self._session(model, processor, frames, boxes)
+        masks = np.zeros((len(boxes), f, h, w), dtype=bool)
+        probs0 = None
+        with torch.no_grad():
+            for out in model.propagate_in_video_iterator(session, start_frame_idx=0):
+                logits = out.pred_masks.float()
+                if processor is not None:
+                    logits = processor.post_process_masks([logits], original_sizes=[[h, w]], binarize=False)[0]
+                else:
+                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                masks[:, out.frame_idx] = (logits[:, 0] > 0).cpu().numpy()
+                if out.frame_idx == 0:
+                    probs0 = logits[:, 0].sigmoid().cpu().numpy()
+        scores = [round(float(p[m].mean()), 4) if m.any() else 0.0 for p, m in zip(probs0, masks[:, 0])]
+        return masks, scores
+
+
 def hub_stages(stages: Any, specs: list[str], device: str = "cpu") -> Any:
     """Fill ``stages`` from ``STAGE=ID`` strings (the CLI's ``--models``): ``aesthetic=MLP.safetensors``,
-    ``clip=ID`` (CLIP for the aesthetic MLP), ``watermark=ID``, ``grounding=ID``."""
+    ``clip=ID`` (CLIP for the aesthetic MLP), ``watermark=ID``, ``grounding=ID``, ``segmentation=ID``."""
     values = {}
     for spec in specs:
         key, sep, value = spec.partition("=")
-        if not sep or key not in ("aesthetic", "clip", "watermark", "grounding"):
-            raise ValueError(f"`--models`: expected STAGE=ID with STAGE in aesthetic, clip, watermark, grounding; "
+        if not sep or key not in ("aesthetic", "clip", "watermark", "grounding", "segmentation"):
+            raise ValueError(f"`--models`: expected STAGE=ID with STAGE in aesthetic, clip, watermark, grounding, segmentation; "
                              f"got {spec!r}")  # fmt: skip
         values[key] = value
     if "aesthetic" in values:
@@ -180,4 +270,6 @@ def hub_stages(stages: Any, specs: list[str], device: str = "cpu") -> Any:
         stages.watermark = ImageClassifierWatermark(model=values["watermark"], device=device)
     if "grounding" in values:
         stages.grounder = GroundingDinoGrounder(model=values["grounding"], device=device)
+    if "segmentation" in values:
+        stages.segmenter = Sam2VideoSegmenter(model=values["segmentation"], device=device)
     return stages
