@@ -36,7 +36,9 @@ def contact_sheet(out: Path, report: dict, video: Path, name: str) -> None:
             rec = json.loads(line)
             manifest[rec["id"]] = rec
     tiles = []
-    for c in rows[:8]:
+    # Kept clips first, then dropped ones, at most 6 tiles, shown in video order.
+    shown = sorted(sorted(rows, key=lambda c: c["status"] != "kept")[:6], key=lambda c: c["clip_id"])
+    for c in shown:
         frame = read_range(video, c["source"]["frame_start"], c["source"]["frame_start"] + 1)[0]
         rec = manifest.get(c["clip_id"])
         if rec is not None:
@@ -57,10 +59,11 @@ def contact_sheet(out: Path, report: dict, video: Path, name: str) -> None:
         tiles.append(np.asarray(canvas))
     h = max(t.shape[0] for t in tiles)
     tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4), (0, 0)), constant_values=255) for t in tiles]
-    per_row = 4
+    per_row = 3
     grid = [np.concatenate(tiles[i : i + per_row] + [np.full_like(tiles[0], 255)] * (per_row - len(tiles[i : i + per_row])), 1)
             for i in range(0, len(tiles), per_row)]  # fmt: skip
-    Image.fromarray(np.concatenate(grid, 0)).save(ROOT / "docs" / "images" / f"curate_{name}.png", optimize=True)
+    sheet = Image.fromarray(np.concatenate(grid, 0)).quantize(colors=192, method=Image.Quantize.MEDIANCUT)
+    sheet.save(ROOT / "docs" / "images" / f"curate_{name}.png", optimize=True)
 
 
 def main() -> None:

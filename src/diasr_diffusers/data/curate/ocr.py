@@ -23,10 +23,13 @@ class RapidOCRText:
     Args:
         max_side: frames are downscaled to this long side before detection (boxes are mapped back).
         min_score: recognition confidence below which a detection is ignored (rapidocr's own ``text_score`` 0.5).
+        min_chars: detections with fewer recognised characters are ignored: on the footage in ``docs/data.md``
+            single glyphs were texture read as text ('大' on vtest's grass, '?' on a Megamind lamp).
     """
 
     max_side: int = 960
     min_score: float = 0.5
+    min_chars: int = 2
     name: str = "rapidocr-onnxruntime PP-OCRv4"
     _engine: Any = field(default=None, repr=False)
 
@@ -49,7 +52,7 @@ class RapidOCRText:
         result, _ = self._load()(np.ascontiguousarray(small[..., ::-1]))
         out = []
         for quad, text, score in result or []:
-            if float(score) < self.min_score:
+            if float(score) < self.min_score or len(str(text).strip()) < self.min_chars:
                 continue
             q = np.asarray(quad, dtype=np.float32) * scale
             out.append((float(q[:, 0].min()), float(q[:, 1].min()), float(q[:, 0].max()), float(q[:, 1].max()),
