@@ -188,3 +188,31 @@ def test_sam2_video_segmenter_tracks_every_frame(tmp_path):
     # The prompt reaches the model: another box gives another frame-0 mask.
     other, _ = segmenter.segment(frames, [(50, 20, 60, 30), (40, 10, 78, 46)])
     assert not np.array_equal(masks[0, 0], other[0, 0]) and np.array_equal(masks[1, 0], other[1, 0])
+
+
+def test_cli_loads_hub_stages_from_folders(tmp_path, tiny_clip, tiny_grounding_dino, capsys):
+    from diasr_diffusers.cli import main
+    from diasr_diffusers.data._io import write_video
+
+    rng = np.random.default_rng(1)
+    video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
+    for t in range(16):
+        video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
+        video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
+    write_video(tmp_path / "clip.mp4", video, fps=8)
+    (tmp_path / "captions.json").write_text(json.dumps(
+        [{"video": "clip.mp4", "caption": "A red box slides past the blue ball.", "subjects": ["a red box"]}]))  # fmt: skip
+    clip, mlp = tiny_clip
+    args = ["curate", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "ds"), "--captions",
+            str(tmp_path / "captions.json"), "--no-ocr", "--no-faces", "--min-short-side", "32", "--min-seconds", "1",
+            "--quiet", "--models", f"grounding={tiny_grounding_dino}", "--models", f"clip={clip}",
+            "--models", f"aesthetic={mlp}"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "ds" / "report.json").read_text())
+    assert report["stages"]["grounder"] == "grounding-dino" and report["stages"]["aesthetic"] == "clip-laion-aesthetic"
+    # The tiny model's random aesthetic (about 5) decides against the real threshold 4.75; either way it is recorded.
+    (clip_result,) = [json.loads(p.read_text()) for p in (tmp_path / "ds" / ".curate" / "clips").glob("*.json")]
+    assert np.isfinite(clip_result["meta"]["aesthetic"])
+    assert main([*args[:-2], "--models", "captioner=x"]) == 2
+    assert "--models" in capsys.readouterr().err
