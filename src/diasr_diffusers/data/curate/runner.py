@@ -412,7 +412,7 @@ def _run_local(fn: Callable, items: list, workers: int, desc: str, progress: boo
 
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="it")
     try:
-        if workers <= 1:
+        if workers <= 1 or len(items) <= 1:  # a pool's start-up costs more than it saves here
             for item in items:
                 yield fn(item)
                 bar.update()
