@@ -11,7 +11,7 @@ motion                :class:`FarnebackMotion` (OpenCV)                     -
 ocr                   :class:`RapidOCRText` (PP-OCRv4 ONNX) + crop-away     -
 aesthetic             off                                                   ``ClipAesthetic`` (CLIP-L/14 + LAION MLP)
 watermark             off                                                   ``ImageClassifierWatermark``
-caption               :class:`CaptionsFile`                                 ``QwenVLCaptioner`` (Qwen2.5-VL)
+caption               :class:`CaptionsFile`                                 none (a VLM captioner is not built)
 faces                 :class:`DlibFaces`                                    -
 grounding             :class:`FaceBodyGrounder` (person phrases only)       ``GroundingDinoGrounder``
 segmentation          :class:`GrabCutFlowSegmenter`                         ``Sam2VideoSegmenter``
