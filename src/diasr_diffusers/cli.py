@@ -16,6 +16,7 @@ import sys
 _COMMAND_MODULES = [
     "diasr_diffusers.commands.generate",
     "diasr_diffusers.commands.data",
+    "diasr_diffusers.commands.curate",
     "diasr_diffusers.commands.train",
     "diasr_diffusers.commands.eval",
     "diasr_diffusers.commands.app",
