@@ -14,8 +14,10 @@ __version__ = "0.1.0.dev0"
 # Public names are imported on first use (PEP 562): importing torch and diffusers takes seconds, and the `diasr`
 # command line must answer `--help` (and reject bad arguments) without paying for them.
 _LAZY = {
+    "DiasRAutoPipeline": ".pipelines",
     "DiasRCogVideoXPipeline": ".pipelines",
     "DiasRHunyuanVideo15Pipeline": ".pipelines",
+    "DiasRLTXPipeline": ".pipelines",
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
@@ -25,13 +27,16 @@ _LAZY = {
     "SubjectRoutingState": ".processors",
     "SubjectSparseAttnProcessor": ".processors",
     "bucketed_attention": ".ops",
+    "load_pipeline": ".pipelines",
     "set_subject_sparse_attn_processor": ".processors",
 }
 
 # A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
+    "DiasRAutoPipeline",
     "DiasRCogVideoXPipeline",
     "DiasRHunyuanVideo15Pipeline",
+    "DiasRLTXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
@@ -42,6 +47,7 @@ __all__ = [
     "SubjectSparseAttnProcessor",
     "__version__",
     "bucketed_attention",
+    "load_pipeline",
     "set_subject_sparse_attn_processor",
 ]
 
@@ -49,12 +55,15 @@ if TYPE_CHECKING:
     from .models import IngredientsTransformer3DModel
     from .ops import bucketed_attention
     from .pipelines import (
+        DiasRAutoPipeline,
         DiasRCogVideoXPipeline,
         DiasRHunyuanVideo15Pipeline,
+        DiasRLTXPipeline,
         DiasRPipeline,
         DiasRPipelineOutput,
         IngredientsPipeline,
         IngredientsPipelineOutput,
+        load_pipeline,
     )
     from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
     from .routing import IDRouter
