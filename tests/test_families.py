@@ -198,3 +198,15 @@ def test_training_families_are_read_from_the_registry():
     assert TRAINING["hunyuan_video15"].pipeline_classes == ("HunyuanVideo15Pipeline", "DiasRHunyuanVideo15Pipeline")
     assert type(TRAINING["ingredients"]).__name__ == "IngredientsTrainingFamily"
     assert TRAINING["wan"] is TRAINING["wan"]  # one instance per family
+
+
+def test_training_config_takes_the_family_from_the_model_folder(tmp_path):
+    from diasr_diffusers.training.config import _family_of_model_folder
+
+    for spec in FAMILIES.values():
+        for class_name in spec.checkpoint_classes:
+            folder = tmp_path / class_name
+            folder.mkdir()
+            (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+            assert _family_of_model_folder(str(folder)) == spec.name
+    assert _family_of_model_folder(str(tmp_path / "missing")) == "wan"  # the model checks then name the problem

@@ -154,7 +154,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--guidance-scale",
         type=_finite_float(0.0),
         default=None,
-        help="text guidance (default: the model's reference style: 5.0; Phantom 7.5)",
+        help="text guidance (default: the model's: Wan's reference style 5.0, Phantom 7.5; LTX 3.0; CogVideoX 6.0; "
+        "HunyuanVideo-1.5 its guider's)",
     )
     gen.add_argument(
         "--guidance-scale-ref",
@@ -530,12 +531,12 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         num_frames=args.frames,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
         guidance_scale_ref=args.guidance_scale_ref,
         routing=args.routing,
         route_text=not args.no_route_text,
         similarity_threshold=args.similarity_threshold,
-        **({} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}),
+        # Left out when not given: each family's pipeline has its own default (LTX's is not Wan's).
+        **{k: v for k, v in (("guidance_scale", args.guidance_scale), ("max_sequence_length", args.max_sequence_length)) if v is not None},  # fmt: skip
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         return_routing_maps=inputs.maps_out is not None,
     )

@@ -242,9 +242,11 @@ class DiasRAutoPipeline:
 
 
 def _download(name: str, **kwargs: Any) -> str:
-    from .subjects import SubjectPipelineMixin
+    # Every family's pipeline shares `SubjectPipelineMixin.download` (a plain snapshot): the family is only known once
+    # the repo's model_index.json is here.
+    from .pipeline_diasr_wan import DiasRPipeline
 
-    return SubjectPipelineMixin.download(name, **kwargs)
+    return DiasRPipeline.download(name, **kwargs)
 
 
 def load_pipeline(
