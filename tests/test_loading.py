@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import run_cli
 
 from diasr_diffusers.cli import main
 from diasr_diffusers.commands import generate as gen
@@ -32,14 +33,6 @@ def _stock_folder(family: str, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def ltx_folder(tmp_path_factory) -> Path:
     return _stock_folder("ltx", tmp_path_factory.mktemp("ltx") / "stock-ltx")
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video15"])
