@@ -57,9 +57,8 @@ def _config(obj: Any) -> Mapping[str, Any]:
     """A model's config as a mapping: a ``ModelMixin`` (its ``config``), a ``FrozenDict`` or a parsed ``config.json``."""
     if obj is None:
         return {}
-    if isinstance(obj, Mapping):
-        return obj
-    return obj.config
+    config = obj if isinstance(obj, Mapping) else obj.config
+    return config if isinstance(config, Mapping) else vars(config)  # a namespace standing in for a config
 
 
 # -- token-grid facts, read from a config mapping (a loaded model's `config` or a checkpoint's config.json) ---------
