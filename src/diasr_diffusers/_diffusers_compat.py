@@ -1,5 +1,8 @@
 """The private names of Diffusers (and torch) diasr-diffusers relies on, in one place.
 
+Code that runs inside a compiled forward resolves its name once at import (``_f = private("...")``): the lookup goes
+through ``importlib``, which ``torch.compile`` does not trace.
+
 Diffusers does not promise these across releases: a Diffusers upgrade that renames or moves one breaks here, in this
 module, and nowhere else. Everything is imported lazily (inside the functions), so importing this module is free and
 a missing name fails only the feature that needs it, with a message naming the Diffusers version.
@@ -40,14 +43,6 @@ def private(name: str) -> Any:
             f"diasr-diffusers needs {module}.{attribute}, which this Diffusers ({diffusers.__version__}) does not "
             f"have: install a Diffusers version diasr-diffusers supports (see pyproject.toml) ({err})"
         ) from None
-
-
-# -- attention projections ------------------------------------------------------------------------------------------
-
-
-def get_qkv_projections(attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> tuple[Any, Any, Any]:
-    """Wan's q/k/v projection (fused projections included), as ``WanAttnProcessor`` computes it."""
-    return private("get_qkv_projections")(attn, hidden_states, encoder_hidden_states)
 
 
 # -- hub files -----------------------------------------------------------------------------------------------------

@@ -745,12 +745,16 @@ def set_subject_sparse_attn_processor(
     """
     from ..families import FAMILIES, UnsupportedFamilyError, family_for_transformer, supported_transformer_classes
 
+    if state is not None and not isinstance(state, SubjectRoutingState):
+        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
     name = type(transformer).__name__
     supported = f"supported: {', '.join(supported_transformer_classes(with_processor=True))}"
     try:
         spec = family_for_transformer(transformer)
     except UnsupportedFamilyError:
-        raise UnsupportedFamilyError(f"subject-sparse attention cannot be installed on a {name}; {supported}") from None
+        raise UnsupportedFamilyError(
+            f"`transformer` must be a Diffusers video transformer of a supported family, got a {name}; {supported}"
+        ) from None
     if spec.processor is None:
         raise UnsupportedFamilyError(
             f"subject-sparse attention is not installed on a {name}: {spec.title} {spec.no_processor_reason}. {supported}"

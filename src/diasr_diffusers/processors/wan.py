@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from .._diffusers_compat import context_parallel_config, get_qkv_projections
+from .._diffusers_compat import context_parallel_config, private
 from .core import (
     RoutedAttnProcessorBase,
     SubjectRoutingState,
@@ -22,6 +22,9 @@ from .core import (
     set_subject_sparse_attn_processor,
 )
 from .parallel import ulysses_routed_cross_attention, ulysses_routed_self_attention
+
+# Resolved once here, not per call: a call through the compat module's import machinery would break torch.compile graphs.
+_get_qkv_projections = private("get_qkv_projections")
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
         return self._self_attention(attn, hidden_states, rotary_emb, state)
 
     def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
-        query, key, value = get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         heads = local_heads(attn, query)
         return (t.unflatten(2, (heads, -1)) for t in (query, key, value))
