@@ -6,16 +6,19 @@ as a Diffusers pipeline, drop-in attention processors and an exact sparse attent
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0.dev0"
 
 # Public names are imported on first use (PEP 562): importing torch and diffusers takes seconds, and the `diasr`
 # command line must answer `--help` (and reject bad arguments) without paying for them.
 _LAZY = {
+    "DiasRAutoPipeline": ".pipelines",
     "DiasRCogVideoXPipeline": ".pipelines",
     "DiasRHunyuanVideo15Pipeline": ".pipelines",
+    "DiasRLTXPipeline": ".pipelines",
     "DiasRPipeline": ".pipelines",
     "DiasRPipelineOutput": ".pipelines",
     "IDRouter": ".routing",
@@ -25,13 +28,16 @@ _LAZY = {
     "SubjectRoutingState": ".processors",
     "SubjectSparseAttnProcessor": ".processors",
     "bucketed_attention": ".ops",
+    "load_pipeline": ".pipelines",
     "set_subject_sparse_attn_processor": ".processors",
 }
 
 # A literal list (not derived from _LAZY) so that linters and type checkers see the public names.
 __all__ = [
+    "DiasRAutoPipeline",
     "DiasRCogVideoXPipeline",
     "DiasRHunyuanVideo15Pipeline",
+    "DiasRLTXPipeline",
     "DiasRPipeline",
     "DiasRPipelineOutput",
     "IDRouter",
@@ -42,6 +48,7 @@ __all__ = [
     "SubjectSparseAttnProcessor",
     "__version__",
     "bucketed_attention",
+    "load_pipeline",
     "set_subject_sparse_attn_processor",
 ]
 
@@ -49,24 +56,18 @@ if TYPE_CHECKING:
     from .models import IngredientsTransformer3DModel
     from .ops import bucketed_attention
     from .pipelines import (
+        DiasRAutoPipeline,
         DiasRCogVideoXPipeline,
         DiasRHunyuanVideo15Pipeline,
+        DiasRLTXPipeline,
         DiasRPipeline,
         DiasRPipelineOutput,
         IngredientsPipeline,
         IngredientsPipelineOutput,
+        load_pipeline,
     )
     from .processors import SubjectRoutingState, SubjectSparseAttnProcessor, set_subject_sparse_attn_processor
     from .routing import IDRouter
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

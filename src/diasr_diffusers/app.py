@@ -1,9 +1,9 @@
-"""``diasr app``: a Gradio page for multi-subject generation with a :class:`~diasr_diffusers.DiasRPipeline`.
+"""``diasr app``: a Gradio page for multi-subject generation with a DiasR pipeline of any family.
 
 A thin layer over the pipeline: the page collects a prompt, the subjects (phrase + reference images, and a layout
 mask drawn on a canvas in ``masks`` mode), the routing mode and the sizes; the checks are the pipeline's own
 (``check_inputs``, ``check_subject_inputs``, ``check_reference_style_inputs``) and the CLI's
-(:func:`~diasr_diffusers.commands.generate.check_model_fits`, the phrase rules of
+(:func:`~diasr_diffusers.pipelines.loading.check_model_fits`, the phrase rules of
 :mod:`~diasr_diffusers.routing.phrases`); the outputs are written by ``diasr generate``'s
 :func:`~diasr_diffusers.commands.generate.save_outputs` (video, routing-map overlay with its legend, routing shares).
 Needs the ``[app]`` extra (``pip install "diasr-diffusers[app]"``).
@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import math
@@ -95,33 +94,49 @@ class AppSettings:
 
     @classmethod
     def for_pipeline(cls, pipe: Any) -> AppSettings:
-        """Defaults of ``pipe``'s reference style (steps, frames, guidance, fps, its first trained size; else
-        Wan2.1's 480x832), reduced to what the model can make (:func:`model_limits`)."""
-        style = pipe.reference_style
-        height, width = style.trained_sizes[0] if style.trained_sizes else (480, 832)
+        """Defaults of ``pipe``'s family (Wan: its reference style's steps, frames, guidance, fps and first trained
+        size, else 480x832; the others: their stock pipeline's), reduced to what the model can make
+        (:func:`model_limits`)."""
+        from .families import family_for_pipeline
+
+        spec = family_for_pipeline(pipe)
+        if spec.reference_styles:
+            style = pipe.reference_style
+            height, width = style.trained_sizes[0] if style.trained_sizes else (480, 832)
+            defaults = {"height": height, "width": width, "num_frames": style.num_frames, "fps": style.fps,
+                        "num_inference_steps": style.num_inference_steps, "guidance_scale": style.guidance_scale}  # fmt: skip
+        else:
+            defaults = dict(spec.sampling_defaults)
         limits = model_limits(pipe)
         return cls(
-            height=min(height, limits["max_size"]),
-            width=min(width, limits["max_size"]),
-            num_frames=min(style.num_frames, limits["max_frames"]),
-            num_inference_steps=style.num_inference_steps,
-            guidance_scale=style.guidance_scale,
-            fps=style.fps,
+            height=min(defaults["height"], limits["max_size"]),
+            width=min(defaults["width"], limits["max_size"]),
+            num_frames=min(defaults["num_frames"], limits["max_frames"]),
+            num_inference_steps=defaults["num_inference_steps"],
+            guidance_scale=defaults["guidance_scale"],
+            max_sequence_length=spec.max_sequence_length,
+            fps=defaults["fps"],
         )
 
 
 def model_limits(pipe: Any) -> dict[str, int]:
     """The sizes ``pipe`` can make, for the page's sliders: height and width in steps of ``size_step`` (VAE x patch)
-    up to ``max_size`` (the transformer's ``rope_max_seq_len`` tokens, at most 2048 pixels), frames in steps of
-    ``frame_step`` (the VAE's temporal factor) up to ``max_frames`` (``rope_max_seq_len`` latent frames)."""
-    tcfg = pipe.transformer.config
-    size_step = pipe.vae_scale_factor_spatial * tcfg.patch_size[1]
-    frame_step = pipe.vae_scale_factor_temporal
+    up to ``max_size`` (the transformer's ``rope_max_seq_len`` tokens where the family has such a bound; at most 2048
+    pixels), frames in steps of ``frame_step`` (the VAE's temporal factor) up to ``max_frames``
+    (``rope_max_seq_len`` latent frames, or the family's longest clip)."""
+    from .families import family_for_pipeline
+
+    spec = family_for_pipeline(pipe)
+    grid = spec.token_grid(pipe.transformer.config, pipe.vae)
+    size_step = grid["spatial_compression"] * grid["patch_size"][1]
+    frame_step = grid["temporal_compression"]
+    rope = pipe.transformer.config.get(spec.rope_limit_key) if spec.rope_limit_key else None
+    max_size = min(2048, rope * size_step) if rope else 2048
     return {
         "size_step": size_step,
-        "max_size": min(2048, tcfg.rope_max_seq_len * size_step) // size_step * size_step,
+        "max_size": max_size // size_step * size_step,
         "frame_step": frame_step,
-        "max_frames": (tcfg.rope_max_seq_len - 1) * frame_step + 1,
+        "max_frames": (rope - 1) * frame_step + 1 if rope else spec.max_frames,
     }
 
 
@@ -206,7 +221,7 @@ class DiasRApp:
         pipe: a loaded :class:`~diasr_diffusers.DiasRPipeline`, already on its device.
         settings: the page's defaults (:class:`AppSettings`).
         checkpoint: the pipeline's Diffusers folder, for ``diasr generate``'s size checks against its configs
-            (:func:`~diasr_diffusers.commands.generate.check_model_fits`); ``None`` skips those (the pipeline still
+            (:func:`~diasr_diffusers.pipelines.loading.check_model_fits`); ``None`` skips those (the pipeline still
             checks what it needs).
     """
 
@@ -329,21 +344,19 @@ class DiasRApp:
     def _check(self, request: GenerationRequest) -> None:
         """``diasr generate``'s checks against the checkpoint's configs, then the pipeline's own (cheap: configs and
         the tokenizer; nothing is encoded)."""
-        from .commands.generate import GenerateInputs, UsageError, check_model_fits
+        from .families import family_for_pipeline
+        from .pipelines.loading import UsageError, check_model_fits
         from .utils.images import normalize_subject_images
 
         pipe, slots = self.pipe, request.slots
         try:
             if self.checkpoint is not None:
-                args = argparse.Namespace(
-                    frames=request.num_frames,
-                    height=request.height,
-                    width=request.width,
+                check_model_fits(
+                    self.checkpoint, num_frames=request.num_frames, height=request.height, width=request.width,
                     routing=request.routing if request.phrases else "auto",
-                    router=None,
-                )
-                inputs = GenerateInputs(out=None, maps_out=None, phrases=request.phrases, images=request.images, masks=request.masks)  # fmt: skip
-                check_model_fits(self.checkpoint, None, args, inputs)
+                    num_references=sum(len(images) for images in request.images), num_subjects=len(request.phrases),
+                    has_masks=request.masks is not None,
+                )  # fmt: skip
             pipe.check_inputs(
                 request.prompt,
                 None,
@@ -369,9 +382,10 @@ class DiasRApp:
                         request.routing,
                         self.settings.max_sequence_length,
                     )
-                pipe.check_reference_style_inputs(
-                    subjects, request.height, request.width, request.num_frames, request.routing
-                )
+                if family_for_pipeline(pipe).reference_styles:
+                    pipe.check_reference_style_inputs(
+                        subjects, request.height, request.width, request.num_frames, request.routing
+                    )
         except (UsageError, ValueError, TypeError) as err:
             message = str(err)
             raise FieldError(_field_of(message, slots), _page_words(message, slots)) from None

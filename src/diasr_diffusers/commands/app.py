@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 
-from .generate import UsageError, report_usage_error
+from ..pipelines.loading import UsageError
+from .generate import report_usage_error
 
 
 def _port(text: str) -> int:
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     app.add_argument(
         "--model",
         default=None,
-        help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id (default: the embedded sprite model)",
+        help="Diffusers checkpoint (DiasR, or stock Wan, LTX-Video, CogVideoX, HunyuanVideo-1.5): local folder or Hub "
+        "repo id (default: the embedded sprite model)",
     )
     app.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the page to the network)"
@@ -64,7 +66,8 @@ def _app(args: argparse.Namespace) -> int:
     _check_listen(args.host, args.port)  # before the model loads: a taken port is reported at once
 
     from ..app import AppSettings, build_app
-    from .generate import check_device, checkpoint_class, load_pipeline, resolve_checkpoint, resolve_dtype
+    from ..pipelines.loading import load_pipeline, resolve_checkpoint
+    from .generate import check_device, check_family_supports_generate, resolve_dtype
 
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -75,7 +78,7 @@ def _app(args: argparse.Namespace) -> int:
         pipe = load_sprite_model(dtype=dtype)
     else:
         folder = resolve_checkpoint(args.model, "--model")
-        checkpoint_class(folder)
+        check_family_supports_generate(folder, args.model)  # by name, before the weights load
         pipe = load_pipeline(folder, dtype=dtype)
         settings = AppSettings.for_pipeline(pipe)
     pipe = pipe.to(device)

@@ -1,4 +1,7 @@
-"""``diasr generate`` (a DiasR or Wan2.1 checkpoint, or Phantom-Wan / SkyReels-V3 R2V weights) and ``diasr demo`` (the embedded toy model, offline).
+"""``diasr generate`` (a DiasR checkpoint or a stock one of any supported family: Wan2.1/2.2, LTX-Video, CogVideoX,
+HunyuanVideo-1.5; or Phantom-Wan / SkyReels-V3 R2V weights) and ``diasr demo`` (the embedded toy model, offline).
+
+The loading itself is library code (:mod:`diasr_diffusers.pipelines.loading`); this module parses and checks flags.
 
 Everything a user typed is checked before any weights are loaded (and before torch is imported where possible);
 a user mistake is one line on stderr and exit code 2.
@@ -19,6 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from ..pipelines.loading import (  # noqa: F401 (the library's; re-exported here for their old import path)
+    EXAMPLE_MODEL,
+    UsageError,
+    _first_line,
+    _read_json,
+    _shape_mismatch_sentence,
+    check_lora,
+    checkpoint_class,
+    checkpoint_family,
+    load_lora,
+    load_public_pipeline,
+    resolve_checkpoint,
+)
 from ..utils.io import atomic_path, atomic_write_text
 
 # The demo speaks the sprite model's language: a make-synthetic caption, two sprites it never saw together in
@@ -34,11 +50,6 @@ DEMO_UPSCALE = 4  # the model makes 64x64 frames; the videos are written 4x larg
 # The routing modes of `SubjectRoutingState` plus "auto"; spelled out so that `--help` needs no torch import
 # (tests/test_cli.py checks they match `processors.ROUTING_MODES`).
 ROUTING_CHOICES = ("auto", "router", "similarity", "masks", "dense")
-EXAMPLE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-
-
-class UsageError(ValueError):
-    """A mistake in what the user typed: reported as one line on stderr with exit code 2."""
 
 
 # -- argument types (argparse names the flag in its message) ----------------------------------------------------
@@ -84,14 +95,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="generate a multi-subject video",
         description=(
-            "Generate a video from a prompt and reference images of its subjects. Needs a Wan2.1 or DiasR Diffusers "
-            f"checkpoint (e.g. {EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes), or public "
-            "reference-trained weights (--phantom, --skyreels-v3). Every argument is checked before the model loads."
+            "Generate a video from a prompt and reference images of its subjects. Needs a Diffusers checkpoint of a "
+            "supported family, DiasR or stock: Wan2.1/2.2, LTX-Video, CogVideoX or HunyuanVideo-1.5 (e.g. "
+            f"{EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes and fit every family's strides), or "
+            "public reference-trained weights (--phantom, --skyreels-v3). Every argument is checked before the model "
+            "loads."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id")
+    source.add_argument(
+        "--model",
+        help="Diffusers checkpoint (DiasR, or stock Wan, LTX-Video, CogVideoX, HunyuanVideo-1.5): folder or Hub repo id",
+    )
     source.add_argument(
         "--phantom",
         metavar="PATH_OR_REPO",
@@ -138,7 +154,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--guidance-scale",
         type=_finite_float(0.0),
         default=None,
-        help="text guidance (default: the model's reference style: 5.0; Phantom 7.5)",
+        help="text guidance (default: the model's: Wan's reference style 5.0, Phantom 7.5; LTX 3.0; CogVideoX 6.0; "
+        "HunyuanVideo-1.5 its guider's)",
     )
     gen.add_argument(
         "--guidance-scale-ref",
@@ -160,7 +177,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="null threshold of the training-free similarity router (mean cosine)",
     )
     gen.add_argument("--no-route-text", action="store_true", help="do not route text cross-attention")
-    gen.add_argument("--max-sequence-length", type=_int_at_least(1), default=512, help="prompt tokens (Wan: 512)")
+    gen.add_argument(
+        "--max-sequence-length",
+        type=_int_at_least(1),
+        default=None,
+        help="prompt tokens (default: the model family's: Wan 512, LTX 128, CogVideoX 226, HunyuanVideo-1.5 1000)",
+    )
     gen.add_argument("--seed", type=_seed, default=0, help="random seed")
     gen.add_argument("--fps", type=_int_at_least(1), default=16, help="frames per second of the written videos")
     gen.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
@@ -377,255 +399,36 @@ def resolve_dtype(name: str, device: str):
 # -- the model ----------------------------------------------------------------------------------------------------
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _shape_mismatch_sentence(err: BaseException) -> str | None:
-    """One sentence for torch's multi-line ``size mismatch for ...`` load errors; ``None`` for other errors."""
-    lines = [line.strip() for line in str(err).splitlines() if "size mismatch for" in line]
-    if not lines:
-        return None
-    more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
-    return f"its tensor shapes do not fit this model: {lines[0].removeprefix('size mismatch for ')}{more}"
-
-
-def resolve_checkpoint(name: str, flag: str) -> Path:
-    """A local folder for ``name``: the folder itself, or a Hub snapshot. Errors say what was not found, where."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-    from huggingface_hub.utils import validate_repo_id
-
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise UsageError(f"{flag} {name!r} is a file; expected a Diffusers folder or a Hub repo id")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        # Not a possible repo id, so it was meant as a local path.
-        raise UsageError(f"{flag} {name!r}: no such folder ({local.absolute()})") from None
-    from ..pipelines import DiasRPipeline
-
-    try:
-        return Path(DiasRPipeline.download(name))
-    except GatedRepoError:
-        raise UsageError(f"{flag} {name!r}: the Hub repo is gated; accept its terms on huggingface.co and log in (hf auth login)") from None  # fmt: skip
-    except RepositoryNotFoundError:
-        raise UsageError(f"{flag} {name!r}: no local folder {local.absolute()} and no Hub repo {name} (or it is private: log in)") from None  # fmt: skip
-    except LocalEntryNotFoundError:
-        why = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise UsageError(
-            f"{flag} {name!r}: no local folder {local.absolute()}; as a Hub repo id it is not in the cache "
-            f"({constants.HF_HUB_CACHE}) and {why} to download it. Expected a local Diffusers folder or a Hub repo "
-            f"id such as {EXAMPLE_MODEL}"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{flag} {name!r}: could not download it from the Hub: {_first_line(err)}") from None
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{what}: cannot read {path}: {_first_line(err)}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what}: {path} is not a JSON object")
-    return data
-
-
-def checkpoint_class(folder: Path, flag: str = "--model") -> str:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise UsageError(f"{flag} {str(folder)!r} has no model_index.json: not a Diffusers pipeline checkpoint")
-    class_name = _read_json(index, flag).get("_class_name")
-    if class_name not in ("WanPipeline", "DiasRPipeline"):
-        raise UsageError(
-            f"{flag} {str(folder)!r} is a {class_name}; expected a DiasRPipeline or WanPipeline checkpoint"
-        )
-    return class_name
-
-
 def check_model_fits(
     folder: Path, router_folder: Path | None, args: argparse.Namespace, inputs: GenerateInputs
 ) -> None:
-    """Check the sizes and routing flags against the checkpoint's configs, before its weights are loaded."""
-    index = _read_json(folder / "model_index.json", "--model")
-    tcfg_path, vcfg_path = folder / "transformer" / "config.json", folder / "vae" / "config.json"
-    if not tcfg_path.is_file() or not vcfg_path.is_file():
-        return  # not a plain Diffusers layout: the pipeline checks the sizes itself
-    tcfg, vcfg = _read_json(tcfg_path, "--model"), _read_json(vcfg_path, "--model")
-    spatial = int(vcfg.get("scale_factor_spatial", 8))
-    temporal = int(vcfg.get("scale_factor_temporal", 4))
-    pt, ph, pw = tcfg.get("patch_size", (1, 2, 2))
-    rope = int(tcfg.get("rope_max_seq_len", 1024))
-    if (args.frames - 1) % temporal:
-        low = (args.frames - 1) // temporal * temporal + 1
-        raise UsageError(
-            f"--frames must be {temporal}k+1 for this model's VAE, got {args.frames}; e.g. {low} or {low + temporal}"
-        )
-    for flag, size, patch in (("--height", args.height, ph), ("--width", args.width, pw)):
-        step = spatial * patch
-        if size % step:
-            raise UsageError(
-                f"{flag} must be a multiple of {step} for this model (VAE x{spatial}, patch {patch}), got {size}"
-            )
-        if size // step > rope:
-            raise UsageError(
-                f"{flag} {size} is {size // step} tokens but this model's transformer supports at most {rope} "
-                f"(rope_max_seq_len): at most {rope * step} pixels. (Wan2.1's sizes such as 480x832 need a Wan2.1 "
-                f"checkpoint, e.g. {EXAMPLE_MODEL}.)"
-            )
-    latent_frames = (args.frames - 1) // temporal + 1
-    references = sum(len(images) for images in inputs.images)
-    if (latent_frames + references) // pt > rope:
-        raise UsageError(
-            f"--frames {args.frames} ({latent_frames} latent frames) + {references} reference images exceed this "
-            f"model's rope_max_seq_len={rope} frames"
-        )
+    """:func:`diasr_diffusers.pipelines.loading.check_model_fits` for ``diasr generate``'s flags."""
+    from ..pipelines.loading import check_model_fits as check
 
-    router_cfg_path = router_folder / "config.json" if router_folder else None
-    embedded = index.get("id_router")
-    if router_cfg_path is None and isinstance(embedded, list) and embedded and embedded[0] is not None:
-        router_cfg_path = folder / "id_router" / "config.json"
-    if router_folder is not None and not router_cfg_path.is_file():
-        raise UsageError(f"--router {args.router!r} has no config.json: not an IDRouter folder")
-    uses_router = args.routing == "router" or (args.routing == "auto" and inputs.masks is None)
-    if router_cfg_path is None or not router_cfg_path.is_file():
-        if args.routing == "router":
-            raise UsageError("--routing router needs a router: this checkpoint has none; give --router")
-        return
-    rcfg = _read_json(router_cfg_path, "--router")
-    if rcfg.get("_class_name", "IDRouter") != "IDRouter":
-        raise UsageError(f"--router: {router_cfg_path} is a {rcfg.get('_class_name')}, not an IDRouter")
-    hidden = tcfg.get("num_attention_heads", 0) * tcfg.get("attention_head_dim", 0)
-    want = {"hidden_dim": hidden, "text_dim": tcfg.get("text_dim"), "num_layers": tcfg.get("num_layers")}
-    bad = {k: (rcfg.get(k), v) for k, v in want.items() if v is not None and rcfg.get(k) is not None and rcfg[k] != v}
-    if bad:
-        diff = ", ".join(f"{k} {got} (model: {need})" for k, (got, need) in bad.items())
-        raise UsageError(f"the router ({router_cfg_path.parent}) was made for another model: {diff}")
-    limit = rcfg.get("max_subjects")
-    if uses_router and isinstance(limit, int) and len(inputs.phrases) > limit:
-        raise UsageError(f"{len(inputs.phrases)} --subject given but the router supports at most {limit}")
+    check(
+        folder, router_folder, num_frames=args.frames, height=args.height, width=args.width, routing=args.routing,
+        num_references=sum(len(images) for images in inputs.images), num_subjects=len(inputs.phrases),
+        has_masks=inputs.masks is not None, router_name=getattr(args, "router", None),
+    )  # fmt: skip
 
 
-def load_pipeline(
-    model: str | os.PathLike, router: str | os.PathLike | None = None, dtype: Any = None, lora: str | None = None
-):
-    """A :class:`DiasRPipeline` from a DiasR checkpoint, or from a stock Wan2.1 one (+ optional router and LoRA).
+def check_family_supports_generate(folder: Path, name: str, flag: str = "--model") -> None:
+    """Refuse, by family and before any weights load, a checkpoint whose family cannot take these commands' inputs
+    (Ingredients takes faces, not phrases with reference images)."""
+    from ..families import UnsupportedFamilyError
 
-    ``model`` and ``router`` are local folders or Hub repo ids. Weights that do not fit the model raise a
-    :class:`UsageError` of one sentence.
-    """
-    from ..pipelines import DiasRPipeline
-    from ..routing import IDRouter
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    folder = resolve_checkpoint(str(model), "--model")
-    class_name = checkpoint_class(folder)
-    id_router = None
-    if router is not None:
-        router_folder = resolve_checkpoint(str(router), "--router")
-        try:
-            id_router = IDRouter.from_pretrained(router_folder)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise UsageError(
-                f"--router {str(router)!r}: {_shape_mismatch_sentence(err) or _first_line(err)}"
-            ) from None
+    spec, _ = checkpoint_family(folder, flag)
     try:
-        if class_name == "WanPipeline":
-            pipe = DiasRPipeline.from_wan(str(folder), id_router=id_router, **kwargs)
-        else:
-            pipe = DiasRPipeline.from_pretrained(
-                str(folder), **({"id_router": id_router} if id_router is not None else {}), **kwargs
-            )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UsageError(f"--model {str(model)!r} could not be loaded: {_shape_mismatch_sentence(err) or _first_line(err)}") from None  # fmt: skip
-    if lora is not None:
-        load_lora(pipe, lora)
-    return pipe
+        spec.check_supports("generate", f"{flag} {name!r}")
+    except UnsupportedFamilyError as err:
+        raise UsageError(str(err)) from None
 
 
-def load_public_pipeline(
-    phantom: str | None = None,
-    skyreels_v3: str | None = None,
-    base: str | None = None,
-    phantom_size: str = "1.3B",
-    router: str | os.PathLike | None = None,
-    dtype: Any = None,
-):
-    """A :class:`DiasRPipeline` from Phantom-Wan weights (+ a Wan2.1 ``base``) or a SkyReels-V3 R2V folder, with an
-    optional router. Weights that cannot be read raise a :class:`UsageError` of one sentence."""
-    from ..pipelines import DiasRPipeline
+def load_pipeline(*args: Any, **kwargs: Any) -> Any:
+    """:func:`diasr_diffusers.pipelines.loading.load_pipeline` (imported on use: ``--help`` needs no torch)."""
+    from ..pipelines.loading import load_pipeline as load
 
-    if (phantom is None) == (skyreels_v3 is None):
-        raise ValueError("give exactly one of `phantom` and `skyreels_v3`")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    flag, source = ("--phantom", phantom) if phantom is not None else ("--skyreels-v3", skyreels_v3)
-    try:
-        if phantom is not None:
-            base_kwargs = {"base": base} if base is not None else {}
-            return DiasRPipeline.from_phantom(phantom, size=phantom_size, id_router=router, **base_kwargs, **kwargs)
-        return DiasRPipeline.from_skyreels_v3(skyreels_v3, id_router=router, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UsageError(f"{flag} {source!r} could not be loaded: {_shape_mismatch_sentence(err) or _first_line(err)}") from None  # fmt: skip
-
-
-def load_lora(pipe: Any, lora: str) -> None:
-    """``pipe.load_lora_weights`` with one clear sentence for weights made for another model."""
-    import logging
-
-    from ..training.trainer import LORA_2_WEIGHT_NAME
-
-    path = Path(lora).expanduser()
-    kwargs: dict[str, Any] = {}
-    source: str | Path = lora
-    if path.is_file():
-        source, kwargs["weight_name"] = path.parent, path.name
-    elif path.is_dir():
-        source = path
-    diffusers_logger = logging.getLogger("diffusers")
-    level = diffusers_logger.level
-    # Diffusers logs every mismatching tensor at ERROR level before raising: the sentence below replaces that.
-    diffusers_logger.setLevel(logging.CRITICAL)
-    try:
-        pipe.load_lora_weights(str(source), **kwargs)
-        # A Wan2.2 A14B training output: the low-noise expert's LoRA is its own file (as Diffusers loads them).
-        second = path / LORA_2_WEIGHT_NAME
-        if path.is_dir() and second.is_file() and getattr(pipe, "transformer_2", None) is not None:
-            pipe.load_lora_weights(str(path), weight_name=second.name, load_into_transformer_2=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UsageError(f"--lora {lora!r}: {_shape_mismatch_sentence(err) or _first_line(err)}") from None
-    finally:
-        diffusers_logger.setLevel(level)
-
-
-def check_lora(value: str | None) -> None:
-    if value is None:
-        return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(value).expanduser()
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise UsageError(f"--lora {value!r}: expected a .safetensors file (pickled weights are not loaded)")
-        return
-    if path.is_dir():
-        if not any(path.glob("*.safetensors")):
-            raise UsageError(f"--lora {value!r}: the folder has no .safetensors file")
-        return
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        raise UsageError(f"--lora {value!r}: no such file or folder ({path.absolute()})") from None
+    return load(*args, **kwargs)
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
@@ -707,7 +510,7 @@ def _generate(args: argparse.Namespace) -> int:
     router_folder = resolve_checkpoint(args.router, "--router") if args.router else None
     if args.model is not None:
         folder = resolve_checkpoint(args.model, "--model")
-        checkpoint_class(folder)
+        check_family_supports_generate(folder, args.model)
         check_model_fits(folder, router_folder, args, inputs)
         pipe = load_pipeline(folder, router_folder, dtype=dtype, lora=args.lora)
     else:
@@ -728,12 +531,12 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         num_frames=args.frames,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
         guidance_scale_ref=args.guidance_scale_ref,
         routing=args.routing,
         route_text=not args.no_route_text,
         similarity_threshold=args.similarity_threshold,
-        max_sequence_length=args.max_sequence_length,
+        # Left out when not given: each family's pipeline has its own default (LTX's is not Wan's).
+        **{k: v for k, v in (("guidance_scale", args.guidance_scale), ("max_sequence_length", args.max_sequence_length)) if v is not None},  # fmt: skip
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         return_routing_maps=inputs.maps_out is not None,
     )

@@ -20,13 +20,14 @@ from diffusers.models.embeddings import apply_rotary_emb
 from .core import (
     RoutedAttnProcessorBase,
     SubjectRoutingState,
-    install_subject_processors,
-    route_video_tokens,
+    local_heads,
     routed_joint_attention,
+    set_subject_sparse_attn_processor,
+    video_token_count,
 )
 
 
-class CogVideoXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
+class CogVideoXSubjectSparseAttnProcessor(RoutedAttnProcessorBase, CogVideoXAttnProcessor2_0):
     r"""Subject-sparse attention for CogVideoX, a drop-in for ``CogVideoXAttnProcessor2_0``.
 
     Without a state, or while the state has no subjects (or ``mode="dense"``), it is the stock processor over the
@@ -64,27 +65,18 @@ class CogVideoXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.routes(attention_mask)
         if state is None:
-            return CogVideoXAttnProcessor2_0.__call__(
-                self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         lt = encoder_hidden_states.shape[1]
-        lv = hidden_states.shape[1] - sum(state.ref_lengths)
-        if lv <= 0:
-            raise ValueError(
-                f"the sequence has {hidden_states.shape[1]} visual tokens but the state declares "
-                f"{sum(state.ref_lengths)} reference tokens"
-            )
+        lv = video_token_count(state, hidden_states.shape[1])
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        query, key, value = (proj(joint) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        heads = local_heads(attn, query)
+        query, key, value = (t.unflatten(2, (heads, -1)) for t in (query, key, value))
         if attn.norm_q is not None:  # LayerNorm over the head dim: the (B, L, H, D) layout does not change it
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        buckets, bias = route_video_tokens(
-            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:],
-            query[:, lt : lt + lv], key[:, lt + lv :],
-        )  # fmt: skip
-        state.current_buckets = buckets
+        buckets, bias = self.route(attn, state, hidden_states, query[:, lt:], key[:, lt:])
         if image_rotary_emb is not None:  # CogVideoX rotates the visual tokens only
             query = torch.cat([query[:, :lt], apply_rotary_emb(query[:, lt:], image_rotary_emb, sequence_dim=1)], 1)
             key = torch.cat([key[:, :lt], apply_rotary_emb(key[:, lt:], image_rotary_emb, sequence_dim=1)], 1)
@@ -98,6 +90,6 @@ class CogVideoXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
 def set_cogvideox_subject_sparse_attn_processor(
     transformer: Any, state: SubjectRoutingState | None = None
 ) -> SubjectRoutingState:
-    """Install one :class:`CogVideoXSubjectSparseAttnProcessor` per attention module of a CogVideoX transformer,
-    all sharing ``state`` (a new one if ``None``), each knowing its block index. Returns the state."""
-    return install_subject_processors(transformer, state, CogVideoXSubjectSparseAttnProcessor)
+    """:func:`~diasr_diffusers.processors.set_subject_sparse_attn_processor` for a ``CogVideoXTransformer3DModel``
+    only (another family's transformer is refused). Returns the shared state."""
+    return set_subject_sparse_attn_processor(transformer, state, family="cogvideox")

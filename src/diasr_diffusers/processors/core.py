@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .._diffusers_compat import context_parallel_config, functional_collectives, parallel_config_of
 from ..ops import bucketed_attention
 from ..routing.router import buckets_from_logits, chosen_log_prob
 
@@ -290,10 +291,8 @@ def similarity_logits(
     sim = torch.einsum("blhd,bnhd->bln", q, means)
     heads = q.shape[2]
     if heads_group is not None:
-        import torch.distributed._functional_collectives as funcol
-
         # Routing is hard (argmax): nothing differentiates through the similarity, so a plain all-reduce will do.
-        sim = funcol.all_reduce(sim.detach(), "sum", heads_group)
+        sim = functional_collectives().all_reduce(sim.detach(), "sum", heads_group)
         heads = heads * dist.get_world_size(heads_group)  # Diffusers' tensor parallelism shards heads evenly
     sim = sim / heads
     null = sim.new_full((*sim.shape[:2], 1), threshold)
@@ -553,9 +552,45 @@ def routed_joint_attention(
     return text_out, torch.cat(video_outs), torch.cat(ref_outs)
 
 
+def heads_group(attn: torch.nn.Module) -> dist.ProcessGroup | None:
+    """The process group an attention module's heads are sharded over (tensor parallelism: ``to_q`` is a DTensor
+    sharded along its output features), or ``None``."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    weight = getattr(getattr(attn, "to_q", None), "weight", None)
+    if isinstance(weight, DTensor) and any(p.is_shard(0) for p in weight.placements):
+        return weight.device_mesh.get_group()
+    return None
+
+
+def local_heads(attn: Any, projected: torch.Tensor) -> int:
+    """The heads a ``(B, L, heads * head_dim)`` projection of ``attn`` holds on this rank: all of ``attn.heads``, or
+    this rank's share under tensor parallelism (the projection is then narrower than ``attn.inner_dim``)."""
+    return projected.shape[-1] * attn.heads // attn.inner_dim
+
+
+def video_token_count(state: SubjectRoutingState, num_tokens: int) -> int:
+    """``Lv``: the video tokens of a ``[video | refs]`` sequence of ``num_tokens``; a sequence with no video token
+    left after the state's references is refused (a state set for another call, or references not appended)."""
+    lv = num_tokens - sum(state.ref_lengths)
+    if lv <= 0:
+        raise ValueError(
+            f"the sequence has {num_tokens} video + reference tokens but the state declares "
+            f"{sum(state.ref_lengths)} reference tokens (were the reference frames appended after the video?)"
+        )
+    return lv
+
+
 class RoutedAttnProcessorBase:
     """What every family's ``SubjectSparseAttnProcessor`` shares: the routing ``state`` (``None`` = always stock),
-    its block index ``layer_idx`` (for per-layer ``IDRouter`` heads), and Diffusers' context-parallel hooks."""
+    its block index ``layer_idx`` (for per-layer ``IDRouter`` heads), Diffusers' context-parallel hooks and the
+    routing of the video tokens (:meth:`route`).
+
+    An adapter also inherits from its family's stock processor (``class LTXSubjectSparseAttnProcessor(
+    RoutedAttnProcessorBase, LTXVideoAttnProcessor)``), so its stock code path is ``super().__call__(...)``.
+    """
 
     # Context parallelism (diffusers' rules): these class attributes are set by `enable_parallelism()`.
     _attention_backend = None
@@ -565,6 +600,7 @@ class RoutedAttnProcessorBase:
     supports_context_parallel = False
 
     def __init__(self, state: SubjectRoutingState | None = None, layer_idx: int | None = None):
+        super().__init__()  # the stock processor's checks (PyTorch 2.0's SDPA)
         if state is not None and not isinstance(state, SubjectRoutingState):
             raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
         if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0):
@@ -585,6 +621,29 @@ class RoutedAttnProcessorBase:
                 "does); use `routing='dense'` or run without `enable_parallelism`"
             )
         return state
+
+    def route(
+        self,
+        attn: Any,
+        state: SubjectRoutingState,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Route this layer's video tokens: ``(buckets (B, Lv), segment bias or None)``, also kept as
+        ``state.current_buckets`` for the block's text cross-attention.
+
+        ``hidden_states``: ``(B, Lv + R, C)`` the attention's ``[video | refs]`` input (router features);
+        ``query``/``key``: ``(B, Lv + R, H, D)`` their projections before rotary embedding (similarity features),
+        ``H`` this rank's heads.
+        """
+        lv = video_token_count(state, hidden_states.shape[1])
+        buckets, bias = route_video_tokens(
+            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:],
+            heads_group=heads_group(attn),
+        )  # fmt: skip
+        state.current_buckets = buckets
+        return buckets, bias
 
 
 def _is_xformers(backend: Any) -> bool:
@@ -609,6 +668,18 @@ def block_indices(names: list[str]) -> dict[str, int | None]:
     return out
 
 
+def check_processors_before_parallelism(transformer: Any) -> None:
+    """Refuse to install processors on a transformer that already has context parallelism: Diffusers hands its
+    config to the processors present when ``enable_parallelism`` runs, so later ones would attend within each rank's
+    rows only (silently wrong)."""
+    if context_parallel_config(parallel_config_of(transformer)) is not None:
+        raise RuntimeError(
+            "this transformer already has context parallelism: install the subject-sparse processors first "
+            "(`set_subject_sparse_attn_processor(transformer)`, or build the DiasRPipeline), then call "
+            "`transformer.enable_parallelism(...)`"
+        )
+
+
 def install_subject_processors(
     transformer: Any,
     state: SubjectRoutingState | None,
@@ -618,6 +689,9 @@ def install_subject_processors(
     """Install one ``processor_class(state, layer_idx)`` per attention module of ``transformer``, all sharing
     ``state`` (a new one if ``None``), each knowing its block index (:func:`block_indices`). Returns the state.
 
+    The low-level step under :func:`set_subject_sparse_attn_processor` (which picks ``processor_class`` and ``only``
+    from the transformer's family): it does not check that ``processor_class`` fits the transformer.
+
     ``only``: a module-name prefix (e.g. ``"transformer_blocks."``); attention modules outside it (a text refiner's)
     keep their processors and are not counted as blocks. An attention backend set with
     ``transformer.set_attention_backend(...)`` is kept on the new processors (it applies to their stock code paths);
@@ -625,12 +699,10 @@ def install_subject_processors(
     with Diffusers' ``XFormersAttnProcessor``. Under an xFormers backend, routed attention with
     ``SubjectRoutingState.backend="auto"`` runs ``bucketed_attention(..., backend="xformers")``.
     Install before ``transformer.enable_parallelism(...)``: afterwards this raises
-    (:func:`~.parallel.check_processors_before_parallelism`).
+    (:func:`check_processors_before_parallelism`).
     """
     from diffusers.models.attention_dispatch import AttentionBackendName
     from diffusers.models.attention_processor import XFormersAttnProcessor
-
-    from .parallel import check_processors_before_parallelism  # parallel.py builds on this module
 
     if state is not None and not isinstance(state, SubjectRoutingState):
         raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
@@ -658,3 +730,59 @@ def install_subject_processors(
         processors[name] = processor
     transformer.set_attn_processor(processors)
     return state
+
+
+def set_subject_sparse_attn_processor(
+    transformer: Any, state: SubjectRoutingState | None = None, *, family: str | None = None
+) -> SubjectRoutingState:
+    """Install subject-sparse attention on any supported Diffusers video transformer: one processor per attention
+    module (its family's adapter, :data:`~diasr_diffusers.families.FAMILIES`), all sharing ``state`` (a new one if
+    ``None``), each knowing its block index. Returns the state. With no subjects active the transformer computes
+    exactly what it did with its stock processors.
+
+    Supported: ``WanTransformer3DModel`` (Wan2.1 / Wan2.2), ``LTXVideoTransformer3DModel``,
+    ``CogVideoXTransformer3DModel`` and ``HunyuanVideo15Transformer3DModel`` (and their subclasses). Any other class,
+    and the Ingredients transformer (which routes identities with its own routers), is refused here, naming the
+    supported classes, instead of failing in the first forward.
+
+    Install before ``transformer.enable_parallelism(...)`` (Diffusers' rule for custom processors). An attention
+    backend set with ``transformer.set_attention_backend(...)`` is kept for the stock code paths (no subjects,
+    ``routing="dense"``, unrouted cross-attention); routed attention runs
+    :func:`~diasr_diffusers.ops.bucketed_attention` (backend: ``SubjectRoutingState.backend``).
+
+    Args:
+        transformer: e.g. ``pipe.transformer``.
+        state: the routing state to share (e.g. a pipeline's ``routing_state``).
+        family: the family this call expects (a key of ``FAMILIES``); a transformer of another family is refused.
+            The per-family installers (``set_ltx_subject_sparse_attn_processor``...) pass theirs.
+
+    Example:
+        ```py
+        >>> from diasr_diffusers import set_subject_sparse_attn_processor
+        >>> state = set_subject_sparse_attn_processor(pipe.transformer)  # Wan, LTX, CogVideoX or HunyuanVideo-1.5
+        >>> with state.activate(ref_lengths=[1560, 1560], mode="similarity"):
+        ...     noise_pred = pipe.transformer(torch.cat([latents, ref_latents], dim=2), t, prompt_embeds)[0]
+        ```
+    """
+    from ..families import FAMILIES, UnsupportedFamilyError, family_for_transformer, supported_transformer_classes
+
+    if state is not None and not isinstance(state, SubjectRoutingState):
+        raise TypeError(f"`state` must be a SubjectRoutingState or None, got {type(state).__name__}")
+    name = type(transformer).__name__
+    supported = f"supported: {', '.join(supported_transformer_classes(with_processor=True))}"
+    try:
+        spec = family_for_transformer(transformer)
+    except UnsupportedFamilyError:
+        raise UnsupportedFamilyError(
+            f"`transformer` must be a Diffusers video transformer of a supported family, got a {name}; {supported}"
+        ) from None
+    if spec.processor is None:
+        raise UnsupportedFamilyError(
+            f"subject-sparse attention is not installed on a {name}: {spec.title} {spec.no_processor_reason}. {supported}"
+        )
+    if family is not None and spec.name != family:
+        raise UnsupportedFamilyError(
+            f"this installer is for {FAMILIES[family].title} transformers, got a {name} ({spec.title}): use "
+            "`set_subject_sparse_attn_processor(transformer)`, which picks the family's processor"
+        )
+    return install_subject_processors(transformer, state, spec.processor_class(), only=spec.processor_prefix)

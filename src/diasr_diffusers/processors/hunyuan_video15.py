@@ -19,13 +19,14 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from .core import (
     RoutedAttnProcessorBase,
     SubjectRoutingState,
-    install_subject_processors,
-    route_video_tokens,
+    local_heads,
     routed_joint_attention,
+    set_subject_sparse_attn_processor,
+    video_token_count,
 )
 
 
-class HunyuanVideo15SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
+class HunyuanVideo15SubjectSparseAttnProcessor(RoutedAttnProcessorBase, HunyuanVideo15AttnProcessor2_0):
     r"""Subject-sparse attention for HunyuanVideo-1.5's dual-stream blocks, a drop-in for
     ``HunyuanVideo15AttnProcessor2_0`` (who sees what: :func:`~diasr_diffusers.processors.core.routed_joint_attention`).
 
@@ -50,28 +51,18 @@ class HunyuanVideo15SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
         # The mask is the text padding mask, always given: it is handled below, not a reason to run stock.
         state = self.routes()
         if state is None or encoder_hidden_states is None:
-            return HunyuanVideo15AttnProcessor2_0.__call__(
-                self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-        lv = hidden_states.shape[1] - sum(state.ref_lengths)
-        if lv <= 0:
-            raise ValueError(
-                f"the sequence has {hidden_states.shape[1]} visual tokens but the state declares "
-                f"{sum(state.ref_lengths)} reference tokens"
-            )
-        query, key, value = (
-            p(hidden_states).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v)
-        )
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        lv = video_token_count(state, hidden_states.shape[1])
+        query, key, value = (p(hidden_states) for p in (attn.to_q, attn.to_k, attn.to_v))
+        heads = local_heads(attn, query)
+        query, key, value = (t.unflatten(2, (heads, -1)) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
-        buckets, bias = route_video_tokens(
-            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:]
-        )
-        state.current_buckets = buckets
+        buckets, bias = self.route(attn, state, hidden_states, query, key)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         text = [
-            p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            p(encoder_hidden_states).unflatten(2, (heads, -1))
             for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
         ]
         if attn.norm_added_q is not None:
@@ -90,8 +81,7 @@ class HunyuanVideo15SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
 def set_hunyuan_video15_subject_sparse_attn_processor(
     transformer: Any, state: SubjectRoutingState | None = None
 ) -> SubjectRoutingState:
-    """Install :class:`HunyuanVideo15SubjectSparseAttnProcessor` on every dual-stream block of a HunyuanVideo-1.5
-    transformer (its text refiner keeps its own processors), all sharing ``state``. Returns the state."""
-    return install_subject_processors(
-        transformer, state, HunyuanVideo15SubjectSparseAttnProcessor, only="transformer_blocks."
-    )
+    """:func:`~diasr_diffusers.processors.set_subject_sparse_attn_processor` for a
+    ``HunyuanVideo15Transformer3DModel`` only: every dual-stream block (its text refiner keeps its own processors).
+    Returns the shared state."""
+    return set_subject_sparse_attn_processor(transformer, state, family="hunyuan_video15")

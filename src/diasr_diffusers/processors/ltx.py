@@ -18,14 +18,14 @@ from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor,
 from .core import (
     RoutedAttnProcessorBase,
     SubjectRoutingState,
-    install_subject_processors,
-    route_video_tokens,
+    local_heads,
     routed_cross_attention,
     routed_self_attention,
+    set_subject_sparse_attn_processor,
 )
 
 
-class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
+class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase, LTXVideoAttnProcessor):
     r"""Subject-sparse attention for LTX-Video (``LTXAttention``), a drop-in for ``LTXVideoAttnProcessor``.
 
     Without a state, or while the state has no subjects, it is the stock processor (same outputs). With subjects
@@ -60,17 +60,12 @@ class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
         # Cross-attention always carries LTX's prompt padding mask (routed text lists the valid positions only, see
         # above); a masked self-attention (LTX never makes one) stays stock.
         state = self.routes(None if is_cross else attention_mask)
-        if state is None:
-            return LTXVideoAttnProcessor.__call__(
-                self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
+        if state is None or (is_cross and (state.text_segments is None or state.current_buckets is None)):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if is_cross:
-            if state.text_segments is None or state.current_buckets is None:
-                return LTXVideoAttnProcessor.__call__(
-                    self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-                )
             query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
-            out = routed_cross_attention(*(t.unflatten(2, (attn.heads, -1)) for t in (query, key, value)), state,
+            heads = local_heads(attn, query)
+            out = routed_cross_attention(*(t.unflatten(2, (heads, -1)) for t in (query, key, value)), state,
                                          state.current_buckets)  # fmt: skip
         else:
             out = self._self_attention(attn, hidden_states, image_rotary_emb, state)
@@ -85,18 +80,9 @@ class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
 
     def _self_attention(self, attn, hidden_states, image_rotary_emb, state: SubjectRoutingState) -> torch.Tensor:
         query, key, value = self._project(attn, hidden_states, None)
-        lv = hidden_states.shape[1] - sum(state.ref_lengths)
-        if lv <= 0:
-            raise ValueError(
-                f"the sequence has {hidden_states.shape[1]} tokens but the state declares {sum(state.ref_lengths)} "
-                "reference tokens"
-            )
-        heads = attn.heads
-        buckets, bias = route_video_tokens(
-            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:],
-            query[:, :lv].unflatten(2, (heads, -1)), key[:, lv:].unflatten(2, (heads, -1)),
-        )  # fmt: skip
-        state.current_buckets = buckets
+        heads = local_heads(attn, query)
+        buckets, bias = self.route(attn, state, hidden_states, query.unflatten(2, (heads, -1)),
+                                   key.unflatten(2, (heads, -1)))  # fmt: skip
         if image_rotary_emb is not None:  # LTX rotates the flattened heads (after the norm), as its processor does
             query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (t.unflatten(2, (heads, -1)) for t in (query, key, value))
@@ -106,11 +92,6 @@ class LTXSubjectSparseAttnProcessor(RoutedAttnProcessorBase):
 def set_ltx_subject_sparse_attn_processor(
     transformer: Any, state: SubjectRoutingState | None = None
 ) -> SubjectRoutingState:
-    """Install one :class:`LTXSubjectSparseAttnProcessor` per attention module of an ``LTXVideoTransformer3DModel``,
-    all sharing ``state`` (a new one if ``None``), each knowing its block index. Returns the state."""
-    if not hasattr(transformer, "transformer_blocks"):
-        raise TypeError(
-            f"`transformer` must be a Diffusers LTXVideoTransformer3DModel (e.g. `pipe.transformer`), got "
-            f"{type(transformer).__name__}"
-        )
-    return install_subject_processors(transformer, state, LTXSubjectSparseAttnProcessor)
+    """:func:`~diasr_diffusers.processors.set_subject_sparse_attn_processor` for an ``LTXVideoTransformer3DModel``
+    only (another family's transformer is refused). Returns the shared state."""
+    return set_subject_sparse_attn_processor(transformer, state, family="ltx")

@@ -32,7 +32,36 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .core import SubjectRoutingState, route_video_tokens, routed_cross_attention, routed_self_attention
+from .._diffusers_compat import (
+    context_parallel_config,
+    flattened_group,
+    functional_collectives,
+    gather_size_by_comm,
+    heads_to_seq,
+    parallel_config_of,
+    seq_to_heads,
+    ulysses_group,
+)
+from .core import (
+    SubjectRoutingState,
+    check_processors_before_parallelism,
+    heads_group,
+    route_video_tokens,
+    routed_cross_attention,
+    routed_self_attention,
+)
+
+# Defined in core.py / _diffusers_compat.py (core must not import this module); kept here as public names.
+__all__ = [
+    "RING_UNSUPPORTED",
+    "SequenceShard",
+    "check_context_parallel_inputs",
+    "check_processors_before_parallelism",
+    "context_parallel_config",
+    "heads_group",
+    "ulysses_routed_cross_attention",
+    "ulysses_routed_self_attention",
+]
 
 RING_UNSUPPORTED = (
     "subject-sparse attention does not support ring attention (`ContextParallelConfig(ring_degree > 1)`): a ring "
@@ -43,37 +72,16 @@ RING_UNSUPPORTED = (
 )
 
 
-def context_parallel_config(parallel_config: Any) -> Any | None:
-    """The ``ContextParallelConfig`` inside a processor's ``_parallel_config`` (set by ``enable_parallelism``), or
-    ``None`` when the transformer runs without context parallelism."""
-    return getattr(parallel_config, "context_parallel_config", None) if parallel_config is not None else None
-
-
-def heads_group(attn: torch.nn.Module) -> dist.ProcessGroup | None:
-    """The process group an attention module's heads are sharded over (tensor parallelism: ``to_q`` is a DTensor
-    sharded along its output features), or ``None``."""
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    weight = getattr(getattr(attn, "to_q", None), "weight", None)
-    if isinstance(weight, DTensor) and any(p.is_shard(0) for p in weight.placements):
-        return weight.device_mesh.get_group()
-    return None
-
-
 def _gather_rows(part: torch.Tensor, counts: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate along dim 1 the ``counts[r]`` rows each rank ``r`` holds (the same result on every rank).
 
     Rows are padded to the longest share so the all-gather has equal shapes (gloo refuses uneven ones);
     differentiable: the backward hands every rank the gradient of its own rows.
     """
-    import torch.distributed._functional_collectives as funcol
-
     longest = max(counts)
     if part.shape[1] < longest:
         part = torch.cat([part, part.new_zeros((part.shape[0], longest - part.shape[1], *part.shape[2:]))], dim=1)
-    gathered = funcol.all_gather_tensor_autograd(part.contiguous(), gather_dim=1, group=group)
+    gathered = functional_collectives().all_gather_tensor_autograd(part.contiguous(), gather_dim=1, group=group)
     return torch.cat([p[:, :n] for p, n in zip(gathered.split(longest, dim=1), counts)], dim=1)
 
 
@@ -92,9 +100,7 @@ class SequenceShard:
 
     @classmethod
     def build(cls, config: Any, local_length: int, num_ref_tokens: int) -> SequenceShard:
-        from diffusers.models._modeling_parallel import gather_size_by_comm
-
-        group = config._flattened_mesh.get_group()
+        group = flattened_group(config)
         world = dist.get_world_size(group)
         # The equal split has one size by construction; only "anything" mode needs the (tiny) size all-gather.
         sizes = gather_size_by_comm(local_length, group) if config.ulysses_anything else [local_length] * world
@@ -107,7 +113,7 @@ class SequenceShard:
 
     @property
     def group(self) -> dist.ProcessGroup:
-        return self.config._flattened_mesh.get_group()
+        return flattened_group(self.config)
 
     def bounds(self, rank: int | None = None) -> tuple[int, int]:
         """``[start, stop)`` of a rank's rows in the whole sequence (this rank's by default)."""
@@ -142,26 +148,12 @@ class SequenceShard:
 
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """Ulysses all-to-all ``(B, l, H, D)`` -> ``(B, L, H_local, D)`` (Diffusers' own exchange)."""
-        group = self.config._ulysses_mesh.get_group()
-        if self.config.ulysses_anything:
-            from diffusers.models.attention_dispatch import all_to_all_single_any_qkv_async
-
-            return all_to_all_single_any_qkv_async(x, group)()
-        from diffusers.models.attention_dispatch import SeqAllToAllDim
-
-        return SeqAllToAllDim.apply(group, x, 2, 1)
+        return seq_to_heads(x, ulysses_group(self.config), self.config.ulysses_anything)
 
     def to_sequence(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         """The inverse of :meth:`to_heads`: ``(B, L, H_local, D)`` -> ``(B, l, H, D)``."""
-        group = self.config._ulysses_mesh.get_group()
-        if self.config.ulysses_anything:
-            from diffusers.models.attention_dispatch import all_to_all_single_any_o_async
-
-            local = self.sizes[self.rank]
-            return all_to_all_single_any_o_async(x, group, NUM_QO_HEAD=num_heads, Q_S_LOCAL=local)()
-        from diffusers.models.attention_dispatch import SeqAllToAllDim
-
-        return SeqAllToAllDim.apply(group, x, 1, 2)
+        return heads_to_seq(x, ulysses_group(self.config), self.config.ulysses_anything, num_heads,
+                            self.sizes[self.rank])  # fmt: skip
 
 
 def _check_config(config: Any, num_heads: int) -> None:
@@ -235,8 +227,7 @@ def ulysses_routed_cross_attention(
 def check_context_parallel_inputs(transformer: Any, sequence_lengths: list[int]) -> None:
     """Raise a ``ValueError`` naming the fix when Diffusers' context parallelism would refuse these sequences deep in
     the transformer (an ``AssertionError`` of its equal split): lengths or heads that do not divide the degree."""
-    parallel = getattr(transformer, "_parallel_config", None)
-    config = context_parallel_config(parallel)
+    config = context_parallel_config(parallel_config_of(transformer))
     if config is None or config.ulysses_anything or config.ring_anything:
         return
     heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
@@ -252,16 +243,4 @@ def check_context_parallel_inputs(transformer: Any, sequence_lengths: list[int])
             f"context parallelism over {degree} ranks splits the token sequence evenly, but this call has sequences "
             f"of {bad} tokens (video + reference frames); pick frames/height/width so the tokens divide by {degree}, "
             "or enable uneven splits with `ContextParallelConfig(ulysses_degree=..., ulysses_anything=True)`"
-        )
-
-
-def check_processors_before_parallelism(transformer: Any) -> None:
-    """Refuse to install processors on a transformer that already has context parallelism: Diffusers hands its
-    config to the processors present when ``enable_parallelism`` runs, so later ones would attend within each rank's
-    rows only (silently wrong)."""
-    if context_parallel_config(getattr(transformer, "_parallel_config", None)) is not None:
-        raise RuntimeError(
-            "this transformer already has context parallelism: install the subject-sparse processors first "
-            "(`set_subject_sparse_attn_processor(transformer)`, or build the DiasRPipeline), then call "
-            "`transformer.enable_parallelism(...)`"
         )

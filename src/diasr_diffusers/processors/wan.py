@@ -10,22 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from .._diffusers_compat import context_parallel_config, private
 from .core import (
     RoutedAttnProcessorBase,
     SubjectRoutingState,
-    install_subject_processors,
-    route_video_tokens,
+    local_heads,
     routed_cross_attention,
     routed_self_attention,
+    set_subject_sparse_attn_processor,
 )
-from .parallel import (
-    context_parallel_config,
-    heads_group,
-    ulysses_routed_cross_attention,
-    ulysses_routed_self_attention,
-)
+from .parallel import ulysses_routed_cross_attention, ulysses_routed_self_attention
+
+# Resolved once here, not per call: a call through the compat module's import machinery would break torch.compile graphs.
+_get_qkv_projections = private("get_qkv_projections")
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -38,7 +37,7 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return out.type_as(x)
 
 
-class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
+class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
     r"""Subject-sparse attention for Wan (``WanAttention``), a drop-in for ``WanAttnProcessor``.
 
     Without a state, or while the state has no subjects, it is the stock processor (same outputs). With subjects
@@ -73,9 +72,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     ) -> torch.Tensor:
         state = self.routes(attention_mask)
         if state is None:
-            return WanAttnProcessor.__call__(
-                self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb
-            )
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attn.is_cross_attention:
             return self._cross_attention(attn, hidden_states, encoder_hidden_states, state)
         return self._self_attention(attn, hidden_states, rotary_emb, state)
@@ -83,8 +80,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        # Heads from the projection's width, not `attn.heads`: under tensor parallelism it holds this rank's heads.
-        heads = query.shape[-1] * attn.heads // attn.inner_dim
+        heads = local_heads(attn, query)
         return (t.unflatten(2, (heads, -1)) for t in (query, key, value))
 
     def _self_attention(self, attn, hidden_states, rotary_emb, state: SubjectRoutingState) -> torch.Tensor:
@@ -94,17 +90,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
             rotate = (lambda x: _apply_rotary(x, *rotary_emb)) if rotary_emb is not None else None
             out = ulysses_routed_self_attention(state, self.layer_idx, hidden_states, query, key, value, rotate, cp)
             return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
-        lv = hidden_states.shape[1] - sum(state.ref_lengths)
-        if lv <= 0:
-            raise ValueError(
-                f"the sequence has {hidden_states.shape[1]} tokens but the state declares {sum(state.ref_lengths)} "
-                "reference tokens"
-            )
-        buckets, bias = route_video_tokens(
-            state, self.layer_idx, hidden_states[:, :lv], hidden_states[:, lv:], query[:, :lv], key[:, lv:],
-            heads_group=heads_group(attn),
-        )  # fmt: skip
-        state.current_buckets = buckets
+        buckets, bias = self.route(attn, state, hidden_states, query, key)
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
         out = routed_self_attention(query, key, value, state, buckets, bias)
@@ -114,7 +100,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
     def _cross_attention(self, attn, hidden_states, encoder_hidden_states, state: SubjectRoutingState) -> torch.Tensor:
         if state.text_segments is None or state.current_buckets is None or attn.add_k_proj is not None:
             # No text routing requested (or an I2V image branch we do not route): stock cross-attention.
-            return WanAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, None, None)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, None, None)
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
         cp = context_parallel_config(self._parallel_config)
         if cp is not None:
@@ -125,15 +111,12 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def set_subject_sparse_attn_processor(
+def set_wan_subject_sparse_attn_processor(
     transformer: Any, state: SubjectRoutingState | None = None
 ) -> SubjectRoutingState:
-    """Install one :class:`SubjectSparseAttnProcessor` per attention module of a Wan transformer, all sharing
-    ``state`` (a new one if ``None``), each knowing its block index. Returns the state.
+    """:func:`~diasr_diffusers.processors.set_subject_sparse_attn_processor` for a ``WanTransformer3DModel`` only
+    (another family's transformer is refused). Returns the shared state."""
+    return set_subject_sparse_attn_processor(transformer, state, family="wan")
 
-    Install it before ``enable_parallelism()`` (diffusers' context-parallel rule for custom processors). An attention
-    backend set with ``transformer.set_attention_backend(...)`` is kept; it applies to the stock code paths (no
-    subjects, ``routing="dense"``, unrouted cross-attention), while routed attention runs
-    :func:`~diasr_diffusers.ops.bucketed_attention` (backend: ``SubjectRoutingState.backend``).
-    """
-    return install_subject_processors(transformer, state, SubjectSparseAttnProcessor)
+
+__all__ = ["SubjectSparseAttnProcessor", "set_subject_sparse_attn_processor", "set_wan_subject_sparse_attn_processor"]

@@ -62,36 +62,30 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def token_grid_factors(transformer: Any = None, vae: Any = None) -> dict[str, Any]:
-    """``temporal_compression``, ``spatial_compression`` and ``patch_size`` read off a Diffusers transformer + VAE.
+    """``temporal_compression``, ``spatial_compression`` and ``patch_size`` of a Diffusers transformer + VAE.
 
-    Missing parts fall back to Wan2.1's values (4, 8, (1, 2, 2)). Wan VAEs state ``scale_factor_temporal/spatial`` in
-    their config; LTX-Video's VAE has ``temporal/spatial_compression_ratio`` attributes (8, 32); CogVideoX's VAE
-    states ``temporal_compression_ratio`` in its config and halves space once per extra block
-    (``2 ** (len(block_out_channels) - 1)``); HunyuanVideo-1.5's states ``temporal/spatial_compression_ratio`` in its
-    config. Wan transformers give a 3-tuple ``patch_size``; LTX- and CogVideoX-style
-    ones an int ``patch_size`` (spatial) plus ``patch_size_t``.
+    The keys to read are family facts (:attr:`~diasr_diffusers.families.FamilySpec.token_grid`): the transformer's
+    class picks its family (Wan, LTX-Video, CogVideoX, HunyuanVideo-1.5, Ingredients); the VAE's strides are read by
+    its own class's family (the transformer's when the VAE class is registered by none). Without a transformer the
+    VAE's family decides; without either, Wan2.1's values (4, 8, (1, 2, 2)). A part left out gives its family's
+    Diffusers defaults. Raises :class:`~diasr_diffusers.families.UnsupportedFamilyError` for an unknown class.
     """
-    vae_cfg = getattr(vae, "config", None)
-    tr_cfg = getattr(transformer, "config", None)
-    # The config first (LTX's states None there and sets the attribute; CogVideoX's warns on attribute access).
-    temporal = (
-        getattr(vae_cfg, "scale_factor_temporal", None)
-        or getattr(vae_cfg, "temporal_compression_ratio", None)
-        or getattr(vae, "temporal_compression_ratio", None)
-    )
-    spatial = getattr(vae_cfg, "scale_factor_spatial", None) or getattr(vae_cfg, "spatial_compression_ratio", None)
-    if spatial is None and "spatial_compression_ratio" not in (vae_cfg or {}):
-        if getattr(vae_cfg, "temporal_compression_ratio", None):  # CogVideoX: one 2x per extra block
-            spatial = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    spatial = spatial or getattr(vae, "spatial_compression_ratio", None)
-    patch = getattr(tr_cfg, "patch_size", (1, 2, 2))
-    if isinstance(patch, int) and not isinstance(patch, bool):  # spatial patch, `patch_size_t` apart
-        patch = (getattr(tr_cfg, "patch_size_t", None) or 1, patch, patch)
-    return {
-        "temporal_compression": int(temporal or 4),
-        "spatial_compression": int(spatial or 8),
-        "patch_size": tuple(patch),
-    }
+    from ..families import FAMILIES, UnsupportedFamilyError, family_for_transformer, family_for_vae
+
+    vae_family = family_for_vae(vae) if vae is not None else None
+    if transformer is not None:
+        family = family_for_transformer(transformer)
+    elif vae is None:
+        family = FAMILIES["wan"]
+    elif vae_family is None:
+        raise UnsupportedFamilyError(f"cannot read the token grid of a {type(vae).__name__}: not a VAE of a supported family; pass the factors explicitly")  # fmt: skip
+    else:
+        family = vae_family
+    grid = family.token_grid(transformer, vae)
+    if vae_family is not None and vae_family is not family:  # e.g. Ingredients' transformer on CogVideoX's VAE
+        strides = vae_family.token_grid(None, vae)
+        grid.update(temporal_compression=strides["temporal_compression"], spatial_compression=strides["spatial_compression"])  # fmt: skip
+    return grid
 
 
 def masks_to_token_grid(

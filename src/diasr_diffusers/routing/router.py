@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from diffusers.utils.hub_utils import _add_variant, _get_model_file
 
+from .._diffusers_compat import add_variant, get_model_file
 from ..utils.checkpoints import describe_mismatch, safetensors_shapes
 
 # Sanity bounds for configs read from untrusted files: far above any real router (Wan2.1-14B's is ~0.1 B parameters),
@@ -212,18 +212,22 @@ class IDRouter(ModelMixin, ConfigMixin):
     @staticmethod
     def host_sizes(transformer: Any) -> dict[str, int]:
         """``hidden_dim``, ``text_dim`` and ``num_layers`` of a Diffusers video transformer, as a router needs them."""
+        from ..families import UnsupportedFamilyError, family_for_transformer
+
         cfg = transformer.config
-        hidden = cfg.num_attention_heads * cfg.attention_head_dim
-        # Wan: text_dim; CogVideoX: text_embed_dim; LTX-Video: caption_channels (the T5 width its prompts have).
-        text_dim = (
-            getattr(cfg, "text_dim", None)
-            or getattr(cfg, "text_embed_dim", None)
-            or getattr(cfg, "caption_channels", None)
-        )
-        num_layers = getattr(cfg, "num_layers", None) or len(transformer.blocks)
-        if text_dim is None:
-            raise ValueError(f"cannot read the text width of {type(transformer).__name__}; pass `text_dim=`")
-        return {"hidden_dim": hidden, "text_dim": text_dim, "num_layers": num_layers}
+        # The text width's config key is a family fact (Wan: text_dim, LTX: caption_channels, CogVideoX: ...).
+        try:
+            text_dim = family_for_transformer(transformer).text_dim(cfg)
+        except UnsupportedFamilyError as err:
+            raise ValueError(
+                f"cannot read the sizes (text_dim) of a {type(transformer).__name__}: {err}; build the router with "
+                "`IDRouter(hidden_dim=..., text_dim=..., num_layers=...)`"
+            ) from None
+        return {
+            "hidden_dim": cfg.num_attention_heads * cfg.attention_head_dim,
+            "text_dim": text_dim,
+            "num_layers": cfg.num_layers,
+        }
 
     @classmethod
     def from_transformer(cls, transformer: Any, **kwargs: Any) -> IDRouter:
@@ -253,9 +257,9 @@ class IDRouter(ModelMixin, ConfigMixin):
         hub = {k: kwargs.get(k) for k in hub_keys}
         hub["force_download"] = bool(hub["force_download"])
         config = cls.load_config(pretrained_model_name_or_path, **hub)
-        weights = _get_model_file(
+        weights = get_model_file(
             pretrained_model_name_or_path,
-            weights_name=_add_variant(SAFETENSORS_WEIGHTS_NAME, kwargs.get("variant")),
+            weights_name=add_variant(SAFETENSORS_WEIGHTS_NAME, kwargs.get("variant")),
             user_agent=None,
             commit_hash=None,
             **hub,

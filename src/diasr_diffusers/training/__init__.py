@@ -1,7 +1,7 @@
 """Training: two-stage DiasR training (align, route) with accelerate + peft."""
 
 from .config import STAGES, ConfigError, TrainConfig
-from .ingredients import IngredientsTrainer  # also registers `model_family: ingredients`
+from .ingredients import IngredientsTrainer
 from .trainer import DiasRTrainer
 
 __all__ = ["STAGES", "ConfigError", "DiasRTrainer", "IngredientsTrainer", "TrainConfig"]

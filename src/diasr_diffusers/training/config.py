@@ -105,6 +105,20 @@ class ConfigError(ValueError):
     """A bad training config: unknown key, missing file, wrong value."""
 
 
+def _family_of_model_folder(model: str) -> str:
+    """``model_family`` of a ``model`` folder, from its ``model_index.json`` (the family registry); ``"wan"`` when it
+    cannot be read here (the model checks then say what is wrong with the folder)."""
+    import json
+
+    from ..families import UnsupportedFamilyError, family_for_pipeline
+
+    try:
+        index = json.loads((Path(model).expanduser() / "model_index.json").read_text())
+        return family_for_pipeline(str(index.get("_class_name"))).name
+    except (OSError, ValueError, AttributeError, UnsupportedFamilyError):
+        return "wan"
+
+
 @dataclass
 class TrainConfig:
     """What ``diasr train`` reads from ``--config FILE.yaml``. Relative paths are relative to the working directory;
@@ -144,7 +158,9 @@ class TrainConfig:
         ``model_family``: ``wan`` (Wan2.1 and Wan2.2, flow matching; a Wan2.2 A14B folder trains both experts),
             ``ltx`` (LTX-Video, flow matching), ``cogvideox`` (CogVideoX 1.0 text-to-video, v-prediction) or
             ``hunyuan_video15`` (HunyuanVideo-1.5 text-to-video, flow matching); ``model``
-            is then a stock or DiasR Diffusers folder of that family. See ``training/families.py``.
+            is then a stock or DiasR Diffusers folder of that family. Left out with a ``model`` folder: the family
+            of its ``model_index.json`` (``diasr_diffusers.families``), so any family's checkpoint trains with the
+            same config keys. See ``training/families.py``.
     """
 
     stage: str
@@ -214,6 +230,8 @@ class TrainConfig:
             raise ConfigError(f"missing required config key(s) {missing}")
         from .families import FAMILIES
 
+        if "model_family" not in raw and isinstance(raw.get("model"), str):
+            raw = {**raw, "model_family": _family_of_model_folder(raw["model"])}  # any family's checkpoint as is
         family = (
             FAMILIES.get(raw.get("model_family", "wan")) if isinstance(raw.get("model_family", "wan"), str) else None
         )

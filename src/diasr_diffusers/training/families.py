@@ -1,21 +1,21 @@
-"""What the trainer needs to know about each model family, in one place: the pipeline it builds, its toy model
-(``tiny_model``), how a ``model`` folder is loaded, and the diffusion objective (how ``x0`` is noised, the
-transformer's timestep, the regression target).
+"""What the trainer needs to know about each model family: its diffusion objective (how ``x0`` is noised, the
+transformer's timestep, the regression target), its toy model (``tiny_model``) and its checkpoint checks.
 
-The rest is the pipeline's, because a pipeline already knows its model's layout: every DiasR pipeline provides the
-training hooks ``encode_video_latents`` (pixels to ``(B, C, F, h, w)`` normalised latents), ``encode_training_prompt``
-(``(embeds, padding mask or None)``), ``denoiser_inputs`` (the transformer's keyword inputs for ``[video | refs]``:
-Wan2.2 TI2V's per-token timesteps, LTX's packing, CogVideoX's ``(B, F, C, h, w)`` layout and rotary table),
+The family facts themselves (pipeline and checkpoint classes, VAE strides and patch size, the toy builder, how a
+``model`` folder loads) are read from the family registry, :data:`diasr_diffusers.families.FAMILIES`, whose entries
+name the :class:`TrainingFamily` subclass of each family (``FamilySpec.training_family``). The rest is the
+pipeline's, because a pipeline already knows its model's layout: every DiasR pipeline provides the training hooks
+``encode_video_latents`` (pixels to ``(B, C, F, h, w)`` normalised latents), ``encode_training_prompt`` (``(embeds,
+padding mask or None)``), ``denoiser_inputs`` (the transformer's keyword inputs for ``[video | refs]``),
 ``video_prediction`` (the video part of the output, back in ``(B, C, F, h, w)``) and ``experts`` / ``expert_for``
 (Wan2.2 A14B's two denoisers). So the trainer holds latents in one layout for every family, and adding a family to
-training is one :class:`TrainingFamily` here plus those hooks on its pipeline.
+training is one :class:`TrainingFamily` here (its objective) named by the family's registry entry.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,22 +27,37 @@ class TrainingFamily:
     """Wan (the default): Wan2.1, and Wan2.2 with ``tiny_model: {wan22: a14b | ti2v}`` or a Wan2.2 ``model`` folder.
     Flow matching: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, timestep ``1000 s``."""
 
-    name = "wan"
-    pipeline_classes = ("WanPipeline", "DiasRPipeline")  # `model_index.json` class names of a `model` folder
-    # `num_frames = 1 + frame_multiple * k`, sizes multiples of `size_multiple` (VAE compression x patch size).
-    frame_multiple = 4
-    size_multiple = 16
+    name = "wan"  # the key of this family's entry in `diasr_diffusers.families.FAMILIES`
     route_needs_align = True  # stage `route` continues an `align` run (`init_from`) unless `allow_scratch`
 
-    def pipeline_class(self) -> type:
-        from ..pipelines import DiasRPipeline
+    @property
+    def spec(self) -> Any:
+        """This family's :class:`~diasr_diffusers.families.FamilySpec`."""
+        from ..families import FAMILIES
 
-        return DiasRPipeline
+        return FAMILIES[self.name]
+
+    @property
+    def pipeline_classes(self) -> tuple[str, ...]:
+        """The ``model_index.json`` class names a ``model`` folder may have (stock first, then ours)."""
+        return (*self.spec.stock_pipelines, self.spec.pipeline_class_name)
+
+    @property
+    def frame_multiple(self) -> int:
+        """``num_frames = 1 + frame_multiple * k`` (the family's VAE temporal compression)."""
+        return self.spec.token_grid()["temporal_compression"]
+
+    @property
+    def size_multiple(self) -> int:
+        """Sizes are multiples of this (the family's VAE spatial compression x patch size)."""
+        grid = self.spec.token_grid()
+        return grid["spatial_compression"] * grid["patch_size"][1]
+
+    def pipeline_class(self) -> type:
+        return self.spec.pipeline_class()
 
     def tiny_builder(self) -> Any:
-        from ..utils.tiny import tiny_wan_components
-
-        return tiny_wan_components
+        return self.spec.tiny_builder()
 
     def tiny_parameters(self) -> set[str]:
         """The keys ``tiny_model`` accepts."""
@@ -79,9 +94,11 @@ class TrainingFamily:
         return DiasRTrainer
 
     def load(self, folder: str) -> Any:
-        from ..commands.generate import load_pipeline
+        """The pipeline of a ``model`` folder (a saved DiasR pipeline or a stock one, converted as the registry
+        says); the config check has already matched its class to this family."""
+        from ..pipelines.loading import DiasRAutoPipeline
 
-        return load_pipeline(folder)
+        return DiasRAutoPipeline.from_pretrained(folder)
 
     def noisy_input(
         self, pipe: Any, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
@@ -91,15 +108,7 @@ class TrainingFamily:
 
 
 class _ConvertingFamily(TrainingFamily):
-    """A family whose ``model`` folder is either a saved DiasR pipeline or a stock one converted by
-    ``from_<family>`` (``from_ltx``, ``from_cogvideox``)."""
-
-    def load(self, folder: str) -> Any:
-        cls = self.pipeline_class()
-        index = json.loads((Path(folder) / "model_index.json").read_text())
-        if index.get("_class_name") == cls.__name__:
-            return cls.from_pretrained(folder)
-        return getattr(cls, f"from_{self.name}")(folder)
+    """A family without Wan's ``tiny_model`` extras (``wan22``)."""
 
     def tiny_parameters(self) -> set[str]:
         return set(inspect.signature(self.tiny_builder()).parameters)
@@ -116,19 +125,6 @@ class LTXTrainingFamily(_ConvertingFamily):
     latents into tokens, gives the reference tokens timestep 0 and masks padded prompt tokens."""
 
     name = "ltx"
-    pipeline_classes = ("LTXPipeline", "DiasRLTXPipeline")
-    frame_multiple = 8
-    size_multiple = 32
-
-    def pipeline_class(self) -> type:
-        from ..pipelines import DiasRLTXPipeline
-
-        return DiasRLTXPipeline
-
-    def tiny_builder(self) -> Any:
-        from ..utils.tiny import tiny_ltx_components
-
-        return tiny_ltx_components
 
 
 class CogVideoXTrainingFamily(_ConvertingFamily):
@@ -136,17 +132,6 @@ class CogVideoXTrainingFamily(_ConvertingFamily):
     ``round(sigma * (T - 1))``; target ``scheduler.get_velocity``, as Diffusers' CogVideoX LoRA script trains)."""
 
     name = "cogvideox"
-    pipeline_classes = ("CogVideoXPipeline", "DiasRCogVideoXPipeline")
-
-    def pipeline_class(self) -> type:
-        from ..pipelines import DiasRCogVideoXPipeline
-
-        return DiasRCogVideoXPipeline
-
-    def tiny_builder(self) -> Any:
-        from ..utils.tiny import tiny_cogvideox_components
-
-        return tiny_cogvideox_components
 
     def noisy_input(self, pipe, x0, noise, sigma):
         scheduler = pipe.scheduler
@@ -163,21 +148,7 @@ class HunyuanVideo15TrainingFamily(_ConvertingFamily):
     ``from_pretrained``); the toy is ``tiny_hunyuan_video15_components`` with its text lengths set
     (``configure_tiny_hunyuan_video15``)."""
 
-    name = "hunyuan_video15"
-    pipeline_classes = ("HunyuanVideo15Pipeline", "DiasRHunyuanVideo15Pipeline")
-    # The real VAE: 4x temporal, 16x spatial, patch 1 (the toy's 2x / 4x accept these sizes too).
-    frame_multiple = 4
-    size_multiple = 16
-
-    def pipeline_class(self) -> type:
-        from ..pipelines import DiasRHunyuanVideo15Pipeline
-
-        return DiasRHunyuanVideo15Pipeline
-
-    def tiny_builder(self) -> Any:
-        from ..utils.tiny import tiny_hunyuan_video15_components
-
-        return tiny_hunyuan_video15_components
+    name = "hunyuan_video15"  # frames 4k+1, sizes multiples of 16: the real VAE's (the toy's 2x / 4x accept them)
 
     def tiny_parameters(self) -> set[str]:
         return super().tiny_parameters() - {"guidance_scale"}  # training never guides
@@ -187,14 +158,30 @@ class HunyuanVideo15TrainingFamily(_ConvertingFamily):
 
         return configure_tiny_hunyuan_video15(super().tiny_pipeline(tiny_model))
 
-    def load(self, folder: str) -> Any:
-        return self.pipeline_class().from_pretrained(folder)  # a stock folder loads as is (no `from_...` needed)
+
+class _TrainingFamilies(Mapping):
+    """``model_family`` name -> :class:`TrainingFamily`, for every entry of the family registry (the class each
+    entry names, created on first use: no family registers itself when its module is imported)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, TrainingFamily] = {}
+
+    def __getitem__(self, name: str) -> TrainingFamily:
+        from ..families import FAMILIES as SPECS
+
+        if name not in self._made:
+            self._made[name] = SPECS[name].training()  # KeyError for an unknown name, as a dict
+        return self._made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        from ..families import FAMILIES as SPECS
+
+        return iter(SPECS)
+
+    def __len__(self) -> int:
+        from ..families import FAMILIES as SPECS
+
+        return len(SPECS)
 
 
-FAMILIES: dict[str, TrainingFamily] = {
-    "wan": TrainingFamily(),
-    "ltx": LTXTrainingFamily(),
-    "cogvideox": CogVideoXTrainingFamily(),
-    "hunyuan_video15": HunyuanVideo15TrainingFamily(),
-}
-# `model_family: ingredients` is registered by training/ingredients.py (imported with this package).
+FAMILIES: Mapping[str, TrainingFamily] = _TrainingFamilies()

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..utils.io import atomic_dir, atomic_path
 from .config import ConfigError
-from .families import FAMILIES, CogVideoXTrainingFamily
+from .families import CogVideoXTrainingFamily
 from .trainer import LORA_WEIGHT_NAME, DiasRTrainer, _sample_seed
 
 logger = logging.getLogger(__name__)
@@ -49,25 +49,11 @@ class IngredientsTrainingFamily(CogVideoXTrainingFamily):
     :func:`~diasr_diffusers.utils.tiny_ingredients.tiny_ingredients_components`."""
 
     name = "ingredients"
-    pipeline_classes = ("IngredientsPipeline",)
     route_needs_align = False  # the routers come with the model: `route` is the only stage
     config_defaults = {"train_lora": False}  # the released router stage trains the routers alone
 
-    def pipeline_class(self) -> type:
-        from ..pipelines.pipeline_ingredients import IngredientsPipeline
-
-        return IngredientsPipeline
-
-    def tiny_builder(self) -> Any:
-        from ..utils.tiny_ingredients import tiny_ingredients_components
-
-        return tiny_ingredients_components
-
     def tiny_parameters(self) -> set[str]:
         return set(_TINY_KEYS)
-
-    def load(self, folder: str) -> Any:
-        return self.pipeline_class().from_pretrained(folder)
 
     def trainer_class(self) -> type:
         return IngredientsTrainer
@@ -118,9 +104,6 @@ def transformer_config(config: Any) -> dict[str, Any]:
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"`model` {folder}: unusable Ingredients transformer config ({e})") from None
     return {**dict(model.config), "num_layers": raw.get("num_layers", 1)}
-
-
-FAMILIES["ingredients"] = IngredientsTrainingFamily()
 
 
 def face_feature_path(record: Any, subject: int, root: Path) -> Path | None:

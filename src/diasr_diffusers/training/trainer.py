@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file, save_file
 
+from ..pipelines.loading import LORA_2_WEIGHT_NAME, LORA_WEIGHT_NAME  # the files the loader reads
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from . import sharding
@@ -32,9 +33,6 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# Wan2.2 A14B's low-noise expert: its own file, loaded as Diffusers does (`load_lora_weights(..., load_into_transformer_2=True)`).
-LORA_2_WEIGHT_NAME = "pytorch_lora_weights_2.safetensors"
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its list of files and sizes marks it complete
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _EXPERT_NAMES = ("transformer", "transformer_2")  # folder names of the experts (Wan2.2 A14B has two)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # Imported on first use (PEP 562): `diasr_diffusers.utils.io` is used by light modules (the CLI) that must not pay
 # for importing torch.
@@ -32,13 +33,4 @@ if TYPE_CHECKING:
     from .visualization import SUBJECT_COLORS, overlay_routing_maps, routing_grid, routing_legend
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from diffusers.utils.hub_utils import _add_variant
 from safetensors import SafetensorError, safe_open
+
+from .._diffusers_compat import add_variant
 
 _BLOCK = re.compile(r"^(blocks|transformer_blocks)\.(\d+)\.(.*)$")  # Wan / CogVideoX block lists
 
@@ -55,10 +56,10 @@ def describe_mismatch(
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    single = folder / _add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
+    single = folder / add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
     if single.is_file():
         return [single]
-    index = folder / (_add_variant(SAFETENSORS_WEIGHTS_NAME, variant) + ".index.json")
+    index = folder / (add_variant(SAFETENSORS_WEIGHTS_NAME, variant) + ".index.json")
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
