@@ -105,7 +105,9 @@ class IngredientsPipeline(ConsisIDPipeline):
         The transformer is read from ``transformer_ema/`` when the folder has one (as the released ``infer.py``
         does), else from ``transformer/``; ``transformer_subfolder`` picks one explicitly. Hub ids are fetched with
         ``snapshot_download`` (the whole repository, ``face_encoder/`` included). ``kwargs`` go to
-        ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, ...).
+        ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, also a per-component dict, ``variant``, ...); the
+        transformer gets the same ``torch_dtype`` (its entry ``"transformer"`` or ``"default"``), ``variant`` and
+        ``use_safetensors``.
         """
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
@@ -121,8 +123,13 @@ class IngredientsPipeline(ConsisIDPipeline):
             if not (folder / transformer_subfolder / "config.json").is_file():
                 raise FileNotFoundError(f"no transformer in {folder / transformer_subfolder} (config.json missing)")
             dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+            if isinstance(dtype, dict):  # Diffusers' per-component dtypes: the transformer's, else "default"
+                dtype = dtype.get("transformer", dtype.get("default"))
+            model_kwargs = {k: kwargs[k] for k in ("variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+            if dtype is not None:
+                model_kwargs["torch_dtype"] = dtype
             kwargs["transformer"] = IngredientsTransformer3DModel.from_pretrained(
-                folder, subfolder=transformer_subfolder, **({"torch_dtype": dtype} if dtype is not None else {})
+                folder, subfolder=transformer_subfolder, **model_kwargs
             )
         pipe = super().from_pretrained(folder, **kwargs)
         pipe._weights_folder = folder
