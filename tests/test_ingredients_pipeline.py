@@ -285,3 +285,15 @@ def test_from_pretrained_passes_dtype_dicts_and_variant_to_the_transformer(pipe,
                        pipe.transformer.router[0].to_q.weight.bfloat16().float())  # fmt: skip
     default_only = IngredientsPipeline.from_pretrained(tmp_path / "saved", variant="fp16", torch_dtype={"default": torch.bfloat16})  # fmt: skip
     assert default_only.transformer.dtype == torch.bfloat16
+
+
+def test_signature_follows_consisid():
+    """ConsisIDPipeline's arguments in its order and with its defaults; Ingredients' own are keyword-only."""
+    import inspect
+
+    from diffusers import ConsisIDPipeline
+
+    ours = list(inspect.signature(IngredientsPipeline.__call__).parameters.values())[1:]
+    stock = list(inspect.signature(ConsisIDPipeline.__call__).parameters.values())[1:]
+    assert [(p.name, p.default) for p in ours[: len(stock)]] == [(p.name, p.default) for p in stock]
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in ours[len(stock) :])

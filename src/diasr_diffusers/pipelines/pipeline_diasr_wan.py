@@ -643,7 +643,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
                 f"`subject_images`: reference_style={style.name!r} takes at most {style.pad_references_to} reference "
                 f"images in all (its reference set is padded to that many frames), got {total}"
             )
-        rope_frames = self.transformer.config.rope_max_seq_len
+        rope_frames = self.rotary_limits()[0]
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         if subjects and routing == "dense" and style.pad_references_to and latent_frames + style.pad_references_to > rope_frames:  # fmt: skip
             raise ValueError(

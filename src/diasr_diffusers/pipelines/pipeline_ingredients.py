@@ -221,9 +221,6 @@ class IngredientsPipeline(ConsisIDPipeline):
         self,
         prompt: str | list[str] | None = None,
         image: PIL.Image.Image | torch.Tensor | None = None,
-        face_images: list[Any] | None = None,
-        id_cond: list[torch.Tensor] | None = None,
-        id_vit_hidden: list[list[torch.Tensor]] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
         width: int = 720,
@@ -231,7 +228,6 @@ class IngredientsPipeline(ConsisIDPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
-        routing: str = "soft",
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -240,7 +236,6 @@ class IngredientsPipeline(ConsisIDPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
@@ -248,8 +243,18 @@ class IngredientsPipeline(ConsisIDPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 226,
+        id_vit_hidden: list[list[torch.Tensor]] | None = None,
+        id_cond: list[torch.Tensor] | None = None,
+        kps_cond: list[torch.Tensor] | None = None,
+        *,
+        face_images: list[Any] | None = None,
+        routing: str = "soft",
+        return_routing_maps: bool = False,
     ) -> IngredientsPipelineOutput | tuple:
         r"""Generate a video of the given identities.
+
+        ``ConsisIDPipeline``'s arguments come first, in its order and with its defaults; ``face_images``,
+        ``routing`` and ``return_routing_maps`` are keyword-only.
 
         Args:
             prompt: the text.
@@ -258,6 +263,7 @@ class IngredientsPipeline(ConsisIDPipeline):
             id_cond, id_vit_hidden: precomputed face features instead, one entry per identity (released layout:
                 ``id_cond[n]`` ``(1, 1280)``, ``id_vit_hidden[n]`` a list of 5 ``(1, 577, 1024)``); a leading batch
                 dimension equal to the number of videos gives each video its own faces.
+            kps_cond: ConsisID's facial keypoints; Ingredients takes none (must be ``None``).
             routing: ``"soft"`` (released: softmax mixing of the identities' features) or ``"hard"`` (paper: top-1).
             return_routing_maps: also return ``routing_maps`` (see :class:`IngredientsPipelineOutput`).
             negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, use_dynamic_cfg, eta,
@@ -274,6 +280,8 @@ class IngredientsPipeline(ConsisIDPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if kps_cond is not None:
+            raise ValueError("`kps_cond`: Ingredients' transformer takes no facial keypoints (ConsisID's `is_kps`)")
         self.check_face_inputs(image, id_cond, id_vit_hidden, face_images, routing)
         self._check_numbers(num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt)
         if not isinstance(return_routing_maps, bool):

@@ -1,15 +1,21 @@
 """Subject handling shared by every DiasR pipeline (Wan, CogVideoX, ...): argument checks, routing resolution,
-text routing over the subject phrases, the routing-state inputs of a call, routing maps, loading with a router.
+text routing over the subject phrases, the routing-state inputs of a call, the denoising loop, routing maps, loading
+with a router.
 
 :class:`SubjectPipelineMixin` goes first in a pipeline's bases (``class DiasRPipeline(SubjectPipelineMixin,
 WanPipeline)``). A family's pipeline sets :attr:`~SubjectPipelineMixin._processor_class` and
-:attr:`~SubjectPipelineMixin._transformer_class`, and overrides :meth:`~SubjectPipelineMixin.latents_shape` if the
-``latents`` argument of its ``__call__`` is not laid out ``(B, C, F, h, w)``. The shared code itself (routing inputs,
-token grid, the trainer) reads latents in the VAE's ``(B, C, F, h, w)`` layout: CogVideoX hands them over
-transposed, LTX unpacked. A pipeline with
-several denoisers (Wan2.2 A14B's two experts) overrides :attr:`~SubjectPipelineMixin.experts` /
+:attr:`~SubjectPipelineMixin._transformer_class`, and says only how references enter
+(:meth:`~SubjectPipelineMixin.encode_references`), what the transformer receives
+(:meth:`~SubjectPipelineMixin.transformer_inputs`) and which part of its output is the video
+(:meth:`~SubjectPipelineMixin.video_output`); :meth:`~SubjectPipelineMixin.denoise` is the one loop (dense and routed
+branches, three-way guidance, Wan2.2's expert switch, callbacks, routing maps). It overrides
+:meth:`~SubjectPipelineMixin.latents_shape` if the ``latents`` argument of its ``__call__`` is not laid out
+``(B, C, F, h, w)``. The shared code itself (routing inputs, token grid, the trainer) reads latents in the VAE's
+``(B, C, F, h, w)`` layout: CogVideoX hands them over transposed, LTX unpacked. A pipeline with several denoisers
+(Wan2.2 A14B's two experts) overrides :attr:`~SubjectPipelineMixin.experts` /
 :meth:`~SubjectPipelineMixin.expert_for` and lists their folders in ``_transformer_folders``; processors are
-installed on every expert, all sharing one routing state (and one ``id_router``).
+installed on every expert, all sharing one routing state (and one ``id_router``). What the trainer calls is
+:class:`SubjectTrainingHooks`.
 """
 
 from __future__ import annotations
