@@ -66,10 +66,12 @@ class SubjectPipelineTesterMixin:
         return self.configure(self.pipeline_class(**self.get_components()))
 
     @pytest.fixture(scope="class")
-    def router_pipe(self, pipe):
+    def router_pipe(self):
+        components = self.get_components()  # with the pipeline's config arguments (Wan2.2's boundary_ratio)
+        denoiser = components["transformer"] or components["transformer_2"]
         torch.manual_seed(0)
-        router = IDRouter.from_transformer(pipe.denoiser, router_dim=16, num_identity_queries=2, num_heads=2)
-        return self.configure(self.pipeline_class(**{**pipe.components, "id_router": router}))
+        router = IDRouter.from_transformer(denoiser, router_dim=16, num_identity_queries=2, num_heads=2)
+        return self.configure(self.pipeline_class(**components, id_router=router))
 
     def subjects(self) -> dict[str, Any]:
         images = [Image.new("RGB", (64, 96), (220, 40, 40)), Image.new("RGB", (80, 40), (40, 90, 230))]

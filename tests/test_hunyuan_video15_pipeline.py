@@ -211,6 +211,7 @@ class TestHunyuanVideo15Pipeline(SubjectPipelineTesterMixin):
     phrases = PHRASES
     inputs = {k: v for k, v in KW.items() if k != "prompt"}
     diasr_only_inputs = ("max_sequence_length",)
+    default_exceptions = {"num_inference_steps": "None: 50, or len(sigmas) when `sigmas` are given"}
 
     def get_components(self):
         return tiny_hunyuan_video15_components()

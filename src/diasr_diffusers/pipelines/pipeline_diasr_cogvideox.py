@@ -20,7 +20,6 @@ from transformers import T5EncoderModel, T5Tokenizer
 from ..processors import CogVideoXSubjectSparseAttnProcessor, SubjectRoutingState
 from ..routing import IDRouter
 from ..routing.phrases import clean_prompt
-from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
 from .subjects import DenoiseCall, DiasRPipelineOutput, SubjectPipelineMixin
@@ -125,8 +124,7 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
             )
         id_router = cls.load_id_router(id_router, **kwargs)
         if not isinstance(base, CogVideoXPipeline):
-            if os.path.isdir(base) and kwargs.get("transformer") is None:
-                check_block_model_folder(CogVideoXTransformer3DModel, os.path.join(base, "transformer"), kwargs.get("variant"))  # fmt: skip
+            cls.check_transformer_folders(base, **kwargs)
             base = CogVideoXPipeline.from_pretrained(pipeline_or_path, **kwargs)
         return cls(
             tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=base.transformer,

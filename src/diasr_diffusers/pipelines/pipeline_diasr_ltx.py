@@ -88,6 +88,7 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
             )
         id_router = cls.load_id_router(id_router, **kwargs)
         if not isinstance(ltx, LTXPipeline):
+            cls.check_transformer_folders(ltx, **kwargs)
             ltx = LTXPipeline.from_pretrained(ltx, **kwargs)
         return cls(ltx.scheduler, ltx.vae, ltx.text_encoder, ltx.tokenizer, ltx.transformer, id_router=id_router)
 

@@ -22,7 +22,6 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..processors import SubjectRoutingState, SubjectSparseAttnProcessor
 from ..routing import IDRouter
-from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
 from .reference_styles import REFERENCE_STYLES, ReferenceStyle, get_reference_style
@@ -262,9 +261,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
             )
         id_router = cls.load_id_router(id_router, **kwargs)  # its type checked before the base loads
         if not isinstance(wan, WanPipeline):
-            for name in ("transformer", "transformer_2"):
-                if os.path.isdir(os.path.join(wan, name)) and kwargs.get(name) is None:
-                    check_block_model_folder(WanTransformer3DModel, os.path.join(wan, name), kwargs.get("variant"))
+            cls.check_transformer_folders(wan, **kwargs)
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
         return cls(
             tokenizer=wan.tokenizer,

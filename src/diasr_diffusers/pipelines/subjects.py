@@ -317,10 +317,19 @@ class SubjectPipelineMixin:
         folder = pretrained_model_name_or_path
         if not os.path.isdir(folder):
             folder = cls.download(folder, **kwargs)
+        cls.check_transformer_folders(folder, **kwargs)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def check_transformer_folders(cls, folder: str | os.PathLike, **kwargs: Any) -> None:
+        """Check the untrusted ``config.json`` of each transformer folder of a local pipeline ``folder`` (stock or
+        DiasR) against its weights before anything loads, unless ``kwargs`` (``from_pretrained``'s) pass that
+        component as an object."""
+        if not os.path.isdir(folder):
+            return
         for name in cls._transformer_folders:
             if kwargs.get(name) is None and os.path.isdir(os.path.join(folder, name)):
                 check_block_model_folder(cls._transformer_class, os.path.join(folder, name), kwargs.get("variant"))
-        return super().from_pretrained(folder, **kwargs)
 
     def video_token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         """``(F, H, W)`` of the transformer's video tokens for ``latents`` laid out ``(B, C, F, h, w)``."""
