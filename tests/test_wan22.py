@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import UniPCMultistepScheduler, WanPipeline
 from pipeline_tester import SubjectPipelineTesterMixin
 
 from diasr_diffusers import DiasRPipeline, IDRouter, SubjectSparseAttnProcessor
@@ -184,7 +184,11 @@ def test_save_and_load_keep_both_experts_and_the_router(a14b, ti2v, tmp_path):
 def test_only_the_low_noise_expert_runs_and_saves_like_stock(tmp_path):
     """Wan2.2 with only `transformer_2` (`transformer=None`, `boundary_ratio=1.0`), which WanPipeline runs and
     Diffusers' tests use: it denoises every step, and the saved folder loads back the same way."""
-    comps = {**tiny_wan22_components("a14b"), "transformer": None, "boundary_ratio": 1.0}
+    # Diffusers' own test set-up: with UniPC's flow sigmas no timestep reaches 1000 = boundary_ratio * 1000, where
+    # WanPipeline would pick the missing `transformer` (Euler's first timestep is 1000: stock fails there, DiasR
+    # gives every step to `transformer_2`).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    comps = {**tiny_wan22_components("a14b"), "transformer": None, "boundary_ratio": 1.0, "scheduler": scheduler}
     ours, stock = DiasRPipeline(**comps), WanPipeline(**comps)
     args = base("a14b", output_type="latent")
     torch.testing.assert_close(ours(**args, generator=gen()).frames, stock(**args, generator=gen()).frames, rtol=0, atol=0)
