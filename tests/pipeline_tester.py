@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from diasr_diffusers import IDRouter
+from diasr_diffusers.pipelines.subjects import SubjectTrainingHooks
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -111,6 +112,11 @@ class SubjectPipelineTesterMixin:
         assert pipe.id_router is None
         stock_names = getattr(self.stock_class, "_callback_tensor_inputs", [])  # HunyuanVideo-1.5 has no callbacks
         assert set(stock_names) <= set(pipe._callback_tensor_inputs)
+
+    def test_declares_the_training_hooks(self, pipe):
+        assert isinstance(pipe, SubjectTrainingHooks)
+        params = inspect.signature(pipe.prepare_routing).parameters.values()
+        assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in params)
 
     def test_no_subjects_is_the_stock_pipeline_called_positionally(self, pipe):
         """``pipe(prompt, negative_prompt, height, width, num_frames, ...)`` means what it means on the stock class:
