@@ -219,8 +219,8 @@ class IngredientsPipeline(ConsisIDPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str | list[str] | None = None,
         image: PIL.Image.Image | torch.Tensor | None = None,
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
         width: int = 720,
@@ -253,12 +253,13 @@ class IngredientsPipeline(ConsisIDPipeline):
     ) -> IngredientsPipelineOutput | tuple:
         r"""Generate a video of the given identities.
 
-        ``ConsisIDPipeline``'s arguments come first, in its order and with its defaults; ``face_images``,
-        ``routing`` and ``return_routing_maps`` are keyword-only.
+        ``ConsisIDPipeline``'s arguments come first, in its order (``image`` first) and with its defaults (``image``
+        may be left out with ``face_images``); ``face_images``, ``routing`` and ``return_routing_maps`` are
+        keyword-only.
 
         Args:
-            prompt: the text.
             image: the first frame. Default with ``face_images``: Ingredients' composite of the aligned faces.
+            prompt: the text.
             face_images: one image per identity (needs :meth:`load_face_encoder`).
             id_cond, id_vit_hidden: precomputed face features instead, one entry per identity (released layout:
                 ``id_cond[n]`` ``(1, 1280)``, ``id_vit_hidden[n]`` a list of 5 ``(1, 577, 1024)``); a leading batch
