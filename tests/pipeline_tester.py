@@ -42,6 +42,8 @@ class SubjectPipelineTesterMixin:
     default_exceptions: ClassVar[dict[str, str]] = {}
     # Keyword arguments of the DiasR call the stock pipeline does not take (dropped for the stock call).
     diasr_only_inputs: ClassVar[tuple[str, ...]] = ()
+    # Denoising steps of the checks that do not need the configured ones (the suite's time); None: `inputs`'.
+    fast_steps: ClassVar[int | None] = 1
 
     # -- the family's set-up ---------------------------------------------------------------------------------------
 
@@ -85,7 +87,8 @@ class SubjectPipelineTesterMixin:
         return masks
 
     def call(self, pipe: Any, seed: int = 0, generator: Any = None, **kwargs: Any) -> Any:
-        args = {"prompt": self.prompt, **self.inputs, "output_type": "latent", **kwargs}
+        steps = {"num_inference_steps": self.fast_steps} if self.fast_steps else {}
+        args = {"prompt": self.prompt, **self.inputs, **steps, "output_type": "latent", **kwargs}
         return pipe(**args, generator=generator or gen(seed))
 
     # -- the calling convention ------------------------------------------------------------------------------------
@@ -164,8 +167,8 @@ class SubjectPipelineTesterMixin:
                 kw["latents"] = torch.zeros_like(kw["latents"])
             return kw
 
-        out = self.call(pipe, **self.subjects(), callback_on_step_end=callback,
-                        callback_on_step_end_tensor_inputs=names)  # fmt: skip
+        out = self.call(pipe, **self.subjects(), callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names,
+                        num_inference_steps=self.inputs["num_inference_steps"])  # fmt: skip
         assert steps == list(range(self.inputs["num_inference_steps"]))
         assert out.frames.abs().sum() == 0
         with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
@@ -178,9 +181,10 @@ class SubjectPipelineTesterMixin:
             p._guidance_scale += 1.0
             return kw
 
-        scale = 2.0
-        plain = self.call(pipe, **self.subjects(), guidance_scale=scale).frames
-        raised = self.call(pipe, **self.subjects(), guidance_scale=scale, callback_on_step_end=increase).frames
+        kw = dict(self.subjects(), guidance_scale=2.0, num_inference_steps=self.inputs["num_inference_steps"])
+        scale = kw["guidance_scale"]
+        plain = self.call(pipe, **kw).frames
+        raised = self.call(pipe, **kw, callback_on_step_end=increase).frames
         assert pipe.guidance_scale == scale + pipe.num_timesteps
         assert (raised - plain).abs().max() > 1e-6  # the new scale guided the later steps
 
@@ -214,7 +218,7 @@ class SubjectPipelineTesterMixin:
 
     def test_prompt_embeds_path(self, pipe):
         """Precomputed embeddings give the frames the prompt gives (the stock ``encode_prompt``)."""
-        kw = {**self.inputs, "num_inference_steps": 1}
+        kw = {**self.inputs, "num_inference_steps": self.fast_steps or self.inputs["num_inference_steps"]}
         text = pipe(self.prompt, "blurry", **kw, output_type="latent", generator=gen()).frames
         with torch.no_grad():  # as inside the pipeline (the text encoders' no-grad kernels round differently)
             embeds = self.encode_prompt_inputs(pipe, self.prompt, "blurry")
