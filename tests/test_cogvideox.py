@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from PIL import Image
+from pipeline_tester import SubjectPipelineTesterMixin
 
 from diasr_diffusers import IDRouter
 from diasr_diffusers.pipelines import DiasRCogVideoXPipeline
@@ -194,13 +195,6 @@ def test_token_grid_and_router_sizes_read_cogvideox_configs(components):
 # -- pipeline -----------------------------------------------------------------------------------------------------
 
 
-def test_no_subjects_is_stock_cogvideox(pipe):
-    stock = CogVideoXPipeline(**tiny_cogvideox_components())  # same seed and weights, stock processors
-    a = stock(**KW, generator=gen(), output_type="pt").frames
-    b = pipe(**KW, generator=gen(), output_type="pt").frames
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_references_are_appended_after_the_video(pipe, images):
     seen = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["hidden_states"].shape)), with_kwargs=True)  # fmt: skip
@@ -215,58 +209,12 @@ def test_references_are_appended_after_the_video(pipe, images):
     assert refs.shape == (1, 2, 4, 4, 4)
 
 
-def test_routing_modes_and_maps(pipe, images):
-    common = dict(KW, subject_images=images, subject_phrases=PHRASES, output_type="latent", return_routing_maps=True)
-    masks = pipe(**common, routing="masks", subject_masks=halves(), generator=gen()).routing_maps
-    assert masks.shape == (1, 3, 2, 2)
-    assert masks[..., 0].eq(0).all() and masks[..., 1].eq(1).all()
-    null = pipe(**common, routing="similarity", similarity_threshold=2.0, generator=gen()).routing_maps
-    assert null.eq(-1).all()  # a cosine never reaches 2
-    dense = pipe(**common, routing="dense", generator=gen())
-    assert dense.routing_maps is None
-    sim = pipe(**common, routing="similarity", generator=gen())
-    assert not torch.allclose(sim.frames, dense.frames)
-    router = IDRouter.from_transformer(pipe.transformer, router_dim=16, num_heads=2)
-    routed = DiasRCogVideoXPipeline(**{**pipe.components, "id_router": router})
-    out = routed(**common, generator=gen())  # auto -> router
-    assert out.routing_maps.shape == (1, 3, 2, 2) and out.routing_maps.min() >= -1 and out.routing_maps.max() <= 1
-    frames, maps = routed(**common, routing="router", generator=gen(), return_dict=False)
-    torch.testing.assert_close(frames, out.frames)
-    torch.testing.assert_close(maps, out.routing_maps)
-
-
 def test_text_routing_changes_the_routed_tokens_only(pipe, images):
     common = dict(KW, subject_images=images, subject_phrases=PHRASES, output_type="latent", routing="masks",
                   subject_masks=halves(), guidance_scale=1.0)  # fmt: skip
     routed = pipe(**common, generator=gen()).frames
     plain = pipe(**common, route_text=False, generator=gen()).frames
     assert (routed - plain).abs().max() > 1e-5
-
-
-def test_callbacks_generators_and_batches(pipe, images):
-    steps = []
-
-    def callback(p, i, t, kw):
-        steps.append(i)
-        return {"latents": kw["latents"]}
-
-    out = pipe(**{**KW, "prompt": [PROMPT, PROMPT]}, subject_images=images, subject_phrases=PHRASES,
-               num_videos_per_prompt=2, generator=[gen(i) for i in range(4)], callback_on_step_end=callback,
-               output_type="latent", return_routing_maps=True)  # fmt: skip
-    assert steps == [0, 1] and out.frames.shape == (4, 3, 4, 4, 4) and out.routing_maps.shape == (4, 3, 2, 2)
-    single = pipe(**KW, subject_images=images, subject_phrases=PHRASES, generator=gen(2), output_type="latent").frames
-    torch.testing.assert_close(out.frames[2:3], single)
-
-
-def test_save_and_load(pipe, tmp_path):
-    router = IDRouter.from_transformer(pipe.transformer, router_dim=16, num_heads=2)
-    original = DiasRCogVideoXPipeline(**{**pipe.components, "id_router": router})
-    original.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["id_router"] == ["diasr_diffusers.routing.router", "IDRouter"]  # fmt: skip
-    loaded = DiasRCogVideoXPipeline.from_pretrained(tmp_path)
-    assert all(isinstance(p, CogVideoXSubjectSparseAttnProcessor) for p in loaded.transformer.attn_processors.values())
-    call = dict(KW, subject_images=[Image.new("RGB", (8, 8), (9, 9, 9))] * 2, output_type="latent")
-    torch.testing.assert_close(loaded(**call, generator=gen()).frames, original(**call, generator=gen()).frames)
 
 
 def test_bad_inputs(components, pipe, images):
@@ -370,3 +318,24 @@ def test_readme_cogvideox_example_runs(capsys):
     exec(compile(block, "README CogVideoX example", "exec"), namespace)  # noqa: S102 - the README's own example
     assert namespace["out"].frames[0].shape == (9, 32, 32, 3)
     assert "(9, 32, 32, 3) (3, 2, 2)" in capsys.readouterr().out
+
+
+def test_dynamic_cfg_is_honoured(pipe, images):
+    """CogVideoXPipeline's `use_dynamic_cfg` (it rewrites `pipe._guidance_scale` each step)."""
+    kw = dict(KW, subject_images=images, output_type="latent")
+    plain = pipe(**kw, generator=gen()).frames
+    assert (pipe(**kw, use_dynamic_cfg=True, generator=gen()).frames - plain).abs().max() > 1e-6
+    assert pipe.guidance_scale != 6
+
+
+class TestCogVideoXPipeline(SubjectPipelineTesterMixin):
+    """The shared pipeline checks (tests/pipeline_tester.py) on CogVideoX 1.0."""
+
+    pipeline_class = DiasRCogVideoXPipeline
+    stock_class = CogVideoXPipeline
+    prompt = PROMPT
+    phrases = PHRASES
+    inputs = {k: v for k, v in KW.items() if k != "prompt"}
+
+    def get_components(self):
+        return tiny_cogvideox_components()

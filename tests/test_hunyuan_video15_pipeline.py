@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
 from PIL import Image
+from pipeline_tester import SubjectPipelineTesterMixin
 
 from diasr_diffusers import DiasRHunyuanVideo15Pipeline, IDRouter
 from diasr_diffusers.processors import HunyuanVideo15SubjectSparseAttnProcessor
@@ -52,14 +53,7 @@ def halves() -> torch.Tensor:
     return masks
 
 
-def test_no_subjects_is_stock_hunyuan_video15(pipe):
-    stock = shrink(HunyuanVideo15Pipeline(**tiny_hunyuan_video15_components()))  # same seed and weights
-    stock.tokenizer_max_length = KW["max_sequence_length"]
-    call = {k: v for k, v in KW.items() if k != "max_sequence_length"}
-    a = stock(**call, generator=gen(), output_type="pt").frames
-    b = pipe(**KW, generator=gen(), output_type="pt").frames
-    assert a.shape == (1, 5, 3, 32, 32)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+def test_only_the_transformer_blocks_are_routed(pipe):
     procs = pipe.transformer.attn_processors
     assert all(isinstance(p, HunyuanVideo15SubjectSparseAttnProcessor) for n, p in procs.items() if n.startswith("transformer_blocks."))  # fmt: skip
     refiner = [p for n, p in procs.items() if n.startswith("context_embedder.")]
@@ -157,44 +151,10 @@ def test_token_grid_reads_the_hunyuan_vae(pipe):
     assert token_grid_factors(pipe.transformer, real)["temporal_compression"] == 4
 
 
-def test_routing_modes_and_maps(pipe, images):
-    common = dict(KW, subject_images=images, subject_phrases=PHRASES, output_type="latent", return_routing_maps=True)
-    masks = pipe(**common, routing="masks", subject_masks=halves(), generator=gen()).routing_maps
-    assert masks.shape == (1, 3, 8, 8)  # 32 px / 4x VAE / patch 1; 5 frames / 2x VAE -> 3
-    assert masks[..., :4].eq(0).all() and masks[..., 4:].eq(1).all()
-    null = pipe(**common, routing="similarity", similarity_threshold=2.0, generator=gen()).routing_maps
-    assert null.eq(-1).all()  # a cosine never reaches 2
-    dense = pipe(**common, routing="dense", generator=gen())
-    assert dense.routing_maps is None
-    sim = pipe(**common, routing="similarity", generator=gen())
-    assert sim.routing_maps.shape == (1, 3, 8, 8) and not torch.allclose(sim.frames, dense.frames)
-    plain = pipe(**common, routing="similarity", route_text=False, generator=gen())
-    assert (plain.frames - sim.frames).abs().max() > 1e-6  # text routing changes what the routed tokens see
-    router = IDRouter.from_transformer(pipe.transformer, router_dim=16, num_heads=2)
-    assert (router.config.hidden_dim, router.config.text_dim, router.config.num_layers) == (32, 16, 2)
-    routed = shrink(DiasRHunyuanVideo15Pipeline(**{**pipe.components, "id_router": router}))
-    out = routed(**common, generator=gen())  # auto -> router
-    assert out.routing_maps.shape == (1, 3, 8, 8) and out.routing_maps.min() >= -1 and out.routing_maps.max() <= 1
-    frames, maps = routed(**common, routing="router", generator=gen(), return_dict=False)
-    torch.testing.assert_close(frames, out.frames)
-    torch.testing.assert_close(maps, out.routing_maps)
-
-
-def test_callbacks_generators_batches_and_outputs(pipe, images):
-    steps = []
-
-    def callback(p, i, t, kw):
-        steps.append(i)
-        return {"latents": kw["latents"]}
-
-    out = pipe(**{**KW, "prompt": [PROMPT, "the blue bottle and the red star"]}, subject_images=images,
-               subject_phrases=PHRASES, num_videos_per_prompt=2, generator=[gen(i) for i in range(4)],
-               callback_on_step_end=callback, output_type="latent", return_routing_maps=True)  # fmt: skip
-    assert steps == [0, 1] and out.frames.shape == (4, 4, 3, 8, 8) and out.routing_maps.shape == (4, 3, 8, 8)
-    single = pipe(**KW, subject_images=images, subject_phrases=PHRASES, generator=gen(1), output_type="latent").frames
-    torch.testing.assert_close(out.frames[1:2], single)
-    pil = pipe(**KW, generator=gen(), output_type="pil", guidance_scale=1.0).frames
-    assert len(pil[0]) == 5 and pil[0][0].size == (32, 32)
+def test_text_routing_changes_the_routed_tokens(pipe, images):
+    common = dict(KW, subject_images=images, subject_phrases=PHRASES, output_type="latent", routing="similarity")
+    routed, plain = pipe(**common, generator=gen()), pipe(**common, route_text=False, generator=gen())
+    assert (plain.frames - routed.frames).abs().max() > 1e-6
 
 
 def test_sigmas_are_the_levels_used(pipe, images):
@@ -208,25 +168,12 @@ def test_sigmas_are_the_levels_used(pipe, images):
         pipe(**call, sigmas=[0.4, 0.9])
 
 
-def test_save_and_load_with_router(pipe, tmp_path):
-    router = IDRouter.from_transformer(pipe.transformer, router_dim=16, num_heads=2)
-    original = shrink(DiasRHunyuanVideo15Pipeline(**{**pipe.components, "id_router": router}))
-    original.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["id_router"] == ["diasr_diffusers.routing.router", "IDRouter"] and "guider" in index
-    loaded = shrink(DiasRHunyuanVideo15Pipeline.from_pretrained(tmp_path))
-    assert isinstance(loaded.id_router, IDRouter)
-    call = dict(KW, subject_images=[Image.new("RGB", (8, 8), (9, 9, 9))] * 2, subject_phrases=PHRASES,
-                output_type="latent", return_routing_maps=True)  # fmt: skip
-    a, b = loaded(**call, generator=gen()), original(**call, generator=gen())
-    torch.testing.assert_close(a.frames, b.frames)
-    torch.testing.assert_close(a.routing_maps, b.routing_maps)
-    # A stock HunyuanVideo-1.5 folder loads as a DiasR pipeline without a router (similarity routing).
+def test_a_stock_folder_loads_without_a_router(pipe, images, tmp_path):
     HunyuanVideo15Pipeline(**tiny_hunyuan_video15_components()).save_pretrained(tmp_path / "stock")
     plain = shrink(DiasRHunyuanVideo15Pipeline.from_pretrained(tmp_path / "stock"))
-    assert plain.id_router is None
-    torch.testing.assert_close(plain(**call, routing="similarity", generator=gen()).frames,
-                               original(**call, routing="similarity", generator=gen()).frames)  # fmt: skip
+    assert plain.id_router is None and "guider" in json.loads((tmp_path / "stock" / "model_index.json").read_text())
+    call = dict(KW, subject_images=images, routing="similarity", output_type="latent")
+    torch.testing.assert_close(plain(**call, generator=gen()).frames, pipe(**call, generator=gen()).frames)
 
 
 def test_bad_inputs(pipe, images):
@@ -252,3 +199,30 @@ def test_readme_hunyuan_video15_example_runs(capsys):
     exec(compile(block, "README HunyuanVideo-1.5 example", "exec"), namespace)  # noqa: S102 - the README's own example
     assert namespace["out"].frames[0].shape == (5, 32, 32, 3)
     assert "(5, 32, 32, 3) (3, 8, 8)" in capsys.readouterr().out
+
+
+class TestHunyuanVideo15Pipeline(SubjectPipelineTesterMixin):
+    """The shared pipeline checks (tests/pipeline_tester.py) on HunyuanVideo-1.5 (its stock pipeline has no
+    callbacks, no `guidance_scale` and reads `tokenizer_max_length`: those are DiasR's keyword-only extras)."""
+
+    pipeline_class = DiasRHunyuanVideo15Pipeline
+    stock_class = HunyuanVideo15Pipeline
+    prompt = PROMPT
+    phrases = PHRASES
+    inputs = {k: v for k, v in KW.items() if k != "prompt"}
+    diasr_only_inputs = ("max_sequence_length",)
+    default_exceptions = {"num_inference_steps": "None: 50, or len(sigmas) when `sigmas` are given"}
+
+    def get_components(self):
+        return tiny_hunyuan_video15_components()
+
+    def configure(self, pipe):
+        shrink(pipe).tokenizer_max_length = KW["max_sequence_length"]  # the stock pipeline's text length
+        return pipe
+
+    def encode_prompt_inputs(self, pipe, prompt, negative_prompt):
+        n = KW["max_sequence_length"]
+        names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+        positive = pipe.encode_text([prompt], 1, 1, n, torch.device("cpu"))
+        negative = pipe.encode_text([negative_prompt], 1, 1, n, torch.device("cpu"))
+        return {**dict(zip(names, positive)), **{f"negative_{k}": v for k, v in zip(names, negative)}}

@@ -75,7 +75,10 @@ def test_training_forward_is_the_pipelines_conditional_call(pipe):
     assert set(inputs) == {k for k in called if k not in ("attention_kwargs", "return_dict")}
     for k, v in inputs.items():
         assert torch.equal(v, called[k]), k
-    routing = pipe.prepare_routing([1, 1], PHRASES, [PROMPT], embeds, None, "similarity", True, 0.0, 1, FRAMES, x0, TOKENS)  # fmt: skip
+    routing = pipe.prepare_routing(
+        images_per_subject=[1, 1], phrases=PHRASES, prompts=[PROMPT], prompt_embeds=embeds, latents=x0,
+        num_frames=FRAMES, max_sequence_length=TOKENS, routing="similarity",
+    )  # fmt: skip
     mapped = pipe.drop_padding_tokens(routing["text_segments"], text)
     assert [s.lengths for s in mapped] == [s.lengths for s in segments] == [[3, 3]]
     assert all(torch.equal(a.order, b.order) for a, b in zip(mapped, segments))

@@ -272,3 +272,30 @@ def test_face_encoder_assembles_the_released_features():
     assert faces.aligned_faces[0].shape == (512, 512, 3) and tuple(faces.aligned_faces[0][0, 0]) == (200, 10, 0)
     with pytest.raises(ValueError, match=r"no face found in `images\[1\]`"):
         encoder([red, np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_from_pretrained_passes_dtype_dicts_and_variant_to_the_transformer(pipe, tmp_path):
+    """Diffusers' per-component ``torch_dtype`` dict and ``variant=`` reach the transformer, loaded separately."""
+    pipe.save_pretrained(tmp_path / "saved", variant="fp16")
+    loaded = IngredientsPipeline.from_pretrained(
+        tmp_path / "saved", variant="fp16", torch_dtype={"transformer": torch.bfloat16, "default": torch.float32}
+    )
+    assert loaded.transformer.dtype == torch.bfloat16 and loaded.vae.dtype == torch.float32
+    assert torch.equal(loaded.transformer.router[0].to_q.weight.float(),
+                       pipe.transformer.router[0].to_q.weight.bfloat16().float())  # fmt: skip
+    default_only = IngredientsPipeline.from_pretrained(tmp_path / "saved", variant="fp16", torch_dtype={"default": torch.bfloat16})  # fmt: skip
+    assert default_only.transformer.dtype == torch.bfloat16
+
+
+def test_signature_follows_consisid():
+    """ConsisIDPipeline's arguments in its order and with its defaults; Ingredients' own are keyword-only."""
+    import inspect
+
+    from diffusers import ConsisIDPipeline
+
+    ours = list(inspect.signature(IngredientsPipeline.__call__).parameters.values())[1:]
+    stock = list(inspect.signature(ConsisIDPipeline.__call__).parameters.values())[1:]
+    assert [p.name for p in ours[: len(stock)]] == [p.name for p in stock]
+    # `image` may be left out (the faces' composite); every other default is ConsisID's.
+    assert [p.default for p in ours[1 : len(stock)]] == [p.default for p in stock[1:]] and ours[0].default is None
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in ours[len(stock) :])

@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import LTXPipeline
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+from pipeline_tester import SubjectPipelineTesterMixin
 
-from diasr_diffusers import DiasRPipelineOutput, IDRouter
+from diasr_diffusers import IDRouter
 from diasr_diffusers.pipelines import DiasRLTXPipeline
 from diasr_diffusers.processors import SubjectRoutingState, TextSegments
 from diasr_diffusers.processors.ltx import LTXSubjectSparseAttnProcessor, set_ltx_subject_sparse_attn_processor
@@ -121,34 +122,9 @@ def test_routed_cross_attention_is_masked_attention_over_its_phrase(comps):
 # Pipeline
 
 
-def test_no_subjects_is_exactly_ltx_pipeline(comps, pipe):
-    want = LTXPipeline(**comps)(**BASE, generator=gen()).frames
-    pipe._install_processors()  # LTXPipeline(**comps) above shares the transformer; ours are still installed
-    out = pipe(**BASE, generator=gen())
-    assert isinstance(out, DiasRPipelineOutput) and out.routing_maps is None
-    assert all(isinstance(p, LTXSubjectSparseAttnProcessor) for p in pipe.transformer.attn_processors.values())
-    np.testing.assert_array_equal(out.frames, want)
-
-
-@pytest.mark.parametrize("routing", ["similarity", "router", "masks", "dense"])
-def test_routing_modes(pipe, routing):
-    masks = torch.zeros(2, 64, 64)
-    masks[0, :, :32], masks[1, :, 32:] = 1, 1
-    extra = {"subject_masks": masks} if routing == "masks" else {}
-    out = pipe(**BASE, subject_images=images(), subject_phrases=PHRASES, routing=routing, guidance_scale_ref=2.0,
-               return_routing_maps=routing != "dense", generator=gen(), **extra)  # fmt: skip
-    plain = pipe(**BASE, generator=gen()).frames
-    assert out.frames.shape == (1, 9, 64, 64, 3) and np.isfinite(out.frames).all()
-    assert not np.allclose(out.frames, plain)
-    if routing == "dense":
-        assert out.routing_maps is None
-    else:
-        assert out.routing_maps.shape == (1, 2, 2, 2)
-    if routing == "masks":
-        assert (out.routing_maps[..., 0] == 0).all() and (out.routing_maps[..., 1] == 1).all()
-
-
 def test_bad_inputs(pipe):
+    with pytest.raises(ValueError, match="`frame_rate` must be > 0"):
+        pipe(**BASE, frame_rate=0)  # was a ZeroDivisionError in the rotary scale
     with pytest.raises(ValueError, match="divisible by 32"):
         pipe(**{**BASE, "height": 48})
     with pytest.raises(ValueError, match=r"1 \+ 8 \* k"):
@@ -157,22 +133,6 @@ def test_bad_inputs(pipe):
         pipe(**BASE, sigmas=[1.0, 0.5])
     with pytest.raises(ValueError, match="one phrase per subject"):
         pipe(**BASE, subject_images=images(), subject_phrases=["a man"])
-
-
-def test_save_and_load(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "ltx")
-    loaded = DiasRLTXPipeline.from_pretrained(tmp_path / "ltx")
-    assert loaded.id_router is not None
-    for part in ("transformer", "id_router"):
-        a, b = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    args = dict(BASE, subject_images=images(), subject_phrases=PHRASES, routing="router", return_routing_maps=True)
-    want, got = pipe(**args, generator=gen()), loaded(**args, generator=gen())
-    assert np.abs(want.frames - got.frames).max() <= 1e-5  # safetensors-loaded weights: ~1e-7 GEMM differences
-    assert torch.equal(want.routing_maps, got.routing_maps)
-    stock = LTXPipeline(pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer, loaded.transformer)
-    from_ltx = DiasRLTXPipeline.from_ltx(stock)
-    assert from_ltx.id_router is None and from_ltx.transformer is loaded.transformer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -227,3 +187,35 @@ def test_training_config_checks_ltx_sizes_and_toy_arguments(data_dir):
         TrainConfig.from_dict({**base, "height": 48})
     with pytest.raises(ConfigError, match=r"unknown `tiny_model` key\(s\) \['wan22'\]"):
         TrainConfig.from_dict({**base, "tiny_model": {"wan22": "a14b"}})
+
+
+def test_from_ltx_takes_a_stock_pipeline(comps):
+    from_ltx = DiasRLTXPipeline.from_ltx(LTXPipeline(**comps))
+    assert from_ltx.id_router is None and from_ltx.transformer is comps["transformer"]
+
+
+def test_guidance_rescale_and_timesteps_are_honoured(pipe):
+    """LTXPipeline's `guidance_rescale` (Diffusers' rescale_noise_cfg) and custom `timesteps` reach the loop."""
+    kw = dict(BASE, output_type="latent")
+    plain = pipe(**kw, generator=gen()).frames
+    assert (pipe(**kw, guidance_rescale=0.7, generator=gen()).frames - plain).abs().max() > 1e-6
+    pipe(**{**kw, "num_inference_steps": None}, timesteps=[999, 500], generator=gen())
+    assert pipe.num_timesteps == 2
+
+
+class TestLTXPipeline(SubjectPipelineTesterMixin):
+    """The shared pipeline checks (tests/pipeline_tester.py) on LTX-Video."""
+
+    pipeline_class = DiasRLTXPipeline
+    stock_class = LTXPipeline
+    prompt = PROMPT
+    phrases = PHRASES
+    inputs = {k: v for k, v in BASE.items() if k not in ("prompt", "output_type")}
+
+    def get_components(self):
+        return tiny_ltx_components()
+
+    def encode_prompt_inputs(self, pipe, prompt, negative_prompt):
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(prompt, negative_prompt, True)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt_embeds": negative,
+                "negative_prompt_attention_mask": negative_mask}  # fmt: skip

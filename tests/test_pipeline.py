@@ -3,15 +3,14 @@ reference-image handling, guidance, callbacks, bad inputs, save/load, from_wan a
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from diffusers import WanPipeline
+from pipeline_tester import SubjectPipelineTesterMixin
 
-from diasr_diffusers import DiasRPipeline, DiasRPipelineOutput, IDRouter
+from diasr_diffusers import DiasRPipeline, IDRouter
 from diasr_diffusers.utils.tiny import tiny_wan_components
 
 PROMPT = "a man and a woman walk in the park with a dog"
@@ -69,31 +68,6 @@ def call(pipe, n=2, seed=0, **kwargs):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Routing modes
-
-
-@pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("routing", ["similarity", "router", "masks", "dense"])
-def test_routing_modes_run_with_maps(pipe, router_pipe, n, routing):
-    p = router_pipe if routing == "router" else pipe
-    extra = {"subject_masks": side_masks(n)} if routing == "masks" else {}
-    out = call(p, n=n, routing=routing, return_routing_maps=True, **extra)
-    assert isinstance(out, DiasRPipelineOutput)
-    assert isinstance(out.frames, np.ndarray) and out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
-    assert np.isfinite(out.frames).all() and out.frames.min() >= 0 and out.frames.max() <= 1
-    if routing == "dense":
-        assert out.routing_maps is None
-    else:
-        maps = out.routing_maps
-        assert maps.shape == (1, *MAP_SHAPE) and maps.dtype == torch.int64
-        assert maps.min() >= -1 and maps.max() < n
-    if routing == "masks":  # the user's layout is followed exactly
-        expected = torch.full(MAP_SHAPE, -1)
-        m = side_masks(n)
-        for s in range(n):
-            cov = torch.nn.functional.avg_pool2d(m[s][None], 16)[0]
-            expected[:, cov >= 0.5] = s
-        assert torch.equal(out.routing_maps[0], expected)
-    assert not p.routing_state.active  # the state is reset after the call
 
 
 def test_router_with_spatial_context_gets_the_token_grid(router_pipe):
@@ -166,53 +140,12 @@ def test_similarity_threshold_routes_everything_to_null(pipe):
 # Outputs and determinism
 
 
-def test_output_types(pipe):
-    np_out = call(pipe, output_type="np").frames
-    assert isinstance(np_out, np.ndarray) and np_out.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
-    pt_out = call(pipe, output_type="pt").frames
-    assert isinstance(pt_out, torch.Tensor) and pt_out.shape == (1, NUM_FRAMES, 3, HEIGHT, WIDTH)
-    np.testing.assert_allclose(pt_out.permute(0, 1, 3, 4, 2).numpy(), np_out, atol=1e-6)
-    pil_out = call(pipe, output_type="pil").frames
-    assert len(pil_out) == 1 and len(pil_out[0]) == NUM_FRAMES
-    assert all(isinstance(f, PIL.Image.Image) and f.size == (WIDTH, HEIGHT) for f in pil_out[0])
-    np.testing.assert_allclose(np.asarray(pil_out[0][3]) / 255.0, np_out[0, 3], atol=1 / 255 + 1e-6)
-    lat = call(pipe, output_type="latent").frames
-    assert isinstance(lat, torch.Tensor) and lat.shape == (1, 16, *MAP_SHAPE[:1], HEIGHT // 8, WIDTH // 8)
-    with pytest.raises(ValueError, match="output_type"):
-        call(pipe, output_type="mp4")
-
-
-def test_return_dict_false(pipe):
-    frames, maps = call(pipe, return_dict=False, return_routing_maps=True, output_type="latent")
-    assert isinstance(frames, torch.Tensor) and maps.shape == (1, *MAP_SHAPE)
-
-
 def test_same_seed_same_frames_and_different_seed_differs(pipe):
     a = call(pipe, seed=3).frames
     b = call(pipe, seed=3).frames
     c = call(pipe, seed=4).frames
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() > 1e-4
-
-
-def test_no_subjects_is_exactly_wan_pipeline(pipe):
-    wan = WanPipeline(**tiny_wan_components())
-    for kw in (dict(), dict(negative_prompt="dark"), dict(guidance_scale=1.0)):
-        want = wan(**{**BASE, **kw}, prompt=PROMPT, generator=gen(1)).frames
-        got = pipe(**{**BASE, **kw}, prompt=PROMPT, generator=gen(1)).frames
-        assert np.array_equal(got, want)
-        got_empty = pipe(**{**BASE, **kw}, prompt=PROMPT, subject_images=[], generator=gen(1)).frames
-        assert np.array_equal(got_empty, want)
-    assert pipe(**BASE, prompt=PROMPT, return_routing_maps=True, generator=gen(1)).routing_maps is None
-
-
-def test_batch_of_prompts_and_videos_per_prompt(pipe):
-    out = pipe(
-        **BASE, prompt=[PROMPT, "a woman and a man sit in the kitchen"], subject_images=subject_images(2),
-        subject_phrases=["a man", "a woman"], num_videos_per_prompt=2, return_routing_maps=True, output_type="latent",
-        generator=gen(0),
-    )  # fmt: skip
-    assert out.frames.shape[0] == 4 and out.routing_maps.shape == (4, *MAP_SHAPE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -288,26 +221,6 @@ def test_three_way_formula(pipe):
     torch.testing.assert_close(three_way, two_way, atol=1e-4, rtol=1e-4)
 
 
-def test_callback_on_step_end(pipe):
-    steps = []
-
-    def cb(p, i, t, kwargs):
-        assert p is pipe
-        steps.append(i)
-        assert set(kwargs) == {"latents", "prompt_embeds"}
-        return {"latents": kwargs["latents"] * 0.0}
-
-    out = call(pipe, num_inference_steps=3, output_type="latent", callback_on_step_end=cb,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
-    assert steps == [0, 1, 2]
-    assert (out.frames == 0).all()  # the callback's latents were used
-
-
-def test_callback_tensor_inputs_are_checked(pipe):
-    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        call(pipe, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["bogus"])
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -375,36 +288,6 @@ def test_bad_sizes_and_guidance(pipe):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Save / load, from_wan
-
-
-@pytest.mark.parametrize("with_router", [False, True])
-def test_save_and_load_round_trip(pipe, router_pipe, tmp_path, with_router):
-    p = router_pipe if with_router else pipe
-    p.save_pretrained(tmp_path / "pipe")
-    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "DiasRPipeline"
-    if with_router:
-        library, cls = index["id_router"]
-        assert cls == "IDRouter" and library.split(".")[0] == "diasr_diffusers"
-        assert list((tmp_path / "pipe" / "id_router").glob("*.safetensors"))
-    else:
-        assert index.get("id_router") in (None, [None, None])
-    loaded = DiasRPipeline.from_pretrained(tmp_path / "pipe")
-    assert isinstance(loaded, DiasRPipeline)
-    assert (loaded.id_router is not None) == with_router
-    for name in ("transformer", "text_encoder", "vae") + (("id_router",) if with_router else ()):
-        a, b = getattr(p, name).state_dict(), getattr(loaded, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert all(proc.state is loaded.routing_state for proc in loaded.transformer.attn_processors.values())
-    kwargs = dict(return_routing_maps=True)
-    want, got = call(p, **kwargs), call(loaded, **kwargs)
-    # Weights are bit-identical, but diffusers' own loading gives ~1e-7 fp32 differences even for a stock
-    # WanTransformer3DModel (safetensors-loaded tensors take different CPU GEMM paths), so compare at 1e-5.
-    assert np.abs(got.frames - want.frames).max() <= 1e-5
-    assert torch.equal(got.routing_maps, want.routing_maps)
-    assert np.abs(call(loaded, n=0).frames - call(p, n=0).frames).max() <= 1e-5
-    # same seed after reload -> identical frames
-    assert np.array_equal(call(loaded).frames, got.frames)
 
 
 def test_from_wan_object(router_pipe):
@@ -483,3 +366,20 @@ def test_batched_prompts_route_each_sample_like_a_single_call(pipe, router_pipe,
         alone = p(prompt=prompt, **kw, generator=gen(i))
         torch.testing.assert_close(both.frames[i], alone.frames[0], atol=1e-4, rtol=1e-4)
         assert torch.equal(both.routing_maps[i], alone.routing_maps[0])
+
+
+class TestWanPipeline(SubjectPipelineTesterMixin):
+    """The shared pipeline checks (tests/pipeline_tester.py) on Wan2.1."""
+
+    pipeline_class = DiasRPipeline
+    stock_class = WanPipeline
+    prompt = PROMPT
+    phrases = PHRASES[:2]
+    inputs = dict(BASE, max_sequence_length=512)
+    default_exceptions = {
+        name: "None: the reference style's default (the stock value for reference_style='diasr')"
+        for name in ("num_frames", "num_inference_steps", "guidance_scale")
+    }
+
+    def get_components(self):
+        return tiny_wan_components()

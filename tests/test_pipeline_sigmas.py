@@ -41,9 +41,9 @@ class _OracleVelocity:
         self.velocity = noise - x0
         self.timesteps: list[float] = []
 
-    def __call__(self, hidden, timestep, *args, **kwargs):
+    def __call__(self, hidden_states, timestep, *args, **kwargs):
         self.timesteps.append(float(timestep[0]))
-        out = torch.zeros_like(hidden)
+        out = torch.zeros_like(hidden_states)
         out[:, :, : self.velocity.shape[2]] = self.velocity
         return (out,)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import UniPCMultistepScheduler, WanPipeline
+from pipeline_tester import SubjectPipelineTesterMixin
 
 from diasr_diffusers import DiasRPipeline, IDRouter, SubjectSparseAttnProcessor
 from diasr_diffusers.data import make_synthetic
@@ -72,7 +73,7 @@ def count_calls(module):
 # Parity with Diffusers' WanPipeline without subjects
 
 
-@pytest.mark.parametrize("kind", ["a14b", "ti2v"])
+@pytest.mark.parametrize("kind", ["ti2v"])  # a14b: TestWan22Pipeline
 def test_no_subjects_is_exactly_wan_pipeline(kind):
     comps = tiny_wan22_components(kind)
     ours, stock = DiasRPipeline(**comps), WanPipeline(**comps)
@@ -108,7 +109,7 @@ def test_guidance_scale_2_guides_the_low_noise_expert(a14b):
 # Routing
 
 
-@pytest.mark.parametrize("kind", ["a14b", "ti2v"])
+@pytest.mark.parametrize("kind", ["ti2v"])  # a14b: TestWan22Pipeline
 @pytest.mark.parametrize("routing", ["similarity", "router", "masks", "dense"])
 def test_routing_modes(a14b, ti2v, kind, routing):
     pipe = a14b if kind == "a14b" else ti2v
@@ -178,6 +179,26 @@ def test_save_and_load_keep_both_experts_and_the_router(a14b, ti2v, tmp_path):
         # Bit-identical weights; safetensors-loaded tensors take other CPU GEMM paths (~1e-7, see test_pipeline).
         want, got = pipe(**args, generator=gen()).frames, loaded(**args, generator=gen()).frames
         assert np.abs(want - got).max() <= 1e-5
+
+
+def test_only_the_low_noise_expert_runs_and_saves_like_stock(tmp_path):
+    """Wan2.2 with only `transformer_2` (`transformer=None`, `boundary_ratio=1.0`), which WanPipeline runs and
+    Diffusers' tests use: it denoises every step, and the saved folder loads back the same way."""
+    # Diffusers' own test set-up: with UniPC's flow sigmas no timestep reaches 1000 = boundary_ratio * 1000, where
+    # WanPipeline would pick the missing `transformer` (Euler's first timestep is 1000: stock fails there, DiasR
+    # gives every step to `transformer_2`).
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    comps = {**tiny_wan22_components("a14b"), "transformer": None, "boundary_ratio": 1.0, "scheduler": scheduler}
+    ours, stock = DiasRPipeline(**comps), WanPipeline(**comps)
+    args = base("a14b", output_type="latent")
+    torch.testing.assert_close(ours(**args, generator=gen()).frames, stock(**args, generator=gen()).frames, rtol=0, atol=0)
+    routed = base("a14b", output_type="latent", subject_images=images(), subject_phrases=PHRASES, routing="similarity")
+    want = ours(**routed, generator=gen()).frames
+    ours.save_pretrained(tmp_path / "low")
+    assert json.loads((tmp_path / "low" / "model_index.json").read_text())["transformer"] == [None, None]
+    loaded = DiasRPipeline.from_pretrained(tmp_path / "low")
+    assert loaded.transformer is None and loaded.experts == [loaded.transformer_2]
+    torch.testing.assert_close(loaded(**routed, generator=gen()).frames, want, rtol=1e-5, atol=1e-5)
 
 
 def test_from_wan_accepts_wan22(tmp_path):
@@ -277,3 +298,27 @@ def test_tiny_wan22_config_errors(data_dir):
         TrainConfig.from_dict({**cfg, "tiny_model": {"wan22": "a5b"}})
     with pytest.raises(ConfigError, match="fixes"):
         TrainConfig.from_dict({**cfg, "tiny_model": {"wan22": "ti2v", "patch_size": [1, 1, 1]}})
+
+
+class TestWan22Pipeline(SubjectPipelineTesterMixin):
+    """The shared pipeline checks (tests/pipeline_tester.py) on Wan2.2 A14B: two experts (4 steps, two each), one
+    router for both, `guidance_scale_2` for the low-noise one."""
+
+    pipeline_class = DiasRPipeline
+    stock_class = WanPipeline
+    prompt = PROMPT
+    phrases = PHRASES
+    inputs = {**{k: v for k, v in base("a14b").items() if k != "prompt"}, "guidance_scale_2": 3.0}
+    default_exceptions = {
+        name: "None: the reference style's default (the stock value for reference_style='diasr')"
+        for name in ("num_frames", "num_inference_steps", "guidance_scale")
+    }
+    fast_steps = None  # every check runs both experts
+
+    def get_components(self):
+        return tiny_wan22_components("a14b")
+
+    def test_routing_reaches_both_experts(self, router_pipe):
+        for expert in router_pipe.experts:  # processors on both experts, one state
+            procs = expert.attn_processors.values()
+            assert all(isinstance(p, SubjectSparseAttnProcessor) and p.state is router_pipe.routing_state for p in procs)

@@ -116,7 +116,7 @@ class IngredientsFaceEncoder:
         ```py
         >>> encoder = IngredientsFaceEncoder.from_pretrained("Ingredients/face_encoder", device="cuda")
         >>> faces = encoder([load_image("man.jpg"), load_image("woman.jpg")])
-        >>> pipe(prompt, image=faces.first_frame, id_cond=faces.id_cond, id_vit_hidden=faces.id_vit_hidden)
+        >>> pipe(prompt=prompt, image=faces.first_frame, id_cond=faces.id_cond, id_vit_hidden=faces.id_vit_hidden)
         ```
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,10 +20,9 @@ from transformers import T5EncoderModel, T5Tokenizer
 from ..processors import CogVideoXSubjectSparseAttnProcessor, SubjectRoutingState
 from ..routing import IDRouter
 from ..routing.phrases import clean_prompt
-from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
-from .subjects import DiasRPipelineOutput, SubjectPipelineMixin
+from .subjects import DenoiseCall, DiasRPipelineOutput, SubjectPipelineMixin
 
 logger = logging.get_logger(__name__)
 
@@ -70,6 +70,8 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _processor_class = CogVideoXSubjectSparseAttnProcessor
     _transformer_class = CogVideoXTransformer3DModel
+    _batch_guidance = True  # CogVideoXPipeline runs [negative | positive] as one batch
+    _reference_frame_dim = 1
 
     def __init__(
         self,
@@ -120,17 +122,10 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
             raise TypeError(
                 f"`pipeline_or_path` must be a CogVideoXPipeline, a local folder or a Hub id, got {type(base).__name__}"
             )
-        if id_router is not None and not isinstance(id_router, (IDRouter, str, os.PathLike)):
-            raise TypeError(
-                f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
-            )
+        id_router = cls.load_id_router(id_router, **kwargs)
         if not isinstance(base, CogVideoXPipeline):
-            if os.path.isdir(base) and kwargs.get("transformer") is None:
-                check_block_model_folder(CogVideoXTransformer3DModel, os.path.join(base, "transformer"), kwargs.get("variant"))  # fmt: skip
+            cls.check_transformer_folders(base, **kwargs)
             base = CogVideoXPipeline.from_pretrained(pipeline_or_path, **kwargs)
-        if isinstance(id_router, (str, os.PathLike)):
-            hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
-            id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
         return cls(
             tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=base.transformer,
             scheduler=base.scheduler, id_router=id_router,
@@ -165,13 +160,40 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
             return None  # sincos positions (CogVideoX-2B) are computed by the patch embedding for any frame count
         return self._prepare_rotary_positional_embeddings(height, width, frames, device)
 
-    def _step(self, noise_pred, old_pred, t, i, timesteps, latents, extra_step_kwargs):
+    # The denoising loop's hooks (SubjectPipelineMixin.denoise): (B, F, C, h, w) latents, references appended on the
+    # frame axis, the rotary table of all frames; CogVideoXPipeline's scheduler step and dynamic guidance.
+
+    def transformer_inputs(self, call, latents, t, text, references):
+        hidden = self.scheduler.scale_model_input(latents, t)
+        if references is not None:
+            hidden = torch.cat([hidden, references], dim=1)
+        frames = hidden.shape[1]
+        tables = call.inputs.setdefault("rotary", {})
+        if frames not in tables:
+            tables[frames] = self.rotary_embeddings(call.inputs["height"], call.inputs["width"], frames, hidden.device)
+        return {"hidden_states": hidden, "timestep": t.expand(hidden.shape[0]), "image_rotary_emb": tables[frames], **text}
+
+    def video_output(self, call, pred, latents):
+        return pred[:, : latents.shape[1]].float()
+
+    def step_guidance(self, call, i, t, low_noise):
+        if call.inputs["use_dynamic_cfg"]:  # as CogVideoXPipeline
+            n, g = call.inputs["num_inference_steps"], call.inputs["guidance_scale"]
+            self._guidance_scale = 1 + g * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2)
+        return super().step_guidance(call, i, t, low_noise)
+
+    def scheduler_step(self, call, noise_pred, t, i, latents):
         # As CogVideoXPipeline: the DPM scheduler also carries the previous x0 prediction.
+        extra = call.inputs["extra_step_kwargs"]
         if not isinstance(self.scheduler, CogVideoXDPMScheduler):
-            return self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0], old_pred
-        return self.scheduler.step(
-            noise_pred, old_pred, t, timesteps[i - 1] if i > 0 else None, latents, **extra_step_kwargs, return_dict=False
-        )  # fmt: skip
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        else:
+            timesteps = call.inputs["timesteps"]
+            latents, call.inputs["old_pred"] = self.scheduler.step(
+                noise_pred, call.inputs.get("old_pred"), t, timesteps[i - 1] if i > 0 else None, latents, **extra,
+                return_dict=False,
+            )  # fmt: skip
+        return latents.to(call.inputs["dtype"])
 
     # ------------------------------------------------------------------------------------------------------------
     # Training hooks (DiasRTrainer; latents in the VAE's (B, C, F, h, w) layout, as every family's).
@@ -214,27 +236,22 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        subject_images: list[Any] | None = None,
-        subject_phrases: list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        height: int = 480,
-        width: int = 720,
+        height: int | None = None,
+        width: int | None = None,
         num_frames: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_scale_ref: float | None = None,
-        routing: str = "auto",
-        route_text: bool = True,
-        subject_masks: torch.Tensor | np.ndarray | None = None,
-        similarity_threshold: float = 0.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 6,
+        use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
+        output_type: str = "pil",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
@@ -242,30 +259,42 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 226,
+        *,
+        subject_images: list[Any] | None = None,
+        subject_phrases: list[str] | None = None,
+        guidance_scale_ref: float | None = None,
+        routing: str = "auto",
+        route_text: bool = True,
+        subject_masks: torch.Tensor | np.ndarray | None = None,
+        similarity_threshold: float = 0.0,
+        return_routing_maps: bool = False,
         sigmas: list[float] | None = None,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
 
-        Arguments as in :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`; ``None`` means
-        CogVideoX's default: ``num_frames=49``, ``num_inference_steps=50``, ``guidance_scale=6.0``, an empty
-        ``negative_prompt``. ``latents`` are ``(videos, latent frames, channels, h, w)`` as in CogVideoX.
-        ``sigmas`` must be ``None``: CogVideoX samples with its DDIM / DPM v-prediction schedulers, which take no
-        flow-matching noise levels. With ``subject_phrases`` the prompt is encoded as the phrase matcher reads it
-        (``routing.phrases.clean_prompt``: HTML entities and repeated spaces cleaned), so that phrase tokens are
-        found where the text encoder sees them.
+        The stock ``CogVideoXPipeline`` arguments come first, in its order and with its defaults (``height``,
+        ``width``, ``num_frames``: the transformer's ``sample_*`` config); the subject arguments are keyword-only and
+        mean what they mean in :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`. Unlike the
+        stock pipeline, ``num_videos_per_prompt`` is honoured. ``latents`` are ``(videos, latent frames, channels,
+        h, w)`` as in CogVideoX. ``sigmas`` must be ``None``: CogVideoX samples with its DDIM / DPM v-prediction
+        schedulers, which take no flow-matching noise levels. With ``subject_phrases`` the prompt is encoded as the
+        phrase matcher reads it (``routing.phrases.clean_prompt``: HTML entities and repeated spaces cleaned), so
+        that phrase tokens are found where the text encoder sees them. ``callback_on_step_end`` receives
+        ``prompt_embeds`` with both guidance rows ``[negative | positive]``, as from the stock pipeline.
 
         Examples:
         """
         if sigmas is not None:
             raise ValueError(
                 "`sigmas` must be None with DiasRCogVideoXPipeline: CogVideoX's DDIM/DPM v-prediction schedulers take "
-                "no flow-matching noise levels (use `num_inference_steps`)"
+                "no flow-matching noise levels (use `num_inference_steps` or `timesteps`)"
             )
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_frames = 49 if num_frames is None else num_frames
-        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
-        guidance_scale = 6.0 if guidance_scale is None else guidance_scale
+        cfg = self.transformer.config
+        height = height or cfg.sample_height * self.vae_scale_factor_spatial
+        width = width or cfg.sample_width * self.vae_scale_factor_spatial
+        num_frames = num_frames or cfg.sample_frames
+        if timesteps is not None:
+            num_inference_steps = len(timesteps)
 
         # 1. Check everything before any expensive work.
         num_frames, prompts, subjects, routing = self.prepare_subject_call(
@@ -300,97 +329,35 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
         )  # fmt: skip
 
         # 3. Timesteps, latents and references.
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        self._num_timesteps = len(timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         latents = self.prepare_latents(
-            num_videos, self.transformer.config.in_channels, num_frames, height, width, prompt_embeds.dtype, device,
-            generator, latents,
+            num_videos, cfg.in_channels, num_frames, height, width, prompt_embeds.dtype, device, generator, latents,
         )  # fmt: skip
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
-        num_latent_frames = latents.shape[1]
-        rotary = self.rotary_embeddings(height, width, num_latent_frames, device)
-        routing_inputs = None
+        call = DenoiseCall(
+            prompt={"encoder_hidden_states": prompt_embeds},
+            negative={"encoder_hidden_states": negative_prompt_embeds} if guide else None,
+            attention_kwargs=attention_kwargs,
+            inputs={
+                "height": height, "width": width, "dtype": prompt_embeds.dtype, "timesteps": timesteps,
+                "extra_step_kwargs": self.prepare_extra_step_kwargs(generator, eta), "use_dynamic_cfg": use_dynamic_cfg,
+                "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
+            },
+        )  # fmt: skip
         if subjects:
-            routing_inputs = self.prepare_routing(
-                [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing,
-                route_text, similarity_threshold, num_videos_per_prompt, num_frames, latents.transpose(1, 2),
-                max_sequence_length,
+            call.references, call.num_ref_frames, call.routing_inputs = self.prepare_references(
+                subjects, subject_phrases=subject_phrases, prompts=prompts, prompt=call.prompt,
+                video_latents=latents.transpose(1, 2), routing=routing, route_text=route_text,
+                subject_masks=subject_masks, similarity_threshold=similarity_threshold,
+                num_videos_per_prompt=num_videos_per_prompt, num_frames=num_frames,
+                max_sequence_length=max_sequence_length, height=height, width=width, device=device,
+                dtype=prompt_embeds.dtype,
             )  # fmt: skip
-            ref_latents = self.encode_references(subjects, height, width, device, prompt_embeds.dtype)
-            ref_latents = ref_latents.expand(num_videos, -1, -1, -1, -1)
-            rotary_refs = self.rotary_embeddings(height, width, num_latent_frames + ref_latents.shape[1], device)
-        three_way = bool(subjects) and guidance_scale_ref is not None and guide
-        self._install_processors()
-        state = self.routing_state
+            call.guidance_scale_ref, call.return_routing_maps = guidance_scale_ref, return_routing_maps
 
         # 4. Denoise.
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
-        routing_maps = None
-        old_pred = None  # DPM-solver's previous x0 prediction
-
-        def run(hidden, timestep, text, rope, cache):
-            with self.transformer.cache_context(cache):
-                return self.transformer(
-                    hidden_states=hidden, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rope,
-                    attention_kwargs=attention_kwargs, return_dict=False,
-                )[0].float()  # fmt: skip
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                if not subjects:
-                    # Exactly CogVideoXPipeline's step: negative and positive in one batch.
-                    model_input = torch.cat([latents] * 2) if guide else latents
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                    timestep = t.expand(model_input.shape[0])
-                    text = torch.cat([negative_prompt_embeds, prompt_embeds]) if guide else prompt_embeds
-                    noise_pred = run(model_input, timestep, text, rotary, "cond_uncond")
-                    if guide:
-                        noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                else:
-                    video_input = self.scheduler.scale_model_input(latents, t)
-                    timestep = t.expand(num_videos)
-                    model_input = torch.cat([video_input, ref_latents], dim=1)
-                    record = return_routing_maps and i == len(timesteps) - 1
-                    with state.activate(**routing_inputs, record=record):
-                        noise_pred = run(model_input, timestep, prompt_embeds, rotary_refs, "cond")[
-                            :, :num_latent_frames
-                        ]
-                        if record:
-                            routing_maps = self._routing_maps(state)
-                    if guide:
-                        # The negative branch has no references: video-only attention, as the stock model.
-                        noise_uncond = run(video_input, timestep, negative_prompt_embeds, rotary, "uncond")
-                        if three_way:
-                            ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
-                            with state.activate(**ref_only):
-                                noise_ref = run(model_input, timestep, negative_prompt_embeds, rotary_refs, "ref")
-                            noise_ref = noise_ref[:, :num_latent_frames]
-                            noise_pred = (
-                                noise_uncond
-                                + guidance_scale_ref * (noise_ref - noise_uncond)
-                                + guidance_scale * (noise_pred - noise_ref)
-                            )
-                        else:
-                            noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
-
-                latents, old_pred = self._step(noise_pred, old_pred, t, i, timesteps, latents, extra_step_kwargs)
-                latents = latents.to(prompt_embeds.dtype)
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
-                    tensors = self.step_callback(
-                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, tensors
-                    )
-                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
-                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self._current_timestep = None
+        latents, routing_maps = self.denoise(
+            latents, timesteps, num_inference_steps, call, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 5. Decode (as CogVideoXPipeline).
         if output_type != "latent":

@@ -3,7 +3,6 @@ subject-sparse routed joint attention."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..routing import IDRouter
 from ..routing.phrases import check_phrases, clean_prompt, phrase_owners_from_offsets, phrase_spans
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
-from .subjects import DiasRPipelineOutput, SubjectPipelineMixin, _sigma_array
+from .subjects import DenoiseCall, DiasRPipelineOutput, SubjectPipelineMixin, _sigma_array
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +97,7 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["id_router"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _guidance_scale = 1.0
     _processor_class = HunyuanVideo15SubjectSparseAttnProcessor
     _transformer_class = HunyuanVideo15Transformer3DModel
     _processor_prefix = "transformer_blocks."  # the token refiner's attention keeps its stock processors
@@ -214,6 +214,38 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
     def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
         """The video frames of the transformer's ``(B, C, F + K, h, w)`` output (the reference frames dropped)."""
         return pred[:, :, : video_shape[2]]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoising loop's hooks (SubjectPipelineMixin.denoise): video frames [x_t | condition latents | mask],
+    # reference frames appended on the frame axis; the guider component guides (a callback changing
+    # `pipe._guidance_scale` gets a guider with that scale).
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    def transformer_inputs(self, call, latents, t, text, references):
+        hidden = torch.cat([latents, call.inputs["condition"]], dim=1)
+        if references is not None:
+            hidden = torch.cat([hidden, references], dim=2)
+        return {
+            "hidden_states": hidden, "image_embeds": call.inputs["image_embeds"],
+            "timestep": t.expand(hidden.shape[0]).to(hidden.dtype), **text,
+        }  # fmt: skip
+
+    def video_output(self, call, pred, latents):
+        return pred[:, :, : latents.shape[2]]
+
+    def step_guidance(self, call, i, t, low_noise):
+        guider = call.inputs["guider"]
+        if guider.config.get("guidance_scale") != self._guidance_scale:
+            guider = call.inputs["guider"] = guider.new(guidance_scale=self._guidance_scale)
+        guider.set_state(step=i, num_inference_steps=call.inputs["num_inference_steps"], timestep=t)
+        return self._guidance_scale if call.negative is not None and guider.num_conditions > 1 else None
+
+    def combine_guidance(self, call, pred_cond, pred_uncond, guidance_scale):
+        guider = call.inputs["guider"]
+        return (guider.forward(pred_cond) if pred_uncond is None else guider.forward(pred_cond, pred_uncond)).pred
 
     # ------------------------------------------------------------------------------------------------------------
     # Text: Qwen2.5-VL behind a chat template (cropped), ByT5 glyphs; the transformer reorders the joint text.
@@ -337,48 +369,51 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        subject_images: list[Any] | None = None,
-        subject_phrases: list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_frames: int | None = None,
+        num_frames: int = 121,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_scale_ref: float | None = None,
-        routing: str = "auto",
-        route_text: bool = True,
-        subject_masks: torch.Tensor | np.ndarray | None = None,
-        similarity_threshold: float = 0.0,
+        sigmas: list[float] | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
+        prompt_embeds_2: torch.Tensor | None = None,
+        prompt_embeds_mask_2: torch.Tensor | None = None,
+        negative_prompt_embeds_2: torch.Tensor | None = None,
+        negative_prompt_embeds_mask_2: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
+        *,
+        guidance_scale: float | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 1000,
-        sigmas: list[float] | None = None,
-        prompt_embeds_mask: torch.Tensor | None = None,
-        negative_prompt_embeds_mask: torch.Tensor | None = None,
-        prompt_embeds_2: torch.Tensor | None = None,
-        prompt_embeds_mask_2: torch.Tensor | None = None,
-        negative_prompt_embeds_2: torch.Tensor | None = None,
-        negative_prompt_embeds_mask_2: torch.Tensor | None = None,
+        subject_images: list[Any] | None = None,
+        subject_phrases: list[str] | None = None,
+        guidance_scale_ref: float | None = None,
+        routing: str = "auto",
+        route_text: bool = True,
+        subject_masks: torch.Tensor | np.ndarray | None = None,
+        similarity_threshold: float = 0.0,
+        return_routing_maps: bool = False,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
 
-        Arguments as in :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`; ``None`` means
+        The stock ``HunyuanVideo15Pipeline`` arguments come first, in its order; the rest (``guidance_scale``, the
+        callbacks, the subject arguments) are keyword-only. Arguments as in
+        :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`; ``None`` means
         HunyuanVideo-1.5's default: ``num_frames=121``, ``num_inference_steps=50``, ``height``/``width`` from the
-        transformer's ``target_size`` at 16:9, ``guidance_scale`` the ``guider``'s (another value guides with
-        ``guider.new(guidance_scale=...)``), an empty ``negative_prompt``. ``max_sequence_length``: Qwen tokens after
+        transformer's ``target_size`` at 16:9, ``guidance_scale`` the ``guider``'s (another value, or a
+        ``callback_on_step_end`` changing ``pipe._guidance_scale``, guides with ``guider.new(guidance_scale=...)``), an empty ``negative_prompt``. ``max_sequence_length``: Qwen tokens after
         the chat template's crop (the stock pipeline's ``tokenizer_max_length``). ``latents`` are
         ``(videos, latent channels, latent frames, h, w)``. ``sigmas``: the noise levels the loop uses, exactly as
         for ``DiasRPipeline`` (the scheduler's shift undone; :meth:`~SubjectPipelineMixin.set_exact_sigmas`); ``None``:
@@ -388,15 +423,12 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
 
         Examples:
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if (height is None) != (width is None):
             raise ValueError("Give both `height` and `width`, or neither (HunyuanVideo-1.5's size from target_size)")
         if height is None:
             height, width = self.video_processor.calculate_default_height_width(
                 self.default_aspect_ratio[1], self.default_aspect_ratio[0], self.target_size
             )
-        num_frames = 121 if num_frames is None else num_frames
         if num_inference_steps is None:
             num_inference_steps = 50 if sigmas is None else len(_sigma_array(sigmas))
         guider = self.guider
@@ -406,7 +438,13 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
                     f"`guidance_scale` needs a ClassifierFreeGuidance guider, got {type(guider).__name__}"
                 )
             guider = guider.new(guidance_scale=guidance_scale)
-        scale = getattr(guider, "guidance_scale", 1.0)
+        scale = guider.config.get("guidance_scale", 1.0)
+        guider.set_state(step=0, num_inference_steps=num_inference_steps, timestep=None)
+        if guider.num_conditions > 2:
+            raise ValueError(
+                f"the guider {type(guider).__name__} needs {guider.num_conditions} branches; DiasR pipelines run two "
+                "(ClassifierFreeGuidance and guiders combining a conditional and an unconditional prediction)"
+            )
         # The stock pipeline's own pairing rules for its extra text inputs (mask with embeds, ByT5 with prompt).
         HunyuanVideo15Pipeline.check_inputs(
             self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, prompt_embeds_mask,
@@ -436,6 +474,7 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
         if subjects and subject_phrases is not None:  # encoded as the phrase owners were found (`phrase_owners`)
             prompts = [clean_prompt(p) for p in prompts]
 
+        self._guidance_scale = scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -444,22 +483,19 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
         num_videos = batch_size * num_videos_per_prompt
         dtype = self.transformer.dtype
 
-        # 2. Text.
-        prompt_embeds, prompt_embeds_mask, prompt_embeds_2, prompt_embeds_mask_2 = self.encode_text(
+        # 2. Text: the Qwen embeddings and mask, the ByT5 embeddings and mask of each branch.
+        names = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2")  # fmt: skip
+        positive = self.encode_text(
             prompts, batch_size, num_videos_per_prompt, max_sequence_length, device, prompt_embeds,
             prompt_embeds_mask, prompt_embeds_2, prompt_embeds_mask_2,
         )  # fmt: skip
-        negative = (None, None, None, None)
-        guide = getattr(guider, "_enabled", True) and not math.isclose(
-            scale, 0.0 if getattr(guider, "use_original_formulation", False) else 1.0
-        )
-        if guide:
+        negative = None
+        if guider.get_state()["enabled"]:
             negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
             negative = self.encode_text(
                 negatives, batch_size, num_videos_per_prompt, max_sequence_length, device, negative_prompt_embeds,
                 negative_prompt_embeds_mask, negative_prompt_embeds_2, negative_prompt_embeds_mask_2,
             )  # fmt: skip
-        negative_prompt_embeds = negative[0]
 
         # 3. Timesteps, latents, references.
         if sigmas is None:  # HunyuanVideo15Pipeline's schedule (shifted by the scheduler)
@@ -468,100 +504,32 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
         else:  # the exact noise levels, as DiasRPipeline takes them (the scheduler's shift undone)
             self.set_exact_sigmas(sigmas, device)
             timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(
             num_videos, self.num_channels_latents, height, width, num_frames, dtype, device, generator, latents
         )
-        cond_latents, cond_mask = self.prepare_cond_latents_and_mask(latents, dtype, device)
-        image_embeds = torch.zeros(num_videos, self.vision_num_semantic_tokens, self.vision_states_dim, dtype=dtype, device=device)  # fmt: skip
-        num_latent_frames = latents.shape[2]
-        routing_inputs = None
+        call = DenoiseCall(
+            prompt=dict(zip(names, positive)), negative=None if negative is None else dict(zip(names, negative)),
+            attention_kwargs=attention_kwargs,
+            inputs={
+                "condition": torch.cat(self.prepare_cond_latents_and_mask(latents, dtype, device), dim=1),
+                "image_embeds": torch.zeros(num_videos, self.vision_num_semantic_tokens, self.vision_states_dim, dtype=dtype, device=device),
+                "guider": guider, "num_inference_steps": num_inference_steps,
+            },
+        )  # fmt: skip
         if subjects:
-            routing_inputs = self.prepare_routing(
-                [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing,
-                route_text, similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
+            call.references, call.num_ref_frames, call.routing_inputs = self.prepare_references(
+                subjects, subject_phrases=subject_phrases, prompts=prompts, prompt=call.prompt, video_latents=latents,
+                routing=routing, route_text=route_text, subject_masks=subject_masks,
+                similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
+                num_frames=num_frames, max_sequence_length=max_sequence_length, height=height, width=width,
+                device=device, dtype=dtype,
             )  # fmt: skip
-            if routing_inputs["text_segments"] is not None:
-                routing_inputs["text_segments"] = self.text_segments(
-                    routing_inputs["text_segments"], prompt_embeds_mask, prompt_embeds_mask_2,
-                    self.vision_num_semantic_tokens,
-                )  # fmt: skip
-            ref_input = self.encode_references(subjects, height, width, device, dtype).expand(
-                num_videos, -1, -1, -1, -1
-            )
-        three_way = bool(subjects) and guidance_scale_ref is not None
-        self._install_processors()
-        state = self.routing_state
-
-        def run(hidden, text, cache):
-            with self.transformer.cache_context(cache):
-                return self.transformer(
-                    hidden_states=hidden, image_embeds=image_embeds, timestep=timestep,
-                    attention_kwargs=attention_kwargs, return_dict=False, **text,
-                )[0]  # fmt: skip
-
-        names = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2")  # fmt: skip
+            call.guidance_scale_ref, call.return_routing_maps = guidance_scale_ref, return_routing_maps
 
         # 4. Denoise.
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        routing_maps = None
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                positive = (prompt_embeds, prompt_embeds_mask, prompt_embeds_2, prompt_embeds_mask_2)
-                negative = (negative_prompt_embeds, *negative[1:])
-                video_input = torch.cat([latents, cond_latents, cond_mask], dim=1)
-                timestep = t.expand(video_input.shape[0]).to(video_input.dtype)
-                guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
-                if not subjects:
-                    # Exactly HunyuanVideo15Pipeline's step: the guider's batches, one transformer call each.
-                    guider_state = guider.prepare_inputs({k: (p, n) for k, p, n in zip(names, positive, negative)})
-                    for batch in guider_state:
-                        guider.prepare_models(self.transformer)
-                        text = {k: getattr(batch, k) for k in names}
-                        batch.noise_pred = run(video_input, text, getattr(batch, guider._identifier_key))
-                        guider.cleanup_models(self.transformer)
-                    noise_pred = guider(guider_state)[0]
-                else:
-                    model_input = torch.cat([video_input, ref_input], dim=2)
-                    record = return_routing_maps and i == len(timesteps) - 1
-                    with state.activate(**routing_inputs, record=record):
-                        pred_cond = run(model_input, dict(zip(names, positive)), "pred_cond")[:, :, :num_latent_frames]
-                        if record:
-                            routing_maps = self._routing_maps(state)
-                    if guider.num_conditions > 1:
-                        # The negative branch has no references: video-only attention, as the stock model.
-                        pred_uncond = run(video_input, dict(zip(names, negative)), "pred_uncond")
-                        if three_way:
-                            ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
-                            with state.activate(**ref_only):
-                                pred_ref = run(model_input, dict(zip(names, negative)), "pred_ref")
-                            pred_ref = pred_ref[:, :, :num_latent_frames]
-                            noise_pred = (
-                                pred_uncond
-                                + guidance_scale_ref * (pred_ref - pred_uncond)
-                                + guider.guidance_scale * (pred_cond - pred_ref)
-                            )
-                        else:
-                            noise_pred = guider.forward(pred_cond, pred_uncond).pred
-                    else:
-                        noise_pred = guider.forward(pred_cond).pred
-
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
-                    tensors = self.step_callback(
-                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, tensors
-                    )
-                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
-                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self._current_timestep = None
+        latents, routing_maps = self.denoise(
+            latents, timesteps, num_inference_steps, call, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 5. Decode (as HunyuanVideo15Pipeline).
         if output_type != "latent":

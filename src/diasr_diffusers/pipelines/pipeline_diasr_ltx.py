@@ -20,7 +20,7 @@ from transformers import T5EncoderModel, T5TokenizerFast
 from ..processors import LTXSubjectSparseAttnProcessor, SubjectRoutingState, TextSegments
 from ..routing import IDRouter
 from ..utils.images import letterbox
-from .subjects import DiasRPipelineOutput, SubjectPipelineMixin
+from .subjects import DenoiseCall, DiasRPipelineOutput, SubjectPipelineMixin, _check_real
 
 logger = logging.get_logger(__name__)
 
@@ -51,8 +51,10 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["id_router"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _processor_class = LTXSubjectSparseAttnProcessor
     _transformer_class = LTXVideoTransformer3DModel
+    _batch_guidance = True  # LTXPipeline runs [negative | positive] as one batch
 
     def __init__(
         self,
@@ -84,10 +86,10 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
             raise TypeError(
                 f"`ltx_pipeline_or_path` must be an LTXPipeline, a local folder or a Hub id, got {type(ltx).__name__}"
             )
+        id_router = cls.load_id_router(id_router, **kwargs)
         if not isinstance(ltx, LTXPipeline):
+            cls.check_transformer_folders(ltx, **kwargs)
             ltx = LTXPipeline.from_pretrained(ltx, **kwargs)
-        if isinstance(id_router, (str, os.PathLike)):
-            id_router = IDRouter.from_pretrained(id_router)
         return cls(ltx.scheduler, ltx.vae, ltx.text_encoder, ltx.tokenizer, ltx.transformer, id_router=id_router)
 
     # Training hooks (DiasRTrainer): the same four as DiasRPipeline's.
@@ -155,6 +157,8 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
         num_frames: int = 161,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        frame_rate: float = 25,
+        guidance_rescale: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """The shared checks of every DiasR call, LTX's frame count (``8k + 1``: LTX's VAE needs it and
@@ -164,6 +168,10 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
             prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
             callback_on_step_end_tensor_inputs, num_frames=num_frames, **kwargs,
         )  # fmt: skip
+        _check_real("frame_rate", frame_rate)
+        if frame_rate <= 0:
+            raise ValueError(f"`frame_rate` must be > 0 (frames per second: it scales the rotary time axis), got {frame_rate}")
+        _check_real("guidance_rescale", guidance_rescale, 0.0)
         if (num_frames - 1) % self.vae_temporal_compression_ratio:
             raise ValueError(f"`num_frames` must be 1 + {self.vae_temporal_compression_ratio} * k, got {num_frames}")
         LTXPipeline.check_inputs(
@@ -192,33 +200,52 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
             kept.append(TextSegments(order=seg.order[valid], lengths=seg.lengths))
         return kept
 
+    # The denoising loop's hooks (SubjectPipelineMixin.denoise): packed tokens, the references' tokens appended
+    # (clean: timestep 0, LTX's convention for conditioning tokens) and continuing the rotary frame axis.
+
+    def transformer_inputs(self, call, latents, t, text, references):
+        hidden = latents.to(text["encoder_hidden_states"].dtype)
+        b, frames = hidden.shape[0], call.inputs["frames"]
+        timestep = t.expand(b)
+        if references is not None:
+            p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
+            refs = self._pack_latents(references, p, pt).to(hidden.dtype)
+            timestep = torch.cat([t.expand(b, hidden.shape[1]), t.new_zeros(b, refs.shape[1])], dim=1)
+            hidden, frames = torch.cat([hidden, refs], dim=1), frames + references.shape[2] // pt
+        return {
+            "hidden_states": hidden, "timestep": timestep, "num_frames": frames, "height": call.inputs["height"],
+            "width": call.inputs["width"], "rope_interpolation_scale": call.inputs["rope_interpolation_scale"], **text,
+        }  # fmt: skip
+
+    def video_output(self, call, pred, latents):
+        return pred[:, : latents.shape[1]].float()
+
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        subject_images: list[Any] | None = None,
-        subject_phrases: list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 704,
         num_frames: int = 161,
+        frame_rate: int = 25,
         num_inference_steps: int = 50,
-        guidance_scale: float = 3.0,
-        guidance_scale_ref: float | None = None,
-        routing: str = "auto",
-        route_text: bool = True,
-        subject_masks: torch.Tensor | np.ndarray | None = None,
-        similarity_threshold: float = 0.0,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 3,
+        guidance_rescale: float = 0.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        decode_timestep: float | list[float] = 0.0,
+        decode_noise_scale: float | list[float] | None = None,
+        output_type: str = "pil",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
@@ -226,28 +253,36 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 128,
+        *,
+        subject_images: list[Any] | None = None,
+        subject_phrases: list[str] | None = None,
+        guidance_scale_ref: float | None = None,
+        routing: str = "auto",
+        route_text: bool = True,
+        subject_masks: torch.Tensor | np.ndarray | None = None,
+        similarity_threshold: float = 0.0,
+        return_routing_maps: bool = False,
         sigmas: list[float] | None = None,
-        frame_rate: int = 25,
-        decode_timestep: float | list[float] = 0.0,
-        decode_noise_scale: float | list[float] | None = None,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
 
-        Arguments as :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`, with LTX-Video's
-        defaults (512x704, 161 frames, 50 steps, guidance 3.0, 128 text tokens) and its own ``frame_rate``,
-        ``decode_timestep`` and ``decode_noise_scale`` (as ``LTXPipeline``). ``num_frames`` must be ``8k + 1`` and
-        ``height``/``width`` multiples of 32 (VAE 32x, patch 1). ``sigmas`` must be ``None``: ``LTXPipeline`` always
-        steps through ``linspace(1, 1 / steps)`` shifted by resolution, and parity with it comes first.
+        The stock ``LTXPipeline`` arguments come first, in its order and with its defaults (512x704, 161 frames,
+        25 fps, 50 steps, guidance 3.0, 128 text tokens, ``output_type="pil"``); the subject arguments are
+        keyword-only and mean what they mean in :meth:`DiasRPipeline.__call__ <diasr_diffusers.DiasRPipeline.__call__>`.
+        ``num_frames`` must be ``8k + 1`` and ``height``/``width`` multiples of 32 (VAE 32x, patch 1). ``timesteps``:
+        custom timesteps, shifted by resolution like the default schedule (``LTXPipeline`` itself refuses them,
+        passing both them and its sigmas to the scheduler). ``sigmas`` must be ``None``: ``LTXPipeline`` always steps
+        through ``linspace(1, 1 / steps)`` shifted by resolution, and parity with it comes first.
 
         Returns :class:`~diasr_diffusers.DiasRPipelineOutput` (``frames``, ``routing_maps``).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if sigmas is not None:
             raise ValueError(
                 "`sigmas`: DiasRLTXPipeline samples LTXPipeline's schedule (linspace(1, 1/steps), shifted by "
-                "resolution); explicit sigmas are not supported"
+                "resolution); explicit sigmas are not supported (`timesteps` are)"
             )
+        if timesteps is not None:
+            num_inference_steps = len(timesteps)
         num_frames, prompts, subjects, routing = self.prepare_subject_call(
             prompt=prompt, subject_images=subject_images, subject_phrases=subject_phrases,
             negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
@@ -259,137 +294,82 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
             return_routing_maps=return_routing_maps, attention_kwargs=attention_kwargs,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length, prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_attention_mask=negative_prompt_attention_mask, frame_rate=frame_rate,
+            guidance_rescale=guidance_rescale,
         )  # fmt: skip
-        self._install_processors()
-        if not subjects:  # exactly LTXPipeline (its processors are ours, running the stock code path)
-            out = super().__call__(
-                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-                frame_rate=frame_rate, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
-                latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale, output_type=output_type,
-                attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                max_sequence_length=max_sequence_length,
-            )  # fmt: skip
-            return DiasRPipelineOutput(frames=out.frames) if return_dict else (out.frames, None)
-        if prompt_embeds is not None:
-            raise ValueError("`prompt_embeds` with `subject_images`: give `prompt` (its phrases are located in it)")
 
         self._guidance_scale = guidance_scale
-        self._guidance_rescale = 0.0
+        self._guidance_rescale = guidance_rescale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         self._current_timestep = None
         device = self._execution_device
-        num_videos = len(prompts) * num_videos_per_prompt
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        num_videos = batch_size * num_videos_per_prompt
         guide = self.do_classifier_free_guidance
 
-        # 1. Text (the negative prompt's tokens keep their own padding mask).
+        # 1. Text (each branch keeps its own padding mask).
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guide,
-            num_videos_per_prompt=num_videos_per_prompt, negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length, device=device,
+            num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_attention_mask=negative_prompt_attention_mask, max_sequence_length=max_sequence_length,
+            device=device,
         )  # fmt: skip
-        dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(dtype)
-        if guide:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
 
-        # 2. Latents (packed tokens) and references.
+        # 2. Latents (packed tokens), timesteps as LTXPipeline (the shift depends on the video's sequence length,
+        # not the references').
         latents = self.prepare_latents(
             num_videos, self.transformer.config.in_channels, height, width, num_frames, torch.float32, device,
             generator, latents,
         )  # fmt: skip
         f = (num_frames - 1) // self.vae_temporal_compression_ratio + 1
         h, w = height // self.vae_spatial_compression_ratio, width // self.vae_spatial_compression_ratio
-        p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
-        video_5d = self._unpack_latents(latents, f // pt, h // p, w // p, p, pt)
-        routing_inputs = self.prepare_routing(
-            [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing,
-            route_text, similarity_threshold, num_videos_per_prompt, num_frames, video_5d, max_sequence_length,
-        )  # fmt: skip
-        if routing_inputs["text_segments"] is not None:
-            routing_inputs["text_segments"] = self.drop_padding_tokens(routing_inputs["text_segments"], prompt_mask)
-        ref_latents = self.encode_references(subjects, height, width, device, dtype)
-        num_refs = ref_latents.shape[2]
-        refs = self._pack_latents(ref_latents, p, pt).expand(num_videos, -1, -1)
-        lv, lr = latents.shape[1], refs.shape[1]
-        three_way = guidance_scale_ref is not None and guide
-
-        # 3. Timesteps, as LTXPipeline (the shift depends on the video's sequence length, not the references').
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = calculate_shift(
-            lv,
+            f * h * w,
             self.scheduler.config.get("base_image_seq_len", 256),
             self.scheduler.config.get("max_image_seq_len", 4096),
             self.scheduler.config.get("base_shift", 0.5),
             self.scheduler.config.get("max_shift", 1.15),
         )
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)  # fmt: skip
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
-        self._num_timesteps = len(timesteps)
+        schedule = None if timesteps is not None else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas=schedule, mu=mu
+        )
+        p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
         rope_scale = (self.vae_temporal_compression_ratio / frame_rate, self.vae_spatial_compression_ratio,
                       self.vae_spatial_compression_ratio)  # fmt: skip
-        video_kwargs = dict(num_frames=f, height=h, width=w, rope_interpolation_scale=rope_scale,
-                            attention_kwargs=attention_kwargs, return_dict=False)  # fmt: skip
-        # References continue the frame axis of the rotary positions, as Wan's appended reference frames do.
-        joint_kwargs = {**video_kwargs, "num_frames": f + num_refs}
-        state = self.routing_state
+        call = DenoiseCall(
+            prompt={"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_mask},
+            negative={"encoder_hidden_states": negative_prompt_embeds, "encoder_attention_mask": negative_mask}
+            if guide else None,
+            attention_kwargs=attention_kwargs,
+            inputs={"frames": f // pt, "height": h // p, "width": w // p, "rope_interpolation_scale": rope_scale},
+        )  # fmt: skip
+        if subjects:
+            call.references, call.num_ref_frames, call.routing_inputs = self.prepare_references(
+                subjects, subject_phrases=subject_phrases, prompts=prompts, prompt=call.prompt,
+                video_latents=self._unpack_latents(latents, f // pt, h // p, w // p, p, pt), routing=routing,
+                route_text=route_text, subject_masks=subject_masks, similarity_threshold=similarity_threshold,
+                num_videos_per_prompt=num_videos_per_prompt, num_frames=num_frames,
+                max_sequence_length=max_sequence_length, height=height, width=width, device=device,
+                dtype=self.transformer.dtype, text=prompt_mask,
+            )  # fmt: skip
+            call.guidance_scale_ref, call.return_routing_maps = guidance_scale_ref, return_routing_maps
 
-        # 4. Denoise.
-        routing_maps = None
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                video = latents.to(dtype)
-                joint = torch.cat([video, refs], dim=1)
-                # Clean references: timestep 0 on their tokens (LTX's convention for clean conditioning tokens).
-                t_joint = torch.cat([t.expand(num_videos, lv), t.new_zeros(num_videos, lr)], dim=1)
-                record = return_routing_maps and i == len(timesteps) - 1
-                with state.activate(**routing_inputs, record=record), self.transformer.cache_context("cond"):
-                    noise_pred = self.transformer(joint, prompt_embeds, t_joint, prompt_mask, **joint_kwargs)[0]
-                    if record:
-                        routing_maps = self._routing_maps(state)
-                noise_pred = noise_pred[:, :lv].float()
-                if guide:
-                    # No references in the negative branch: every video token would be routed to null anyway.
-                    with self.transformer.cache_context("uncond"):
-                        noise_uncond = self.transformer(
-                            video, negative_prompt_embeds, t.expand(num_videos), negative_mask, **video_kwargs
-                        )[0].float()
-                    if three_way:
-                        ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
-                        with state.activate(**ref_only), self.transformer.cache_context("ref"):
-                            noise_ref = self.transformer(
-                                joint, negative_prompt_embeds, t_joint, negative_mask, **joint_kwargs
-                            )[0][:, :lv].float()
-                        noise_pred = (
-                            noise_uncond
-                            + guidance_scale_ref * (noise_ref - noise_uncond)
-                            + guidance_scale * (noise_pred - noise_ref)
-                        )
-                    else:
-                        noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    tensors = self.step_callback(
-                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs,
-                        {"latents": latents, "prompt_embeds": prompt_embeds},
-                    )  # fmt: skip
-                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self._current_timestep = None
+        # 3. Denoise.
+        latents, routing_maps = self.denoise(
+            latents, timesteps, num_inference_steps, call, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
-        # 5. Decode (as LTXPipeline).
+        # 4. Decode (as LTXPipeline).
         if output_type == "latent":
             video = latents
         else:
-            video = self._decode(latents, f, h, w, generator, decode_timestep, decode_noise_scale, num_videos, dtype)
+            video = self._decode(
+                latents, f, h, w, generator, decode_timestep, decode_noise_scale, num_videos, prompt_embeds.dtype
+            )
             video = self.video_processor.postprocess_video(video, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -22,11 +22,11 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..processors import SubjectRoutingState, SubjectSparseAttnProcessor
 from ..routing import IDRouter
-from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
 from .reference_styles import REFERENCE_STYLES, ReferenceStyle, get_reference_style
 from .subjects import (
+    DenoiseCall,
     DiasRPipelineOutput,
     SubjectPipelineMixin,
     _check_real,
@@ -60,17 +60,21 @@ def _check_experts(transformer: Any, transformer_2: Any, boundary_ratio: Any, ex
     is a mistake, refused here rather than silently sampling with one expert (or failing at the switch)."""
     if not isinstance(expand_timesteps, bool):
         raise TypeError(f"`expand_timesteps` must be a bool, got {expand_timesteps!r}")
+    if transformer is None and transformer_2 is None:
+        raise ValueError("a Wan pipeline needs `transformer`, `transformer_2` (Wan2.2's low-noise expert) or both")
     if boundary_ratio is not None:
         if (
             isinstance(boundary_ratio, bool)
             or not isinstance(boundary_ratio, numbers.Real)
-            or not 0.0 < boundary_ratio < 1.0
+            or not 0.0 < boundary_ratio <= 1.0
         ):
-            raise ValueError(f"`boundary_ratio` must be None or a number in (0, 1), got {boundary_ratio!r}")
+            raise ValueError(f"`boundary_ratio` must be None or a number in (0, 1], got {boundary_ratio!r}")
         if transformer_2 is None:
             raise ValueError(
                 f"`boundary_ratio={boundary_ratio}` switches to a low-noise expert, but `transformer_2` is None"
             )
+    elif transformer is None:
+        raise ValueError("`transformer_2` alone (no `transformer`) needs `boundary_ratio` (1.0: it denoises every step)")
     elif transformer_2 is not None:
         raise ValueError(
             "`transformer_2` (the Wan2.2 low-noise expert) needs `boundary_ratio` (e.g. 0.875 for Wan2.2-T2V-A14B); "
@@ -116,7 +120,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
     # The router runs inside the transformer's forward; it is small, so it stays on the execution device.
     _exclude_from_cpu_offload = ["id_router"]
-    _optional_components = ["id_router", "transformer_2"]
+    _optional_components = ["transformer", "id_router", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _processor_class = SubjectSparseAttnProcessor
     _transformer_class = WanTransformer3DModel
@@ -167,11 +171,32 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
 
     def expert_for(self, t: torch.Tensor) -> tuple[WanTransformer3DModel, bool]:
         """The expert that denoises timestep ``t`` (as :class:`~diffusers.WanPipeline`), and whether it is the
-        low-noise one (``transformer_2``, guided by ``guidance_scale_2``)."""
+        low-noise one (``transformer_2``, guided by ``guidance_scale_2``). Without ``transformer`` (Wan2.2 with only
+        the low-noise expert) ``transformer_2`` denoises every step."""
         if self.config.get("boundary_ratio") is None:
             return self.transformer, False
         boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
-        return (self.transformer, False) if t >= boundary else (self.transformer_2, True)
+        if self.transformer is not None and t >= boundary:
+            return self.transformer, False
+        return self.transformer_2, True
+
+    def rotary_limits(self) -> tuple[int, int, int]:
+        """Wan's rotary table has ``rope_max_seq_len`` positions on each axis."""
+        n = self.denoiser.config.rope_max_seq_len
+        return n, n, n
+
+    # The denoising loop's hooks (SubjectPipelineMixin.denoise): references appended on the frame axis.
+
+    def transformer_inputs(self, call, latents, t, text, references):
+        hidden = latents.to(call.inputs["dtype"])
+        num_ref_frames = 0
+        if references is not None:
+            hidden, num_ref_frames = torch.cat([hidden, references], dim=2), references.shape[2]
+        timestep = self.transformer_timesteps(t, latents.shape[0], latents.shape, num_ref_frames)
+        return {"hidden_states": hidden, "timestep": timestep, **text}
+
+    def video_output(self, call, pred, latents):
+        return pred[:, :, : latents.shape[2]]
 
     def transformer_timesteps(
         self, t: torch.Tensor, batch: int, latent_shape: tuple[int, ...], num_ref_frames: int = 0
@@ -182,7 +207,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         if not self.config.get("expand_timesteps"):
             return t.expand(batch)
         f, h, w = latent_shape[-3:]
-        pt, ph, pw = self.transformer.config.patch_size
+        pt, ph, pw = self.denoiser.config.patch_size
         # The same arithmetic as WanPipeline (a float32 mask of ones times t), so subject-free calls match it bit for bit.
         video = torch.ones(f // pt, h // ph, w // pw, dtype=torch.float32, device=t.device) * t
         refs = torch.zeros(num_ref_frames // pt, h // ph, w // pw, dtype=torch.float32, device=t.device)
@@ -234,22 +259,10 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
             raise TypeError(
                 f"`wan_pipeline_or_path` must be a WanPipeline, a local folder or a Hub id, got {type(wan).__name__}"
             )
-        if id_router is not None and not isinstance(id_router, (IDRouter, str, os.PathLike)):
-            raise TypeError(
-                f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
-            )
+        id_router = cls.load_id_router(id_router, **kwargs)  # its type checked before the base loads
         if not isinstance(wan, WanPipeline):
-            for name in ("transformer", "transformer_2"):
-                if os.path.isdir(os.path.join(wan, name)) and kwargs.get(name) is None:
-                    check_block_model_folder(WanTransformer3DModel, os.path.join(wan, name), kwargs.get("variant"))
+            cls.check_transformer_folders(wan, **kwargs)
             wan = WanPipeline.from_pretrained(wan_pipeline_or_path, **kwargs)
-        if wan.transformer is None:
-            raise ValueError(
-                "`from_wan` needs the pipeline's `transformer` (a Wan2.2 folder with only transformer_2?)"
-            )
-        if isinstance(id_router, (str, os.PathLike)):
-            hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
-            id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
         return cls(
             tokenizer=wan.tokenizer,
             text_encoder=wan.text_encoder,
@@ -336,9 +349,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         folder = str(path) if os.path.isdir(path) else cls.download(str(path), **kwargs)
         transformer = skyreels_v3_transformer(folder, dtype=dtype)
         dtype_kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        if isinstance(id_router, (str, os.PathLike)):
-            hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
-            id_router = IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
+        id_router = cls.load_id_router(id_router, **kwargs)
         return cls(
             tokenizer=AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             text_encoder=UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **dtype_kwargs).eval(),
@@ -411,19 +422,13 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        subject_images: list[Any] | None = None,
-        subject_phrases: list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
         width: int = 832,
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        guidance_scale_ref: float | None = None,
-        routing: str = "auto",
-        route_text: bool = True,
-        subject_masks: torch.Tensor | np.ndarray | None = None,
-        similarity_threshold: float = 0.0,
+        guidance_scale_2: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -431,7 +436,6 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
@@ -439,10 +443,21 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 512,
+        *,
+        subject_images: list[Any] | None = None,
+        subject_phrases: list[str] | None = None,
+        guidance_scale_ref: float | None = None,
+        routing: str = "auto",
+        route_text: bool = True,
+        subject_masks: torch.Tensor | np.ndarray | None = None,
+        similarity_threshold: float = 0.0,
+        return_routing_maps: bool = False,
         sigmas: list[float] | None = None,
-        guidance_scale_2: float | None = None,
     ) -> DiasRPipelineOutput | tuple:
         r"""Generate a video in which each reference subject keeps its identity.
+
+        The stock ``WanPipeline`` arguments come first, in its order (``pipe(prompt, negative_prompt, height, width,
+        num_frames, ...)``); the subject arguments are keyword-only.
 
         Args:
             prompt: the text; each subject's phrase should occur in it.
@@ -483,8 +498,6 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
 
         Examples:
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         given_guidance_scale_ref = guidance_scale_ref  # only an argument the user gave can be "ignored"
         if sigmas is not None and num_inference_steps is None:
             num_inference_steps = len(_sigma_array(sigmas))  # before the style's default could disagree with it
@@ -513,6 +526,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         self.check_reference_style_inputs(subjects, height, width, num_frames, routing)
 
         self._guidance_scale = guidance_scale
+        self._guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -524,19 +538,16 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
 
         # 2. Text.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=guide,
-            num_videos_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
-        transformer_dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guide,
+            num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+        )  # fmt: skip
+        dtype = self.denoiser.dtype
+        call = DenoiseCall(
+            prompt={"encoder_hidden_states": prompt_embeds.to(dtype)},
+            negative={"encoder_hidden_states": negative_prompt_embeds.to(dtype)} if guide else None,
+            attention_kwargs=attention_kwargs, inputs={"dtype": dtype},
+        )  # fmt: skip
 
         # 3. Latents and references.
         self.set_reference_style_timesteps(num_inference_steps, device, sigmas=sigmas)
@@ -545,112 +556,31 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         # gives the original's noise.
         extra = sum(len(s) for s in subjects) if style.noise_covers_references and latents is None else 0
         latents = self.prepare_latents(
-            num_videos,
-            self.transformer.config.in_channels,
-            height,
-            width,
-            num_frames + extra * self.vae_scale_factor_temporal,
-            torch.float32,
-            device,
-            generator,
-            latents,
-        )
+            num_videos, self.denoiser.config.in_channels, height, width,
+            num_frames + extra * self.vae_scale_factor_temporal, torch.float32, device, generator, latents,
+        )  # fmt: skip
         if extra:
             latents = latents[:, :, :-extra].contiguous()
-        num_latent_frames = latents.shape[2]
-        routing_inputs = None
         if subjects:
-            routing_inputs = self.prepare_routing(
-                [len(images) for images in subjects], subject_phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
-                similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
+            call.references, call.num_ref_frames, call.routing_inputs = self.prepare_references(
+                subjects, subject_phrases=subject_phrases, prompts=prompts, prompt=call.prompt, video_latents=latents,
+                routing=routing, route_text=route_text, subject_masks=subject_masks,
+                similarity_threshold=similarity_threshold, num_videos_per_prompt=num_videos_per_prompt,
+                num_frames=num_frames, max_sequence_length=max_sequence_length, height=height, width=width,
+                device=device, dtype=dtype, generator=generator,
             )  # fmt: skip
-            ref_latents = self.encode_references(subjects, height, width, device, transformer_dtype, generator)
-            ref_latents = self._pad_reference_latents(ref_latents, routing).expand(num_videos, -1, -1, -1, -1)
-        three_way = subjects and guidance_scale_ref is not None and guide
-        if guidance_scale_2 is None:
-            guidance_scale_2 = guidance_scale
-        self._guidance_scale_2 = guidance_scale_2
-        num_ref_frames = ref_latents.shape[2] if subjects else 0
-        self._install_processors()
-        self.check_context_parallel_lengths(latents, num_ref_frames)
-        state = self.routing_state
+            call.references = self._pad_reference_latents(call.references, routing)  # SkyReels, dense only
+            call.num_ref_frames = call.references.shape[2]
+            call.guidance_scale_ref = guidance_scale_ref
+            call.return_routing_maps = return_routing_maps
+            call.zero_negative_references = style.zero_negative_references
+        self.check_context_parallel_lengths(latents, call.num_ref_frames)
 
         # 4. Denoise.
-        self._num_timesteps = len(timesteps)
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self.scheduler.set_begin_index(0)
-        routing_maps = None
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                # Wan2.2 A14B: the expert for this timestep (references appended whichever it is), and its guidance.
-                model, low_noise = self.expert_for(t)
-                step_guidance = guidance_scale_2 if low_noise else guidance_scale
-                timestep = self.transformer_timesteps(t, num_videos, latents.shape)
-                ref_timestep = self.transformer_timesteps(t, num_videos, latents.shape, num_ref_frames)
-                video_input = latents.to(transformer_dtype)
-                cache_kwargs = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": self._num_timesteps}  # fmt: skip
-
-                if subjects:
-                    model_input = torch.cat([video_input, ref_latents], dim=2)
-                    record = return_routing_maps and i == len(timesteps) - 1
-                    with state.activate(**routing_inputs, record=record), model.cache_context("cond", **cache_kwargs):  # fmt: skip
-                        noise_pred = model(
-                            model_input,
-                            ref_timestep,
-                            prompt_embeds,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
-                        if record:
-                            routing_maps = self._routing_maps(state)
-                        cond_buckets = self._majority_buckets(state)
-                    noise_pred = noise_pred[:, :, :num_latent_frames]
-                else:
-                    with model.cache_context("cond", **cache_kwargs):
-                        noise_pred = model(
-                            video_input, timestep, prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
-                        )[0]
-
-                if guide and subjects and style.zero_negative_references:
-                    noise_uncond = self._zero_reference_negative(
-                        model_input, num_latent_frames, ref_timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
-                        cache_kwargs, attention_kwargs, model,
-                    )[:, :, :num_latent_frames]  # fmt: skip
-                elif guide:
-                    # The negative branch has no references: with every video token routed to null this is exactly
-                    # video-only attention, so the reference tokens need not be computed at all.
-                    with model.cache_context("uncond", **cache_kwargs):
-                        noise_uncond = model(video_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
-                if guide:
-                    if three_way:
-                        ref_only = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}  # fmt: skip
-                        with state.activate(**ref_only), model.cache_context("ref", **cache_kwargs):
-                            noise_ref = model(model_input, ref_timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False)[0]  # fmt: skip
-                        noise_ref = noise_ref[:, :, :num_latent_frames]
-                        noise_pred = (
-                            noise_uncond
-                            + guidance_scale_ref * (noise_ref - noise_uncond)
-                            + step_guidance * (noise_pred - noise_ref)
-                        )
-                    else:
-                        noise_pred = noise_uncond + step_guidance * (noise_pred - noise_uncond)
-
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
-                    tensors = self.step_callback(
-                        callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, tensors
-                    )
-                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
-                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self._current_timestep = None
+        latents, routing_maps = self.denoise(
+            latents, timesteps, num_inference_steps, call, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 5. Decode (as WanPipeline).
         if output_type != "latent":
@@ -710,7 +640,7 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
                 f"`subject_images`: reference_style={style.name!r} takes at most {style.pad_references_to} reference "
                 f"images in all (its reference set is padded to that many frames), got {total}"
             )
-        rope_frames = self.transformer.config.rope_max_seq_len
+        rope_frames = self.rotary_limits()[0]
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         if subjects and routing == "dense" and style.pad_references_to and latent_frames + style.pad_references_to > rope_frames:  # fmt: skip
             raise ValueError(
@@ -763,25 +693,3 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
             return ref_latents
         b, c, k, h, w = ref_latents.shape
         return torch.cat([ref_latents, ref_latents.new_zeros(b, c, pad - k, h, w)], dim=2)
-
-    def _zero_reference_negative(
-        self, model_input, num_latent_frames, timestep, negative_prompt_embeds, routing_inputs, cond_buckets,
-        cache_kwargs, attention_kwargs=None, transformer=None,
-    ) -> torch.Tensor:  # fmt: skip
-        """The negative branch of Phantom and SkyReels: the reference frames stay in the sequence, as zeros.
-
-        Routing: ``dense`` is the original full attention. In routed modes the zero frames keep their subject
-        slots and each video token sees the zero frames of the subject it was routed to in this step's
-        conditional pass (its majority over layers), so the negative differs from the positive only in content,
-        never in who-sees-what. The negative prompt has no subject phrases, so text is not routed.
-        """
-        video = model_input[:, :, :num_latent_frames]
-        zero_input = torch.cat([video, torch.zeros_like(model_input[:, :, num_latent_frames:])], dim=2)
-        inputs = {**routing_inputs, "text_segments": None, "phrase_features": None, "phrase_masks": None}
-        if routing_inputs["mode"] != "dense":
-            inputs.update(mode="masks", mask_buckets=cond_buckets, router=None)
-        transformer = self.transformer if transformer is None else transformer  # Wan2.2: the expert of this step
-        with self.routing_state.activate(**inputs), transformer.cache_context("uncond", **cache_kwargs):
-            return transformer(
-                zero_input, timestep, negative_prompt_embeds, attention_kwargs=attention_kwargs, return_dict=False
-            )[0]

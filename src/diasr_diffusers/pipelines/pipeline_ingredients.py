@@ -105,7 +105,9 @@ class IngredientsPipeline(ConsisIDPipeline):
         The transformer is read from ``transformer_ema/`` when the folder has one (as the released ``infer.py``
         does), else from ``transformer/``; ``transformer_subfolder`` picks one explicitly. Hub ids are fetched with
         ``snapshot_download`` (the whole repository, ``face_encoder/`` included). ``kwargs`` go to
-        ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, ...).
+        ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, also a per-component dict, ``variant``, ...); the
+        transformer gets the same ``torch_dtype`` (its entry ``"transformer"`` or ``"default"``), ``variant`` and
+        ``use_safetensors``.
         """
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
@@ -121,8 +123,13 @@ class IngredientsPipeline(ConsisIDPipeline):
             if not (folder / transformer_subfolder / "config.json").is_file():
                 raise FileNotFoundError(f"no transformer in {folder / transformer_subfolder} (config.json missing)")
             dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+            if isinstance(dtype, dict):  # Diffusers' per-component dtypes: the transformer's, else "default"
+                dtype = dtype.get("transformer", dtype.get("default"))
+            model_kwargs = {k: kwargs[k] for k in ("variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+            if dtype is not None:
+                model_kwargs["torch_dtype"] = dtype
             kwargs["transformer"] = IngredientsTransformer3DModel.from_pretrained(
-                folder, subfolder=transformer_subfolder, **({"torch_dtype": dtype} if dtype is not None else {})
+                folder, subfolder=transformer_subfolder, **model_kwargs
             )
         pipe = super().from_pretrained(folder, **kwargs)
         pipe._weights_folder = folder
@@ -212,11 +219,8 @@ class IngredientsPipeline(ConsisIDPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str | list[str] | None = None,
         image: PIL.Image.Image | torch.Tensor | None = None,
-        face_images: list[Any] | None = None,
-        id_cond: list[torch.Tensor] | None = None,
-        id_vit_hidden: list[list[torch.Tensor]] | None = None,
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
         width: int = 720,
@@ -224,7 +228,6 @@ class IngredientsPipeline(ConsisIDPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
-        routing: str = "soft",
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -233,7 +236,6 @@ class IngredientsPipeline(ConsisIDPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        return_routing_maps: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict]
         | PipelineCallback
@@ -241,16 +243,28 @@ class IngredientsPipeline(ConsisIDPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = 226,
+        id_vit_hidden: list[list[torch.Tensor]] | None = None,
+        id_cond: list[torch.Tensor] | None = None,
+        kps_cond: list[torch.Tensor] | None = None,
+        *,
+        face_images: list[Any] | None = None,
+        routing: str = "soft",
+        return_routing_maps: bool = False,
     ) -> IngredientsPipelineOutput | tuple:
         r"""Generate a video of the given identities.
 
+        ``ConsisIDPipeline``'s arguments come first, in its order (``image`` first) and with its defaults (``image``
+        may be left out with ``face_images``); ``face_images``, ``routing`` and ``return_routing_maps`` are
+        keyword-only.
+
         Args:
-            prompt: the text.
             image: the first frame. Default with ``face_images``: Ingredients' composite of the aligned faces.
+            prompt: the text.
             face_images: one image per identity (needs :meth:`load_face_encoder`).
             id_cond, id_vit_hidden: precomputed face features instead, one entry per identity (released layout:
                 ``id_cond[n]`` ``(1, 1280)``, ``id_vit_hidden[n]`` a list of 5 ``(1, 577, 1024)``); a leading batch
                 dimension equal to the number of videos gives each video its own faces.
+            kps_cond: ConsisID's facial keypoints; Ingredients takes none (must be ``None``).
             routing: ``"soft"`` (released: softmax mixing of the identities' features) or ``"hard"`` (paper: top-1).
             return_routing_maps: also return ``routing_maps`` (see :class:`IngredientsPipelineOutput`).
             negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, use_dynamic_cfg, eta,
@@ -267,6 +281,8 @@ class IngredientsPipeline(ConsisIDPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if kps_cond is not None:
+            raise ValueError("`kps_cond`: Ingredients' transformer takes no facial keypoints (ConsisID's `is_kps`)")
         self.check_face_inputs(image, id_cond, id_vit_hidden, face_images, routing)
         self._check_numbers(num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt)
         if not isinstance(return_routing_maps, bool):

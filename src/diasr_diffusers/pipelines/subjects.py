@@ -1,15 +1,21 @@
 """Subject handling shared by every DiasR pipeline (Wan, CogVideoX, ...): argument checks, routing resolution,
-text routing over the subject phrases, the routing-state inputs of a call, routing maps, loading with a router.
+text routing over the subject phrases, the routing-state inputs of a call, the denoising loop, routing maps, loading
+with a router.
 
 :class:`SubjectPipelineMixin` goes first in a pipeline's bases (``class DiasRPipeline(SubjectPipelineMixin,
 WanPipeline)``). A family's pipeline sets :attr:`~SubjectPipelineMixin._processor_class` and
-:attr:`~SubjectPipelineMixin._transformer_class`, and overrides :meth:`~SubjectPipelineMixin.latents_shape` if the
-``latents`` argument of its ``__call__`` is not laid out ``(B, C, F, h, w)``. The shared code itself (routing inputs,
-token grid, the trainer) reads latents in the VAE's ``(B, C, F, h, w)`` layout: CogVideoX hands them over
-transposed, LTX unpacked. A pipeline with
-several denoisers (Wan2.2 A14B's two experts) overrides :attr:`~SubjectPipelineMixin.experts` /
+:attr:`~SubjectPipelineMixin._transformer_class`, and says only how references enter
+(:meth:`~SubjectPipelineMixin.encode_references`), what the transformer receives
+(:meth:`~SubjectPipelineMixin.transformer_inputs`) and which part of its output is the video
+(:meth:`~SubjectPipelineMixin.video_output`); :meth:`~SubjectPipelineMixin.denoise` is the one loop (dense and routed
+branches, three-way guidance, Wan2.2's expert switch, callbacks, routing maps). It overrides
+:meth:`~SubjectPipelineMixin.latents_shape` if the ``latents`` argument of its ``__call__`` is not laid out
+``(B, C, F, h, w)``. The shared code itself (routing inputs, token grid, the trainer) reads latents in the VAE's
+``(B, C, F, h, w)`` layout: CogVideoX hands them over transposed, LTX unpacked. A pipeline with several denoisers
+(Wan2.2 A14B's two experts) overrides :attr:`~SubjectPipelineMixin.experts` /
 :meth:`~SubjectPipelineMixin.expert_for` and lists their folders in ``_transformer_folders``; processors are
-installed on every expert, all sharing one routing state (and one ``id_router``).
+installed on every expert, all sharing one routing state (and one ``id_router``). What the trainer calls is
+:class:`SubjectTrainingHooks`.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import inspect
 import math
 import numbers
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
@@ -64,6 +72,76 @@ class DiasRPipelineOutput(BaseOutput):
 
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+@dataclass
+class DenoiseCall:
+    r"""What :meth:`SubjectPipelineMixin.denoise` needs of one call besides the latents and timesteps.
+
+    Args:
+        prompt: the transformer's text inputs of the conditional branch (``{"encoder_hidden_states": ..., ...}``).
+        negative: the same for the negative branch; ``None``: no guidance.
+        references: the reference input in the family's layout (:meth:`~SubjectPipelineMixin.encode_references`),
+            one per video; ``None``: no subjects (the stock pipeline's loop).
+        num_ref_frames: how many frames ``references`` adds to the video's frame axis.
+        routing_inputs: the :class:`SubjectRoutingState` inputs (:meth:`~SubjectPipelineMixin.prepare_routing`).
+        guidance_scale_ref: three-way guidance's reference scale; ``None``: two-way guidance.
+        return_routing_maps: record the routing of the last step.
+        zero_negative_references: the negative branch keeps the references as zeros (Phantom, SkyReels).
+        attention_kwargs: passed to every transformer call.
+        inputs: the family's own per-call values (rotary tables, condition latents, ...).
+    """
+
+    prompt: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor] | None = None
+    references: torch.Tensor | None = None
+    num_ref_frames: int = 0
+    routing_inputs: dict[str, Any] | None = None
+    guidance_scale_ref: float | None = None
+    return_routing_maps: bool = False
+    zero_negative_references: bool = False
+    attention_kwargs: dict[str, Any] | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SubjectTrainingHooks(Protocol):
+    r"""What :class:`~diasr_diffusers.training.DiasRTrainer` calls on a pipeline (every DiasR pipeline provides it).
+
+    The trainer holds latents in the VAE's ``(B, C, F, h, w)`` layout for every family; the pipeline translates:
+    """
+
+    routing_state: SubjectRoutingState
+
+    @property
+    def experts(self) -> list[Any]:
+        """The transformers the pipeline runs (Wan2.2 A14B: two)."""
+
+    def expert_for(self, t: torch.Tensor) -> tuple[Any, bool]:
+        """The expert denoising timestep ``t`` and whether it is the low-noise one."""
+
+    def encode_video_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, C, F, h, w)`` latents of ``(B, 3, F, H, W)`` pixels in [-1, 1]."""
+
+    def encode_training_prompt(self, caption: str, max_sequence_length: int, device: torch.device) -> tuple[Any, Any]:
+        """``(prompt_embeds, the other text inputs or None)`` of one caption, as the denoiser reads them."""
+
+    def prepare_routing(self, **kwargs: Any) -> dict[str, Any]:
+        """The :class:`SubjectRoutingState` inputs (keyword arguments: see the mixin's method)."""
+
+    def drop_padding_tokens(self, segments: list[TextSegments], text: Any) -> list[TextSegments]:
+        """Text routing segments mapped onto what the transformer reads (padding dropped, text reordered)."""
+
+    def video_token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """``(F, H, W)`` video tokens of ``(B, C, F, h, w)`` latents."""
+
+    def denoiser_inputs(
+        self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: Any
+    ) -> dict[str, Any]:
+        """The transformer's keyword inputs for ``[video | refs]`` (both ``(B, C, *, h, w)``) at timestep ``t``."""
+
+    def video_prediction(self, pred: torch.Tensor, video_shape: torch.Size) -> torch.Tensor:
+        """The video part ``(B, C, F, h, w)`` of the transformer's output for :meth:`denoiser_inputs`."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -164,6 +242,29 @@ class SubjectPipelineMixin:
         return self.id_router.config.max_subjects if self.id_router is not None else None
 
     @property
+    def denoiser(self) -> Any:
+        """The first transformer this pipeline runs (Wan2.2 with only the low-noise expert: ``transformer_2``)."""
+        return self.experts[0]
+
+    @staticmethod
+    def load_id_router(id_router: IDRouter | str | os.PathLike | None, **kwargs: Any) -> IDRouter | None:
+        """``id_router`` as an :class:`IDRouter`: an object as is, a folder or Hub id loaded with the Hub options of
+        ``kwargs`` (``cache_dir``, ``token``, ``revision``, ``local_files_only``, ``force_download``)."""
+        if id_router is None or isinstance(id_router, IDRouter):
+            return id_router
+        if not isinstance(id_router, (str, os.PathLike)):
+            raise TypeError(
+                f"`id_router` must be an IDRouter, a local folder or a Hub id, got {type(id_router).__name__}"
+            )
+        hub_kwargs = ("cache_dir", "token", "revision", "local_files_only", "force_download")
+        return IDRouter.from_pretrained(id_router, **{k: kwargs[k] for k in hub_kwargs if k in kwargs})
+
+    def rotary_limits(self) -> tuple[int | None, int | None, int | None]:
+        """The most ``(frames, height, width)`` tokens the transformer's position table covers (``None``: computed
+        for any size). A family with a fixed rotary table (Wan's ``rope_max_seq_len``) overrides it."""
+        return None, None, None
+
+    @property
     def experts(self) -> list[Any]:
         """The transformers this pipeline runs (``[transformer]``; Wan2.2 A14B: both experts)."""
         return [self.transformer] if self.transformer is not None else []
@@ -236,22 +337,31 @@ class SubjectPipelineMixin:
         folder = pretrained_model_name_or_path
         if not os.path.isdir(folder):
             folder = cls.download(folder, **kwargs)
+        cls.check_transformer_folders(folder, **kwargs)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def check_transformer_folders(cls, folder: str | os.PathLike, **kwargs: Any) -> None:
+        """Check the untrusted ``config.json`` of each transformer folder of a local pipeline ``folder`` (stock or
+        DiasR) against its weights before anything loads, unless ``kwargs`` (``from_pretrained``'s) pass that
+        component as an object."""
+        if not os.path.isdir(folder):
+            return
         for name in cls._transformer_folders:
             if kwargs.get(name) is None and os.path.isdir(os.path.join(folder, name)):
                 check_block_model_folder(cls._transformer_class, os.path.join(folder, name), kwargs.get("variant"))
-        return super().from_pretrained(folder, **kwargs)
 
     def video_token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         """``(F, H, W)`` of the transformer's video tokens for ``latents`` laid out ``(B, C, F, h, w)``."""
         _, _, f, h, w = latents.shape
-        pt, ph, pw = token_grid_factors(self.transformer)["patch_size"]
+        pt, ph, pw = token_grid_factors(self.denoiser)["patch_size"]
         return f // pt, h // ph, w // pw
 
     def latents_shape(self, num_videos: int, num_frames: int, height: int, width: int) -> tuple[tuple[int, ...], str]:
         """The shape the ``latents`` argument must have, and its layout in words (for the error message)."""
         s = self.vae_scale_factor_spatial
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        shape = (num_videos, self.transformer.config.in_channels, latent_frames, height // s, width // s)
+        shape = (num_videos, self.denoiser.config.in_channels, latent_frames, height // s, width // s)
         return shape, f"(videos, channels, latent frames, height / {s}, width / {s})"
 
     def check_inputs(
@@ -286,7 +396,7 @@ class SubjectPipelineMixin:
         # checks far less; one set of checks and messages for every family.
         _check_int("height", height, 1)
         _check_int("width", width, 1)
-        patch = token_grid_factors(self.transformer)["patch_size"][1]
+        patch = token_grid_factors(self.denoiser)["patch_size"][1]
         multiple = self.vae_scale_factor_spatial * patch
         if height % multiple != 0 or width % multiple != 0:
             raise ValueError(
@@ -295,6 +405,7 @@ class SubjectPipelineMixin:
                 f"but are {height} and {width}."
             )
         _check_int("num_frames", num_frames, 1)
+        self.check_rotary_limits(num_frames, height, width)
         _check_int("num_inference_steps", num_inference_steps, 1)
         if sigmas is not None:
             _check_sigmas(sigmas, num_inference_steps)
@@ -308,6 +419,8 @@ class SubjectPipelineMixin:
         for name, flag in (("route_text", route_text), ("return_routing_maps", return_routing_maps)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}")
         if not isinstance(routing, str) or (routing != "auto" and routing not in ROUTING_MODES):
@@ -336,7 +449,7 @@ class SubjectPipelineMixin:
                 continue
             if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
                 raise ValueError(f"`{name}` has to be a `str` or a non-empty list of `str`, but is {text!r:.200}")
-        text_dim = IDRouter.host_sizes(self.transformer)["text_dim"]
+        text_dim = IDRouter.host_sizes(self.denoiser)["text_dim"]
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is None:
                 continue
@@ -381,6 +494,20 @@ class SubjectPipelineMixin:
                 )
             if "scale" in attention_kwargs:
                 _check_real("attention_kwargs['scale']", attention_kwargs["scale"])
+
+    def check_rotary_limits(self, num_frames: int, height: int, width: int) -> None:
+        """``ValueError`` naming the argument when the video's token grid is past the transformer's rotary table
+        (:meth:`rotary_limits`), instead of a shape error deep in the first forward."""
+        s, t = self.vae_scale_factor_spatial, self.vae_scale_factor_temporal
+        pt, ph, pw = token_grid_factors(self.denoiser)["patch_size"]
+        grid = (((num_frames - 1) // t + 1) // pt, height // s // ph, width // s // pw)
+        for name, value, tokens, limit in zip(("num_frames", "height", "width"), (num_frames, height, width), grid,
+                                              self.rotary_limits()):  # fmt: skip
+            if limit is not None and tokens > limit:
+                raise ValueError(
+                    f"`{name}`={value} gives {tokens} tokens along that axis, past the {limit} positions of the "
+                    f"transformer's rotary table (rope_max_seq_len={limit}); use a smaller `{name}`"
+                )
 
     def prepare_subject_call(
         self,
@@ -453,13 +580,245 @@ class SubjectPipelineMixin:
         )  # fmt: skip
         return num_frames, prompts, subjects, routing
 
-    def step_callback(
-        self, callback: Any, i: int, t: torch.Tensor, names: list[str], tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Run ``callback_on_step_end`` on the ``names`` it asked for (of ``tensors``, the step's
-        ``_callback_tensor_inputs``); returns ``tensors`` with what it gave back."""
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoising loop, shared by every family. A family says what its transformer receives
+    # (:meth:`transformer_inputs`), which part of its output is the video (:meth:`video_output`) and, where its
+    # scheduler needs more than ``step(noise_pred, t, latents)``, how it steps (:meth:`scheduler_step`).
+
+    # Families whose stock pipeline runs the negative and positive branches as one batch ([negative | positive]:
+    # CogVideoX, LTX) set this: their subject-free calls stay bit-identical to stock, and `callback_on_step_end` gets
+    # both guidance rows of `prompt_embeds`, as the stock pipeline passes them.
+    _batch_guidance: bool = False
+    # The frame axis of `encode_references`' output (CogVideoX: 1, its latents are (B, F, C, h, w)).
+    _reference_frame_dim: int = 2
+    _guidance_scale_2: float | None = None
+    _guidance_rescale: float = 0.0
+
+    def transformer_inputs(
+        self, call: DenoiseCall, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+        references: torch.Tensor | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The transformer's keyword inputs (without ``attention_kwargs`` / ``return_dict``) for ``latents`` (this
+        pipeline's layout, any batch) at timestep ``t``, with the text inputs ``text`` and, when not ``None``, the
+        reference input ``references`` (:meth:`encode_references`'s layout, same batch) appended to the video."""
+        raise NotImplementedError(f"{type(self).__name__} must define `transformer_inputs`")
+
+    def video_output(self, call: DenoiseCall, pred: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The video part of the transformer's output ``pred`` (reference positions dropped), shaped as ``latents``
+        and in the dtype the stock pipeline guides in."""
+        raise NotImplementedError(f"{type(self).__name__} must define `video_output`")
+
+    def scheduler_step(
+        self, call: DenoiseCall, noise_pred: torch.Tensor, t: torch.Tensor, i: int, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """One scheduler step (the stock pipelines' ``scheduler.step(noise_pred, t, latents)``)."""
+        return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+    def step_guidance(self, call: DenoiseCall, i: int, t: torch.Tensor, low_noise: bool) -> float | None:
+        """The text guidance scale of step ``i``, or ``None`` when the step runs no negative branch. Read from
+        ``self._guidance_scale`` at every step, so a ``callback_on_step_end`` changing it takes effect (as Diffusers'
+        ``test_callback_cfg`` expects); Wan2.2's low-noise expert reads ``self._guidance_scale_2``."""
+        if call.negative is None:
+            return None
+        if low_noise and self._guidance_scale_2 is not None:
+            return self._guidance_scale_2
+        return self._guidance_scale
+
+    def combine_guidance(
+        self, call: DenoiseCall, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None,
+        guidance_scale: float | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Classifier-free guidance of the two branches, with ``guidance_rescale`` (the stock pipelines' arithmetic,
+        which is Diffusers' ``ClassifierFreeGuidance.forward``). A family with a guider component overrides it."""
+        if pred_uncond is None:
+            return pred_cond
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        if self._guidance_rescale > 0.0:
+            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=self._guidance_rescale)
+        return pred
+
+    def cache_context_kwargs(self, i: int) -> dict[str, Any]:
+        """Where the loop is, for Diffusers' cache hooks (``transformer.cache_context(name, **kwargs)``)."""
+        kwargs: dict[str, Any] = {"step_index": i, "num_inference_steps": self._num_timesteps}
+        sigmas = getattr(self.scheduler, "sigmas", None)  # DDIM-style schedulers have none
+        if sigmas is not None and i < len(sigmas):
+            kwargs["sigma"] = float(sigmas[i])
+        return kwargs
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        call: DenoiseCall,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoising loop of every DiasR pipeline: returns ``(latents, routing_maps)``.
+
+        Per step: the conditional branch (with the references, routed, when ``call.references`` is given), the
+        negative branch without references (every video token would be routed to null: exactly video-only
+        attention) or, with ``call.zero_negative_references`` (Phantom, SkyReels), with zero references routed as
+        the conditional branch was, the reference-only branch for three-way guidance (``call.guidance_scale_ref``),
+        the expert of the step (Wan2.2), the scheduler step, ``callback_on_step_end``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        refs = call.references
+        guide = call.negative is not None
+        batched = self._batch_guidance and guide
+        three_way = refs is not None and guide and call.guidance_scale_ref is not None
+        state = self.routing_state
+        self._install_processors()
+        self._num_timesteps = len(timesteps)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        routing_maps = None
+        prompt, negative = call.prompt, call.negative
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                model, low_noise = self.expert_for(t)
+                scale = self.step_guidance(call, i, t, low_noise)
+                cache = self.cache_context_kwargs(i)
+
+                def run(name, hidden, text, references, model=model, t=t, cache=cache):
+                    inputs = self.transformer_inputs(call, hidden, t, text, references)
+                    with model.cache_context(name, **cache):
+                        pred = model(**inputs, attention_kwargs=call.attention_kwargs, return_dict=False)[0]
+                    return self.video_output(call, pred, hidden)
+
+                pred_uncond = None
+                if refs is None and batched and scale is not None:
+                    # Exactly the stock step: negative and positive in one batch.
+                    both = {k: torch.cat([negative[k], prompt[k]]) for k in prompt}
+                    pred_uncond, pred_cond = run("cond_uncond", torch.cat([latents] * 2), both, None).chunk(2)
+                elif refs is None:
+                    pred_cond = run("cond", latents, prompt, None)
+                    if scale is not None:
+                        pred_uncond = run("uncond", latents, negative, None)
+                else:
+                    record = call.return_routing_maps and i == len(timesteps) - 1
+                    with state.activate(**call.routing_inputs, record=record):
+                        pred_cond = run("cond", latents, prompt, refs)
+                        if record:
+                            routing_maps = self._routing_maps(state)
+                        cond_buckets = self._majority_buckets(state)
+                    unrouted = {"text_segments": None, "phrase_features": None, "phrase_masks": None}
+                    if scale is not None and call.zero_negative_references:
+                        # The reference frames stay, as zeros; each video token sees the zero frames of the subject
+                        # it was routed to in this step's conditional pass, so the negative differs from the
+                        # positive only in content. The negative prompt has no phrases: text is not routed.
+                        inputs = {**call.routing_inputs, **unrouted}
+                        if inputs["mode"] != "dense":
+                            inputs.update(mode="masks", mask_buckets=cond_buckets, router=None)
+                        with state.activate(**inputs):
+                            pred_uncond = run("uncond", latents, negative, torch.zeros_like(refs))
+                    elif scale is not None:
+                        pred_uncond = run("uncond", latents, negative, None)
+                    if scale is not None and three_way:
+                        with state.activate(**{**call.routing_inputs, **unrouted}):
+                            pred_ref = run("ref", latents, negative, refs)
+                if scale is not None and three_way:
+                    noise_pred = (
+                        pred_uncond
+                        + call.guidance_scale_ref * (pred_ref - pred_uncond)
+                        + scale * (pred_cond - pred_ref)
+                    )
+                else:
+                    noise_pred = self.combine_guidance(call, pred_cond, pred_uncond, scale)
+
+                latents = self.scheduler_step(call, noise_pred, t, i, latents)
+
+                if callback_on_step_end is not None:
+                    latents, prompt, negative = self._step_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs or [], i, t, latents, prompt,
+                        negative, batched,
+                    )  # fmt: skip
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        self._current_timestep = None
+        return latents, routing_maps
+
+    def _step_callback(
+        self, callback: Any, names: list[str], i: int, t: torch.Tensor, latents: torch.Tensor,
+        prompt: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None, batched: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:  # fmt: skip
+        """Run ``callback_on_step_end`` on the tensors it asked for, as the stock pipelines do (``prompt_embeds``
+        holds both guidance rows ``[negative | positive]`` where the stock pipeline batches them), and take back
+        what it returns."""
+        key = "encoder_hidden_states"
+        tensors = {
+            "latents": latents,
+            "prompt_embeds": torch.cat([negative[key], prompt[key]]) if batched else prompt[key],
+            "negative_prompt_embeds": None if negative is None else negative[key],
+        }
         outputs = callback(self, i, t, {k: tensors[k] for k in names})
-        return {k: outputs.pop(k, v) for k, v in tensors.items()}
+        if not isinstance(outputs, dict):
+            # Diffusers fails here with "'NoneType' object has no attribute 'pop'".
+            raise TypeError(
+                "`callback_on_step_end` must return a dict of tensors (the `callback_kwargs` it was given, possibly "
+                f"changed), got {type(outputs).__name__}"
+            )
+        latents = outputs.get("latents", latents)
+        if negative is not None and "negative_prompt_embeds" in outputs:
+            negative = {**negative, key: outputs["negative_prompt_embeds"]}
+        if "prompt_embeds" in outputs:
+            embeds = outputs["prompt_embeds"]
+            if batched:
+                negative_embeds, embeds = embeds.chunk(2)
+                negative = {**negative, key: negative_embeds}
+            prompt = {**prompt, key: embeds}
+        return latents, prompt, negative
+
+    def drop_padding_tokens(self, segments: list[TextSegments], text: Any) -> list[TextSegments]:
+        """Map text routing segments (over ``prompt_embeds`` positions) onto the text the transformer reads, given
+        the other text inputs ``text`` (a padding mask, ...). Default: unchanged (Wan and CogVideoX attend to every
+        position)."""
+        return segments
+
+    def prepare_references(
+        self,
+        subjects: list[list[PIL.Image.Image]],
+        *,
+        subject_phrases: list[str] | None,
+        prompts: list[str] | None,
+        prompt: dict[str, torch.Tensor],
+        video_latents: torch.Tensor,
+        routing: str,
+        route_text: bool,
+        subject_masks: Any,
+        similarity_threshold: float,
+        num_videos_per_prompt: int,
+        num_frames: int,
+        max_sequence_length: int,
+        height: int,
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        text: Any = None,
+        **encode_kwargs: Any,
+    ) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """The reference input (family layout, one per video), its frame count and the routing inputs of a call.
+        ``video_latents``: the video latents in the VAE's ``(B, C, F, h, w)`` layout; ``prompt``: the conditional
+        branch's text inputs; ``text``: what :meth:`drop_padding_tokens` needs (default: ``prompt``)."""
+        embeds = prompt["encoder_hidden_states"]
+        routing_inputs = self.prepare_routing(
+            images_per_subject=[len(images) for images in subjects], phrases=subject_phrases, prompts=prompts,
+            prompt_embeds=embeds, latents=video_latents, num_frames=num_frames,
+            max_sequence_length=max_sequence_length, routing=routing, route_text=route_text,
+            subject_masks=subject_masks, similarity_threshold=similarity_threshold,
+            num_videos_per_prompt=num_videos_per_prompt,
+        )  # fmt: skip
+        if routing_inputs["text_segments"] is not None:
+            routing_inputs["text_segments"] = self.drop_padding_tokens(
+                routing_inputs["text_segments"], prompt if text is None else text
+            )
+        references = self.encode_references(subjects, height, width, device, dtype, **encode_kwargs)
+        references = references.expand(video_latents.shape[0], *references.shape[1:])
+        return references, references.shape[self._reference_frame_dim], routing_inputs
 
     def _warn_unused_arguments(
         self,
@@ -538,13 +897,13 @@ class SubjectPipelineMixin:
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
             normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
-        rope_frames = getattr(self.transformer.config, "rope_max_seq_len", None)  # Wan: a fixed rotary table
+        rope_frames = self.rotary_limits()[0]
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
-        if rope_frames is not None and latent_frames + total_refs > rope_frames:
+        if subjects and rope_frames is not None and latent_frames + total_refs > rope_frames:
             raise ValueError(
-                f"{latent_frames} latent frames + {total_refs} reference images exceed the transformer's "
-                f"rope_max_seq_len={rope_frames}"
+                f"{latent_frames} latent frames + {total_refs} reference images exceed the {rope_frames} frame "
+                f"positions of the transformer's rotary table (rope_max_seq_len={rope_frames})"
             )
 
     def phrase_owners(
@@ -570,11 +929,40 @@ class SubjectPipelineMixin:
         return segments
 
     def prepare_routing(
-        self, images_per_subject, phrases, prompts, prompt_embeds, subject_masks, routing, route_text,
-        similarity_threshold, num_videos_per_prompt, num_frames, latents, max_sequence_length,
-    ) -> dict[str, Any]:  # fmt: skip
-        """The :class:`SubjectRoutingState` inputs for the conditional branches of this call (also used by the
-        trainer). ``images_per_subject``: how many reference frames each subject has."""
+        self,
+        *,
+        images_per_subject: list[int],
+        phrases: list[str] | None,
+        prompts: list[str] | None,
+        prompt_embeds: torch.Tensor,
+        latents: torch.Tensor,
+        num_frames: int,
+        max_sequence_length: int,
+        routing: str = "router",
+        route_text: bool = True,
+        subject_masks: Any = None,
+        similarity_threshold: float = 0.0,
+        num_videos_per_prompt: int = 1,
+    ) -> dict[str, Any]:
+        """The :class:`SubjectRoutingState` inputs for the conditional branches of a call (also the trainer's).
+
+        Args:
+            images_per_subject: how many reference frames each subject has.
+            phrases: the subject phrases (``None``: no text routing, no router text anchors).
+            prompts: the prompts the phrases are found in (one per prompt of the batch).
+            prompt_embeds: ``(videos, tokens, D)``, the text encoder's output (the router's phrase features).
+            latents: the video latents in the VAE's ``(B, C, F, h, w)`` layout (the token grid).
+            num_frames: the video's pixel frames (a static ``subject_masks`` is repeated over them).
+            max_sequence_length: the text length ``prompt_embeds`` was encoded to.
+            routing: a resolved routing mode (``"router"``, ``"similarity"``, ``"masks"``, ``"dense"``).
+            route_text: route text cross-attention over the phrases.
+            subject_masks: the pixel masks of ``routing="masks"``.
+            similarity_threshold: the similarity router's null threshold.
+            num_videos_per_prompt: videos per prompt (the text segments are repeated for them).
+
+        The result's ``text_segments`` index ``prompt_embeds`` positions; :meth:`drop_padding_tokens` maps them
+        onto what the transformer reads.
+        """
         grid = self.video_token_grid(latents)
         tokens_per_frame = grid[1] * grid[2]
         inputs: dict[str, Any] = {
@@ -613,7 +1001,7 @@ class SubjectPipelineMixin:
             masks = normalize_masks(subject_masks, "subject_masks")
             if masks.ndim == 3:  # static layout: the same mask on every frame
                 masks = masks[:, None].expand(-1, num_frames, -1, -1)
-            coverage = masks_to_token_grid(masks[None], transformer=self.transformer, vae=self.vae)
+            coverage = masks_to_token_grid(masks[None], transformer=self.denoiser, vae=self.vae)
             labels = routing_labels_from_coverage(coverage)  # (1, Lv)
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs

@@ -636,8 +636,9 @@ class DiasRTrainer:
         prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
         routing = pipe.prepare_routing(
-            [1] * len(item["phrases"]), item["phrases"], [item["caption"]], prompt_embeds, None, "router", self.config.route_text, 0.0, 1,
-            self.config.num_frames, x0, self.config.max_sequence_length,
+            images_per_subject=[1] * len(item["phrases"]), phrases=item["phrases"], prompts=[item["caption"]],
+            prompt_embeds=prompt_embeds, latents=x0, num_frames=self.config.num_frames,
+            max_sequence_length=self.config.max_sequence_length, routing="router", route_text=self.config.route_text,
         )  # fmt: skip
         # LTX: padded tokens are masked; HunyuanVideo-1.5: segments mapped into the transformer's text order.
         if prompt_mask is not None and routing["text_segments"] is not None:
