@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._io import atomic_path, atomic_write_bytes, npz_bytes, write_video
 from ..utils.output_paths import OutputPathError, check_outputs, claim_outputs
+from ._io import atomic_path, atomic_write_bytes, npz_bytes, write_video
 from .manifest import write_manifest
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart")
@@ -433,7 +433,7 @@ def _check_not_overwriting(out: Path, num_clips: int, overwrite: bool) -> None:
                 if match and int(next(g for g in match.groups() if g is not None)) < num_clips:
                     existing.append(("`out_dir`", out / rel))
     try:
-        check_outputs(existing, overwrite=overwrite, flag="`out_dir`", 
+        check_outputs(existing, overwrite=overwrite, flag="`out_dir`",
                       overwrite_hint="pass overwrite=True (`--overwrite`) to replace it")
     except OutputPathError as err:
         raise FileExistsError(str(err)) from None
