@@ -213,6 +213,9 @@ class SubjectPipelineMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
         """As ``DiffusionPipeline.from_pretrained``; the transformer's untrusted ``config.json`` is first checked
         against its weights (:func:`~diasr_diffusers.utils.checkpoints.check_block_model_folder`)."""
+        from ..utils.checkpoint_paths import check_loader_sources
+
+        kwargs = check_loader_sources(kwargs, pretrained_model_name_or_path=pretrained_model_name_or_path)
         folder = pretrained_model_name_or_path
         if not os.path.isdir(folder):
             folder = cls.download(folder, **kwargs)
