@@ -15,7 +15,6 @@ installed on every expert, all sharing one routing state (and one ``id_router``)
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from ..routing import (
 )
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import normalize_subject_images
+from .checks import check_int, check_real
 
 logger = logging.get_logger(__name__)
 _CPU = torch.device("cpu")
@@ -66,21 +66,7 @@ class DiasRPipelineOutput(BaseOutput):
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    # bool is an int subclass: `num_frames=True` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-
-
-def _check_real(name: str, value: Any, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+_check_int, _check_real = check_int, check_real  # the shared checks (pipelines/checks.py), under their old names
 
 
 def _sigma_array(sigmas: Any) -> np.ndarray:

@@ -159,18 +159,19 @@ def normalize_dtype(value: Any, what: str = "dtype") -> Any:
     raise TypeError(f"`{what}` must be a torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
 
 
-def check_loader_sources(kwargs: dict[str, Any], **sources: Any) -> dict[str, Any]:
+def check_loader_sources(kwargs: dict[str, Any], needs: str | None = None, **sources: Any) -> dict[str, Any]:
     """The front door of a loader: check each named source (``checkpoint``, ``base``, ``id_router``,
     ``pretrained_model_name_or_path``) as :func:`check_source` does, and return ``kwargs`` with ``dtype`` /
-    ``torch_dtype`` given as strings converted to ``torch.dtype``. Nothing is downloaded or parsed."""
+    ``torch_dtype`` given as strings converted to ``torch.dtype``. Nothing is downloaded or parsed. ``needs``
+    replaces the default sentence of what the loader expects (e.g. another family's repository)."""
     kwargs = dict(kwargs)
     for key in ("dtype", "torch_dtype"):
         if key in kwargs:
             kwargs[key] = normalize_dtype(kwargs[key], key)
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
     for name, value in sources.items():
-        expect, needs = _SOURCES[name]
-        check_source(value, f"`{name}`", expect, needs, **hub)
+        expect, default = _SOURCES[name]
+        check_source(value, f"`{name}`", expect, needs or default, **hub)
     return kwargs
 
 
