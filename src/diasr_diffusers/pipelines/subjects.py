@@ -34,10 +34,11 @@ from ..processors.core import install_subject_processors
 from ..processors.parallel import check_context_parallel_inputs
 from ..routing import (
     IDRouter,
+    check_layout_masks,
+    layout_labels,
     masks_to_token_grid,
     normalize_masks,
     phrase_token_owners,
-    routing_labels_from_coverage,
     token_grid_factors,
 )
 from ..utils.checkpoints import check_block_model_folder
@@ -506,7 +507,7 @@ class SubjectPipelineMixin:
                     f"`subject_masks` must have shape (N, num_frames, height, width) = {(n, num_frames, height, width)} "
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
-            normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
+            check_layout_masks(subject_masks, "subject_masks")  # values (0/255, NaN, empty masks) before any work
         rope_frames = getattr(self.transformer.config, "rope_max_seq_len", None)  # Wan: a fixed rotary table
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
@@ -583,7 +584,7 @@ class SubjectPipelineMixin:
             if masks.ndim == 3:  # static layout: the same mask on every frame
                 masks = masks[:, None].expand(-1, num_frames, -1, -1)
             coverage = masks_to_token_grid(masks[None], transformer=self.transformer, vae=self.vae)
-            labels = routing_labels_from_coverage(coverage)  # (1, Lv)
+            labels = layout_labels(coverage)  # (1, Lv); overlaps resolved by the documented rule
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs
 
