@@ -434,3 +434,18 @@ def test_tiny_components_load_a_saved_toy_vae(tmp_path):
     first = next(iter(saved.state_dict()))
     assert torch.equal(loaded.state_dict()[first], saved.state_dict()[first])
     assert not torch.equal(random_default.state_dict()[first], saved.state_dict()[first])
+
+
+def test_help_prints_each_default_once(capsys):
+    # Issue 25: "--device ... (default: cuda if available, else cpu) (default: None)".
+    for command in ("generate", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert "cpu) (default" not in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 81)" in text  # defaults that are not in the help are still added
+    assert "auto: masks if given, else the router if loaded, else similarity" in text  # the code's order (README too)

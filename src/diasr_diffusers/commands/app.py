@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 
+from . import DefaultsHelpFormatter
 from .generate import UsageError, report_usage_error
 
 
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Without --model it runs the embedded sprite model (offline, CPU, seconds). On a remote GPU server: "
             "run it there and open it through `ssh -L 7860:localhost:7860 SERVER` at http://localhost:7860."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     app.add_argument(
         "--model",

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.output_paths import claim_outputs
+from . import DefaultsHelpFormatter
 
 # The demo speaks the sprite model's language: a make-synthetic caption, two sprites it never saw together in
 # training, references drawn by the synthetic renderer (diasr_diffusers/assets/sprite_refs).
@@ -89,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"checkpoint (e.g. {EXAMPLE_MODEL}; the default 480x832, 81 frames are Wan2.1's sizes), or public "
             "reference-trained weights (--phantom, --skyreels-v3). Every argument is checked before the model loads."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="DiasR or Wan2.1 Diffusers checkpoint: local folder or Hub repo id")
@@ -179,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="offline two-subject demo on the embedded sprite model (CPU, seconds)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     demo.add_argument("--out", required=True, help="output folder (created if missing)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed of the generation")
