@@ -79,3 +79,11 @@ def test_pipeline_empty_mask_is_refused_before_any_work(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: pytest.fail("encoded before the check"))
     with pytest.raises(ValueError, match=r"`subject_masks\[1\]` is empty"):
         _call(pipe, masks)
+
+
+def test_layout_labels_refuses_other_shapes_and_types():
+    # Found by the second hostile round: a list was an AttributeError, 4-D coverage "too many values to unpack".
+    with pytest.raises(TypeError, match="`coverage` must be a torch.Tensor"):
+        layout_labels([[[1.0]]])
+    with pytest.raises(ValueError, match=r"`coverage` must be \(B, N, L\) or \(B, N, F, H, W\)"):
+        layout_labels(torch.ones(2, 1, 2, 2))

@@ -240,3 +240,25 @@ def test_generate_full_disk_is_one_line_and_leaves_no_file(tmp_path, monkeypatch
     assert gen.report_usage_error("generate", info.value) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == []  # no half-written video, no temp file
+
+
+# -- found by the second hostile round (benchmarks/hostile_round2.py) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("a\x00b.mp4", "holds a NUL byte"), ("x" * 5000 + ".mp4", "this file system allows"), ("  ", "empty")],
+)
+def test_generate_out_impossible_paths_are_one_line(tmp_path, capsys, value, message):
+    from diasr_diffusers.commands import generate as gen
+
+    with pytest.raises(gen.UsageError, match=message):  # were ValueError / OSError tracebacks
+        gen.check_output(value, "--out")
+
+
+def test_guard_refuses_a_broken_or_looping_symlink(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "x.json")
+    for name in ("loop", "dangling.json"):
+        with pytest.raises(OutputPathError, match="symbolic link that leads nowhere"):  # was accepted
+            check_outputs([("--out", tmp_path / name)])

@@ -221,6 +221,12 @@ def open_image(path: Path, flag: str):
 
 def check_output(value: str, flag: str) -> Path:
     """An .mp4 path that can be written: not a folder, and its nearest existing parent is a writable folder."""
+    from ..utils.output_paths import OutputPathError, check_path_text
+
+    try:
+        check_path_text(value, flag)
+    except OutputPathError as err:
+        raise UsageError(str(err)) from None
     path = Path(value).expanduser()
     if path.suffix.lower() != ".mp4":
         raise UsageError(f"{flag} must be an .mp4 path, got {value!r}")
@@ -485,6 +491,8 @@ def checkpoint_class(folder: Path, flag: str = "--model") -> str:
     if not index.is_file():
         raise UsageError(f"{flag} {str(folder)!r} has no model_index.json: not a Diffusers pipeline checkpoint")
     class_name = _read_json(index, flag).get("_class_name")
+    if class_name is None:
+        raise UsageError(f"{flag} {str(folder)!r}: its model_index.json names no pipeline class (_class_name)")
     if class_name not in ("WanPipeline", "DiasRPipeline"):
         raise UsageError(
             f"{flag} {str(folder)!r} is a {class_name}; expected a DiasRPipeline or WanPipeline checkpoint"

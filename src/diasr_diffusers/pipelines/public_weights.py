@@ -125,7 +125,7 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError for a damaged archive
         # Not torch's own text: it suggests weights_only=False, which would run the file's code.
-        reason = "it holds objects other than tensors" if "weights_only" in str(e) else "the archive is damaged"
+        reason = "it is damaged, or holds objects other than tensors" if "weights_only" in str(e) else "the archive is damaged"
         raise ValueError(
             f"`checkpoint`: {path} cannot be read as a plain state dict of tensors ({reason}); only tensors are "
             "loaded from .pth files, never other pickled objects"

@@ -225,8 +225,12 @@ def layout_labels(coverage: torch.Tensor, threshold: float = 0.5, name: str = "s
     """
     from diffusers.utils import logging
 
+    if not isinstance(coverage, torch.Tensor):
+        raise TypeError(f"`coverage` must be a torch.Tensor, got {type(coverage).__name__}")
     if coverage.ndim == 5:
         coverage = coverage.flatten(2)
+    if coverage.ndim != 3:
+        raise ValueError(f"`coverage` must be (B, N, L) or (B, N, F, H, W), got {tuple(coverage.shape)}")
     coverage = normalize_masks(coverage, "coverage")
     batch, n, _ = coverage.shape
     labels = routing_labels_from_coverage(coverage, threshold)

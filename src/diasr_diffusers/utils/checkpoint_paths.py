@@ -138,9 +138,13 @@ def check_source(value: Any, what: str, expect: str = "folder", needs: str = "",
     if not text.strip():
         raise ValueError(f"{what}: empty path")
     path = Path(text).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long for the file system: no such path
+        exists = False
+    if exists:
         if expect == "folder" and not path.is_dir():
-            raise ValueError(f"{what}: {path} is a file; expected a folder{'; ' + needs if needs else ''}")
+            raise ValueError(f"{what}: {path} is a file, not a folder{'; ' + needs if needs else ''}")
         if expect == "file" and path.is_dir():
             raise ValueError(f"{what}: {path} is a folder; expected a file")
         return value

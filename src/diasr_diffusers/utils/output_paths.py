@@ -45,6 +45,30 @@ def resolve(path: PathLike) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
 
 
+def check_path_text(path: PathLike, flag: str) -> None:
+    """Refuse (:class:`OutputPathError`) a path no file system takes: empty, a NUL byte, or a name or path past the
+    system's length limits (``NAME_MAX`` per part, ``PATH_MAX`` in all)."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise OutputPathError(f"{flag}: the path is empty")
+    if "\x00" in text:
+        raise OutputPathError(f"{flag}: the path {text!r} holds a NUL byte")
+    longest = max((len(os.fsencode(part)) for part in Path(text).parts), default=0)
+    name_max, path_max = 255, 4096
+    try:
+        existing = next(p for p in (Path(text).absolute(), *Path(text).absolute().parents) if p.exists())
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError, StopIteration, AttributeError):
+        pass
+    if longest > name_max:
+        raise OutputPathError(f"{flag}: a part of the path is {longest} bytes long; this file system allows {name_max}")
+    if len(os.fsencode(os.path.abspath(text))) >= path_max:
+        raise OutputPathError(f"{flag}: the path is longer than this system allows ({path_max} bytes)")
+
+
 def _same(a: Path, b: Path) -> bool:
     if a == b:
         return True
@@ -140,6 +164,9 @@ def check_outputs(
     checked_parents: set[Path] = set()
     result = []
     for what, given in outputs:
+        check_path_text(given, flag if what == flag else f"{flag}: {what}")
+        if os.path.islink(given) and not os.path.exists(given):
+            raise OutputPathError(f"{flag}: {given} is a symbolic link that leads nowhere (broken, or a loop)")
         path = resolve(given)
         label = what if what == flag else f"{flag}: {what}"
         for other_path, other in seen.items():
@@ -155,7 +182,8 @@ def check_outputs(
                         f"{label} ({given}) would overwrite {path.name} inside the {in_what} folder, an input"
                     )
             elif _same(path, in_path):
-                raise OutputPathError(f"{label} ({given}) would overwrite the {in_what} file, an input")
+                named = f"the {in_what} file" if in_what.startswith("--") else f"{in_what} ({in_path.name})"
+                raise OutputPathError(f"{label} ({given}) would overwrite {named}, an input")
         if path.is_dir() and not folders:
             raise OutputPathError(f"{label} ({given}) is a folder; give a file name")
         if path.exists() and not overwrite and not is_ours(path, registries):
