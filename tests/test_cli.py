@@ -311,8 +311,12 @@ def test_model_not_found_says_where_it_looked(tmp_path, monkeypatch, capsys):
         raise RepositoryNotFoundError("404", response=mock.Mock(headers={}, status_code=404))
 
     monkeypatch.setattr(DiasRPipeline, "download", missing_repo)
+    # Online, but no such repo: answered by the loaders' front door before any download is tried.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("diasr_diffusers.utils.checkpoint_paths.hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("huggingface_hub.repo_exists", lambda *a, **k: False)
     code, err = run_cli(argv, capsys)
-    assert code == 2 and "no Hub repo nowhere" in err
+    assert code == 2 and "'nowhere': no such local path, and no Hub repo of that name" in err
 
 
 def _save_router(tiny_model: Path, path: Path, **tiny_kwargs) -> Path:

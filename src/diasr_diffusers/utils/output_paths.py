@@ -126,7 +126,7 @@ def check_writable_folder(folder: PathLike, flag: str) -> None:
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise OutputPathError(f"{flag}: {parent} is a file, not a folder")
+                raise OutputPathError(f"{flag}: the output would go under {parent}, which is a file, not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputPathError(f"{flag}: the folder {parent} is not writable")
             return
