@@ -386,3 +386,34 @@ def test_browser_end_to_end(server):
         raise
     finally:
         browser.quit()
+
+
+def test_api_callers_get_the_fields_own_limits_and_strict_numbers(client):
+    # Issue 25: True became 1 frame, seed 1.5 was rounded by the form before the app's check, and a value past a
+    # field's limit came back as a bare "400 Bad Request" naming no field.
+    from gradio_client.exceptions import ValidationError
+
+    cases = [
+        ({"frames": True}, "frames", "Frames must be a whole number, got True"),
+        ({"seed": 1.5}, "seed", "Seed must be a whole number, got 1.5"),
+        ({"steps": 500}, "steps", "Steps must be between 1 and 200, got 500"),
+        ({"height": 100000}, "height", "Height must be between"),
+        ({"guidance": -2}, "guidance", "Guidance must be a number >= 0"),
+        ({"seed": -1}, "seed", "Seed must be in [0, 2**63)"),
+    ]
+    for overrides, field, words in cases:
+        with pytest.raises(ValidationError) as info:
+            client.predict(api_name="/generate", **_request(**overrides))
+        text = str(info.value)
+        assert f"- {field}: " in text and words in text, (overrides, text)
+
+
+def test_api_callers_may_leave_unused_subject_slots_out(client):
+    values = {k: v for k, v in _request().items() if not k.endswith(("_3", "_4"))}  # was a TypeError: phrase_3
+    video, _, label = client.predict(api_name="/generate", **values)
+    assert os.path.isfile(video) and set(_shares(label)) == {*PHRASES, "(null)"}
+
+
+def test_sprite_page_says_what_the_model_was_trained_for(server):
+    radio = next(c for c in server[0].config["components"] if c.get("props", {}).get("elem_id") == "routing")
+    assert "trained with its router" in radio["props"]["info"]

@@ -23,6 +23,7 @@ from diasr_diffusers.commands import generate as gen
 from diasr_diffusers.pipelines import DiasRPipeline
 from diasr_diffusers.routing import IDRouter
 from diasr_diffusers.utils import io as io_utils
+from diasr_diffusers.utils.output_paths import REGISTRY_NAME
 from diasr_diffusers.utils.tiny import tiny_wan_components
 from diasr_diffusers.utils.visualization import SUBJECT_COLORS, overlay_routing_maps, routing_grid, routing_legend
 
@@ -163,7 +164,8 @@ def test_demo_writes_video_maps_and_report(tmp_path):
     # The trained router, not a fixed layout, routes tokens to each sprite.
     assert all(scores["routing_share"][p] > 0.05 for p in ("the striped red star", "the dotted blue circle"))
     assert _identity_kept(scores["identity"]), scores["identity"]
-    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left behind
+    # No temp files left behind (the one hidden file is the record of what diasr wrote there).
+    assert not any(p.name.startswith(".") and p.name != REGISTRY_NAME for p in out.iterdir())
 
 
 def test_demo_identity_check_fails_on_random_weights():
@@ -202,7 +204,7 @@ def test_generate_with_masks_writes_video_and_routing_maps(tiny_model, refs, hal
     assert iio.imread(out).shape == (9, 32, 32, 3)
     video = iio.imread(maps)
     assert video.shape[0] == 9 and video.shape[1] > 32 and video.shape[2] == 32  # frames + legend strip
-    assert not [p for p in tmp_path.rglob(".*")]  # no temp files left behind
+    assert not [p for p in tmp_path.rglob(".*") if p.name != REGISTRY_NAME]  # no temp files left behind
 
 
 def test_generate_summary_reports_routing_share(tiny_model, refs, tmp_path, capsys):
@@ -309,8 +311,12 @@ def test_model_not_found_says_where_it_looked(tmp_path, monkeypatch, capsys):
         raise RepositoryNotFoundError("404", response=mock.Mock(headers={}, status_code=404))
 
     monkeypatch.setattr(DiasRPipeline, "download", missing_repo)
+    # Online, but no such repo: answered by the loaders' front door before any download is tried.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("diasr_diffusers.utils.checkpoint_paths.hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("huggingface_hub.repo_exists", lambda *a, **k: False)
     code, err = run_cli(argv, capsys)
-    assert code == 2 and "no Hub repo nowhere" in err
+    assert code == 2 and "'nowhere': no such local path, and no Hub repo of that name" in err
 
 
 def _save_router(tiny_model: Path, path: Path, **tiny_kwargs) -> Path:
@@ -432,3 +438,18 @@ def test_tiny_components_load_a_saved_toy_vae(tmp_path):
     first = next(iter(saved.state_dict()))
     assert torch.equal(loaded.state_dict()[first], saved.state_dict()[first])
     assert not torch.equal(random_default.state_dict()[first], saved.state_dict()[first])
+
+
+def test_help_prints_each_default_once(capsys):
+    # Issue 25: "--device ... (default: cuda if available, else cpu) (default: None)".
+    for command in ("generate", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert "cpu) (default" not in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 81)" in text  # defaults that are not in the help are still added
+    assert "auto: masks if given, else the router if loaded, else similarity" in text  # the code's order (README too)

@@ -13,6 +13,7 @@ from diasr_diffusers.data import (
     encode_latents,
     make_synthetic,
 )
+from diasr_diffusers.data.dataset import weights_sha256
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,29 @@ def test_hostile_cache_folders(cache_dir, tmp_path):
     (copy / "index.json").write_text("[]")
     with pytest.raises(ValueError, match="is not a diasr-latent-cache index"):
         LatentCacheDataset(copy)
+
+
+def test_cache_is_keyed_by_the_vae_weights(synth, tmp_path):
+    # Issue 25: a second VAE of the same config but other weights kept every old file (latents off by 0.28) though
+    # the docs said the VAE was checked.
+    ds = _dataset(synth)
+    out = tmp_path / "latents"
+    first, second = tiny_vae(), tiny_vae()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert dict(first.config) == dict(second.config)
+    cache_latents(ds, first, out, progress=False)
+    with pytest.raises(FileExistsError, match="another VAE"):
+        cache_latents(ds, second, out, progress=False)
+    cache_latents(ds, second, out, progress=False, overwrite=True)
+    index = json.loads((out / "index.json").read_text())
+    assert index["vae"]["weights_sha256"] == weights_sha256(second) != weights_sha256(first)
+    # Every file was re-encoded with the second VAE, none kept from the first.
+    item = ds[0]
+    expected = encode_latents(second, item["video"][None])[0]
+    assert torch.allclose(LatentCacheDataset(out)[0]["latents"].float(), expected, atol=1e-5)
+    # Resuming into the second VAE's cache with the first is refused, not mixed file by file.
+    (out / index["entries"][1]["file"]).unlink()
+    with pytest.raises(FileExistsError, match="another VAE"):
+        cache_latents(ds, first, out, progress=False)

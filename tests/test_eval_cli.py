@@ -185,7 +185,7 @@ def _bad_cases(tmp_path, content):
                 "--clip-model",
                 str(t / "no-clip"),
             ],  # fmt: skip
-            "huggingface-cli download openai/clip-vit-large-patch14",
+            "hf download openai/clip-vit-large-patch14",
         ),
     ],
 )

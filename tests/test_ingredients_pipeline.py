@@ -128,6 +128,7 @@ def test_released_folder_prefers_transformer_ema_and_round_trips(pipe, tmp_path,
     )
     # A Hub id is fetched whole (face_encoder/ included) with snapshot_download, then loaded the same way.
     fetched = []
+    monkeypatch.setattr("diasr_diffusers.utils.checkpoint_paths.check_hub_repo", lambda *a, **k: None)  # "online"
     monkeypatch.setattr(
         pipeline_ingredients, "snapshot_download", lambda repo, **kw: fetched.append(repo) or str(tmp_path / "saved")
     )
@@ -180,8 +181,8 @@ def test_first_frame_composite_and_identity_condition():
         ({"face_images": [FIRST]}, ValueError, "either `face_images` or precomputed"),
         ({"id_vit_hidden": None}, ValueError, "need both `id_cond` and `id_vit_hidden`"),
         ({"routing": "top1"}, ValueError, "`routing` must be one of"),
-        ({"num_inference_steps": 0}, ValueError, "`num_inference_steps` must be an integer >= 1"),
-        ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be a finite number"),
+        ({"num_inference_steps": 0}, ValueError, "`num_inference_steps` must be >= 1"),
+        ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be finite"),
         ({"faces": 5}, ValueError, "at most 4"),
         ({"faces": "mismatch"}, ValueError, "`id_cond` has 2 identities but `id_vit_hidden` has 1"),
         ({"faces": "batch3"}, ValueError, "one set per video \\(1\\)"),
@@ -299,3 +300,47 @@ def test_signature_follows_consisid():
     # `image` may be left out (the faces' composite); every other default is ConsisID's.
     assert [p.default for p in ours[1 : len(stock)]] == [p.default for p in stock[1:]] and ours[0].default is None
     assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in ours[len(stock) :])
+
+
+# -- issue 25: the shared input checks -----------------------------------------------------------------------------
+
+
+def _nan_in(x):
+    x = x.clone()
+    x.view(-1)[0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda c, v: {"id_cond": [_nan_in(c[0]), c[1]]}, ValueError, r"`id_cond\[0\]` holds NaN"),
+        (lambda c, v: {"id_cond": [c[0], c[1] * float("inf")]}, ValueError, r"`id_cond\[1\]` holds NaN or infinite"),
+        (lambda c, v: {"id_vit_hidden": [v[0], [v[1][0], _nan_in(v[1][1])]]}, ValueError,
+         r"`id_vit_hidden\[1\]\[1\]` holds NaN"),
+        (lambda c, v: {"latents": torch.full((1, 3, 4, 8, 12), float("nan"))}, ValueError, "`latents` holds NaN"),
+        (lambda c, v: {"latents": torch.zeros(1, 3, 4, 8, 8)}, ValueError, r"`latents` must have shape .*\(1, 3, 4, 8, 12\)"),
+        (lambda c, v: {"guidance_scale": -1.0}, ValueError, "`guidance_scale` must be >= 0"),
+        (lambda c, v: {"eta": -0.5}, ValueError, "`eta` must be >= 0"),
+        (lambda c, v: {"eta": float("nan")}, ValueError, "`eta` must be finite"),
+        (lambda c, v: {"max_sequence_length": 0}, ValueError, "`max_sequence_length` must be >= 1"),
+        (lambda c, v: {"num_frames": True}, TypeError, "`num_frames` must be an integer"),
+    ],
+)
+def test_bad_numbers_and_tensors_are_refused_by_name(pipe, change, error, message):  # noqa: E501
+    id_cond, id_vit = tiny_faces(2)
+    kwargs = {**SIZE, "prompt": PROMPT, "image": FIRST, "num_inference_steps": 1, "output_type": "latent",
+              "id_cond": id_cond, "id_vit_hidden": id_vit, **change(id_cond, id_vit)}  # fmt: skip
+    with pytest.raises(error, match=message):  # was: an all-NaN video, accepted, or a torch.cat RuntimeError
+        pipe(**kwargs)
+
+
+def test_num_frames_off_the_vae_grid_warns_with_the_count_used(pipe, caplog):
+    id_cond, id_vit = tiny_faces(2)
+    requested = SIZE["num_frames"] + 1  # one past a 4k+1 count
+    with caplog.at_level("WARNING"):
+        out = pipe(prompt=PROMPT, image=FIRST, id_cond=id_cond, id_vit_hidden=id_vit, num_inference_steps=1,
+                   output_type="np", generator=torch.Generator().manual_seed(0),
+                   **{**SIZE, "num_frames": requested})  # fmt: skip
+    assert f"got num_frames={requested}, generating {SIZE['num_frames']} frames" in caplog.text  # was silent
+    assert out.frames.shape[1] == SIZE["num_frames"]

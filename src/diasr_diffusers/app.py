@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ import numpy as np
 ROUTING_MODES = ("router", "similarity", "masks", "dense")
 # Subject slots on the page when the model has no router (a router caps them at its `max_subjects`).
 DEFAULT_MAX_SUBJECTS = 4
+# The most denoising steps the page offers.
+MAX_STEPS = 200
 # The longest side of the mask canvas, in canvas pixels; masks are resized to the video size.
 MASK_CANVAS = 256
 
@@ -70,6 +73,7 @@ class AppSettings:
     example_prompt: str | None = None
     example_subjects: tuple[tuple[str, str], ...] = ()  # (phrase, image path)
     initial_subjects: int = 1
+    routing_note: str | None = None  # what the model was trained for, shown under the routing choice
 
     @classmethod
     def for_sprite_model(cls) -> AppSettings:
@@ -90,6 +94,8 @@ class AppSettings:
             title="DiasR on the embedded sprite model (a 64x64, 9-frame toy; see docs/toy_model.md)",
             example_prompt=DEMO_PROMPT,
             example_subjects=tuple((phrase, str(refs / name)) for phrase, name in DEMO_SUBJECTS),
+            routing_note="This toy model was trained with its router: use 'router' (or 'masks'); 'similarity' and "
+            "'dense' give noise on it",
         )
 
     @classmethod
@@ -268,13 +274,19 @@ class DiasRApp:
             raise FieldError("routing", f"Routing must be one of {', '.join(self.routing_modes)}, got {routing!r}.")
         numbers = {}
         for key, value in (("frames", num_frames), ("height", height), ("width", width), ("steps", steps), ("seed", seed)):  # fmt: skip
-            if value is None or not math.isfinite(float(value)) or float(value) != int(value):
+            # Not float(value): True would be 1 frame; the page's fields do not round (see build_app), so 1.5 is 1.5.
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value != int(value):
                 raise FieldError(key, f"{key.capitalize()} must be a whole number, got {value!r}.")
             numbers[key] = int(value)
         if numbers["seed"] < 0 or numbers["seed"] >= 2**63:
             raise FieldError("seed", f"Seed must be in [0, 2**63), got {numbers['seed']}.")
+        for key, (low, high) in self.field_limits().items():
+            if key in numbers and not low <= numbers[key] <= high:
+                raise FieldError(key, f"{key.capitalize()} must be between {low} and {high}, got {numbers[key]}.")
         if guidance is None:
             raise FieldError("guidance", "Give a guidance scale (1 = no guidance).")
+        if isinstance(guidance, bool) or not isinstance(guidance, Real) or not math.isfinite(guidance) or guidance < 0:
+            raise FieldError("guidance", f"Guidance must be a number >= 0 (1 = no guidance), got {guidance!r}.")
         request = GenerationRequest(
             prompt=prompt,
             routing=routing,
@@ -403,6 +415,13 @@ class DiasRApp:
             return [gr.validate(key != err.field, str(err) if key == err.field else "") for key in keys]
         return [gr.validate(True, "") for _ in keys]
 
+    def field_limits(self) -> dict[str, tuple[int, int]]:
+        """The range of each whole-number field (the page's sliders show the same): checked here, not by Gradio, so
+        that an API caller's value out of range gets the field's name and message instead of a bare 400."""
+        step, size = self.limits["size_step"], self.limits["max_size"]
+        return {"frames": (1, self.limits["max_frames"]), "height": (step, size), "width": (step, size),
+                "steps": (1, MAX_STEPS)}  # fmt: skip
+
     def input_names(self) -> list[str]:
         """The name of each input of :meth:`generate`, in order (also the parameter names of the page's API)."""
         names = ["prompt", "routing", "frames", "height", "width", "steps", "guidance", "seed"]
@@ -504,6 +523,11 @@ def _pipeline_warnings() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
+def _as_given(payload: Any) -> Any:
+    """A number field's value as the browser or API caller sent it, for :meth:`DiasRApp.parse` to check."""
+    return payload
+
+
 def _swatch(index: int) -> str:
     from .utils.visualization import subject_color
 
@@ -542,7 +566,8 @@ def build_app(pipe: Any, settings: AppSettings | None = None, checkpoint: str | 
                     value=default_routing,
                     label="Routing",
                     info="router: the trained ID router picks a subject per token; similarity: training-free; "
-                    "masks: you draw where each subject goes; dense: every token sees every subject",
+                    "masks: you draw where each subject goes; dense: every token sees every subject"
+                    + (f". {s.routing_note}" if s.routing_note else ""),
                     elem_id="routing",
                 )
                 count = gr.State(s.initial_subjects)
@@ -551,12 +576,16 @@ def build_app(pipe: Any, settings: AppSettings | None = None, checkpoint: str | 
                     with gr.Group(visible=slot < s.initial_subjects) as group:
                         gr.HTML(f"<b>Subject {slot + 1}</b> {_swatch(slot)}", padding=True)
                         with gr.Row():
+                            # Initial values make every slot optional for API callers (gradio_client), who may
+                            # pass only the subjects they use.
                             phrase = gr.Textbox(
+                                value="",
                                 label="Phrase (its words in the prompt)",
                                 elem_id=f"phrase-{slot}",
                                 scale=2,
                             )
                             images = gr.File(
+                                value=[],
                                 label="Reference image(s)",
                                 file_count="multiple",
                                 file_types=["image"],
@@ -600,9 +629,13 @@ def build_app(pipe: Any, settings: AppSettings | None = None, checkpoint: str | 
                             sstep, smax, value=s.width, step=sstep, precision=0, label="Width", elem_id="width"
                         )
                     with gr.Row():
-                        steps = gr.Slider(1, 200, value=s.num_inference_steps, step=1, precision=0, label="Steps", elem_id="steps")  # fmt: skip
+                        steps = gr.Slider(1, MAX_STEPS, value=s.num_inference_steps, step=1, precision=0, label="Steps", elem_id="steps")  # fmt: skip
                         guidance = gr.Number(value=s.guidance_scale, minimum=0, label="Guidance", elem_id="guidance")
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                    for number in (frames, height, width, steps, guidance, seed):
+                        # Gradio would round (seed 1.5 -> 2, True -> 1) and answer a bare 400 for a value past a
+                        # slider's end before the app sees it; DiasRApp.parse checks both and names the field.
+                        number.preprocess = _as_given
                 with gr.Row():
                     if s.example_prompt:
                         example = gr.Button("Fill in the example", elem_id="example")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 
 
@@ -12,3 +13,14 @@ def in_cli_words(err: BaseException | str, names: Iterable[tuple[str, str]]) -> 
     for api, flag in names:
         text = text.replace(api, flag)
     return text
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after each flag's help, unless the help already says its default (``--device``: "default:
+    cuda if available, else cpu") or there is none to tell (``None``, a ``store_true`` flag's ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return text
+        return super()._get_help_string(action)

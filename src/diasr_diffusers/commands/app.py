@@ -6,6 +6,7 @@ import argparse
 import errno
 
 from ..pipelines.loading import UsageError
+from . import DefaultsHelpFormatter
 from .generate import report_usage_error
 
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Without --model it runs the embedded sprite model (offline, CPU, seconds). On a remote GPU server: "
             "run it there and open it through `ssh -L 7860:localhost:7860 SERVER` at http://localhost:7860."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     app.add_argument(
         "--model",

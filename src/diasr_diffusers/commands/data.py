@@ -77,9 +77,16 @@ def _cache_latents(args: argparse.Namespace) -> int:
     from ..data.dataset import MuSADataset, cache_latents
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    from ..utils.output_paths import OutputPathError, check_writable_folder, disk_full_message
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} is a file; give a folder for the cache", file=sys.stderr)
+        return 2
+    try:
+        check_writable_folder(out, "--out")
+    except OutputPathError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         # Validate the data before loading a model: a bad manifest should fail in seconds.
@@ -133,6 +140,9 @@ def _cache_latents(args: argparse.Namespace) -> int:
         index = cache_latents(dataset, vae, args.out, storage_dtype=dtype, overwrite=args.overwrite)
     except FileExistsError as err:
         print(f"error: --out: {err}".replace("overwrite=True", "--overwrite"), file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, or a folder made read-only meanwhile: one line, the writes are atomic
+        print(f"error: --out {out}: {disk_full_message(err) or err.strerror or err}", file=sys.stderr)
         return 2
     print(f"cached {len(dataset)} clips: {index}")
     return 0

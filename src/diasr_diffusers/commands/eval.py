@@ -31,42 +31,34 @@ def _check_out(path: str, flag: str = "--out") -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise _InputError(f"{flag}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise _InputError(f"{flag}: {path} is a folder; give a file name such as results.json")
-    if not os.access(folder, os.W_OK):
-        raise _InputError(f"{flag}: folder {folder} is not writable")
     return path
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _plot_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".png"
 
 
-def _check_eval_outputs(args: argparse.Namespace) -> None:
-    """Every file ``diasr eval`` writes must be distinct from the others and from its inputs."""
-    _check_out(args.out)
-    inputs = [("--cases", args.cases)] + ([("--precomputed", args.precomputed)] if args.precomputed else [])
+def _eval_outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     outputs = [("--out", args.out)]
     if not args.no_plot:
-        plot = _plot_path(args.out)
-        if _same_file(plot, args.out):
-            raise _InputError(
-                f"--out: {args.out} is also where the bar chart goes (<name>.png); give a .json name such as "
-                f"{os.path.splitext(args.out)[0]}.json, or pass --no-plot"
-            )
-        if os.path.isdir(plot):
-            raise _InputError(
-                f"--out: the bar chart would go to {plot}, which is a folder; rename --out or pass --no-plot"
-            )
-        outputs.append(("the bar chart", plot))
-    for what, out in outputs:
-        for flag, given in inputs:
-            if os.path.exists(given) and _same_file(out, given):
-                raise _InputError(f"--out: {what} ({out}) would overwrite the {flag} file")
+        outputs.append(("the bar chart (<name>.png beside --out)", _plot_path(args.out)))
+    return outputs
+
+
+def _check_eval_outputs(args: argparse.Namespace, cases: dict[str, Any] | None = None) -> None:
+    """Every file ``diasr eval`` writes must be distinct from the others and from every input (the case file, the
+    precomputed scores, the videos folder, each reference image), and replace only files diasr wrote."""
+    from ..utils.output_paths import OutputPathError, check_outputs
+
+    _check_out(args.out)
+    inputs = [("--cases", args.cases), ("--videos", args.videos)]
+    inputs += [("--precomputed", args.precomputed)] if args.precomputed else []
+    for case in (cases or {}).values():
+        inputs += [(f"reference image of case {case.case_id!r}", p) for p in case.img_paths]
+    try:
+        check_outputs(_eval_outputs(args), inputs, overwrite=args.overwrite)
+    except OutputPathError as err:
+        raise _InputError(str(err)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-model", default=None, help="local CLIP folder (for CLIP-T)")
     p.add_argument("--subject-model", default=None, help="local CLIP or DINOv2 folder (for SubjectSim)")
     p.add_argument("--no-plot", action="store_true", help="do not write the bar chart")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files diasr did not write")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_eval)
 
@@ -125,6 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--maps", required=True, help=f".npz with '{ROUTING_MAPS_KEY}'")
     r.add_argument("--masks", required=True, help=f".npz with '{MASKS_KEY}'")
     r.add_argument("--out", required=True, help="output JSON")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out that diasr did not write")
     r.add_argument("--temporal-compression", type=int, default=4)
     r.add_argument("--spatial-compression", type=int, default=8)
     r.add_argument("--patch-size", type=int, nargs=3, default=[1, 2, 2], metavar=("PT", "PH", "PW"))
@@ -191,7 +185,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise _InputError(str(err).replace("`cases`", "--cases", 1)) from err
         if not os.path.isdir(args.videos):
             raise _InputError(f"--videos: folder not found: {args.videos}")
-        _check_eval_outputs(args)
+        _check_eval_outputs(args, cases)
         if args.face_frames < 1:
             raise _InputError(f"--face-frames must be >= 1, got {args.face_frames}")
         precomputed = _load_precomputed(args.precomputed) if args.precomputed else None
@@ -209,6 +203,9 @@ def run_eval(args: argparse.Namespace) -> int:
     except _InputError as err:
         return _error(str(err))
 
+    from ..utils.output_paths import claim_outputs
+
+    claim_outputs(p for _, p in _eval_outputs(args))
     cases_path = os.path.abspath(args.cases)
 
     def save(partial: dict[str, Any]) -> None:
@@ -273,9 +270,13 @@ def run_eval_routing(args: argparse.Namespace) -> int:
         maps = _load_npz_array(args.maps, ROUTING_MAPS_KEY, "--maps")
         masks = _load_npz_array(args.masks, MASKS_KEY, "--masks")
         _check_out(args.out)
-        for flag, given in (("--maps", args.maps), ("--masks", args.masks)):
-            if _same_file(args.out, given):
-                raise _InputError(f"--out: {args.out} would overwrite the {flag} file")
+        from ..utils.output_paths import OutputPathError, check_outputs
+
+        try:
+            check_outputs([("--out", args.out)], [("--maps", args.maps), ("--masks", args.masks)],
+                          overwrite=args.overwrite)  # fmt: skip
+        except OutputPathError as err:
+            raise _InputError(str(err)) from None
         try:
             result = routing_iou(
                 maps,
@@ -305,6 +306,9 @@ def run_eval_routing(args: argparse.Namespace) -> int:
         "patch_size": list(args.patch_size),
         "threshold": args.threshold,
     }
+    from ..utils.output_paths import claim_outputs
+
+    claim_outputs([args.out])
     atomic_write_json(args.out, result)
     mean = result["mean_iou"]
     print(f"routing mean IoU: {'n/a' if mean is None else f'{mean:.4f}'}; accuracy {result['accuracy']:.4f}")

@@ -36,6 +36,8 @@ from ..pipelines.loading import (  # noqa: F401 (the library's; re-exported here
     resolve_checkpoint,
 )
 from ..utils.io import atomic_path, atomic_write_text
+from ..utils.output_paths import claim_outputs
+from . import DefaultsHelpFormatter
 
 # The demo speaks the sprite model's language: a make-synthetic caption, two sprites it never saw together in
 # training, references drawn by the synthetic renderer (diasr_diffusers/assets/sprite_refs).
@@ -101,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "public reference-trained weights (--phantom, --skyreels-v3). Every argument is checked before the model "
             "loads."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -194,15 +196,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--out", required=True, help="output video (.mp4)")
     gen.add_argument("--routing-maps", default=None, help="also write the routing-map overlay video (.mp4)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files diasr did not write")
     gen.set_defaults(func=run_generate)
 
     demo = subparsers.add_parser(
         "demo",
         help="offline two-subject demo on the embedded sprite model (CPU, seconds)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     demo.add_argument("--out", required=True, help="output folder (created if missing)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed of the generation")
+    demo.add_argument("--overwrite", action="store_true", help="replace files in --out that diasr did not write")
     demo.set_defaults(func=run_demo)
 
 
@@ -239,6 +243,12 @@ def open_image(path: Path, flag: str):
 
 def check_output(value: str, flag: str) -> Path:
     """An .mp4 path that can be written: not a folder, and its nearest existing parent is a writable folder."""
+    from ..utils.output_paths import OutputPathError, check_path_text
+
+    try:
+        check_path_text(value, flag)
+    except OutputPathError as err:
+        raise UsageError(str(err)) from None
     path = Path(value).expanduser()
     if path.suffix.lower() != ".mp4":
         raise UsageError(f"{flag} must be an .mp4 path, got {value!r}")
@@ -248,14 +258,38 @@ def check_output(value: str, flag: str) -> Path:
     return path
 
 
+def guard_outputs(outputs: list[tuple[str, Any]], inputs: list[tuple[str, Any]], overwrite: bool) -> None:
+    """:func:`~diasr_diffusers.utils.output_paths.check_outputs` with its error as a :class:`UsageError`."""
+    from ..utils.output_paths import OutputPathError, check_outputs
+
+    try:
+        check_outputs(outputs, inputs, overwrite=overwrite, flag=outputs[0][0])
+    except OutputPathError as err:
+        raise UsageError(str(err)) from None
+
+
+def _generate_outputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    return [("--out", args.out)] + ([("--routing-maps", args.routing_maps)] if args.routing_maps else [])
+
+
+def _generate_inputs(args: argparse.Namespace, subjects: list[tuple[str, list[Path]]]) -> list[tuple[str, Any]]:
+    inputs = [(f"--subject {phrase!r} image", p) for phrase, paths in subjects for p in paths]
+    inputs += [("--mask", spec.partition("=")[2].strip()) for spec in args.mask]
+    for flag in ("model", "phantom", "skyreels_v3", "base", "router", "lora"):
+        value = getattr(args, flag, None)
+        if value:
+            inputs.append((f"--{flag.replace('_', '-')}", value))
+    return inputs
+
+
 def _check_writable_parent(parent: Path, flag: str, value: str) -> None:
     """The nearest existing ancestor of ``parent`` is a writable folder (missing folders below it get created)."""
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {value!r} is under {parent}, which is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {value!r}: folder {parent} is not writable")
+    from ..utils.output_paths import OutputPathError, check_writable_folder
+
+    try:
+        check_writable_folder(parent, f"{flag} {value!r}")
+    except OutputPathError as err:
+        raise UsageError(str(err)) from None
 
 
 def check_phrases(prompt: str, phrases: list[str]) -> None:
@@ -353,6 +387,7 @@ def check_arguments(args: argparse.Namespace) -> GenerateInputs:
         raise UsageError('--routing masks needs a --mask "PHRASE=PNG" for every subject')
     if args.routing != "auto" and not subjects:
         raise UsageError(f"--routing {args.routing} routes subjects: give at least one --subject")
+    guard_outputs(_generate_outputs(args), _generate_inputs(args, subjects), getattr(args, "overwrite", False))
     return GenerateInputs(out=out, maps_out=maps_out, phrases=phrases, images=images, masks=masks)
 
 
@@ -541,9 +576,24 @@ def _generate(args: argparse.Namespace) -> int:
         return_routing_maps=inputs.maps_out is not None,
     )
     temporal = pipe.vae_scale_factor_temporal
-    summary = save_outputs(result, inputs.phrases, inputs.out, inputs.maps_out, args.fps, temporal)
+    claim_outputs(p for _, p in _generate_outputs(args))
+    summary = write_or_explain(save_outputs, result, inputs.phrases, inputs.out, inputs.maps_out, args.fps, temporal)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def write_or_explain(write: Any, *args: Any, **kwargs: Any) -> Any:
+    """``write(*args, **kwargs)``; a full disk or a file-size limit becomes a one-line :class:`UsageError` (the
+    writers are atomic: nothing half-written is left)."""
+    from ..utils.output_paths import disk_full_message
+
+    try:
+        return write(*args, **kwargs)
+    except OSError as err:
+        message = disk_full_message(err)
+        if message is None:
+            raise
+        raise UsageError(f"could not write the outputs: {message}") from None
 
 
 def demo_subjects() -> tuple[list[str], list[Any]]:
@@ -620,11 +670,14 @@ def _check_out_folder(value: str) -> Path:
 
 def _demo(args: argparse.Namespace) -> int:
     out_dir = _check_out_folder(args.out)
+    demo_files = [("--out", out_dir / name) for name in ("demo.mp4", "routing_maps.mp4", "scores.json", "report.md")]
+    guard_outputs(demo_files, [], args.overwrite)
     import torch
 
     from ..utils.toy import SPRITE_MODEL_SIZE, load_sprite_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    claim_outputs(p for _, p in demo_files)
     phrases, images = demo_subjects()
 
     start = time.perf_counter()

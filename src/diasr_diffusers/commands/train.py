@@ -41,7 +41,15 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.check_output_dir()
     except ValueError as e:
         return _user_error(str(e))
-    result = trainer.train()
+    from ..utils.output_paths import disk_full_message
+
+    try:
+        result = trainer.train()
+    except OSError as e:  # no space left: one line; checkpoints and outputs are written atomically, none half-done
+        message = disk_full_message(e)
+        if message is None:
+            raise
+        return _user_error(f"--output-dir {args.output_dir}: {message}")
     if result:
         print(json.dumps(result, indent=2))
     return 0

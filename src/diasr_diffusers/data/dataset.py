@@ -491,11 +491,13 @@ def dataset_cache_config(dataset: MuSADataset) -> dict[str, Any]:
     }
 
 
-def _vae_signature(vae: Any) -> dict[str, Any]:
+def _vae_signature(vae: Any, weights: bool = True) -> dict[str, Any]:
     """What a cache's latents depend on beyond the dataset settings: written to ``index.json``, checked on reuse.
 
     ``config_sha256`` covers the whole VAE config (architecture, ``latents_mean`` / ``latents_std``), so two VAEs
-    with the same latent layout but another normalisation are told apart; the weights themselves are not hashed.
+    with the same latent layout but another normalisation are told apart; ``weights_sha256`` covers every weight
+    (name, dtype, shape, bytes), so two VAEs of one config with other weights (another checkpoint, a fine-tune) are
+    too. Hashing reads each weight once (about a second for Wan2.1's VAE).
     """
     cfg = vae.config
     signature = {k: getattr(cfg, k, None) for k in ("z_dim", "scale_factor_temporal", "scale_factor_spatial")}
@@ -503,7 +505,19 @@ def _vae_signature(vae: Any) -> dict[str, Any]:
     signature["config_sha256"] = hashlib.sha256(
         json.dumps(public, sort_keys=True, default=str).encode("utf-8")
     ).hexdigest()
+    if weights:
+        signature["weights_sha256"] = weights_sha256(vae)
     return signature
+
+
+def weights_sha256(module: Any) -> str:
+    """SHA-256 of a module's ``state_dict``: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class LatentCacheDataset(Dataset):
@@ -566,7 +580,9 @@ class LatentCacheDataset(Dataset):
     def check_vae(self, vae: Any) -> None:
         """Refuse a cache written with a VAE of another latent layout than ``vae`` (its latents would not fit)."""
         written = self.index.get("vae", {})
-        diff = {k: (written.get(k), v) for k, v in _vae_signature(vae).items() if written.get(k) != v}
+        # Not the weights' hash: training may load the cache's VAE in another dtype; the layout is what must fit.
+        layout = _vae_signature(vae, weights=False)
+        diff = {k: (written.get(k), v) for k, v in layout.items() if written.get(k) != v}
         if diff:
             raise ValueError(f"latent cache {self.cache_dir} was written with another VAE (cache, model): {diff}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..utils.output_paths import OutputPathError, check_outputs, claim_outputs
 from ._io import atomic_path, atomic_write_bytes, npz_bytes, write_video
 from .manifest import write_manifest
 
@@ -409,6 +411,34 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+_OUTPUT_ENTRIES = ("manifest.jsonl", "videos", "masks", "refs")
+# The files make_synthetic writes, relative to its folder; group 1 is the clip index.
+_OUTPUT_FILE = re.compile(
+    r"(?:videos/clip_(\d{6})\.mp4|masks/clip_(\d{6})\.npz|masks/clip_(\d{6})_s\d+/\d{5}\.png"
+    r"|refs/clip_(\d{6})_s\d+(?:_mask)?\.png)"
+)
+
+
+def _check_not_overwriting(out: Path, num_clips: int, overwrite: bool) -> None:
+    """Refuse (``FileExistsError``) files this run would replace that diasr did not write, e.g. a folder holding
+    ``videos/clip_000000.mp4`` of another origin but no manifest."""
+    if not out.is_dir():
+        return
+    existing = []
+    for sub in _OUTPUT_ENTRIES[1:]:
+        for root, _, files in os.walk(out / sub):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), out).replace(os.sep, "/")
+                match = _OUTPUT_FILE.fullmatch(rel)
+                if match and int(next(g for g in match.groups() if g is not None)) < num_clips:
+                    existing.append(("`out_dir`", out / rel))
+    try:
+        check_outputs(existing, overwrite=overwrite, flag="`out_dir`",
+                      overwrite_hint="pass overwrite=True (`--overwrite`) to replace it")
+    except OutputPathError as err:
+        raise FileExistsError(str(err)) from None
+
+
 def make_synthetic(
     out_dir: str | os.PathLike,
     num_clips: int,
@@ -459,6 +489,7 @@ def make_synthetic(
     # Fail on bad geometry before writing anything.
     render_clip(seed, 0, num_subjects=subjects[0], subjects=subjects, num_frames=1, height=height, width=width,
                 ref_size=ref_size)
+    _check_not_overwriting(out, num_clips, overwrite)
 
     records: list[dict[str, Any]] = []
     for i in range(num_clips):
@@ -466,6 +497,8 @@ def make_synthetic(
             seed, i, subjects=subjects, num_frames=num_frames, height=height, width=width, ref_size=ref_size
         )
         clip_id = f"clip_{i:06d}"
+        if i == 0:  # the first clip passed every check: from now on the folder's entries are ours
+            claim_outputs([out / name for name in _OUTPUT_ENTRIES])
         write_video(out / "videos" / f"{clip_id}.mp4", clip.frames, fps=fps, crf=crf)
         if mask_format == "npz":
             atomic_write_bytes(

@@ -160,7 +160,7 @@ def _transformers_checkpoint(model_path: str | os.PathLike, what: str, repo_id: 
     model_path = os.fspath(model_path)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise _missing_weights(
-            "model_path", model_path, what, f"huggingface-cli download {repo_id} --local-dir {model_path}"
+            "model_path", model_path, what, f"hf download {repo_id} --local-dir {model_path}"
         )
     return model_path
 
@@ -194,7 +194,7 @@ class InsightFaceEmbedder:
                 "root",
                 pack,
                 f"the insightface model pack `{name}`",
-                f"huggingface-cli download <repo holding {name}> --local-dir {pack}",
+                f"hf download <repo holding {name}> --local-dir {pack}",
             )
         if recognition_model is not None and not os.path.isfile(os.fspath(recognition_model)):
             raise _missing_weights(

@@ -70,6 +70,12 @@ def resolve_checkpoint(name: str, flag: str) -> Path:
     except HFValidationError:
         # Not a possible repo id, so it was meant as a local path.
         raise UsageError(f"{flag} {name!r}: no such folder ({local.absolute()})") from None
+    from ..utils.checkpoint_paths import check_hub_repo
+
+    try:  # at once, not after a minute of retries: offline and not cached, Hub unreachable, no such repo
+        check_hub_repo(name, flag, f"expected a local Diffusers folder or a Hub repo id such as {EXAMPLE_MODEL}")
+    except OSError as err:
+        raise UsageError(str(err)) from None
     try:
         return Path(_download(name))
     except GatedRepoError:
@@ -77,11 +83,15 @@ def resolve_checkpoint(name: str, flag: str) -> Path:
     except RepositoryNotFoundError:
         raise UsageError(f"{flag} {name!r}: no local folder {local.absolute()} and no Hub repo {name} (or it is private: log in)") from None  # fmt: skip
     except LocalEntryNotFoundError:
-        why = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        why = (
+            "offline mode (HF_HUB_OFFLINE=1) forbids downloading it"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub could not be reached to download it"
+        )
         raise UsageError(
             f"{flag} {name!r}: no local folder {local.absolute()}; as a Hub repo id it is not in the cache "
-            f"({constants.HF_HUB_CACHE}) and {why} to download it. Expected a local Diffusers folder or a Hub repo "
-            f"id such as {EXAMPLE_MODEL}"
+            f"({constants.HF_HUB_CACHE}) and {why}. Expected a local Diffusers folder or a Hub repo id such as "
+            f"{EXAMPLE_MODEL} (`hf download {EXAMPLE_MODEL}`)"
         ) from None
     except (OSError, ValueError) as err:
         raise UsageError(f"{flag} {name!r}: could not download it from the Hub: {_first_line(err)}") from None
@@ -108,6 +118,8 @@ def checkpoint_family(folder: Path, flag: str = "--model") -> tuple[FamilySpec, 
     if not index.is_file():
         raise UsageError(f"{flag} {str(folder)!r} has no model_index.json: not a Diffusers pipeline checkpoint")
     class_name = _read_json(index, flag).get("_class_name")
+    if class_name is None:
+        raise UsageError(f"{flag} {str(folder)!r}: its model_index.json names no pipeline class (_class_name)")
     try:
         return family_for_pipeline(str(class_name)), class_name
     except UnsupportedFamilyError as err:
@@ -337,9 +349,6 @@ def load_lora(pipe: Any, lora: str) -> None:
 def check_lora(value: str | None) -> None:
     if value is None:
         return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     path = Path(value).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -349,7 +358,9 @@ def check_lora(value: str | None) -> None:
         if not any(path.glob("*.safetensors")):
             raise UsageError(f"--lora {value!r}: the folder has no .safetensors file")
         return
+    from ..utils.checkpoint_paths import check_source
+
     try:
-        validate_repo_id(value)
-    except HFValidationError:
-        raise UsageError(f"--lora {value!r}: no such file or folder ({path.absolute()})") from None
+        check_source(value, "--lora", "file_or_folder", "LoRA weights are a .safetensors file or a folder holding one")
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None

@@ -303,8 +303,10 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
             kwargs: to ``from_pretrained`` of ``base`` (e.g. ``dtype``, ``cache_dir``), and ``dtype`` also to the
                 transformer.
         """
+        from ..utils.checkpoint_paths import check_loader_sources
         from .public_weights import load_original_wan_state_dict, wan_transformer_from_original
 
+        kwargs = check_loader_sources(kwargs, checkpoint=checkpoint, base=base, id_router=id_router)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         # The checkpoint first: a missing shard or a non-Wan file fails before the base is downloaded.
         state_dict = load_original_wan_state_dict(checkpoint, size=size, weight_name=weight_name, **kwargs)
@@ -342,8 +344,10 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
         """
         from diffusers import AutoencoderKLWan
 
+        from ..utils.checkpoint_paths import check_loader_sources
         from .public_weights import skyreels_v3_transformer
 
+        kwargs = check_loader_sources(kwargs, pretrained_model_name_or_path=pretrained_model_name_or_path, id_router=id_router)  # fmt: skip
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         path = pretrained_model_name_or_path
         folder = str(path) if os.path.isdir(path) else cls.download(str(path), **kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from ..models.transformer_ingredients import IngredientsTransformer3DModel
 from ..routing.ingredients_router import ROUTING_STYLES, majority_identity
+from .checks import check_finite_tensors, check_int, check_real, frames_the_vae_makes
 from .ingredients_faces import IngredientsFaceEncoder
 
 logger = logging.get_logger(__name__)
@@ -109,6 +109,10 @@ class IngredientsPipeline(ConsisIDPipeline):
         transformer gets the same ``torch_dtype`` (its entry ``"transformer"`` or ``"default"``), ``variant`` and
         ``use_safetensors``.
         """
+        from ..utils.checkpoint_paths import check_loader_sources
+
+        needs = "expected the Ingredients weights folder (`hf download feizhengcong/Ingredients`, then its folder)"
+        kwargs = check_loader_sources(kwargs, needs, pretrained_model_name_or_path=pretrained_model_name_or_path)
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             hub = ("cache_dir", "revision", "token", "force_download", "local_files_only")
@@ -197,23 +201,41 @@ class IngredientsPipeline(ConsisIDPipeline):
                 "aligned faces on a white 720x480 canvas, `ingredients_faces.compose_first_frame(aligned_faces)`)"
             )
 
-    @staticmethod
-    def _check_numbers(
-        num_frames: Any, num_inference_steps: Any, guidance_scale: Any, num_videos_per_prompt: Any
-    ) -> None:
+    def check_numbers(
+        self,
+        num_frames: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        num_videos_per_prompt: Any,
+        eta: Any = 0.0,
+        max_sequence_length: Any = 226,
+    ) -> int:
+        """The numeric arguments, through the checks every pipeline shares (:mod:`~diasr_diffusers.pipelines.checks`).
+        Returns the frame count the VAE makes for ``num_frames``, with a warning naming it when it differs."""
         for name, value in (
             ("num_frames", num_frames),
             ("num_inference_steps", num_inference_steps),
             ("num_videos_per_prompt", num_videos_per_prompt),
+            ("max_sequence_length", max_sequence_length),
         ):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, numbers.Real)
-            or not math.isfinite(guidance_scale)
-        ):
-            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
+            check_int(name, value, 1)
+        check_real("guidance_scale", guidance_scale, 0.0)
+        check_real("eta", eta, 0.0)
+        temporal = self.vae_scale_factor_temporal
+        used = frames_the_vae_makes(num_frames, temporal)
+        if used != num_frames:
+            logger.warning(
+                f"`num_frames - 1` has to be divisible by {temporal}: got num_frames={num_frames}, generating {used} "
+                "frames."
+            )
+        return used
+
+    def latents_shape(self, num_videos: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape the ``latents`` argument must have: ``(videos, latent frames, channels, height / s, width / s)``
+        (CogVideoX's layout; the channels are the noise's, half the transformer's input)."""
+        s = self.vae_scale_factor_spatial
+        frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        return (num_videos, frames, self.transformer.config.in_channels // 2, height // s, width // s)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -284,9 +306,26 @@ class IngredientsPipeline(ConsisIDPipeline):
         if kps_cond is not None:
             raise ValueError("`kps_cond`: Ingredients' transformer takes no facial keypoints (ConsisID's `is_kps`)")
         self.check_face_inputs(image, id_cond, id_vit_hidden, face_images, routing)
-        self._check_numbers(num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt)
+        num_frames = self.check_numbers(
+            num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt, eta, max_sequence_length
+        )
         if not isinstance(return_routing_maps, bool):
             raise TypeError(f"`return_routing_maps` must be a bool, got {return_routing_maps!r}")
+        for name, value in (("id_cond", id_cond), ("id_vit_hidden", id_vit_hidden)):
+            check_finite_tensors(name, value)
+        if latents is not None:
+            batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+            if batch is None and isinstance(prompt_embeds, torch.Tensor):
+                batch = prompt_embeds.shape[0]
+            if batch is not None and isinstance(latents, torch.Tensor):
+                expected = self.latents_shape(batch * num_videos_per_prompt, num_frames, height, width)
+                if tuple(latents.shape) != expected:
+                    raise ValueError(
+                        f"`latents` must have shape (videos, latent frames, channels, height / "
+                        f"{self.vae_scale_factor_spatial}, width / {self.vae_scale_factor_spatial}) = {expected}, got "
+                        f"{tuple(latents.shape)}"
+                    )
+            check_finite_tensors("latents", latents)
         if face_images is None:
             # Checked now (shapes, number of identities), before the text encoder runs.
             face_embeds = self.transformer.encode_faces(id_cond, id_vit_hidden)

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from ..utils.checkpoint_paths import read_safetensors_index, weights_format
+from ..utils.checkpoints import check_block_model_folder
+
 PHANTOM_REPO = "bytedance-research/Phantom"
 # Default file per model size in the Phantom Hub repo.
 PHANTOM_FILES = {"1.3B": "Phantom-Wan-1.3B.pth", "14B": "Phantom_Wan_14B.safetensors.index.json"}
@@ -56,20 +59,27 @@ def _load_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state_dict: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for path in paths:
         try:
-            state_dict.update(load_file(str(path)))
+            tensors = load_file(str(path))
         except Exception as e:  # SafetensorError: truncated or not a safetensors file
             raise ValueError(f"`checkpoint`: {path} is not a readable safetensors file: {e}") from None
+        # The same tensor in two shards: which one is right cannot be known, so neither is picked silently.
+        twice = sorted(tensors.keys() & origin.keys())
+        if twice:
+            raise ValueError(
+                f"`checkpoint`: the tensor {twice[0]!r} is in two shards, {origin[twice[0]].name} and {path.name}"
+                f"{f' (and {len(twice) - 1} more tensors)' if len(twice) > 1 else ''}: refusing to guess which is right"
+            )
+        origin.update(dict.fromkeys(tensors, path))
+        state_dict.update(tensors)
     return state_dict
 
 
 def _load_index(index_path: Path) -> dict[str, torch.Tensor]:
     """Every shard an index names, checked: absent files and keys missing from their shard are listed."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"`checkpoint`: {index_path} is not a safetensors index (no 'weight_map'): {e}") from None
+    weight_map = read_safetensors_index(index_path)
     files = sorted(set(weight_map.values()))
     absent = [f for f in files if not (index_path.parent / f).is_file()]
     if absent:
@@ -103,12 +113,22 @@ def _load_shards(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    kind = weights_format(path)
+    if kind == "safetensors":  # a mislabelled file: read what it is, never unpickle it
+        return _load_safetensors([path])
+    if kind != "torch":
+        raise ValueError(
+            f"`checkpoint`: {path} is not a PyTorch checkpoint (no torch.save archive header) nor a safetensors file"
+        )
     # weights_only: a .pth is a pickle; never run code from a downloaded file.
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError for a damaged archive
+        # Not torch's own text: it suggests weights_only=False, which would run the file's code.
+        reason = "it is damaged, or holds objects other than tensors" if "weights_only" in str(e) else "the archive is damaged"
         raise ValueError(
-            f"`checkpoint`: {path} cannot be read as tensors with torch.load(weights_only=True): {e}"
+            f"`checkpoint`: {path} cannot be read as a plain state dict of tensors ({reason}); only tensors are "
+            "loaded from .pth files, never other pickled objects"
         ) from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
@@ -145,6 +165,11 @@ def load_original_wan_state_dict(
         )
         if weight_name is not None:
             candidates = [path / weight_name]
+        if not candidates:
+            raise ValueError(
+                f"`checkpoint`: the folder {path} holds no weights (expected a Phantom .pth, .safetensors or "
+                "*.safetensors.index.json)"
+            )
         if len(candidates) != 1 and not all(_SHARD.match(c.name) for c in candidates):
             raise ValueError(
                 f"`checkpoint`: the folder {path} must hold one index, one .pth or one .safetensors (or pass "
@@ -182,7 +207,7 @@ def _download(repo_id: str, size: str, weight_name: str | None, **hub_kwargs: An
     kwargs = {k: hub_kwargs[k] for k in _HUB_KWARGS if k in hub_kwargs}
     first = Path(hf_hub_download(repo_id, weight_name, **kwargs))
     if first.name.endswith(".index.json"):
-        for shard in sorted(set(json.loads(first.read_text())["weight_map"].values())):
+        for shard in sorted(set(read_safetensors_index(first).values())):
             hf_hub_download(repo_id, shard, **kwargs)  # lands beside the index in the snapshot folder
     return load_original_wan_state_dict(first)
 
@@ -258,6 +283,7 @@ def infer_wan_transformer_config(
         else:
             raise ValueError(f"`transformer_config`: no config.json at {path}")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
+    _check_config_types(config)
     expected = {
         "in_channels": config.get("in_channels"),
         "patch_size": list(config.get("patch_size", [])),
@@ -274,6 +300,23 @@ def infer_wan_transformer_config(
     if wrong:
         raise ValueError(f"`transformer_config` does not match the checkpoint: {'; '.join(wrong)}")
     return config
+
+
+_INT_FIELDS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+               "ffn_dim", "num_layers", "rope_max_seq_len")  # fmt: skip
+
+
+def _check_config_types(config: dict[str, Any]) -> None:
+    """``"2"`` for a head count would be multiplied as a string ("config 2222..."): refuse wrong types by name."""
+    for key in _INT_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"`transformer_config[{key!r}]` must be an integer, got {value!r} ({type(value).__name__})")
+    patch = config.get("patch_size")
+    if patch is not None and (
+        not isinstance(patch, (list, tuple)) or not all(isinstance(p, int) and not isinstance(p, bool) for p in patch)
+    ):
+        raise TypeError(f"`transformer_config['patch_size']` must be a list of integers, got {patch!r}")
 
 
 def wan_transformer_from_original(
@@ -325,5 +368,11 @@ def skyreels_v3_transformer(folder: str | os.PathLike, dtype: torch.dtype | None
             f"`pretrained_model_name_or_path`: transformer/config.json names {class_name!r}; expected SkyReels-V3's "
             "'SkyReelsA2WanI2v3DModel' (or 'WanTransformer3DModel')"
         )
+    # Every tensor the config builds must be in the weights (by name and shape), or Diffusers would load with a
+    # warning and leave meta tensors that fail only at generation.
+    try:
+        check_block_model_folder(WanTransformer3DModel, Path(folder) / "transformer")
+    except ValueError as e:
+        raise ValueError(f"`pretrained_model_name_or_path`: {e}") from None
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     return WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", **kwargs).eval()

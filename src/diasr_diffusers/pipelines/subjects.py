@@ -21,7 +21,6 @@ installed on every expert, all sharing one routing state (and one ``id_router``)
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -43,14 +42,16 @@ from ..processors.core import install_subject_processors
 from ..processors.parallel import check_context_parallel_inputs
 from ..routing import (
     IDRouter,
+    check_layout_masks,
+    layout_labels,
     masks_to_token_grid,
     normalize_masks,
     phrase_token_owners,
-    routing_labels_from_coverage,
     token_grid_factors,
 )
 from ..utils.checkpoints import check_block_model_folder
 from ..utils.images import normalize_subject_images
+from .checks import check_int, check_real
 
 logger = logging.get_logger(__name__)
 _CPU = torch.device("cpu")
@@ -144,21 +145,7 @@ class SubjectTrainingHooks(Protocol):
         """The video part ``(B, C, F, h, w)`` of the transformer's output for :meth:`denoiser_inputs`."""
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    # bool is an int subclass: `num_frames=True` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-
-
-def _check_real(name: str, value: Any, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+_check_int, _check_real = check_int, check_real  # the shared checks (pipelines/checks.py), under their old names
 
 
 def _sigma_array(sigmas: Any) -> np.ndarray:
@@ -334,6 +321,9 @@ class SubjectPipelineMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
         """As ``DiffusionPipeline.from_pretrained``; the transformer's untrusted ``config.json`` is first checked
         against its weights (:func:`~diasr_diffusers.utils.checkpoints.check_block_model_folder`)."""
+        from ..utils.checkpoint_paths import check_loader_sources
+
+        kwargs = check_loader_sources(kwargs, pretrained_model_name_or_path=pretrained_model_name_or_path)
         folder = pretrained_model_name_or_path
         if not os.path.isdir(folder):
             folder = cls.download(folder, **kwargs)
@@ -896,7 +886,7 @@ class SubjectPipelineMixin:
                     f"`subject_masks` must have shape (N, num_frames, height, width) = {(n, num_frames, height, width)} "
                     f"or (N, height, width) = {(n, height, width)}, got {shape or type(subject_masks).__name__}"
                 )
-            normalize_masks(subject_masks, "subject_masks")  # values (0/255, NaN, label maps) before any work
+            check_layout_masks(subject_masks, "subject_masks")  # values (0/255, NaN, empty masks) before any work
         rope_frames = self.rotary_limits()[0]
         latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         total_refs = sum(len(s) for s in subjects)
@@ -1002,7 +992,7 @@ class SubjectPipelineMixin:
             if masks.ndim == 3:  # static layout: the same mask on every frame
                 masks = masks[:, None].expand(-1, num_frames, -1, -1)
             coverage = masks_to_token_grid(masks[None], transformer=self.denoiser, vae=self.vae)
-            labels = routing_labels_from_coverage(coverage)  # (1, Lv)
+            labels = layout_labels(coverage)  # (1, Lv); overlaps resolved by the documented rule
             inputs["mask_buckets"] = labels.expand(latents.shape[0], -1).to(latents.device)
         return inputs
 

@@ -3,6 +3,8 @@
 from .ingredients_router import IngredientsIDRouter, majority_identity
 from .losses import ingredients_routing_loss, mask_loss, routing_cross_entropy
 from .masks import (
+    check_layout_masks,
+    layout_labels,
     masks_to_token_grid,
     normalize_masks,
     pixels_to_token_grid,
@@ -17,9 +19,11 @@ __all__ = [
     "IngredientsIDRouter",
     "ingredients_routing_loss",
     "buckets_from_logits",
+    "check_layout_masks",
     "check_phrases",
     "chosen_log_prob",
     "clean_prompt",
+    "layout_labels",
     "majority_identity",
     "mask_loss",
     "masks_to_token_grid",

@@ -180,3 +180,79 @@ def routing_labels_from_coverage(coverage: torch.Tensor, threshold: float = 0.5)
         return torch.full((coverage.shape[0], coverage.shape[2]), -1, dtype=torch.long, device=coverage.device)
     best, label = coverage.max(dim=1)
     return torch.where(best >= threshold, label, torch.full_like(label, -1))
+
+
+# -- layout masks given by a user (routing="masks") -----------------------------------------------------------------
+#
+# The rule, documented in README.md and docs/app.md:
+# - an all-zero mask is refused (its subject would vanish without a word);
+# - masks may overlap: a token goes to the subject covering the largest share of it; on a tie (the same pixels in
+#   both masks) to the subject with the smaller mask in total, as a small region drawn over a large one is in front
+#   of it (a face over a body), then to the lower index; a warning says how many tokens were contested;
+# - a subject that ends up with no token (its mask covers less than half of every token, or lies entirely under
+#   other subjects' smaller masks) is refused, naming it.
+
+
+def check_layout_masks(masks: torch.Tensor | np.ndarray, name: str = "subject_masks") -> torch.Tensor:
+    """:func:`normalize_masks`, and refuse (``ValueError``) a subject's mask with no pixel set."""
+    masks = normalize_masks(masks, name)
+    if masks.ndim >= 3 and masks.shape[0]:
+        empty = (masks.flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"`{name}[{empty[0]}]` is empty (no pixel of its subject is set), so that subject would get no video "
+                "token and vanish; draw where it goes, or leave the subject out"
+            )
+    return masks
+
+
+def layout_labels(coverage: torch.Tensor, threshold: float = 0.5, name: str = "subject_masks") -> torch.Tensor:
+    """Per-token subject labels of user layout masks by the rule above (not :func:`routing_labels_from_coverage`'s
+    first-index ties, which let one subject take every shared token).
+
+    Args:
+        coverage: ``(B, N, F, H, W)`` or ``(B, N, L)`` coverage of N subjects (from :func:`masks_to_token_grid`).
+        threshold: the share of a token a subject must cover to own it.
+
+    Returns:
+        ``(B, L)`` int64 in ``[-1, N)``.
+    """
+    from diffusers.utils import logging
+
+    if not isinstance(coverage, torch.Tensor):
+        raise TypeError(f"`coverage` must be a torch.Tensor, got {type(coverage).__name__}")
+    if coverage.ndim == 5:
+        coverage = coverage.flatten(2)
+    if coverage.ndim != 3:
+        raise ValueError(f"`coverage` must be (B, N, L) or (B, N, F, H, W), got {tuple(coverage.shape)}")
+    coverage = normalize_masks(coverage, "coverage")
+    batch, n, _ = coverage.shape
+    labels = routing_labels_from_coverage(coverage, threshold)
+    if n < 2:
+        contested = torch.zeros_like(labels, dtype=torch.bool)
+    else:
+        best = coverage.max(dim=1, keepdim=True).values
+        tied = coverage >= best - 1e-6  # (B, N, L)
+        area = coverage.sum(dim=2)  # (B, N): each mask's size, in tokens
+        rank = area.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = the smallest mask
+        priority = torch.where(tied, rank[:, :, None], torch.full_like(tied, n, dtype=torch.long))
+        winner = priority.argmin(dim=1)
+        labels = torch.where(labels >= 0, winner, labels)
+        contested = (tied.sum(dim=1) > 1) & (labels >= 0)
+    shared = coverage.sum(dim=1) > 1 + 1e-6  # shares over 1: some pixels are in two masks
+    if bool(shared.any()):
+        logging.get_logger(__name__).warning(
+            f"`{name}` overlap on {int(shared[0].sum())} video token(s); each token goes to the subject covering most "
+            f"of it, {int(contested[0].sum())} tie(s) to the subject with the smaller mask (drawn in front)"
+        )
+    for b in range(batch):
+        for i in range(n):
+            if not bool((labels[b] == i).any()):
+                under = bool((coverage[b, i] >= threshold).any())
+                why = (
+                    "every token it covers is also covered, as much, by another subject with a smaller mask"
+                    if under
+                    else f"it covers less than {threshold:.0%} of every video token; draw it larger"
+                )
+                raise ValueError(f"`{name}[{i}]` gets no video token: {why}")
+    return labels

@@ -250,6 +250,9 @@ class IDRouter(ModelMixin, ConfigMixin):
         checking the untrusted files before any weights are allocated: the config's sizes are bounded, and the
         safetensors file must hold exactly the tensors that config builds, with the same shapes. Only safetensors
         weights are read (never pickle)."""
+        from ..utils.checkpoint_paths import check_loader_sources
+
+        kwargs = check_loader_sources(kwargs, id_router=pretrained_model_name_or_path)
         if kwargs.get("use_safetensors") is False:
             raise ValueError("IDRouter weights are loaded from safetensors only (`use_safetensors=False` is refused)")
         kwargs["use_safetensors"] = True

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..pipelines.loading import LORA_2_WEIGHT_NAME, LORA_WEIGHT_NAME  # the files the loader reads
 from ..routing import IDRouter, mask_loss, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
+from ..utils.output_paths import OutputPathError, check_outputs, claim_outputs
 from . import sharding
 from .config import TrainConfig
 
@@ -468,6 +469,7 @@ class DiasRTrainer:
             raise ValueError(f"the output folder {out} is not writable")
         existing = self._checkpoints()
         if not self.resume:
+            self._check_final_outputs()
             if existing:
                 raise ValueError(
                     f"output folder {out} holds {existing[-1][1].name} of an earlier run: resume it (--resume, "
@@ -480,6 +482,20 @@ class DiasRTrainer:
             raise ValueError(f"--resume: no complete checkpoint-<step> folder in {out} (found: {names})")
         self._check_resume(latest)
         return latest
+
+    def _check_final_outputs(self) -> None:
+        """A new run replaces ``router/``, ``pipeline/``, the LoRA files, ... at its end: refuse (``ValueError``) such
+        names in the output folder that no diasr run wrote, then claim them (:mod:`~diasr_diffusers.utils.output_paths`)."""
+        names = ("router", "pipeline", *_EXPERT_NAMES, *_LORA_NAMES, "metrics.jsonl", "eval.json")
+        planned = [self.output_dir / name for name in names]
+        try:
+            check_outputs([("--output-dir", p) for p in planned], flag="--output-dir", folders=True,
+                          overwrite_hint="use another --output-dir (or --resume for a run of this folder)")  # fmt: skip
+        except OutputPathError as e:
+            raise ValueError(str(e)) from None
+        accelerator = getattr(self, "accelerator", None)  # None: checked from the CLI before setup()
+        if accelerator is None or accelerator.is_main_process:
+            claim_outputs(planned)
 
     def _prepare_output_dir(self) -> Path | None:
         """:meth:`check_output_dir`, after removing our leftovers of a killed run (temp and half-pruned folders)."""

@@ -20,12 +20,18 @@ _BLOCK = re.compile(r"^(blocks|transformer_blocks)\.(\d+)\.(.*)$")  # Wan / CogV
 def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, read from the headers only (nothing is loaded)."""
     shapes: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, Path] = {}
     for file in files:
         try:
             with safe_open(os.fspath(file), framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+        twice = sorted(found.keys() & origin.keys())
+        if twice:  # the loader would keep whichever shard it reads last
+            raise ValueError(f"the tensor {twice[0]!r} is in two shards, {Path(origin[twice[0]]).name} and {Path(file).name}")
+        origin.update(dict.fromkeys(found, file))
+        shapes.update(found)
     return shapes
 
 
