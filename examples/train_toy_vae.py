@@ -10,7 +10,7 @@ Train it on clips from a seed the routing runs do not use, so the held-out routi
 
     diasr make-synthetic --out runs/synthetic_vae --num-clips 200 --seed 1000 --frames 9 --height 64 --width 64
     python examples/train_toy_vae.py --data runs/synthetic_vae --out runs/toy_vae_s2 --spatial-compression 2 \
-        --crop 32 --crop-frames 5 --steps 3000 --checkpointing-steps 100   # --resume continues an interrupted run
+        --crop 32 --crop-frames 5 --clips 100 --steps 1200 --checkpointing-steps 100   # --resume continues an interrupted run
 
 Every step's batch, flips and posterior noise are drawn from a generator seeded by ``(seed, step)`` and the learning
 rate is a function of the step, so a run resumed from ``<out>.ckpt`` (weights, AdamW state, step; safetensors and
@@ -47,22 +47,34 @@ parser.add_argument("--crop-frames", type=int, default=9, help="train on clips o
 parser.add_argument("--preview-weight", type=float, default=1.0, help="weight of the linear colour-preview loss")
 parser.add_argument("--checkpointing-steps", type=int, default=0, help="save <out>.ckpt every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (same arguments)")
+parser.add_argument("--export", action="store_true", help="write <out> from <out>.ckpt as it is (no training)")
 args = parser.parse_args()
 ckpt = Path(f"{args.out}.ckpt")
+args.resume = args.resume or args.export
 if args.resume and not (ckpt / "state.json").is_file():
-    raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+    raise SystemExit(f"--resume / --export: no checkpoint at {ckpt}")
 if not args.resume and ckpt.exists():
     raise SystemExit(f"{ckpt} holds an earlier run: pass --resume or remove it")
 
 torch.manual_seed(args.seed)
 sc = args.spatial_compression
-ds = MuSADataset(
-    f"{args.data}/manifest.jsonl", num_frames=9, height=64, width=64, patch_size=(1, 1, 1),
-    temporal_compression=2, spatial_compression=sc, clip_sampling="start", crop="center",
-)  # fmt: skip
-items = [ds[i] for i in range(min(args.clips, len(ds)))]
-clips = torch.stack([it["video"] for it in items])  # (N, 3, 9, 64, 64) in [-1, 1]
-refs = torch.stack([r for it in items for r in it["ref_images"]])[:, :, None]  # (M, 3, 1, 64, 64)
+# The decoded clips are kept next to the checkpoint: a resume or an export need not decode them again.
+data_file = Path(f"{args.out}.data.safetensors")
+if args.resume and data_file.is_file():
+    loaded = load_file(str(data_file))
+    clips, refs = loaded["clips"], loaded["refs"]
+else:
+    ds = MuSADataset(
+        f"{args.data}/manifest.jsonl", num_frames=9, height=64, width=64, patch_size=(1, 1, 1),
+        temporal_compression=2, spatial_compression=sc, clip_sampling="start", crop="center",
+    )  # fmt: skip
+    items = [ds[i] for i in range(min(args.clips, len(ds)))]
+    clips = torch.stack([it["video"] for it in items])  # (N, 3, 9, 64, 64) in [-1, 1]
+    refs = torch.stack([r for it in items for r in it["ref_images"]])[:, :, None]  # (M, 3, 1, 64, 64)
+    if args.checkpointing_steps:
+        tmp_file = data_file.with_name(f".{data_file.name}.tmp")
+        save_file({"clips": clips.contiguous(), "refs": refs.contiguous()}, str(tmp_file))
+        tmp_file.replace(data_file)
 # 2x spatial: one downsampling stage (64 -> 32, temporal there); 4x: two (the shipped toy VAE).
 dim_mult, temporal = ([1, 2], [True]) if sc == 2 else ([1, 2, 2], [False, True])
 vae = AutoencoderKLWan(
@@ -101,7 +113,7 @@ def save_checkpoint(step: int) -> None:
         (tmp / "state.json").write_text(json.dumps({"step": step, "args": vars(args)}))
 
 
-for step in range(start, args.steps):
+for step in range(start, start if args.export else args.steps):
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     for group in opt.param_groups:
         group["lr"] = args.lr * lr_factor(step)

@@ -53,16 +53,23 @@ class _Trainable(nn.Module):
     from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
     are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None,
+                 router_trains: bool = True):  # fmt: skip
         super().__init__()
         self.transformer = transformer
         self.transformer_2 = transformer_2  # Wan2.2 A14B's low-noise expert (None for one transformer)
         self.router = router
         self.state = state
+        self.router_trains = router_trains
 
     def forward(self, low_noise: bool = False, **inputs: Any):
         model = self.transformer_2 if low_noise else self.transformer
         pred = model(**inputs, return_dict=False)[0]
+        if self.router_trains and not self.state.logits and torch.is_grad_enabled():
+            # The router did not run (references dropped). FSDP reduce-scatters only the parameters that have a
+            # gradient: a rank whose router ran and one whose did not would disagree. A zero term gives every
+            # router parameter a zero gradient on every rank (and the prediction is unchanged).
+            pred = pred + 0.0 * sum(p.sum() for p in self.router.parameters())
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -263,7 +270,9 @@ class DiasRTrainer:
 
         device = self.accelerator.device
         self.pipe.to(device)
-        trainable = _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None))
+        trainable = _Trainable(
+            transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None), cfg.stage != "dense"
+        )
         if self._sharded:  # before the optimizer is built: sharding replaces the parameters
             sharding.shard(trainable, self.accelerator, experts)
         transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
