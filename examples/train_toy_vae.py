@@ -48,6 +48,7 @@ parser.add_argument("--preview-weight", type=float, default=1.0, help="weight of
 parser.add_argument("--checkpointing-steps", type=int, default=0, help="save <out>.ckpt every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (same arguments)")
 parser.add_argument("--export", action="store_true", help="write <out> from <out>.ckpt as it is (no training)")
+parser.add_argument("--stop-after", type=int, default=None, help="end this invocation after N steps (checkpointed)")
 args = parser.parse_args()
 ckpt = Path(f"{args.out}.ckpt")
 args.resume = args.resume or args.export
@@ -113,7 +114,8 @@ def save_checkpoint(step: int) -> None:
         (tmp / "state.json").write_text(json.dumps({"step": step, "args": vars(args)}))
 
 
-for step in range(start, start if args.export else args.steps):
+end = start if args.export else min(args.steps, start + (args.stop_after or args.steps))
+for step in range(start, end):
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     for group in opt.param_groups:
         group["lr"] = args.lr * lr_factor(step)
@@ -136,8 +138,10 @@ for step in range(start, start if args.export else args.steps):
     opt.step()
     if step % 100 == 0 or step == args.steps - 1:
         print(f"step {step} reconstruction MSE {float(mse.detach()):.4f}", flush=True)
-    if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
+    if (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0) or step + 1 == end < args.steps:
         save_checkpoint(step + 1)
+if end < args.steps and not args.export:
+    raise SystemExit(f"stopped at step {end} of {args.steps}; continue with --resume")
 vae.eval()
 with torch.no_grad():
     calibrate_latent_statistics(vae, [clips[i : i + 4] for i in range(0, min(len(clips), 32), 4)])
