@@ -71,7 +71,8 @@ def _same(a, b, where: str = "") -> None:
         assert a.keys() == b.keys(), (where, sorted(a), sorted(b))
         for k in a:
             _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
+    elif isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)), (where, a, b)
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             _same(x, y, f"{where}[{i}]")
@@ -322,3 +323,31 @@ def test_a_checkpoint_from_before_dropout_resumes_with_dropout_off(data_dirs, tm
     on = DiasRTrainer(TrainConfig.from_dict(_wan_dict(data_dirs[32, 5], max_steps=4)), tmp_path / "r", resume=True)
     with pytest.raises(ValueError, match="caption_dropout: 0.0 there, 0.1 here"):
         on.check_output_dir()
+
+
+def test_phantom_style_drops_references_as_zero_frames(data_dirs, tmp_path):
+    """Phantom / SkyReels keep the reference frames as zeros in the negative branch, routed as the conditional pass
+    routed: with the layout as routing (stage ``align``, ``routing="masks"``) that is the layout itself."""
+    _, size, frames, tokens = FAMILIES["wan"]
+    trainer = DiasRTrainer(_config("wan", data_dirs[size, frames], stage="align"), tmp_path / "run")
+    trainer.setup()
+    pipe = trainer.pipe
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_reference_style("phantom", scheduler=False)  # its zero-frame negative branch; the toy's scheduler
+    item = trainer.train_set[0]
+    images = [_pil(r) for r in item["ref_images"]]
+    enc = trainer._encode(item)
+    pixels = pipe.video_processor.preprocess(images, height=size, width=size)[:, :, None]
+    enc["refs"] = pipe.encode_video_latents(pixels)[:, :, 0].transpose(0, 1)[None].to(enc["refs"].dtype)
+    noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(0.6)
+    noisy = trainer.config.family.noisy_input(pipe, enc["x0"], noise, sigma)[0]
+    calls = _pipeline_calls(pipe, prompt=item["caption"], subject_images=images, subject_phrases=item["phrases"],
+                            routing="masks", subject_masks=item["masks"], negative_prompt="", guidance_scale=2.0,
+                            guidance_scale_ref=None, sigmas=[float(sigma)], latents=noisy, height=size, width=size,
+                            num_frames=frames, max_sequence_length=tokens, num_inference_steps=1, output_type="latent")  # fmt: skip
+    negative = calls[1]
+    assert negative[1]["mode"] == "masks" and torch.equal(negative[1]["mask_buckets"], enc["labels"])
+    dropped = trainer.drop_conditions(enc, caption=True, references=True)
+    assert dropped["refs"].shape == enc["refs"].shape and not dropped["refs"].any()
+    _assert_same_call(_trainer_call(trainer, dropped, noise, sigma), negative)
