@@ -123,13 +123,11 @@ def _pipeline_latents(family: str, pipe, noisy: torch.Tensor) -> torch.Tensor:
     return noisy
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def setup(request, data_dirs, tmp_path_factory):
-    """A trainer of the family (stage ``route``), one encoded sample whose reference latents are the pipeline's
-    own encoding of the same images, and that sample noised."""
-    family = request.param
-    _, size, frames, tokens = FAMILIES[family]
-    trainer = DiasRTrainer(_config(family, data_dirs[size, frames]), tmp_path_factory.mktemp(family) / "run")
+def _trainer_and_sample(family: str, data_dirs, folder: Path, **overrides):
+    """A set-up trainer, its first training item, the item's references as images, the item encoded with reference
+    latents that are the pipeline's own encoding of those images, and a noise draw."""
+    _, size, frames, _ = FAMILIES[family]
+    trainer = DiasRTrainer(_config(family, data_dirs[size, frames], **overrides), folder / "run")
     trainer.setup()
     pipe = trainer.pipe
     pipe.set_progress_bar_config(disable=True)
@@ -139,6 +137,17 @@ def setup(request, data_dirs, tmp_path_factory):
     pixels = pipe.video_processor.preprocess(images, height=size, width=size)[:, :, None]
     enc["refs"] = pipe.encode_video_latents(pixels)[:, :, 0].transpose(0, 1)[None].to(enc["refs"].dtype)
     noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(0))
+    return trainer, item, images, enc, noise
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def setup(request, data_dirs, tmp_path_factory):
+    """A trainer of the family (stage ``route``), one encoded sample whose reference latents are the pipeline's
+    own encoding of the same images, and that sample noised."""
+    family = request.param
+    _, size, frames, tokens = FAMILIES[family]
+    trainer, item, images, enc, noise = _trainer_and_sample(family, data_dirs, tmp_path_factory.mktemp(family))
+    pipe = trainer.pipe
     # CogVideoX's DDIM and LTX's schedule take no sigmas: their one step is the trainer's sigma 1 (timestep T - 1 for
     # CogVideoX's "trailing" DDIM, 1000 for LTX's linspace(1, 1 / steps)).
     fixed = family in ("cogvideox", "ltx")
@@ -329,17 +338,9 @@ def test_phantom_style_drops_references_as_zero_frames(data_dirs, tmp_path):
     """Phantom / SkyReels keep the reference frames as zeros in the negative branch, routed as the conditional pass
     routed: with the layout as routing (stage ``align``, ``routing="masks"``) that is the layout itself."""
     _, size, frames, tokens = FAMILIES["wan"]
-    trainer = DiasRTrainer(_config("wan", data_dirs[size, frames], stage="align"), tmp_path / "run")
-    trainer.setup()
+    trainer, item, images, enc, noise = _trainer_and_sample("wan", data_dirs, tmp_path, stage="align")
     pipe = trainer.pipe
-    pipe.set_progress_bar_config(disable=True)
     pipe.set_reference_style("phantom", scheduler=False)  # its zero-frame negative branch; the toy's scheduler
-    item = trainer.train_set[0]
-    images = [_pil(r) for r in item["ref_images"]]
-    enc = trainer._encode(item)
-    pixels = pipe.video_processor.preprocess(images, height=size, width=size)[:, :, None]
-    enc["refs"] = pipe.encode_video_latents(pixels)[:, :, 0].transpose(0, 1)[None].to(enc["refs"].dtype)
-    noise = torch.randn(enc["x0"].shape, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor(0.6)
     noisy = trainer.config.family.noisy_input(pipe, enc["x0"], noise, sigma)[0]
     calls = _pipeline_calls(pipe, prompt=item["caption"], subject_images=images, subject_phrases=item["phrases"],
