@@ -114,12 +114,17 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
         self, noisy: torch.Tensor, refs: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: Any,
         frame_rate: int = 25,
     ) -> dict[str, Any]:  # fmt: skip
-        """Packed ``[video | refs]`` tokens; video tokens at ``t``, reference tokens at 0 (as at inference)."""
+        """Packed ``[video | refs]`` tokens; video tokens at ``t``, reference tokens at 0 (as at inference). Without
+        references (``K = 0``, the trainer's reference dropout) the negative branch's call: one timestep per video."""
         p, pt = self.transformer_spatial_patch_size, self.transformer_temporal_patch_size
         b, _, f, h, w = noisy.shape
         num_refs = refs.shape[2]
-        video, refs = self._pack_latents(noisy, p, pt), self._pack_latents(refs, p, pt)
-        timestep = torch.cat([t.expand(b, video.shape[1]), t.new_zeros(b, refs.shape[1])], dim=1).to(noisy.dtype)
+        video = self._pack_latents(noisy, p, pt)
+        if num_refs:
+            refs = self._pack_latents(refs, p, pt)
+            timestep = torch.cat([t.expand(b, video.shape[1]), t.new_zeros(b, refs.shape[1])], dim=1).to(noisy.dtype)
+        else:
+            refs, timestep = video[:, :0], t.expand(b).to(noisy.dtype)
         scale = (self.vae_temporal_compression_ratio / frame_rate, self.vae_spatial_compression_ratio,
                  self.vae_spatial_compression_ratio)  # fmt: skip
         return {

@@ -35,7 +35,12 @@ _FLOATS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "logit_mean": (None, False, None, False),
     "logit_std": (0.0, False, None, False),
     "mode_scale": (0.0, True, None, False),
+    "caption_dropout": (0.0, True, 1.0, False),
+    "reference_dropout": (0.0, True, 1.0, False),
+    "subject_dropout": (0.0, True, 1.0, False),
 }
+# Condition dropout (`DiasRTrainer.drop_conditions`): the keys, and their values in runs that predate them (none).
+DROPOUT_KEYS = ("caption_dropout", "reference_dropout", "subject_dropout")
 _BOOLS = (
     "allow_scratch",
     "train_lora",
@@ -136,6 +141,17 @@ class TrainConfig:
         ``dense``: the Phantom-style baseline: every video token attends to every reference; flow-matching loss only,
             the router is not used or trained. Train it with the same data and budget as ``align`` + ``route`` for a
             fair comparison.
+
+    Condition dropout (so the branches guidance samples with are trained; ``docs/training.md``), drawn per sample
+    from ``(seed, step, sample)`` like the noise, so a resumed run drops exactly what an uninterrupted one did:
+        ``caption_dropout`` (0.1): the caption becomes the empty prompt, encoded as the pipeline encodes its
+            negative prompt; text is then not routed (as the pipeline's reference-only branch).
+        ``reference_dropout`` (0.1, Phantom's rate): every reference goes, as the pipeline's negative branch feeds
+            them: absent (video-only attention) for the ``diasr`` reference style and every non-Wan family, zero
+            frames for ``phantom`` / ``skyreels_v3`` (``zero_negative_references``).
+        ``subject_dropout`` (0.0): each subject independently loses its reference, as a call without that subject:
+            its reference frames are removed, its phrase is no longer routed and its video tokens become background
+            (null) in the routing targets. Dropping every subject drops every reference.
     By default every base-model weight stays frozen and a LoRA trains. ``train_transformer: true`` trains every
     weight of the video transformer instead (no LoRA; with ``tiny_model`` that is training it from scratch): the
     outputs then hold ``transformer/`` and ``pipeline/`` (a complete Diffusers folder:
@@ -212,6 +228,9 @@ class TrainConfig:
     mode_scale: float = 1.29
     eval_sigmas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     seed: int = 0
+    caption_dropout: float = 0.1
+    reference_dropout: float = 0.1
+    subject_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()

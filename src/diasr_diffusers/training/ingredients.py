@@ -50,7 +50,9 @@ class IngredientsTrainingFamily(CogVideoXTrainingFamily):
 
     name = "ingredients"
     route_needs_align = False  # the routers come with the model: `route` is the only stage
-    config_defaults = {"train_lora": False}  # the released router stage trains the routers alone
+    # The released router stage trains the routers alone. Its sampler's negative branch keeps the faces (only the
+    # prompt changes), so no guidance branch drops references: caption dropout only.
+    config_defaults = {"train_lora": False, "reference_dropout": 0.0, "subject_dropout": 0.0}
 
     def tiny_parameters(self) -> set[str]:
         return set(_TINY_KEYS)
@@ -74,6 +76,12 @@ class IngredientsTrainingFamily(CogVideoXTrainingFamily):
             )
         if config.latent_cache is not None:
             raise ConfigError("`latent_cache` is not supported with model_family ingredients (it stores no faces)")
+        for key in ("reference_dropout", "subject_dropout"):
+            if getattr(config, key):
+                raise ConfigError(
+                    f"`{key}` is not supported with model_family ingredients: its guidance keeps the faces in both "
+                    f"branches (only the prompt is dropped), so there is no face-free branch to train; set it to 0"
+                )
         tcfg = transformer_config(config)
         if config.train_lora:
             from ..models.transformer_ingredients import IngredientsTransformer3DModel
@@ -346,6 +354,17 @@ class IngredientsTrainer(DiasRTrainer):
             raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         return {"x0": x0, "image_latents": image_latents.to(dtype), "prompt_embeds": prompt_embeds.to(dtype),
                 "id_cond": id_cond, "id_vit_hidden": id_vit, "labels": labels}  # fmt: skip
+
+    @torch.no_grad()
+    def empty_prompt(self) -> tuple[torch.Tensor, None]:
+        """The empty prompt as ``IngredientsPipeline`` encodes its default negative prompt (caption dropout)."""
+        if getattr(self, "_empty_prompt", None) is None:
+            embeds, _ = self.pipe.encode_prompt(
+                "", do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length,
+                device=self.accelerator.device,
+            )  # fmt: skip
+            self._empty_prompt = (embeds.to(self.pipe.transformer.dtype), None)
+        return self._empty_prompt
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
         """``(prediction, target, {layer: routing logits}, {}, None)`` at noise level ``sigma`` (v-prediction)."""

@@ -30,7 +30,7 @@ from ..routing import IDRouter, mask_loss, routing_cross_entropy
 from ..utils.io import atomic_dir, atomic_path, atomic_write_text
 from ..utils.output_paths import OutputPathError, check_outputs, claim_outputs
 from . import sharding
-from .config import TrainConfig
+from .config import DROPOUT_KEYS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,23 @@ class _Trainable(nn.Module):
     from inside the transformer's attention processors (through the routing state); its recorded logits and anchors
     are returned with the prediction so that DDP sees every path from the router's parameters to the loss."""
 
-    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None):
+    def __init__(self, transformer: nn.Module, router: IDRouter, state: Any, transformer_2: nn.Module | None = None,
+                 router_trains: bool = True):  # fmt: skip
         super().__init__()
         self.transformer = transformer
         self.transformer_2 = transformer_2  # Wan2.2 A14B's low-noise expert (None for one transformer)
         self.router = router
         self.state = state
+        self.router_trains = router_trains
 
     def forward(self, low_noise: bool = False, **inputs: Any):
         model = self.transformer_2 if low_noise else self.transformer
         pred = model(**inputs, return_dict=False)[0]
+        if self.router_trains and not self.state.logits and torch.is_grad_enabled():
+            # The router did not run (references dropped). FSDP reduce-scatters only the parameters that have a
+            # gradient: a rank whose router ran and one whose did not would disagree. A zero term gives every
+            # router parameter a zero gradient on every rank (and the prediction is unchanged).
+            pred = pred + 0.0 * sum(p.sum() for p in self.router.parameters())
         return pred, dict(self.state.logits), dict(self.state.anchors), dict(self.state.buckets)
 
 
@@ -70,7 +77,7 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + index * 101 + 12_345) % (2**63 - 1)
 
 
-def _optimizer_state_to_safetensors(sd: dict[str, Any], path: Path) -> None:
+def optimizer_state_to_safetensors(sd: dict[str, Any], path: Path) -> None:
     """Optimizer state (``optimizer.state_dict()``'s layout) as safetensors (tensors) + JSON (scalars, param
     groups): no pickle."""
     tensors, scalars = {}, {}
@@ -84,7 +91,7 @@ def _optimizer_state_to_safetensors(sd: dict[str, Any], path: Path) -> None:
     (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
-def _optimizer_state_from_safetensors(path: Path) -> dict[str, Any]:
+def optimizer_state_from_safetensors(path: Path) -> dict[str, Any]:
     meta = json.loads((path / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, v in load_file(str(path / "optimizer.safetensors")).items():
@@ -262,7 +269,9 @@ class DiasRTrainer:
 
         device = self.accelerator.device
         self.pipe.to(device)
-        trainable = _Trainable(transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None))
+        trainable = _Trainable(
+            transformer, router, self.pipe.routing_state, getattr(self.pipe, "transformer_2", None), cfg.stage != "dense"
+        )
         if self._sharded:  # before the optimizer is built: sharding replaces the parameters
             sharding.shard(trainable, self.accelerator, experts)
         transformer_params = [p for e in experts for p in e.parameters() if p.requires_grad]  # LoRA, or every weight
@@ -427,6 +436,7 @@ class DiasRTrainer:
         saved, ours = state.get("config"), self._config_record()
         if not isinstance(saved, dict):
             raise ValueError(f"checkpoint {folder} does not record its config; it cannot be checked against this one")
+        saved = {**dict.fromkeys(DROPOUT_KEYS, 0.0), **saved}  # a checkpoint that predates condition dropout had none
         # The data stream is defined by the global batch: another world size may resume with the per-process
         # `batch_size` that keeps it (a checkpoint without `global_batch` predates this and keeps `batch_size`).
         flexible = (*RESUMABLE_CHANGES, "batch_size") if "global_batch" in state else RESUMABLE_CHANGES
@@ -532,7 +542,7 @@ class DiasRTrainer:
     def _write_checkpoint(self, final: Path, step: int, optimizer_state: dict[str, Any]) -> None:
         with atomic_dir(final) as tmp:
             self._save_weights(tmp)
-            _optimizer_state_to_safetensors(optimizer_state, tmp)
+            optimizer_state_to_safetensors(optimizer_state, tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             state = {"step": step, "stage": self.config.stage, "seed": self.config.seed,
                      "lr_scheduler": self.lr_scheduler.state_dict(), "config": self._config_record(), "files": files,
@@ -581,7 +591,7 @@ class DiasRTrainer:
         wrapping). The optimizer state is whole in the file, whatever the world size that wrote it."""
         state = json.loads((folder / STATE_NAME).read_text())
         optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        saved = _optimizer_state_from_safetensors(folder)
+        saved = optimizer_state_from_safetensors(folder)
         if self._sharded:
             sharding.load_optimizer_state(self.model, optimizer, saved)
         else:
@@ -651,26 +661,122 @@ class DiasRTrainer:
         refs = ref_latents[:, :, 0].transpose(0, 1)[None].to(dtype)  # (1, C, N, h, w)
         prompt_embeds, prompt_mask = pipe.encode_training_prompt(item["caption"], self.config.max_sequence_length, device)
         prompt_embeds = prompt_embeds.to(dtype)
+        labels = item["token_labels"].reshape(1, -1).to(device)
+        coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
+        if labels.shape[1] != math.prod(pipe.video_token_grid(x0)):
+            raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
+        routing = self._routing_inputs(item["caption"], list(item["phrases"]), prompt_embeds, prompt_mask, x0, labels)
+        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "routing": routing,
+                "labels": labels, "coverage": coverage, "caption": item["caption"], "phrases": list(item["phrases"])}  # fmt: skip
+
+    def _routing_inputs(self, caption: str, phrases: list[str], prompt_embeds: torch.Tensor, prompt_mask: Any,
+                        x0: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+        """The routing state's inputs for one sample whose subjects are ``phrases`` (one reference frame each), as
+        the pipeline's conditional branch builds them, then set for this stage."""
+        pipe = self.pipe
         routing = pipe.prepare_routing(
-            images_per_subject=[1] * len(item["phrases"]), phrases=item["phrases"], prompts=[item["caption"]],
+            images_per_subject=[1] * len(phrases), phrases=phrases, prompts=[caption],
             prompt_embeds=prompt_embeds, latents=x0, num_frames=self.config.num_frames,
             max_sequence_length=self.config.max_sequence_length, routing="router", route_text=self.config.route_text,
         )  # fmt: skip
         # LTX: padded tokens are masked; HunyuanVideo-1.5: segments mapped into the transformer's text order.
         if prompt_mask is not None and routing["text_segments"] is not None:
             routing["text_segments"] = pipe.drop_padding_tokens(routing["text_segments"], prompt_mask)
-        labels = item["token_labels"].reshape(1, -1).to(device)
-        coverage = item["token_masks"].flatten(1)[None].to(device)  # (1, N, Lv)
-        if labels.shape[1] != math.prod(pipe.video_token_grid(x0)):
-            raise ValueError(f"token labels ({labels.shape[1]}) do not match the latent grid of {tuple(x0.shape)}")
         if self.config.stage == "align":  # attention routed by the ground truth; router scored alongside
             routing.update(mode="masks", mask_buckets=labels, router=self.router)
         elif self.config.stage == "dense":  # Phantom-style: every video token sees every reference
             routing.update(mode="dense", router=None)
         else:
             routing.update(router=self.router, router_gradient="straight_through")
-        return {"x0": x0, "refs": refs, "prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "routing": routing,
-                "labels": labels, "coverage": coverage}  # fmt: skip
+        return routing
+
+    # -- condition dropout ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def empty_prompt(self) -> tuple[torch.Tensor, Any]:
+        """``(embeddings, mask or None)`` of the empty prompt, as the pipeline encodes its default negative prompt
+        (computed once)."""
+        if getattr(self, "_empty_prompt", None) is None:
+            embeds, mask = self.pipe.encode_training_prompt("", self.config.max_sequence_length, self.accelerator.device)
+            self._empty_prompt = (embeds.to(self.pipe.transformer.dtype), mask)
+        return self._empty_prompt
+
+    def _zero_negative_references(self) -> bool:
+        """Whether the pipeline's negative branch keeps the reference frames as zeros (Phantom, SkyReels) rather
+        than dropping them (``diasr`` style, and every family without reference styles)."""
+        style = getattr(self.pipe, "reference_style", None)
+        return bool(getattr(style, "zero_negative_references", False))
+
+    def drop_conditions(
+        self, enc: dict[str, Any], caption: bool = False, references: bool = False, subjects: tuple[int, ...] = ()
+    ) -> dict[str, Any]:
+        """A copy of the encoded sample ``enc`` (:meth:`_encode`) with conditions dropped as the pipeline's guidance
+        branches feed them, so the transformer sees exactly that branch's inputs:
+
+        - ``caption``: the empty prompt (:meth:`empty_prompt`); text is not routed and the router gets no phrase
+          features (the three-way reference-only branch, with ``negative_prompt=""``).
+        - ``references``: every reference dropped as the negative branch drops them: absent, with the routing state
+          inactive (video-only attention; :meth:`_zero_negative_references` false), or zero frames routed as the
+          sample's ground-truth layout (``mode="masks"``, no router; ``dense`` stays dense). With ``caption`` too
+          this is the negative branch itself; without it, a call without subjects (or Phantom's zero frames with
+          the prompt).
+        - ``subjects``: indices of subjects whose reference is removed, as a call without them: their phrases are
+          not routed, their video tokens become background (``-1``) in ``labels`` and their rows leave ``coverage``.
+          Dropping every subject drops every reference.
+
+        Routing losses are skipped on a sample whose router does not run (references dropped). ``enc`` itself
+        (possibly cached by ``cache_latents``) is never modified.
+        """
+        n = enc["coverage"].shape[1] if "coverage" in enc else 0
+        bad = [k for k in subjects if not (isinstance(k, int) and 0 <= k < n)]
+        if bad:
+            raise ValueError(f"`subjects` must be indices of the sample's {n} subjects, got {list(subjects)!r}")
+        keep = [k for k in range(n) if k not in set(subjects)]
+        references = references or (n > 0 and not keep)
+        if not (caption or references or subjects):
+            return enc
+        out = dict(enc)
+        if caption:
+            out["prompt_embeds"], out["prompt_mask"] = self.empty_prompt()
+        if "routing" not in enc:  # a family without DiasR routing (Ingredients): only the prompt changes
+            return out
+        if references:
+            if not self._zero_negative_references():
+                out["refs"] = enc["refs"][:, :, :0]
+                out["routing"] = None
+                return out
+            out["refs"] = torch.zeros_like(enc["refs"])
+            routing = dict(enc["routing"])
+            if routing["mode"] != "dense":
+                routing.update(mode="masks", mask_buckets=enc["labels"], router=None, router_gradient="none")
+        elif subjects:
+            # Labels of the kept subjects, renumbered in order; a dropped subject's tokens become background.
+            remap = torch.full((n + 1,), -1, dtype=enc["labels"].dtype, device=enc["labels"].device)
+            remap[torch.tensor(keep, device=remap.device)] = torch.arange(len(keep), dtype=remap.dtype, device=remap.device)
+            out["labels"] = remap[enc["labels"]]  # index -1 reads the last entry: background stays -1
+            out["coverage"] = enc["coverage"][:, keep]
+            out["refs"] = enc["refs"][:, :, keep]
+            out["phrases"] = [enc["phrases"][k] for k in keep]
+            routing = self._routing_inputs(
+                enc["caption"], out["phrases"], enc["prompt_embeds"], enc["prompt_mask"], enc["x0"], out["labels"]
+            )
+        else:
+            routing = dict(enc["routing"])
+        if caption:
+            routing.update(text_segments=None, phrase_features=None, phrase_masks=None)
+        out["routing"] = routing
+        return out
+
+    def _dropout(self, enc: dict[str, Any], step: int, index: int) -> dict[str, Any]:
+        """:meth:`drop_conditions` drawn for sample ``index`` of ``step``: one draw for the caption, one for all
+        references, one per subject, from a generator of ``(seed, step, index)`` (a resumed run draws the same)."""
+        cfg = self.config
+        n = len(enc.get("phrases", ()))
+        draws = torch.rand(2 + n, generator=torch.Generator().manual_seed(_sample_seed(cfg.seed, step, index) + 2))
+        dropped = tuple(k for k in range(n) if draws[2 + k] < cfg.subject_dropout)
+        return self.drop_conditions(
+            enc, bool(draws[0] < cfg.caption_dropout), bool(draws[1] < cfg.reference_dropout), dropped
+        )
 
     def _forward(self, enc: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor, model: nn.Module):
         """``(prediction, target, router logits, anchors, buckets)`` of the transformer on ``enc`` noised to
@@ -684,7 +790,12 @@ class DiasRTrainer:
         # clean (timestep 0) where the model takes per-token ones.
         low_noise = self.pipe.expert_for(t)[1]
         inputs = self.pipe.denoiser_inputs(noisy.to(dtype), enc["refs"], t, enc["prompt_embeds"], enc["prompt_mask"])
-        with state.activate(**enc["routing"], record=True), self.accelerator.autocast():
+        if enc["routing"] is None:  # no references: the stock attention of the pipeline's negative branch
+            state.clear_outputs()
+            routed = contextlib.nullcontext()
+        else:
+            routed = state.activate(**enc["routing"], record=True)
+        with routed, self.accelerator.autocast():
             pred, logits, anchors, buckets = model(low_noise, **inputs)
         pred = self.pipe.video_prediction(pred, x0.shape).float()
         return pred, target.float(), logits, anchors, buckets
@@ -695,7 +806,7 @@ class DiasRTrainer:
         labels, coverage = enc["labels"], enc["coverage"]
         n = coverage.shape[1]
         layer_logits = list(logits.values())
-        if cfg.stage == "dense":
+        if cfg.stage == "dense" or not layer_logits:  # dense, or references dropped: the router did not run
             losses["loss"] = cfg.lambda_diffusion * losses["diffusion"]
             return losses
         if cfg.stage == "route":
@@ -738,7 +849,7 @@ class DiasRTrainer:
         bar = tqdm(range(self.start_step, cfg.max_steps), initial=self.start_step, total=cfg.max_steps, disable=not acc.is_main_process, desc=f"diasr train ({cfg.stage})")  # fmt: skip
         for step in bar:
             sums: dict[str, float] = {}
-            count = 0
+            counts: dict[str, int] = {}
             for micro in range(cfg.gradient_accumulation_steps):
                 with acc.accumulate(self.model):
                     micro_step = step * cfg.gradient_accumulation_steps + micro
@@ -746,6 +857,7 @@ class DiasRTrainer:
                     for global_i, enc in self._local_samples(micro_step):
                         if enc is None:
                             continue
+                        enc = self._dropout(enc, micro_step, global_i)
                         gen = torch.Generator().manual_seed(_sample_seed(cfg.seed, micro_step, global_i) + 1)
                         sigma = compute_density_for_timestep_sampling(
                             cfg.weighting_scheme, 1, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, generator=gen
@@ -755,9 +867,9 @@ class DiasRTrainer:
                         losses = self._losses(enc, pred, target, logits, anchors)
                         part = losses["loss"] / cfg.batch_size
                         total = part if total is None else total + part
-                        for k, v in losses.items():
+                        for k, v in losses.items():  # a sample without routing losses (dropout) is not counted in them
                             sums[k] = sums.get(k, 0.0) + float(v.detach())
-                        count += 1
+                            counts[k] = counts.get(k, 0) + 1
                     if total is not None:
                         acc.backward(total)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -769,10 +881,11 @@ class DiasRTrainer:
             if acc.num_processes > 1:  # the logged losses are the global batch's, as one process would log them
                 from accelerate.utils import gather_object
 
-                shares = gather_object([(sums, count)])
-                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in dict.fromkeys(k for s, _ in shares for k in s)}
-                count = sum(c for _, c in shares)
-            record = {"step": done, **{k: v / max(count, 1) for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
+                shares = gather_object([(sums, counts)])
+                keys = dict.fromkeys(k for s, _ in shares for k in s)
+                sums = {k: sum(s.get(k, 0.0) for s, _ in shares) for k in keys}
+                counts = {k: sum(c.get(k, 0) for _, c in shares) for k in keys}
+            record = {"step": done, **{k: v / counts[k] for k, v in sums.items()}, "lr": self.lr_scheduler.get_last_lr()[0]}
             if acc.is_main_process and done % cfg.log_every == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
