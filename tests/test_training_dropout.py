@@ -16,6 +16,7 @@ from PIL import Image
 
 from diasr_diffusers.cli import main
 from diasr_diffusers.data import make_synthetic
+from diasr_diffusers.routing import masks_to_token_grid, routing_labels_from_coverage
 from diasr_diffusers.training import ConfigError, DiasRTrainer, TrainConfig
 
 ROUTER = {"routed_layers": "all", "router_dim": 16, "num_identity_queries": 2, "num_heads": 2}
@@ -341,6 +342,14 @@ def test_phantom_style_drops_references_as_zero_frames(data_dirs, tmp_path):
     trainer, item, images, enc, noise = _trainer_and_sample("wan", data_dirs, tmp_path, stage="align")
     pipe = trainer.pipe
     pipe.set_reference_style("phantom", scheduler=False)  # its zero-frame negative branch; the toy's scheduler
+    # A layout in which each subject owns tokens (the tiny clips' sprites cover under half of every token, which the
+    # pipeline refuses as a layout): left half subject 0, right half subject 1, labelled by the dataset's rule.
+    masks = torch.zeros(2, frames, size, size, dtype=torch.bool)
+    masks[0, ..., : size // 2] = True
+    masks[1, ..., size // 2 :] = True
+    coverage = masks_to_token_grid(masks[None].float(), transformer=pipe.transformer, vae=pipe.vae)
+    enc["labels"], enc["coverage"] = routing_labels_from_coverage(coverage), coverage.flatten(2)
+    item = {**item, "masks": masks}
     sigma = torch.tensor(0.6)
     noisy = trainer.config.family.noisy_input(pipe, enc["x0"], noise, sigma)[0]
     calls = _pipeline_calls(pipe, prompt=item["caption"], subject_images=images, subject_phrases=item["phrases"],

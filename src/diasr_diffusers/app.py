@@ -475,6 +475,7 @@ class DiasRApp:
                     routing=request.routing,
                     max_sequence_length=self.settings.max_sequence_length,
                     generator=torch.Generator(device="cpu").manual_seed(request.seed),
+                    output_type="np",  # LTX and CogVideoX default to PIL, as their stock pipelines
                     return_routing_maps=bool(request.phrases) and request.routing != "dense",
                     callback_on_step_end=on_step,
                 )

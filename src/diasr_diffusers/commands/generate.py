@@ -573,6 +573,7 @@ def _generate(args: argparse.Namespace) -> int:
         # Left out when not given: each family's pipeline has its own default (LTX's is not Wan's).
         **{k: v for k, v in (("guidance_scale", args.guidance_scale), ("max_sequence_length", args.max_sequence_length)) if v is not None},  # fmt: skip
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        output_type="np",  # the writers take float frames; LTX and CogVideoX default to PIL as their stock pipelines
         return_routing_maps=inputs.maps_out is not None,
     )
     temporal = pipe.vae_scale_factor_temporal

@@ -17,7 +17,7 @@ from diffusers.schedulers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.utils import logging
 from transformers import T5EncoderModel, T5Tokenizer
 
-from ..processors import CogVideoXSubjectSparseAttnProcessor, SubjectRoutingState
+from ..processors import SubjectRoutingState
 from ..routing import IDRouter
 from ..routing.phrases import clean_prompt
 from ..utils.images import letterbox
@@ -68,7 +68,6 @@ class DiasRCogVideoXPipeline(SubjectPipelineMixin, CogVideoXPipeline):
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["id_router"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    _processor_class = CogVideoXSubjectSparseAttnProcessor
     _transformer_class = CogVideoXTransformer3DModel
     _batch_guidance = True  # CogVideoXPipeline runs [negative | positive] as one batch
     _reference_frame_dim = 1

@@ -22,7 +22,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging
 from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5EncoderModel
 
-from ..processors import HunyuanVideo15SubjectSparseAttnProcessor, SubjectRoutingState, TextSegments
+from ..processors import SubjectRoutingState, TextSegments
 from ..routing import IDRouter
 from ..routing.phrases import check_phrases, clean_prompt, phrase_owners_from_offsets, phrase_spans
 from ..utils.images import letterbox
@@ -98,9 +98,7 @@ class DiasRHunyuanVideo15Pipeline(SubjectPipelineMixin, HunyuanVideo15Pipeline, 
     _optional_components = ["id_router"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _guidance_scale = 1.0
-    _processor_class = HunyuanVideo15SubjectSparseAttnProcessor
     _transformer_class = HunyuanVideo15Transformer3DModel
-    _processor_prefix = "transformer_blocks."  # the token refiner's attention keeps its stock processors
 
     def __init__(
         self,

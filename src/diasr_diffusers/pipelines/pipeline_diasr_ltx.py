@@ -17,7 +17,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from ..processors import LTXSubjectSparseAttnProcessor, SubjectRoutingState, TextSegments
+from ..processors import SubjectRoutingState, TextSegments
 from ..routing import IDRouter
 from ..utils.images import letterbox
 from .subjects import DenoiseCall, DiasRPipelineOutput, SubjectPipelineMixin, _check_real
@@ -52,7 +52,6 @@ class DiasRLTXPipeline(SubjectPipelineMixin, LTXPipeline):
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["id_router"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    _processor_class = LTXSubjectSparseAttnProcessor
     _transformer_class = LTXVideoTransformer3DModel
     _batch_guidance = True  # LTXPipeline runs [negative | positive] as one batch
 

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..processors import SubjectRoutingState, SubjectSparseAttnProcessor
+from ..processors import SubjectRoutingState
 from ..routing import IDRouter
 from ..utils.images import letterbox
 from ..utils.latents import encode_latents
@@ -122,7 +122,6 @@ class DiasRPipeline(SubjectPipelineMixin, WanPipeline):
     _exclude_from_cpu_offload = ["id_router"]
     _optional_components = ["transformer", "id_router", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    _processor_class = SubjectSparseAttnProcessor
     _transformer_class = WanTransformer3DModel
     _transformer_folders = ("transformer", "transformer_2")
 

@@ -37,8 +37,9 @@ from diffusers.utils import BaseOutput, logging
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 
+from ..families import family_for_pipeline
 from ..processors import ROUTING_MODES, RoutedAttnProcessorBase, SubjectRoutingState, TextSegments
-from ..processors.core import install_subject_processors
+from ..processors.core import set_subject_sparse_attn_processor
 from ..processors.parallel import check_context_parallel_inputs
 from ..routing import (
     IDRouter,
@@ -216,12 +217,19 @@ class SubjectPipelineMixin:
     ``self.tokenizer``, ``self.vae``, ``self.scheduler``, ``self.id_router``, ``self.routing_state`` and
     ``self.vae_scale_factor_spatial`` / ``vae_scale_factor_temporal``."""
 
-    _processor_class: type[RoutedAttnProcessorBase]
     _transformer_class: type
     # The folders of a saved pipeline holding a `_transformer_class` (checked against their weights on loading).
     _transformer_folders: tuple[str, ...] = ("transformer",)
-    # Module-name prefix of the attention modules to route (``install_subject_processors(only=...)``); ``None``: all.
-    _processor_prefix: str | None = None
+
+    @property
+    def _processor_class(self) -> type[RoutedAttnProcessorBase]:
+        """This family's attention-processor adapter, read from its :data:`~diasr_diffusers.families.FAMILIES` entry."""
+        return family_for_pipeline(type(self)).processor_class()
+
+    @property
+    def _processor_prefix(self) -> str | None:
+        """Module-name prefix of the attention modules to route (the family's entry); ``None``: all."""
+        return family_for_pipeline(type(self)).processor_prefix
 
     @property
     def max_subjects(self) -> int | None:
@@ -261,11 +269,14 @@ class SubjectPipelineMixin:
         return self.transformer, False
 
     def _install_processors(self) -> None:
-        prefix = self._processor_prefix
+        # The one installer (it picks the adapter and prefix from the family registry, and refuses a transformer of
+        # another family); skipped where this state's processors are already in place.
+        spec = family_for_pipeline(type(self))
+        processor_class, prefix = spec.processor_class(), spec.processor_prefix
         for expert in self.experts:
             procs = [p for name, p in expert.attn_processors.items() if prefix is None or name.startswith(prefix)]
-            if not all(isinstance(p, self._processor_class) and p.state is self.routing_state for p in procs):
-                install_subject_processors(expert, self.routing_state, self._processor_class, only=prefix)
+            if not all(isinstance(p, processor_class) and p.state is self.routing_state for p in procs):
+                set_subject_sparse_attn_processor(expert, self.routing_state, family=spec.name)
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
         """Diffusers' switch behind ``enable_xformers_memory_efficient_attention()`` (its checks, and every other

@@ -155,9 +155,12 @@ def check_source(value: Any, what: str, expect: str = "folder", needs: str = "",
 
 
 def normalize_dtype(value: Any, what: str = "dtype") -> Any:
-    """``"bfloat16"`` / ``"torch.bfloat16"`` -> ``torch.bfloat16``; a ``torch.dtype`` or ``None`` as is."""
+    """``"bfloat16"`` / ``"torch.bfloat16"`` -> ``torch.bfloat16``; a ``torch.dtype`` or ``None`` as is; a Diffusers
+    per-component dict (``{"transformer": torch.bfloat16, "default": torch.float32}``) value by value."""
     if value is None or isinstance(value, torch.dtype):
         return value
+    if isinstance(value, dict):
+        return {name: normalize_dtype(dtype, f"{what}[{name!r}]") for name, dtype in value.items()}
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
     raise TypeError(f"`{what}` must be a torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
