@@ -38,12 +38,20 @@ parser.add_argument("--data", required=True, help="a make-synthetic folder (64x6
 parser.add_argument("--out", required=True, help="output folder (written atomically); checkpoints go to <out>.ckpt")
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--base-dim", type=int, default=12)
+parser.add_argument("--z-dim", type=int, default=16, help="latent channels")
+parser.add_argument(
+    "--temporal-compression", type=int, default=2, choices=(1, 2), help="1: every latent frame codes one frame"
+)
 parser.add_argument("--spatial-compression", type=int, default=4, choices=(2, 4))
 parser.add_argument("--clips", type=int, default=200)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--crop", type=int, default=64, help="train on random crops of this size (the VAE is convolutional)")
-parser.add_argument("--crop-frames", type=int, default=9, help="train on the first N frames of each clip (1 + 4k, >= 9)")
+parser.add_argument(
+    "--crop", type=int, default=64, help="train on random crops of this size (the VAE is convolutional)"
+)
+parser.add_argument(
+    "--crop-frames", type=int, default=9, help="train on the first N frames of each clip (1 + 4k, >= 9)"
+)
 parser.add_argument("--preview-weight", type=float, default=1.0, help="weight of the linear colour-preview loss")
 parser.add_argument("--checkpointing-steps", type=int, default=0, help="save <out>.ckpt every N steps (0: never)")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (same arguments)")
@@ -78,14 +86,17 @@ else:
         tmp_file.replace(data_file)
 # 2x spatial: one downsampling stage (64 -> 32, temporal there); 4x: two (the shipped toy VAE).
 dim_mult, temporal = ([1, 2], [True]) if sc == 2 else ([1, 2, 2], [False, True])
+if args.temporal_compression == 1:
+    temporal = [False] * len(temporal)
 vae = AutoencoderKLWan(
-    base_dim=args.base_dim, z_dim=16, dim_mult=dim_mult, num_res_blocks=1, temperal_downsample=temporal,
-    scale_factor_spatial=sc, scale_factor_temporal=2,
+    base_dim=args.base_dim, z_dim=args.z_dim,
+    latents_mean=[0.0] * args.z_dim, latents_std=[1.0] * args.z_dim, dim_mult=dim_mult, num_res_blocks=1, temperal_downsample=temporal,
+    scale_factor_spatial=sc, scale_factor_temporal=args.temporal_compression,
 )  # fmt: skip
 # Real video VAEs keep each latent's local colour linearly readable (the "latent RGB factors" of preview tools): a
 # 1x1 map from latents to the average colour of their pixels is a good preview. A random-init VAE trained only for
 # reconstruction need not, and then a router must learn colour through a nonlinear code. This head asks for it.
-preview = torch.nn.Conv3d(16, 3, 1)
+preview = torch.nn.Conv3d(args.z_dim, 3, 1)
 params = [*vae.parameters(), *preview.parameters()]
 opt = torch.optim.AdamW(params, lr=args.lr)
 start = 0
@@ -103,7 +114,9 @@ def lr_factor(step: int) -> float:
 
 def pooled_colour(x: torch.Tensor) -> torch.Tensor:
     """Pixels averaged onto the latent grid (frame 0 alone, then pairs of frames): mask coverage's rule."""
-    return pixels_to_token_grid(x, temporal_compression=2, spatial_compression=sc, patch_size=(1, 1, 1))
+    return pixels_to_token_grid(
+        x, temporal_compression=args.temporal_compression, spatial_compression=sc, patch_size=(1, 1, 1)
+    )
 
 
 def save_checkpoint(step: int) -> None:
@@ -120,7 +133,11 @@ for step in range(start, end):
     for group in opt.param_groups:
         group["lr"] = args.lr * lr_factor(step)
     # Alternate clips and single reference frames so both paths of the causal encoder learn; flips add variety.
-    x = clips[torch.randint(len(clips), (2,), generator=gen)] if step % 2 == 0 else refs[torch.randint(len(refs), (8,), generator=gen)]
+    x = (
+        clips[torch.randint(len(clips), (2,), generator=gen)]
+        if step % 2 == 0
+        else refs[torch.randint(len(refs), (8,), generator=gen)]
+    )
     if torch.rand((), generator=gen) < 0.5:
         x = x.flip(-1)
     # Spatial crops make a step several times cheaper on this shared CPU; the VAE is convolutional, so it applies at

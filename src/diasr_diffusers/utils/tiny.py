@@ -112,7 +112,14 @@ def tiny_wan_components(
     else:
         vae = AutoencoderKLWan.from_pretrained(toy_vae_path(vae)).eval()
     transformer = _tiny_wan_transformer(
-        seed, num_layers, num_attention_heads, attention_head_dim, text_dim, patch_size, ffn_dim, in_channels=16
+        seed,
+        num_layers,
+        num_attention_heads,
+        attention_head_dim,
+        text_dim,
+        patch_size,
+        ffn_dim,
+        in_channels=vae.config.z_dim,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     return {
