@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     med = {name: statistics.median(t) for name, t in times.items()}
     lines = [
-        f"| workload | median step | × T2V | FLOPs × T2V | × FLOPs floor | × dense | routed tokens per subject |",
+        "| workload | median step | × T2V | FLOPs × T2V | × FLOPs floor | × dense | routed tokens per subject |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name in runs:

@@ -34,8 +34,9 @@ def test_tiny_run_writes_one_row_per_workload(bench, tmp_path, capsys):
     assert len(shares) == 2 and all(s in (5, 6) for s in shares)
     cfg = WanConfig(dim=32, heads=2, layers=1, ffn_dim=32)
     common = dict(video_tokens=16, reference_tokens=16, text_tokens=4)
-    want = wan_step_flops(cfg, 2, **common, pattern="dense_joint")["total"] / wan_step_flops(
-        cfg, 0, **common, pattern="video_only"
-    )["total"]
+    want = (
+        wan_step_flops(cfg, 2, **common, pattern="dense_joint")["total"]
+        / wan_step_flops(cfg, 0, **common, pattern="video_only")["total"]
+    )
     assert float(rows["dense (Phantom)"][4]) == pytest.approx(want, abs=1e-3)
     assert "Router's own share" in table and "Command: `PYTHONPATH=src python benchmarks/bench_step.py" in table
