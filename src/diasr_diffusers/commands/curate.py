@@ -32,6 +32,8 @@ def _stages(args: argparse.Namespace):
     if args.models:
         from ..data.curate import hub
 
+        if args.captions and any(spec.startswith("caption=") for spec in args.models):
+            raise ValueError("`captions`: give a captions file or a captioner model (--models caption=ID), not both")
         stages = hub.hub_stages(stages, args.models, device=args.device)
     return stages
 
@@ -50,7 +52,7 @@ def _curate(args: argparse.Namespace) -> int:
         )
         stages = _stages(args)
         if stages.captioner is None:
-            print("error: --captions: give a captions file or a captioner model (--models caption=...)", file=sys.stderr)
+            print("error: --captions: give a captions file or a captioner model (--models caption=ID)", file=sys.stderr)
             return 2
         report = curate(args.videos, args.out, stages=stages, options=options, workers=args.workers,
                         executor=args.executor, progress=not args.quiet)  # fmt: skip
@@ -83,8 +85,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="dataset folder (new, empty, or an earlier curate run to resume)")
     p.add_argument("--captions", help="captions file (JSON/JSONL with caption and subject phrases per video/shot)")
     p.add_argument("--models", action="append", default=[], metavar="STAGE=ID",
-                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding=, segmentation= "
-                        "(repeatable)")  # fmt: skip
+                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding=, "
+                        "segmentation=, caption= (Qwen2.5-VL, instead of --captions) (repeatable)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device for the Hub-model stages")
     p.add_argument("--grounder", choices=("faces", "captions"), default="faces",
                    help="offline boxes: dlib faces for person phrases, or only boxes from the captions file")  # fmt: skip
