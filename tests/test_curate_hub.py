@@ -368,10 +368,10 @@ def test_pipeline_with_the_qwen_vl_captioner(tmp_path, tiny_qwen_vl, tiny_ground
 
 
 def test_cli_caption_model(tmp_path, tiny_qwen_vl, capsys):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     from diasr_diffusers.cli import main
     from diasr_diffusers.data._io import write_video
-
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     # A copy whose answer ends at once (final norm zeroed: every logit 0, token 0 = <|endoftext|> wins, an end
     # token as in the Hub generation config), so the CLI's 512-token default costs one step.
