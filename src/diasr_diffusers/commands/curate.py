@@ -16,6 +16,7 @@ _FLAGS = (
     ("`json_path`", "JSON"),
     ("`videos_root`", "--videos-root"),
     ("`pairs`", "--pairs"),
+    ("`checkpoint`", "CHECKPOINT"),
 )
 
 
@@ -79,6 +80,24 @@ def _import_opens2v(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_laion(args: argparse.Namespace) -> int:
+    from ..data.curate.convert import convert_laion_aesthetic, convert_laion_watermark
+
+    try:
+        if args.model == "watermark":
+            out = convert_laion_watermark(args.checkpoint, args.out, width_coefficient=args.width_coefficient,
+                                          depth_coefficient=args.depth_coefficient)  # fmt: skip
+            use = f"--models watermark={out}"
+        else:
+            out = convert_laion_aesthetic(args.checkpoint, args.out)
+            use = f"--models aesthetic={out}"
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {in_cli_words(err, _FLAGS)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; use it with: diasr curate ... {use}")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("curate", help="raw videos -> MuSA manifest (shots, filters, captions, subjects, masks)")
     p.add_argument("videos", nargs="+", help="video files or folders (searched recursively)")
@@ -115,3 +134,14 @@ def register(subparsers) -> None:
     p.add_argument("--min-subject-aesthetic", type=float, default=4.5)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_import_opens2v)
+
+    p = subparsers.add_parser("convert-laion", help="LAION watermark/aesthetic pickles -> the safetensors the curate "
+                                                    "stages load (read once with torch.load(weights_only=True))")  # fmt: skip
+    p.add_argument("model", choices=("watermark", "aesthetic"),
+                   help="watermark: watermark_model_v1.pt (timm efficientnet_b3a + MLP head) -> a folder; "
+                        "aesthetic: the CLIP-L/14 aesthetic MLP .pth -> one .safetensors file")  # fmt: skip
+    p.add_argument("checkpoint", help="the published .pt/.pth file")
+    p.add_argument("--out", required=True, help="new folder (watermark) or new .safetensors file (aesthetic)")
+    p.add_argument("--width-coefficient", type=float, default=1.2, help="EfficientNet width (B3: 1.2)")
+    p.add_argument("--depth-coefficient", type=float, default=1.4, help="EfficientNet depth (B3: 1.4)")
+    p.set_defaults(func=_convert_laion)

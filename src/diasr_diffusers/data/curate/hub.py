@@ -5,6 +5,9 @@ the same code on a laptop and a GPU node. Each fills the same slot as an offline
   image embeddings, L2-normalised, into the 768-1024-128-64-16-1 MLP (video-dataset-scripts
   ``modules/aesthetic_laion.py``; weights ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth``, which must be
   converted once to safetensors: this project never unpickles, see ``docs/data.md``).
+- :class:`LaionWatermark`: the LAION watermark classifier (timm EfficientNet-B3 + MLP head, OpenS2V/video-dataset-
+  scripts' watermark filter) as a transformers ``EfficientNetModel`` + head, from the folder
+  :func:`~.convert.convert_laion_watermark` writes.
 - :class:`ImageClassifierWatermark`: any ``AutoModelForImageClassification`` checkpoint with a watermark label.
 - :class:`GroundingDinoGrounder`: ``GroundingDinoForObjectDetection`` (``IDEA-Research/grounding-dino-tiny`` or
   ``-base``), OpenS2V's box/text thresholds 0.25/0.25 and its ``"tag1. tag2."`` prompt.
@@ -118,6 +121,71 @@ class ImageClassifierWatermark:
         inputs = processor(images=list(images), return_tensors="pt").to(_device(self.device))
         with torch.no_grad():
             probs = model(**inputs).logits.float().softmax(-1)[:, index]
+        return [float(p) for p in probs.cpu()]
+
+
+def laion_watermark_head(in_features: int = 1536, hidden: tuple[int, int] = (625, 256)):
+    """LAION's watermark head (keys ``{0,3,5}.{weight,bias}``, as in ``classifier.*`` of ``watermark_model_v1.pt``)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(in_features, hidden[0]), nn.ReLU(), nn.Dropout(p=0.3), nn.Linear(hidden[0], hidden[1]),
+                         nn.ReLU(), nn.Linear(hidden[1], 2))  # fmt: skip
+
+
+@dataclass
+class LaionWatermark:
+    """``score(images) -> [p(watermark)]`` with LAION's watermark classifier (LAION-5B-WatermarkDetection).
+
+    LAION's model is timm's ``efficientnet_b3a`` with an MLP head, published as a pickle; convert it once with
+    ``diasr convert-laion watermark watermark_model_v1.pt --out FOLDER`` (:func:`~.convert.convert_laion_watermark`)
+    and give that folder. The body runs as transformers' ``EfficientNetModel`` (its config reproduces timm's
+    padding and BatchNorm eps), the features are global-average pooled as timm does, and the head's softmax gives
+    p(watermark) = class 0, LAION's order. Preprocessing is LAION's: resize to 256 x 256 (bilinear, PIL), ImageNet
+    mean/std. video-dataset-scripts keeps a clip when the mean p(watermark) < 0.5.
+    """
+
+    model: str = ""
+    device: str = "cpu"
+    name: str = "laion-watermark"
+    _parts: Any = field(default=None, repr=False)
+
+    def _load(self):
+        if self._parts is None:
+            from safetensors.torch import load_file
+            from torch import nn
+            from transformers import AutoImageProcessor, EfficientNetModel
+
+            from .convert import LAION_WATERMARK_HEAD
+
+            head_file = Path(self.model) / LAION_WATERMARK_HEAD
+            if not head_file.is_file():
+                raise ValueError(f"`model`: {self.model} has no {LAION_WATERMARK_HEAD}; convert LAION's "
+                                 "watermark_model_v1.pt first (diasr convert-laion watermark)")  # fmt: skip
+            body = EfficientNetModel.from_pretrained(self.model)
+            # timm pads its stride-2 stem on all sides (PyTorch style); transformers' stem pads right and bottom
+            # only (TensorFlow style), which would shift every feature by a pixel.
+            body.embeddings.padding = nn.ZeroPad2d((1, 1, 1, 1))
+            weights = load_file(head_file)
+            head = laion_watermark_head(weights["0.weight"].shape[1], (weights["0.weight"].shape[0], weights["3.weight"].shape[0]))
+            head.load_state_dict(weights)
+            processor = AutoImageProcessor.from_pretrained(self.model, backend="pil")
+            device = _device(self.device)
+            self._parts = (body.to(device).eval(), head.to(device).eval(), processor)
+        return self._parts
+
+    def logits(self, pixel_values):
+        """The classifier's logits ``(N, 2)`` for preprocessed ``pixel_values`` ``(N, 3, H, W)``."""
+        body, head, _ = self._load()
+        features = body(pixel_values=pixel_values).last_hidden_state.mean(dim=(2, 3))
+        return head(features)
+
+    def score(self, images: list[np.ndarray]) -> list[float]:
+        import torch
+
+        _, _, processor = self._load()
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(_device(self.device))
+        with torch.no_grad():
+            probs = self.logits(pixels).float().softmax(-1)[:, 0]
         return [float(p) for p in probs.cpu()]
 
 
@@ -385,8 +453,8 @@ HUB_STAGE_KEYS = ("aesthetic", "clip", "watermark", "grounding", "segmentation",
 
 def hub_stages(stages: Any, specs: list[str], device: str = "cpu") -> Any:
     """Fill ``stages`` from ``STAGE=ID`` strings (the CLI's ``--models``): ``aesthetic=MLP.safetensors``,
-    ``clip=ID`` (CLIP for the aesthetic MLP), ``watermark=ID``, ``grounding=ID``, ``segmentation=ID``,
-    ``caption=ID`` (Qwen2.5-VL)."""
+    ``clip=ID`` (CLIP for the aesthetic MLP), ``watermark=ID`` (a converted LAION folder, or a transformers image
+    classifier with a ``watermark`` label), ``grounding=ID``, ``segmentation=ID``, ``caption=ID`` (Qwen2.5-VL)."""
     values = {}
     for spec in specs:
         key, sep, value = spec.partition("=")
@@ -397,7 +465,11 @@ def hub_stages(stages: Any, specs: list[str], device: str = "cpu") -> Any:
         stages.aesthetic = ClipAesthetic(clip=values.get("clip", ClipAesthetic.clip), mlp=values["aesthetic"],
                                          device=device)  # fmt: skip
     if "watermark" in values:
-        stages.watermark = ImageClassifierWatermark(model=values["watermark"], device=device)
+        from .convert import LAION_WATERMARK_HEAD
+
+        # A folder written by `diasr convert-laion watermark` is LAION's classifier; anything else a transformers one.
+        laion = (Path(values["watermark"]) / LAION_WATERMARK_HEAD).is_file()
+        stages.watermark = (LaionWatermark if laion else ImageClassifierWatermark)(model=values["watermark"], device=device)
     if "grounding" in values:
         stages.grounder = GroundingDinoGrounder(model=values["grounding"], device=device)
     if "segmentation" in values:
