@@ -23,12 +23,12 @@ import os
 import re
 from pathlib import Path
 
+from .hub import IMAGENET_MEAN, IMAGENET_STD, laion_aesthetic_mlp
+
 #: The file :class:`~.hub.LaionWatermark` reads the head from; its presence marks a converted LAION folder.
 LAION_WATERMARK_HEAD = "laion_watermark_head.safetensors"
 #: LAION's class order (``example_use.py``: ``watermark_prob, clear_prob = softmax(...)``).
 LAION_WATERMARK_LABELS = {0: "watermark", 1: "clear"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # timm's block parts -> transformers' EfficientNet block parts. timm's first stage is a depthwise-separable block
 # (no expansion: conv_dw, bn1, se, conv_pw, bn2); the others are inverted residuals (conv_pw expands, conv_pwl
@@ -174,7 +174,6 @@ def convert_laion_aesthetic(checkpoint: str | os.PathLike, out: str | os.PathLik
     from safetensors.torch import save_file
 
     from ...utils.io import atomic_path
-    from .hub import laion_aesthetic_mlp
 
     out = Path(out)
     if out.exists():
