@@ -31,9 +31,15 @@ def converted(tmp_path_factory) -> Path:
     return convert_laion_watermark(FIXTURES / "watermark_model_tiny.pt", tmp_path_factory.mktemp("wm") / "laion", **TINY)
 
 
-def test_converted_watermark_model_reproduces_timm(converted):
-    reference = load_file(FIXTURES / "reference.safetensors")
+@pytest.fixture(scope="module")
+def stage(converted) -> LaionWatermark:
     stage = LaionWatermark(model=str(converted))
+    stage._load()  # once for the module
+    return stage
+
+
+def test_converted_watermark_model_reproduces_timm(converted, stage):
+    reference = load_file(FIXTURES / "reference.safetensors")
     body, head, _ = stage._load()
     with torch.no_grad():
         features = body(pixel_values=reference["pixel_values"]).last_hidden_state.mean(dim=(2, 3))
@@ -48,13 +54,12 @@ def test_converted_watermark_model_reproduces_timm(converted):
     assert json.loads((converted / "config.json").read_text())["id2label"] == {"0": "watermark", "1": "clear"}
 
 
-def test_laion_watermark_preprocessing_is_laions(converted):
+def test_laion_watermark_preprocessing_is_laions(stage):
     """LAION's transform: Resize((256, 256)) on a PIL image (bilinear), ToTensor, ImageNet mean/std."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (90, 160, 3), dtype=np.uint8), rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)]
-    stage = LaionWatermark(model=str(converted))
     expected = []
     for image in images:
         x = np.asarray(Image.fromarray(image).resize((256, 256), Image.BILINEAR), dtype=np.float32) / 255.0

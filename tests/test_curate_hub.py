@@ -314,6 +314,10 @@ def test_qwen_vl_captioner_runs_the_real_model(tiny_qwen_vl):
                          image_grid_thw=images["image_grid_thw"], max_new_tokens=8, do_sample=False,
                          repetition_penalty=1.05)  # fmt: skip
     assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    for bad, match in [({"frames": 0}, "`frames`"), ({"max_pixels": 10}, "`max_pixels`"), ({"dtype": "int8"}, "`dtype`"),
+                       ({"prompt": "Describe."}, "`prompt`")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            QwenVLCaptioner(model=str(tiny_qwen_vl), **bad)
     # A random model's answer is no JSON: a clear reason, and the raw answer kept for the record.
     ctx = ClipContext("clip.mp4", 0, 0, frames, 8.0)
     with pytest.raises(CaptionError, match="no JSON object") as err:

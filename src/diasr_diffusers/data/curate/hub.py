@@ -389,6 +389,18 @@ class QwenVLCaptioner:
     name: str = "qwen2.5-vl"
     _parts: Any = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        for key in ("frames", "min_pixels", "max_new_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{key}` must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < self.min_pixels:
+            raise ValueError(f"`max_pixels` must be an integer >= min_pixels ({self.min_pixels}), got {self.max_pixels!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"`dtype` must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if "{frames}" not in self.prompt:
+            raise ValueError("`prompt` must contain {frames} (the number of frames shown)")
+
     def _load(self):
         if self._parts is None:
             import torch
