@@ -121,16 +121,21 @@ def test_grounding_dino_boxes_in_frame_pixels(tiny_grounding_dino):
     assert strict.ground(frame, ["a red box"]) == [None]  # nothing clears an impossible threshold
 
 
-def test_pipeline_end_to_end_with_tiny_hub_models(tmp_path, tiny_clip, tiny_grounding_dino):
-    from diasr_diffusers.data._io import write_video
-
-    rng = np.random.default_rng(0)
+def _moving_box_video(seed: int) -> np.ndarray:
+    """16 frames of 64 x 96: a red box with yellow stripes sliding right over a still noise background."""
+    rng = np.random.default_rng(seed)
     video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
     for t in range(16):
         video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
         video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
+    return video
+
+
+def test_pipeline_end_to_end_with_tiny_hub_models(tmp_path, tiny_clip, tiny_grounding_dino):
+    from diasr_diffusers.data._io import write_video
+
     (tmp_path / "src").mkdir()
-    write_video(tmp_path / "src" / "clip.mp4", video, fps=8)
+    write_video(tmp_path / "src" / "clip.mp4", _moving_box_video(0), fps=8)
     (tmp_path / "captions.json").write_text(json.dumps(
         [{"video": "clip.mp4", "caption": "A red box slides past the blue ball.", "subjects": ["a red box"]}]))  # fmt: skip
     clip, mlp = tiny_clip
@@ -195,12 +200,7 @@ def test_cli_loads_hub_stages_from_folders(tmp_path, tiny_clip, tiny_grounding_d
     from diasr_diffusers.cli import main
     from diasr_diffusers.data._io import write_video
 
-    rng = np.random.default_rng(1)
-    video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
-    for t in range(16):
-        video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
-        video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
-    write_video(tmp_path / "clip.mp4", video, fps=8)
+    write_video(tmp_path / "clip.mp4", _moving_box_video(1), fps=8)
     (tmp_path / "captions.json").write_text(json.dumps(
         [{"video": "clip.mp4", "caption": "A red box slides past the blue ball.", "subjects": ["a red box"]}]))  # fmt: skip
     clip, mlp = tiny_clip
@@ -323,15 +323,6 @@ def test_qwen_vl_captioner_runs_the_real_model(tiny_qwen_vl):
     with pytest.raises(CaptionError, match="no JSON object") as err:
         captioner.caption(ctx)
     assert err.value.meta["answer"] == answer and err.value.meta["frames"] == picks
-
-
-def _moving_box_video(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
-    for t in range(16):
-        video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
-        video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
-    return video
 
 
 def test_pipeline_with_the_qwen_vl_captioner(tmp_path, tiny_qwen_vl, tiny_grounding_dino, monkeypatch):
