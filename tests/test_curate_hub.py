@@ -4,6 +4,7 @@ and loaded back with `from_pretrained` (the loading and pre/post-processing a GP
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +121,21 @@ def test_grounding_dino_boxes_in_frame_pixels(tiny_grounding_dino):
     assert strict.ground(frame, ["a red box"]) == [None]  # nothing clears an impossible threshold
 
 
-def test_pipeline_end_to_end_with_tiny_hub_models(tmp_path, tiny_clip, tiny_grounding_dino):
-    from diasr_diffusers.data._io import write_video
-
-    rng = np.random.default_rng(0)
+def _moving_box_video(seed: int) -> np.ndarray:
+    """16 frames of 64 x 96: a red box with yellow stripes sliding right over a still noise background."""
+    rng = np.random.default_rng(seed)
     video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
     for t in range(16):
         video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
         video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
+    return video
+
+
+def test_pipeline_end_to_end_with_tiny_hub_models(tmp_path, tiny_clip, tiny_grounding_dino):
+    from diasr_diffusers.data._io import write_video
+
     (tmp_path / "src").mkdir()
-    write_video(tmp_path / "src" / "clip.mp4", video, fps=8)
+    write_video(tmp_path / "src" / "clip.mp4", _moving_box_video(0), fps=8)
     (tmp_path / "captions.json").write_text(json.dumps(
         [{"video": "clip.mp4", "caption": "A red box slides past the blue ball.", "subjects": ["a red box"]}]))  # fmt: skip
     clip, mlp = tiny_clip
@@ -194,12 +200,7 @@ def test_cli_loads_hub_stages_from_folders(tmp_path, tiny_clip, tiny_grounding_d
     from diasr_diffusers.cli import main
     from diasr_diffusers.data._io import write_video
 
-    rng = np.random.default_rng(1)
-    video = np.repeat(rng.integers(60, 120, (1, 64, 96, 3), dtype=np.uint8), 16, 0)
-    for t in range(16):
-        video[t, 16:48, 10 + 2 * t : 50 + 2 * t] = (220, 40, 40)
-        video[t, 16:48:4, 10 + 2 * t : 50 + 2 * t] = (250, 250, 0)
-    write_video(tmp_path / "clip.mp4", video, fps=8)
+    write_video(tmp_path / "clip.mp4", _moving_box_video(1), fps=8)
     (tmp_path / "captions.json").write_text(json.dumps(
         [{"video": "clip.mp4", "caption": "A red box slides past the blue ball.", "subjects": ["a red box"]}]))  # fmt: skip
     clip, mlp = tiny_clip
@@ -216,3 +217,175 @@ def test_cli_loads_hub_stages_from_folders(tmp_path, tiny_clip, tiny_grounding_d
     assert np.isfinite(clip_result["meta"]["aesthetic"])
     assert main([*args[:-2], "--models", "captioner=x"]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+# Qwen2.5-VL's chat template (its Hub repo's chat_template.json), so the tiny checkpoint builds prompts as the real one.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_vl(tmp_path_factory) -> Path:
+    """A random `Qwen2_5_VLForConditionalGeneration` folder laid out like the Hub repo: config + weights, tokenizer
+    (without a template in its config), `preprocessor_config.json` naming `Qwen2VLImageProcessor`, and the chat
+    template in `chat_template.json` beside them."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from diasr_diffusers.utils.tiny import tiny_qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen_vl") / "model"
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                                "<|video_pad|>"]})  # fmt: skip
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(root)
+    (root / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
+    Qwen2VLImageProcessorPil().save_pretrained(root)
+    config = json.loads((root / "preprocessor_config.json").read_text())
+    config.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    (root / "preprocessor_config.json").write_text(json.dumps(config))
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                     "bos_token_id": None, "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
+                     "pad_token_id": ids("<|endoftext|>")},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                       "fullatt_block_indexes": [0], "window_size": 56},
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )  # fmt: skip
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(root)
+    return root
+
+
+def test_parse_caption_answer_reads_json_as_vlms_write_it():
+    from diasr_diffusers.data.curate.caption import CaptionError, parse_caption_answer
+
+    fenced = 'Sure!\n```json\n{"caption": "A man  walks a dog.", "subjects": ["a man", {"phrase": " a dog "}, 3]}\n```'
+    assert parse_caption_answer(fenced) == ("A man walks a dog.", ["a man", "a dog"])
+    # Prose with braces before the object; a second object after it is ignored.
+    prose = 'Frames {1-16} show: {"caption": "A cat sits.", "subjects": ["\'a cat\'"]} and {"caption": "x"}'
+    assert parse_caption_answer(prose) == ("A cat sits.", ["a cat"])
+    for answer, match in [("", "empty answer"), ("A man walks a dog.", "no JSON object"),
+                          ('{"caption": "", "subjects": []}', '"caption" must be'),
+                          ('{"caption": "A man.", "subjects": "a man"}', '"subjects" must be a list'),
+                          ('{"caption": "A man.", "subjects": ["a man"]', "no JSON object")]:  # fmt: skip
+        with pytest.raises(CaptionError, match=match):
+            parse_caption_answer(answer)
+
+
+def test_qwen_vl_captioner_runs_the_real_model(tiny_qwen_vl):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from diasr_diffusers.data.curate import ClipContext
+    from diasr_diffusers.data.curate.caption import CaptionError
+    from diasr_diffusers.data.curate.hub import QwenVLCaptioner
+
+    frames = np.random.default_rng(0).integers(0, 255, (20, 48, 64, 3), dtype=np.uint8)
+    captioner = QwenVLCaptioner(model=str(tiny_qwen_vl), max_new_tokens=8)
+    answer, picks = captioner.answer(frames)
+    assert picks == np.linspace(0, 19, 16).round().astype(int).tolist() and isinstance(answer, str) and answer
+    # The same answer by hand: the Hub template, 16 images through the PIL image processor, greedy generate.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_vl)
+    images = Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen_vl)(
+        [frames[i] for i in picks], size={"shortest_edge": 16 * 28 * 28, "longest_edge": 256 * 28 * 28},
+        return_tensors="pt")  # fmt: skip
+    per_image = (images["image_grid_thw"].prod(-1) // 4).tolist()
+    prompt = captioner.prompt.format(frames=16)
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + "".join(f"<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>" for n in per_image)
+            + f"{prompt}<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_vl).eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images["pixel_values"],
+                         image_grid_thw=images["image_grid_thw"], max_new_tokens=8, do_sample=False,
+                         repetition_penalty=1.05)  # fmt: skip
+    assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    for bad, match in [({"frames": 0}, "`frames`"), ({"max_pixels": 10}, "`max_pixels`"), ({"dtype": "int8"}, "`dtype`"),
+                       ({"prompt": "Describe."}, "`prompt`")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            QwenVLCaptioner(model=str(tiny_qwen_vl), **bad)
+    # A random model's answer is no JSON: a clear reason, and the raw answer kept for the record.
+    ctx = ClipContext("clip.mp4", 0, 0, frames, 8.0)
+    with pytest.raises(CaptionError, match="no JSON object") as err:
+        captioner.caption(ctx)
+    assert err.value.meta["answer"] == answer and err.value.meta["frames"] == picks
+
+
+def test_pipeline_with_the_qwen_vl_captioner(tmp_path, tiny_qwen_vl, tiny_grounding_dino, monkeypatch):
+    """The whole pipeline with the VLM stage: only the decoded text is replaced, by answers a VLM might give."""
+    from transformers import Qwen2_5_VLProcessor
+
+    from diasr_diffusers.data._io import write_video
+    from diasr_diffusers.data.curate.hub import QwenVLCaptioner
+
+    for name in ("a", "b", "c"):
+        write_video(tmp_path / "src" / f"{name}.mp4", _moving_box_video(ord(name)), fps=8)
+    answers = iter([
+        '```json\n{"caption": "A red box slides past the blue ball.", "subjects": ["a red box", "the green cup", "A Red"]}\n```',
+        "The video shows a red box sliding to the right.",
+        '{"caption": "A red box slides.", "subjects": ["box slides past"]}',
+    ])  # fmt: skip
+    monkeypatch.setattr(Qwen2_5_VLProcessor, "post_process_image_text_to_text", lambda self, ids, **kw: [next(answers)])
+    stages = Stages(captioner=QwenVLCaptioner(model=str(tiny_qwen_vl), max_new_tokens=4), ocr=None, faces=None,
+                    grounder=GroundingDinoGrounder(model=str(tiny_grounding_dino), box_threshold=0.0, text_threshold=0.0))  # fmt: skip
+    options = CurateOptions(metadata=MetadataFilter(min_short_side=32, min_seconds=1.0),
+                            thresholds=Thresholds(min_mask_fraction=0.0))  # fmt: skip
+    report = curate([tmp_path / "src"], tmp_path / "ds", stages=stages, options=options, progress=False)
+    assert report["kept"] == 1 and report["stages"]["captioner"] == "qwen2.5-vl", report["clips_detail"]
+    (record,) = [json.loads(line) for line in (tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()]
+    assert record["caption"] == "A red box slides past the blue ball."
+    assert [s["phrase"] for s in record["subjects"]] == ["a red box"]
+    dropped = {d["phrase"]: d for d in record["meta"]["dropped_subjects"]}
+    assert set(dropped) == {"the green cup", "A Red"} and all(d["stage"] == "phrases" for d in dropped.values())
+    assert "does not occur in the caption" in dropped["the green cup"]["reason"]
+    assert "overlaps subject 0" in dropped["A Red"]["reason"]
+    assert record["meta"]["captioner"]["answer"].startswith("```json") and len(record["meta"]["captioner"]["frames"]) == 16
+    assert validate_manifest(tmp_path / "ds").ok
+    results = {json.loads(p.read_text())["meta"]["source"]["video"][-5:]: json.loads(p.read_text())
+               for p in (tmp_path / "ds" / ".curate" / "clips").glob("*.json")}  # fmt: skip
+    assert results["b.mp4"]["stage"] == "caption" and "no JSON object" in results["b.mp4"]["reason"]
+    assert results["b.mp4"]["meta"]["captioner"]["answer"] == "The video shows a red box sliding to the right."
+    assert results["c.mp4"]["stage"] == "phrases" and "'box slides past'" in results["c.mp4"]["reason"]
+
+
+def test_cli_caption_model(tmp_path, tiny_qwen_vl, capsys):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from diasr_diffusers.cli import main
+    from diasr_diffusers.data._io import write_video
+
+    # A copy whose answer ends at once (final norm zeroed: every logit 0, token 0 = <|endoftext|> wins, an end
+    # token as in the Hub generation config), so the CLI's 512-token default costs one step.
+    model_dir = tmp_path / "qwen"
+    shutil.copytree(tiny_qwen_vl, model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.language_model.norm.weight.zero_()
+    model.save_pretrained(model_dir)
+    write_video(tmp_path / "clip.mp4", _moving_box_video(1), fps=8)
+    (tmp_path / "captions.json").write_text("[]")
+    args = ["curate", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "ds"), "--no-ocr", "--no-faces",
+            "--min-short-side", "32", "--min-seconds", "1", "--quiet", "--models", f"caption={model_dir}"]  # fmt: skip
+    assert main([*args, "--captions", str(tmp_path / "captions.json")]) == 2
+    assert "not both" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ds" / "report.json").read_text())
+    # The model answers nothing: the clip is dropped at the caption stage, with the model named.
+    assert report["stages"]["captioner"] == "qwen2.5-vl" and report["dropped"] == 1
+    (clip,) = [json.loads(p.read_text()) for p in (tmp_path / "ds" / ".curate" / "clips").glob("*.json")]
+    assert clip["stage"] == "caption" and "empty answer" in clip["reason"]
+    assert clip["meta"]["captioner"] == {"model": str(model_dir), "answer": "", "frames": list(range(16))}

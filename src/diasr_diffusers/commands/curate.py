@@ -16,6 +16,7 @@ _FLAGS = (
     ("`json_path`", "JSON"),
     ("`videos_root`", "--videos-root"),
     ("`pairs`", "--pairs"),
+    ("`checkpoint`", "CHECKPOINT"),
 )
 
 
@@ -32,6 +33,8 @@ def _stages(args: argparse.Namespace):
     if args.models:
         from ..data.curate import hub
 
+        if args.captions and any(spec.startswith("caption=") for spec in args.models):
+            raise ValueError("`captions`: give a captions file or a captioner model (--models caption=ID), not both")
         stages = hub.hub_stages(stages, args.models, device=args.device)
     return stages
 
@@ -50,7 +53,7 @@ def _curate(args: argparse.Namespace) -> int:
         )
         stages = _stages(args)
         if stages.captioner is None:
-            print("error: --captions: give a captions file or a captioner model (--models caption=...)", file=sys.stderr)
+            print("error: --captions: give a captions file or a captioner model (--models caption=ID)", file=sys.stderr)
             return 2
         report = curate(args.videos, args.out, stages=stages, options=options, workers=args.workers,
                         executor=args.executor, progress=not args.quiet)  # fmt: skip
@@ -77,14 +80,32 @@ def _import_opens2v(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_laion(args: argparse.Namespace) -> int:
+    from ..data.curate.convert import convert_laion_aesthetic, convert_laion_watermark
+
+    try:
+        if args.model == "watermark":
+            out = convert_laion_watermark(args.checkpoint, args.out, width_coefficient=args.width_coefficient,
+                                          depth_coefficient=args.depth_coefficient)  # fmt: skip
+            use = f"--models watermark={out}"
+        else:
+            out = convert_laion_aesthetic(args.checkpoint, args.out)
+            use = f"--models aesthetic={out}"
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {in_cli_words(err, _FLAGS)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; use it with: diasr curate ... {use}")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("curate", help="raw videos -> MuSA manifest (shots, filters, captions, subjects, masks)")
     p.add_argument("videos", nargs="+", help="video files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="dataset folder (new, empty, or an earlier curate run to resume)")
     p.add_argument("--captions", help="captions file (JSON/JSONL with caption and subject phrases per video/shot)")
     p.add_argument("--models", action="append", default=[], metavar="STAGE=ID",
-                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding=, segmentation= "
-                        "(repeatable)")  # fmt: skip
+                   help="Hub id or folder for a model stage: aesthetic=MLP.safetensors, clip=, watermark=, grounding=, "
+                        "segmentation=, caption= (Qwen2.5-VL, instead of --captions) (repeatable)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device for the Hub-model stages")
     p.add_argument("--grounder", choices=("faces", "captions"), default="faces",
                    help="offline boxes: dlib faces for person phrases, or only boxes from the captions file")  # fmt: skip
@@ -113,3 +134,14 @@ def register(subparsers) -> None:
     p.add_argument("--min-subject-aesthetic", type=float, default=4.5)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_import_opens2v)
+
+    p = subparsers.add_parser("convert-laion", help="LAION watermark/aesthetic pickles -> the safetensors the curate "
+                                                    "stages load (read once with torch.load(weights_only=True))")  # fmt: skip
+    p.add_argument("model", choices=("watermark", "aesthetic"),
+                   help="watermark: watermark_model_v1.pt (timm efficientnet_b3a + MLP head) -> a folder; "
+                        "aesthetic: the CLIP-L/14 aesthetic MLP .pth -> one .safetensors file")  # fmt: skip
+    p.add_argument("checkpoint", help="the published .pt/.pth file")
+    p.add_argument("--out", required=True, help="new folder (watermark) or new .safetensors file (aesthetic)")
+    p.add_argument("--width-coefficient", type=float, default=1.2, help="EfficientNet width (B3: 1.2)")
+    p.add_argument("--depth-coefficient", type=float, default=1.4, help="EfficientNet depth (B3: 1.4)")
+    p.set_defaults(func=_convert_laion)

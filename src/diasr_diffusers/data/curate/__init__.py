@@ -10,17 +10,18 @@ metadata              :class:`MetadataFilter` (2-10 s, short side >= 480)   -
 motion                :class:`FarnebackMotion` (OpenCV)                     -
 ocr                   :class:`RapidOCRText` (PP-OCRv4 ONNX) + crop-away     -
 aesthetic             off                                                   ``ClipAesthetic`` (CLIP-L/14 + LAION MLP)
-watermark             off                                                   ``ImageClassifierWatermark``
-caption               :class:`CaptionsFile`                                 none (a VLM captioner is not built)
+watermark             off                                                   ``LaionWatermark``, ``ImageClassifierWatermark``
+caption               :class:`CaptionsFile`                                 ``QwenVLCaptioner`` (Qwen2.5-VL)
 faces                 :class:`DlibFaces`                                    -
 grounding             :class:`FaceBodyGrounder` (person phrases only)       ``GroundingDinoGrounder``
 segmentation          :class:`GrabCutFlowSegmenter`                         ``Sam2VideoSegmenter``
 ====================  ===================================================  ===========================================
 
+LAION's published pickles become the safetensors the Hub stages load with :mod:`.convert` (``diasr convert-laion``).
 See ``docs/data.md``.
 """
 
-from .caption import Caption, CaptionsFile, ClipContext, SubjectHint
+from .caption import Caption, CaptionError, CaptionsFile, ClipContext, SubjectHint, parse_caption_answer
 from .faces import DlibFaces
 from .filters import MetadataFilter
 from .frames import BadVideoError, VideoInfo, probe, read_range
@@ -35,6 +36,7 @@ from .shots import ShotDetector
 __all__ = [
     "BadVideoError",
     "Caption",
+    "CaptionError",
     "CaptionsFile",
     "ClipContext",
     "ClipTask",
@@ -55,6 +57,7 @@ __all__ = [
     "cutout_on_white",
     "find_videos",
     "names_a_person",
+    "parse_caption_answer",
     "probe",
     "process_clip",
     "read_range",

@@ -1,5 +1,8 @@
 """Captions with subject phrases: a captions file the user writes (no model), or a VLM (:mod:`.hub`).
 
+A VLM is asked for JSON (:data:`VLM_CAPTION_PROMPT`) and its answer is read by :func:`parse_caption_answer`; the
+subject phrases it names then meet the same phrase rules as a captions file's (``routing/phrases.py``).
+
 A captions file is JSON (a list) or JSONL, one entry per video or per shot::
 
     {"video": "vtest.avi", "caption": "A man in a dark coat walks past a woman with a bag.",
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,15 @@ class Caption:
     text: str
     subjects: list[SubjectHint]
     source: str
+    meta: dict = field(default_factory=dict)  # what made it (a VLM's raw answer, frames, settings): kept in the record
+
+
+class CaptionError(ValueError):
+    """A captioner could not produce a caption for this clip; ``reason`` goes to the report, ``meta`` to the clip."""
+
+    def __init__(self, reason: str, meta: dict | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.meta = reason, dict(meta or {})
 
 
 @dataclass
@@ -129,3 +142,59 @@ class CaptionsFile:
 
 def _video_key(name: str) -> str:
     return Path(name).stem
+
+
+#: What a VLM captioner asks (``{frames}`` = number of frames shown). OpenS2V captions with Qwen2.5-VL (step 3-1)
+#: and extracts tags with a second LLM call (step 4-1, "the entity word must be an exact subset of the caption");
+#: here one call returns both, and :func:`parse_caption_answer` plus the phrase rules enforce the subset rule.
+VLM_CAPTION_PROMPT = (
+    "These {frames} images are frames of one video clip, in time order. Describe the clip in one paragraph of at "
+    "most 80 words: start with the main subjects and their appearance, then what they do, in chronological order, "
+    "then the setting and the camera motion. Then list the subjects: the people, animals and separable objects "
+    "that your description names, at most 6. Copy each subject exactly from your description, as a short noun "
+    "phrase of consecutive words (for example \"a man in a grey jacket\"), each naming one entity, no two sharing "
+    "a word; leave out body parts, clothing worn by a listed subject, the background, actions and abstract things. "
+    'Answer with JSON only: {{"caption": "...", "subjects": ["...", "..."]}}'
+)
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def parse_caption_answer(answer: str) -> tuple[str, list[str]]:
+    """``(caption, subject phrases)`` from a VLM's answer to :data:`VLM_CAPTION_PROMPT`.
+
+    Accepts the JSON object bare, inside a Markdown code fence, or with text around it; subjects as strings or
+    ``{"phrase": ...}`` objects. Phrases are stripped of surrounding whitespace and quotes, never rewritten: whether
+    each is a span of the caption is the phrase rules' decision, not the parser's. Raises :class:`CaptionError`
+    naming what is missing.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise CaptionError("caption: the VLM gave an empty answer")
+    candidates = [m.group(1) for m in _FENCE.finditer(answer)] + [answer]
+    decoder = json.JSONDecoder()
+    found: dict | None = None
+    for text in candidates:
+        for start in (i for i, c in enumerate(text) if c == "{"):
+            try:
+                obj, _ = decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "caption" in obj:
+                found = obj
+                break
+        if found is not None:
+            break
+    short = " ".join(answer.split())[:160]
+    if found is None:
+        raise CaptionError(f'caption: the VLM\'s answer has no JSON object with "caption" and "subjects": {short!r}')
+    caption, subjects = found.get("caption"), found.get("subjects")
+    if not isinstance(caption, str) or not caption.strip():
+        raise CaptionError(f'caption: "caption" must be a non-empty string in the VLM\'s answer {short!r}')
+    if not isinstance(subjects, list):
+        raise CaptionError(f'caption: "subjects" must be a list of phrases in the VLM\'s answer {short!r}')
+    phrases = []
+    for s in subjects:
+        phrase = s.get("phrase") if isinstance(s, dict) else s
+        if isinstance(phrase, str) and phrase.strip(" \t\n\"'"):
+            phrases.append(phrase.strip(" \t\n\"'"))
+    return " ".join(caption.split()), phrases

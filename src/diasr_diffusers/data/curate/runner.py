@@ -25,7 +25,7 @@ from PIL import Image
 
 from .._io import atomic_path, atomic_write_bytes, atomic_write_text, npz_bytes, write_video
 from ..manifest import MANIFEST_NAME
-from .caption import CaptionsFile, ClipContext
+from .caption import CaptionError, CaptionsFile, ClipContext
 from .faces import DlibFaces
 from .filters import MetadataFilter
 from .frames import BadVideoError, VideoInfo, mask_iou, probe, read_range
@@ -284,10 +284,16 @@ def process_clip(task: ClipTask, stages: Stages, options: CurateOptions, out_dir
         if stages.captioner is None:
             raise _Drop("caption", "no captioner: pass a captions file or a VLM captioner")
         ctx = ClipContext(Path(task.video).name, task.shot, task.start, frames, float(task.info["fps"]), (sx, sy))
-        cap = _timed(meta, "caption", lambda: stages.captioner.caption(ctx))
+        try:
+            cap = _timed(meta, "caption", lambda: stages.captioner.caption(ctx))
+        except CaptionError as err:
+            meta["captioner"] = err.meta
+            raise _Drop("caption", err.reason) from None
         if cap is None or not cap.text.strip():
             raise _Drop("caption", f"no caption for {Path(task.video).name} shot {task.shot}")
         meta["caption_source"] = cap.source
+        if cap.meta:
+            meta["captioner"] = cap.meta
         hints = [h for h in cap.subjects]
         if stages.captioner is not None and isinstance(stages.captioner, CaptionsFile):
             hints = [dataclasses.replace(h, box=None if h.box is None else tuple(v * scale for v in h.box))
