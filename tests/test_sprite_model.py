@@ -41,4 +41,4 @@ def test_sprite_model_loads_and_generates_offline(monkeypatch):
         generator=torch.Generator().manual_seed(0),
         **SPRITE_MODEL_SIZE,
     )
-    assert out.frames.shape == (1, 9, 64, 64, 3)
+    assert out.frames.shape == (1, SPRITE_MODEL_SIZE["num_frames"], 64, 64, 3)

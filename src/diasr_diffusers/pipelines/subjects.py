@@ -560,7 +560,8 @@ class SubjectPipelineMixin:
             latents=latents, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
             route_text=route_text, return_routing_maps=return_routing_maps, sigmas=sigmas, **family_inputs,
         )  # fmt: skip
-        if num_frames % self.vae_scale_factor_temporal != 1:
+        # (stock Wan tests `num_frames % f != 1`, which also warns for a VAE without temporal compression)
+        if (num_frames - 1) % self.vae_scale_factor_temporal:
             used = (num_frames - 1) // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
             logger.warning(
                 f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}: got num_frames={num_frames}, "

@@ -1,7 +1,7 @@
 """The embedded sprite model: a small DiasR model trained from scratch on the CPU on ``make-synthetic`` sprites.
 
 It is the package's working default: ``diasr demo`` runs on it, offline, in seconds. It is a toy: 64x64 pixels,
-9 frames, prompts written like ``make-synthetic`` captions (``"A video of the striped red star and the dotted blue
+5 frames, prompts written like ``make-synthetic`` captions (``"A video of the striped red star and the dotted blue
 circle moving over a radial gradient background."``), subjects drawn from the sprite vocabulary (shapes, colours and
 patterns of :mod:`diasr_diffusers.data.synthetic`). How it was trained and what it can and cannot do:
 ``docs/toy_model.md``.
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # The sizes the sprite model was trained at; generate with them (`max_sequence_length` also pads the prompt, and the
 # padding tokens take part in cross-attention, so another length changes the result).
-SPRITE_MODEL_SIZE = {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 64}
+SPRITE_MODEL_SIZE = {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 64}
 
 
 def sprite_model_path() -> str:
