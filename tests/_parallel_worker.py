@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -318,10 +319,12 @@ def worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[str])
     _setup(rank, world, port)
     try:
         for name in scenarios:
+            start = time.perf_counter()
             try:
                 result = {**SCENARIOS, **SCENARIOS_4}[name](rank, world)
             except Exception:  # reported to the test instead of a bare non-zero exit
                 result = {"exception": traceback.format_exc()}
+            result["seconds"] = time.perf_counter() - start  # each scenario's share of the spawn (not asserted)
             Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(result))
             dist.barrier()
     finally:
