@@ -1,4 +1,4 @@
-"""Worker for tests/test_parallel.py: one CPU process (gloo rank) of a 2-3 rank run.
+"""Worker for tests/test_parallel.py: one CPU process (gloo rank) of a 2 or 4 rank run.
 
 Each scenario computes the single-process answer first (in this very process, before any parallelism), then the
 same call under Diffusers' parallelism, and writes the comparison (max differences, whether routing matched) to
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -131,21 +132,80 @@ def scenario_context_parallel(rank: int, world: int) -> dict:
     return results
 
 
-def scenario_ring(rank: int, world: int) -> dict:
-    """Ring attention with a subject active: a clear error, the same on every rank."""
+def _train_step(transformer, state, inputs, **routing) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one loss on the output (router's included: straight-through routing), summed over the
+    ranks under context parallelism (each rank's backward carries its own rows' share, as DDP would sum them)."""
+    transformer.zero_grad(set_to_none=True)
+    router = routing.get("router")
+    if router is not None:
+        router.zero_grad(set_to_none=True)
+    with state.activate(**routing):
+        out = transformer(*inputs, return_dict=False)[0]
+    weight = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)  # the same on every rank
+    (out * weight).sum().backward()
+    params = list(transformer.named_parameters()) + (list(router.named_parameters("router.")) if router else [])
+    grads = {n: p.grad.clone() for n, p in params if p.grad is not None}
+    if dist.is_initialized() and getattr(transformer, "_parallel_config", None) is not None:
+        for g in grads.values():
+            dist.all_reduce(g)
+    return grads
+
+
+def _compare_grads(single: dict, parallel: dict) -> dict:
+    router = [n for n in single if n.startswith("router.")]
+    return {
+        "router_grad_diff": max(float((single[n] - parallel[n]).abs().max()) for n in router),
+        "router_grad_scale": max(float(single[n].abs().max()) for n in router),
+        "names_equal": sorted(single) == sorted(parallel),
+        "num_grads": len(single),
+        "router_grads": sum(n.startswith("router.") for n in single),
+        "grad_diff": max(float((single[n] - parallel[n]).abs().max()) for n in single),
+        "grad_scale": max(float(single[n].abs().max()) for n in single),
+    }
+
+
+def _ring_scenario(world: int, configs: dict, backends: tuple[str, ...]) -> dict:
+    """Every routing mode under each `ContextParallelConfig` of `configs` (the layout of `scenario_context_parallel`:
+    3 video frames + 2 one-frame subjects = 80 tokens), and one training step (forward + backward, straight-through
+    router gradients) with each op backend of `backends` against one process."""
     from diffusers import ContextParallelConfig
 
     from diasr_diffusers import set_subject_sparse_attn_processor
     from diasr_diffusers.utils.tiny import tiny_wan_components
 
-    transformer = tiny_wan_components(num_layers=1)["transformer"]
-    state = set_subject_sparse_attn_processor(transformer)
-    transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
-    try:
-        _run(transformer, state, _inputs(frames=3), ref_lengths=[TOKENS_PER_FRAME], mode="similarity")
-        return {"error": None}
-    except NotImplementedError as err:
-        return {"error": str(err)}
+    base = tiny_wan_components(num_layers=2)["transformer"]
+    copies = {name: copy.deepcopy(base) for name in configs}
+    state = set_subject_sparse_attn_processor(base)
+    inputs = _inputs(frames=5)
+    cases = _routing_cases(base, 3 * TOKENS_PER_FRAME, [TOKENS_PER_FRAME, TOKENS_PER_FRAME])
+    single = {name: _run(base, state, inputs, **routing) for name, routing in cases.items()}
+    train = {**cases["router"], "router_gradient": "straight_through"}
+    single_grads = {b: _train_step(base, state, inputs, **train, backend=b) for b in backends}
+    results = {}
+    for config_name, kwargs in configs.items():
+        transformer = copies[config_name]
+        state = set_subject_sparse_attn_processor(transformer)
+        transformer.enable_parallelism(config=ContextParallelConfig(**kwargs))
+        results[config_name] = {name: _compare(single[name], _run(transformer, state, inputs, **routing))
+                                for name, routing in cases.items()}  # fmt: skip
+        for backend, grads in single_grads.items():
+            try:
+                step = _train_step(transformer, state, inputs, **train, backend=backend)
+                results[config_name][f"backward_{backend}"] = _compare_grads(grads, step)
+            except NotImplementedError as err:  # ring_degree > 2: Diffusers' ring backward is refused
+                results[config_name][f"backward_{backend}"] = {"error": str(err)}
+    return results
+
+
+def scenario_ring(rank: int, world: int) -> dict:
+    """Ring attention with subjects (`ring_degree=world`): every routing mode, and the backward."""
+    return _ring_scenario(world, {"ring": {"ring_degree": world}}, backends=("dense", "torch"))
+
+
+def scenario_ring_hybrid(rank: int, world: int) -> dict:
+    """4 ranks: ring 2 x Ulysses 2, and ring 4 (a subject's reference split over two ring chunks)."""
+    configs = {"ring2_ulysses2": {"ring_degree": 2, "ulysses_degree": 2}, "ring4": {"ring_degree": 4}}
+    return _ring_scenario(world, configs, backends=("dense",))
 
 
 def scenario_pipeline(rank: int, world: int) -> dict:
@@ -251,16 +311,20 @@ SCENARIOS = {
     "pipeline": scenario_pipeline,
     "tensor_parallel": scenario_tensor_parallel,
 }
+# Run by a separate spawn of 4 ranks.
+SCENARIOS_4 = {"ring_hybrid": scenario_ring_hybrid}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[str]) -> None:
     _setup(rank, world, port)
     try:
         for name in scenarios:
+            start = time.perf_counter()
             try:
-                result = SCENARIOS[name](rank, world)
+                result = {**SCENARIOS, **SCENARIOS_4}[name](rank, world)
             except Exception:  # reported to the test instead of a bare non-zero exit
                 result = {"exception": traceback.format_exc()}
+            result["seconds"] = time.perf_counter() - start  # each scenario's share of the spawn (not asserted)
             Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(result))
             dist.barrier()
     finally:

@@ -22,6 +22,10 @@ PRIVATE_NAMES = {
     "all_to_all_single_any_qkv_async": ("diffusers.models.attention_dispatch", "all_to_all_single_any_qkv_async"),
     "all_to_all_single_any_o_async": ("diffusers.models.attention_dispatch", "all_to_all_single_any_o_async"),
     "gather_size_by_comm": ("diffusers.models._modeling_parallel", "gather_size_by_comm"),
+    "templated_context_parallel_attention": (
+        "diffusers.models.attention_dispatch",
+        "_templated_context_parallel_attention",
+    ),
     "add_variant": ("diffusers.utils.hub_utils", "_add_variant"),
     "get_model_file": ("diffusers.utils.hub_utils", "_get_model_file"),
     "functional_collectives": ("torch.distributed", "_functional_collectives"),
@@ -98,6 +102,24 @@ def heads_to_seq(x: Any, group: Any, anything: bool, num_heads: int, local_lengt
     if anything:
         return private("all_to_all_single_any_o_async")(x, group, NUM_QO_HEAD=num_heads, Q_S_LOCAL=local_length)()
     return private("SeqAllToAllDim").apply(group, x, 1, 2)
+
+
+def templated_ring_attention(query: Any, key: Any, value: Any, forward_op: Any, backward_op: Any, config: Any) -> Any:
+    """Diffusers' templated context-parallel attention (``TemplatedRingAttention``; ring x Ulysses: its Ulysses
+    all-to-all around it; ``ring_anything``: ``TemplatedRingAnythingAttention``) over ``(B, l, H, D)`` rows, with the
+    per-chunk ``forward_op(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _save_ctx=,
+    _parallel_config=) -> (out, lse)`` and ``backward_op(ctx, grad_out, query=, key=, value=, out=, lse=)`` of an
+    attention backend. Those functions read nothing but ``.context_parallel_config`` of the ``ParallelConfig``."""
+    from types import SimpleNamespace
+
+    fn = private("templated_context_parallel_attention")
+    parallel = SimpleNamespace(context_parallel_config=config)
+    return fn(query, key, value, forward_op=forward_op, backward_op=backward_op, _parallel_config=parallel)
+
+
+def ring_rank(config: Any) -> int:
+    """This rank's index in the ring of a ``ContextParallelConfig`` (the order of its key/value chunks)."""
+    return config._ring_local_rank
 
 
 def functional_collectives() -> Any:

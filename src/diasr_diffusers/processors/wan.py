@@ -21,7 +21,12 @@ from .core import (
     routed_self_attention,
     set_subject_sparse_attn_processor,
 )
-from .parallel import ulysses_routed_cross_attention, ulysses_routed_self_attention
+from .parallel import (
+    context_parallel_attention,
+    context_parallel_routed_cross_attention,
+    context_parallel_routed_self_attention,
+    needs_own_ring,
+)
 
 # Resolved once here, not per call: a call through the compat module's import machinery would break torch.compile graphs.
 _get_qkv_projections = private("get_qkv_projections")
@@ -60,7 +65,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
         ```
     """
 
-    supports_context_parallel = True  # Ulysses: `processors/parallel.py`
+    supports_context_parallel = True  # Ulysses, ring, ring x Ulysses: `processors/parallel.py`
 
     def __call__(
         self,
@@ -72,7 +77,10 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
     ) -> torch.Tensor:
         state = self.routes(attention_mask)
         if state is None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            cp = context_parallel_config(self._parallel_config)
+            if attn.is_cross_attention or attention_mask is not None or not needs_own_ring(self._attention_backend, cp):
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self._ring_self_attention(attn, hidden_states, rotary_emb, cp)
         if attn.is_cross_attention:
             return self._cross_attention(attn, hidden_states, encoder_hidden_states, state)
         return self._self_attention(attn, hidden_states, rotary_emb, state)
@@ -83,12 +91,23 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
         heads = local_heads(attn, query)
         return (t.unflatten(2, (heads, -1)) for t in (query, key, value))
 
+    def _ring_self_attention(self, attn, hidden_states, rotary_emb, cp) -> torch.Tensor:
+        # Unrouted self-attention under ring attention, where Diffusers' backend cannot ring (`needs_own_ring`).
+        query, key, value = self._project(attn, hidden_states, None)
+        if rotary_emb is not None:
+            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+        backend = self.state.op_backend if self.state is not None else "auto"
+        out = context_parallel_attention(query, key, value, cp, backend)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+
     def _self_attention(self, attn, hidden_states, rotary_emb, state: SubjectRoutingState) -> torch.Tensor:
         query, key, value = self._project(attn, hidden_states, None)
         cp = context_parallel_config(self._parallel_config)
         if cp is not None:
             rotate = (lambda x: _apply_rotary(x, *rotary_emb)) if rotary_emb is not None else None
-            out = ulysses_routed_self_attention(state, self.layer_idx, hidden_states, query, key, value, rotate, cp)
+            out = context_parallel_routed_self_attention(
+                state, self.layer_idx, hidden_states, query, key, value, rotate, cp
+            )
             return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
         buckets, bias = self.route(attn, state, hidden_states, query, key)
         if rotary_emb is not None:
@@ -104,7 +123,7 @@ class SubjectSparseAttnProcessor(RoutedAttnProcessorBase, WanAttnProcessor):
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
         cp = context_parallel_config(self._parallel_config)
         if cp is not None:
-            out = ulysses_routed_cross_attention(state, query, key, value, cp)
+            out = context_parallel_routed_cross_attention(state, query, key, value, cp)
         else:
             out = routed_cross_attention(query, key, value, state, state.current_buckets)
         out = out.flatten(2, 3).type_as(query)
