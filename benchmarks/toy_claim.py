@@ -1133,7 +1133,12 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
     if cfg["methods_left_out"]:
         lines += ["", f"Left out (no dense pipeline given): {', '.join(cfg['methods_left_out'])}."]
     if strips:
-        lines += ["", "Examples (references | frames of each method at the highest σ | routing maps):", ""]
+        lines += [
+            "",
+            "Examples (references | ground truth | each method's frames at the highest σ and, when run, from pure "
+            "noise | routing maps):",
+            "",
+        ]
         lines += [f"![toy claim strip]({p})" for p in strips]
     timing = result["timing_s"]
     lines += [
