@@ -1190,7 +1190,7 @@ def render_noise_markdown(
         'masks (`routing="masks"`); the dense baseline has no layout input'
         + (f" (routed model `{models.get('routed')}`, dense `{models.get('dense')}`)" if models else "")
         + f". Every subject is scored by `{cfg['embedder']}` (trained apart from the generator) over its frames "
-        "pooled, two ways:",
+        "pooled, three ways (two for a method without routing maps):",
         "",
         f"- **at the layout**: cropped with its layout mask in every frame (≥ {cfg['min_pixels']} pixels): what "
         "`masks` was asked to draw there (the other methods were not told where, so this is near chance for them);",
