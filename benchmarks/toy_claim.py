@@ -1,8 +1,8 @@
 """The toy-scale proof of DiasR's claim: routed references keep identities apart where dense references mix them.
 
-For each held-out clip and each noise level σ, the clip's video is encoded to latents (as ``diasr train`` does),
-noised to σ with a seeded generator (the same noise for every method) and sampled back to clean with the same
-steps by every method:
+**From noised clips.** For each held-out clip and each noise level σ, the clip's video is encoded to latents (as
+``diasr train`` does), noised to σ with a seeded generator (the same noise for every method) and sampled back to
+clean with the same steps by every method:
 
 - ``router``: the DiasR model with its trained router,
 - ``similarity``: the DiasR model with training-free similarity routing,
@@ -12,17 +12,24 @@ steps by every method:
 
 Each subject's region in every decoded frame is cropped with its ground-truth mask and scored against every
 reference of the clip by the sprite identity embedder (``diasr_diffusers.eval.sprites``): identity match, identity
-similarity, attributes, leakage to the other subjects and attribute swaps between same-colour subjects. Also:
-generation from pure noise with the layout masks, the routing IoU of the router, and how many held-out subject
-combinations occur in the training set. Means carry 95% bootstrap intervals over clips.
+similarity, attributes, leakage to the other subjects and attribute swaps between same-colour subjects; also the
+routing IoU of the router and how many held-out subject combinations occur in the training set.
+
+**From pure noise** (:func:`run_from_noise`). Every held-out clip of two or more subjects is generated from pure
+noise (the same seeded noise for every method) given its caption and references, and for ``masks`` its layout; each
+subject is scored with its frames pooled (:func:`score_subjects`) at the layout, at the method's own routing map
+and located without masks, for own-reference-best, identity and leakage similarity, same-colour attribute swaps and
+shape / colour accuracy, against issue 24's targets and paired with the dense baseline. Means carry 95% bootstrap
+intervals over clips. Nothing depends on the VAE's channels or the transformer's patch size: latents come from the
+routed model's VAE, token grids from :func:`~diasr_diffusers.routing.token_grid_factors`.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/toy_claim.py \\
         --routed runs/sprite_route/pipeline --dense runs/sprite_dense/pipeline \\
         --test-data runs/sprites_test --train-data runs/sprites_train --clips 16 \\
         --out runs/toy_claim --out-md docs/toy_model.md --strips docs/images/toy_claim
 
-Deterministic given ``--seed``. ``--clips 16`` with the three σ takes a few minutes on 2 CPU cores.
-"""
+``--no-partial`` runs only the from-noise part, ``--no-full`` only the noised clips, ``--quick`` is a smoke test
+of both (a few clips and steps). Deterministic given ``--seed`` and the thread count."""
 
 from __future__ import annotations
 
@@ -51,8 +58,8 @@ from diasr_diffusers import DiasRPipeline
 from diasr_diffusers.data import MuSADataset
 from diasr_diffusers.data.dataset import load_reference
 from diasr_diffusers.eval.routing import label_iou
-from diasr_diffusers.eval.sprites import SpriteEmbedder, crop_subject, load_sprite_embedder, locate_subject
-from diasr_diffusers.routing import token_grid_factors
+from diasr_diffusers.eval.sprites import SpriteEmbedder, crop_subject, load_sprite_embedder, sliding_windows
+from diasr_diffusers.routing import layout_labels, masks_to_token_grid, token_grid_factors
 from diasr_diffusers.utils.io import atomic_path, atomic_write_text
 from diasr_diffusers.utils.latents import encode_latents
 from diasr_diffusers.utils.visualization import overlay_routing_maps, routing_legend
@@ -68,7 +75,6 @@ METHODS: dict[str, tuple[str, str | None, bool]] = {
     "dense_no_refs": ("dense", None, False),
 }
 DEFAULT_METHODS = ("router", "similarity", "masks", "dense", "no_refs")
-FULL_METHODS = ("masks", "dense")  # generation from pure noise: the layout masks' regions are where to look
 LABELS = {
     "router": "DiasR, trained router",
     "similarity": "DiasR, similarity routing (training-free)",
@@ -95,13 +101,36 @@ METRIC_HEADERS = {
     "attr_acc": "attributes ↑",
     "leak_sim": "leakage sim ↓",
     "swap_rate": "attribute swaps ↓",
-    "presence_sim": "best match anywhere ↑",
 }
-# From-noise runs and ceilings also get the mask-free search (where the embedder has one), on every other frame:
-# it embeds a few hundred windows a frame, the costliest scoring there is.
-FULL_METRICS = (*METRICS, "presence_sim")
-PRESENCE_EVERY = 2
 MARK_START, MARK_END = "<!-- toy_claim:start -->", "<!-- toy_claim:end -->"
+
+# Generation from pure noise (issue 24, "the claim from noise"). Scored per subject (a subject's frames pooled), in
+# two ways: at the clip's layout masks (what `masks` routing was asked for) and "located": each reference's best
+# window in the frame found without masks, so a model given no layout is judged on what it drew, not where.
+NOISE_METHODS = ("router", "similarity", "masks", "dense")
+NOISE_METRICS = ("id_match", "id_match_same_colour", "id_sim", "leak_sim", "swap_rate", "shape_acc", "color_acc")
+NOISE_HEADERS = {
+    "id_match": "own ref best ↑",
+    "id_match_same_colour": "own ref best, same-colour ↑",
+    "id_sim": "identity sim ↑",
+    "leak_sim": "leakage sim ↓",
+    "swap_rate": "attribute swaps ↓",
+    "shape_acc": "shape acc ↑",
+    "color_acc": "colour acc ↑",
+}
+SCORINGS = ("layout", "located", "routed")
+# Rows without generation that bound the metric: the clip's own frames, their VAE round trip, and another held-out
+# clip's frames scored against this clip's references (what the metric gives when the subjects are not drawn).
+NOISE_CALIBRATION = ("ground_truth", "reconstruction", "other_clip")
+NOISE_LABELS = LABELS | {"other_clip": "another clip's frames (floor)"}
+# (method, scoring, metric, threshold): the targets of issue 24 for the retrained model, all "at least".
+NOISE_TARGETS = (
+    ("masks", "layout", "id_match", 0.90),
+    ("masks", "layout", "shape_acc", 0.5),
+    ("router", "located", "id_match", 0.75),
+    ("router", "routed", "id_match", 0.75),
+)
+NOISE_MARK_START, NOISE_MARK_END = "<!-- toy_claim_noise:start -->", "<!-- toy_claim_noise:end -->"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,12 +139,11 @@ MARK_START, MARK_END = "<!-- toy_claim:start -->", "<!-- toy_claim:end -->"
 
 @dataclass
 class Scorer:
-    """The pieces of :mod:`diasr_diffusers.eval.sprites` the benchmark uses: the embedder (``embed``, ``predict``),
-    ``crop_subject(frame, mask) -> (crop, crop_mask)`` and ``locate_subject`` (mask-free search)."""
+    """The pieces of :mod:`diasr_diffusers.eval.sprites` the benchmark uses: the embedder (``embed``, ``predict``;
+    ``logits`` and ``embed_logits`` for the mask-free search) and ``crop_subject(frame, mask) -> (crop, crop_mask)``."""
 
     embedder: SpriteEmbedder
     crop_subject: Callable[..., tuple[np.ndarray, np.ndarray]] = crop_subject
-    locate_subject: Callable[..., Any] = locate_subject
 
     @property
     def name(self) -> str:
@@ -152,6 +180,29 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(len(x))}
+
+
+def cluster_bootstrap(
+    groups: Sequence[Sequence[float | None]], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | int | None]:
+    """Pooled mean of per-subject ``values`` grouped by clip, with a percentile bootstrap interval that resamples
+    whole clips (a clip's subjects share its noise and its frames, so they are not independent).
+
+    Returns ``{"mean", "low", "high", "n", "clips"}``: ``n`` values (``None`` entries left out) in ``clips`` clips;
+    all ``None`` but the counts when there are none. The resamples depend only on ``seed`` and ``len(groups)``, so
+    methods scored on the same clips are resampled alike (paired).
+    """
+    sums = np.asarray([sum(v for v in g if v is not None) for g in groups], dtype=np.float64)
+    counts = np.asarray([sum(v is not None for v in g) for g in groups], dtype=np.float64)
+    n, clips = int(counts.sum()), int((counts > 0).sum())
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0, "clips": 0}
+    idx = np.random.default_rng(seed).integers(0, len(groups), size=(resamples, len(groups)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums[idx].sum(1) / counts[idx].sum(1)  # a resample of only empty clips is NaN, left out
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(means, [alpha, 1 - alpha])
+    return {"mean": float(sums.sum() / n), "low": float(low), "high": float(high), "n": n, "clips": clips}
 
 
 def _seed(*keys: int) -> int:
@@ -197,15 +248,13 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def score_frames(
-    frames: np.ndarray, clip: ClipData, scorer: Scorer, min_pixels: int = 32, presence: bool = False
+    frames: np.ndarray, clip: ClipData, scorer: Scorer, min_pixels: int = 32
 ) -> dict[str, float | int | None]:
     """Identity scores of one decoded video ``(F, H, W, 3)`` uint8 at the clip's ground-truth subject regions.
 
     Every (subject, frame) whose mask has at least ``min_pixels`` pixels is cropped and embedded; the clip's scores
     are means over those crops (``None`` where undefined: matching and leakage need two subjects, swaps a pair of
-    subjects sharing a colour). With ``presence`` (and an embedder that can search), also ``presence_sim``: each
-    reference's best match anywhere in each frame, found without masks (``locate_subject``), so a model that puts
-    a subject elsewhere than the layout says is not penalised for where, only for what.
+    subjects sharing a colour).
     """
     masks = clip.masks.numpy()
     crops, crop_masks, owners = [], [], []
@@ -216,8 +265,6 @@ def score_frames(
             crop_masks.append(crop_mask)
             owners.append(s)
     out: dict[str, float | int | None] = {"crops": len(crops)}
-    if presence:
-        out["presence_sim"] = presence_similarity(frames, clip, scorer)
     if not crops:
         return out | {m: None for m in METRICS}
     sim = (scorer.embedder.embed(crops, crop_masks).float() @ clip.ref_embeddings.float().T).numpy()  # (K, N)
@@ -250,16 +297,6 @@ def score_frames(
     return out
 
 
-def presence_similarity(frames: np.ndarray, clip: ClipData, scorer: Scorer) -> float | None:
-    """Mean over frames (every ``PRESENCE_EVERY``-th) and references of the cosine of the best-matching window
-    (``locate_subject``)."""
-    sims = []
-    for frame in frames[::PRESENCE_EVERY]:
-        found = scorer.locate_subject(frame, clip.ref_embeddings, scorer.embedder)
-        sims += [loc.similarity for loc in found]
-    return _mean(sims)
-
-
 def embed_references(clip: ClipData, records_subjects: Sequence[Any], scorer: Scorer) -> torch.Tensor:
     """Embeddings ``(N, D)`` of the clip's reference images (the raw reference, cropped with its mask)."""
     crops, crop_masks = [], []
@@ -271,6 +308,169 @@ def embed_references(clip: ClipData, records_subjects: Sequence[Any], scorer: Sc
         crops.append(crop)
         crop_masks.append(crop_mask)
     return scorer.embedder.embed(crops, crop_masks).float()
+
+
+def subject_scores(
+    sim: np.ndarray, preds: Sequence[dict[str, Any]], owners: Sequence[int], clip: ClipData
+) -> list[dict[str, float | int | None] | None]:
+    """Per-subject scores from scored crops: ``sim`` ``(K, N)`` cosines of ``K`` crops to the clip's ``N``
+    references, ``preds`` the embedder's predictions and ``owners`` the subject each crop belongs to.
+
+    A subject's frames are pooled: its mean cosine to each reference decides ``id_match`` (its own reference is
+    strictly the most similar, as a person judges a whole video) with ``id_sim`` the own and ``leak_sim`` the best
+    other of those means; ``id_match_same_colour`` is ``id_match`` for a subject sharing its colour with another
+    (else ``None``); ``shape_acc`` / ``color_acc`` the fraction of its crops whose predicted shape / colour is its
+    own; ``swap_rate`` the fraction of (crop, same-colour partner) pairs where the predicted shape or pattern is the
+    partner's and not its own (``None`` without a partner). ``None`` for a subject without crops. Needs ``N >= 2``.
+    """
+    owners_arr = np.asarray(owners, dtype=np.int64)
+    partners: dict[int, list[int]] = {}
+    for i, j in clip.same_colour_pairs:
+        partners.setdefault(i, []).append(j)
+    rows: list[dict[str, float | int | None] | None] = []
+    for s in range(clip.num_subjects):
+        mine = np.flatnonzero(owners_arr == s)
+        if len(mine) == 0:
+            rows.append(None)
+            continue
+        mean_sim = sim[mine].mean(0)
+        best_other = float(np.delete(mean_sim, s).max())
+        match = float(mean_sim[s] > best_other)  # strictly: an embedder that cannot tell them apart scores 0
+        own = clip.specs[s]
+        swaps = [
+            any(preds[k][a] == clip.specs[j][a] != own[a] for a in ("shape", "pattern"))
+            for k in mine
+            for j in partners.get(s, [])
+        ]
+        rows.append({
+            "id_match": match,
+            "id_match_same_colour": match if s in partners else None,
+            "id_sim": float(mean_sim[s]),
+            "leak_sim": best_other,
+            "swap_rate": float(np.mean(swaps)) if swaps else None,
+            "shape_acc": float(np.mean([preds[k]["shape"] == own["shape"] for k in mine])),
+            "color_acc": float(np.mean([preds[k]["color"] == own["color"] for k in mine])),
+            "crops": len(mine),
+        })  # fmt: skip
+    return rows
+
+
+def score_subjects(
+    frames: np.ndarray,
+    clip: ClipData,
+    scorer: Scorer,
+    min_pixels: int = 32,
+    located_every: int = 2,
+    routed_masks: np.ndarray | None = None,
+) -> dict[str, list[dict[str, float | int | None] | None]]:
+    """:func:`subject_scores` of one decoded video ``(F, H, W, 3)`` uint8, scored two or three ways.
+
+    - ``"layout"``: every (subject, frame) whose layout mask has at least ``min_pixels`` pixels, cropped with it;
+    - ``"located"``: in every ``located_every``-th frame, without masks: every square window is embedded and the
+      references claim windows one at a time, the best (reference, window) pair by cosine x objectness first, a
+      window overlapping a claimed one being out (:func:`locate_exclusive`); so two references cannot both claim one
+      blob, and each subject is judged on what the model drew, wherever it is;
+    - ``"routed"`` (given ``routed_masks`` ``(N, F, H, W)``, the method's own routing map in pixels): where the model
+      routed each subject. A subject routed fewer than ``min_pixels`` pixels in every frame was not drawn anywhere:
+      its ``id_match`` is 0, its other scores ``None``.
+    """
+    if clip.num_subjects < 2:
+        raise ValueError(f"clip {clip.clip_id} has {clip.num_subjects} subject; identity matching needs two")
+    out = {"layout": _score_masked(frames, clip.masks.numpy(), clip, scorer, min_pixels, missing_is_miss=False)}
+    found = [locate_exclusive(frame, clip.ref_embeddings, scorer.embedder) for frame in frames[::located_every]]
+    logits = {k: torch.cat([f[1][k] for f in found]) for k in found[0][1]}
+    owners = [s for _ in found for s in range(clip.num_subjects)]
+    out["located"] = _score_logits(logits, owners, clip, scorer.embedder)
+    if routed_masks is not None:
+        out["routed"] = _score_masked(frames, routed_masks, clip, scorer, min_pixels, missing_is_miss=True)
+    return out
+
+
+def locate_exclusive(
+    frame: np.ndarray, references: torch.Tensor, embedder: SpriteEmbedder, stride: int = 4, max_iou: float = 0.3
+) -> tuple[list[tuple[int, int, int, int]], dict[str, torch.Tensor]]:
+    """One window ``(x0, y0, x1, y1)`` per reference, found without masks, and the embedder's logits of those
+    windows (one row per reference): ``locate_subject``'s windows and score (cosine x objectness), but claimed
+    greedily, best pair first, and a window overlapping a claimed one by more than ``max_iou`` is out, so references
+    compete for the sprites drawn instead of all finding the same one."""
+    height, width = frame.shape[:2]
+    sizes = sorted({max(8, round(f * min(height, width))) for f in (0.3, 0.42, 0.56)})  # as locate_subject
+    boxes = np.asarray(sliding_windows(height, width, sizes, stride), dtype=np.float64)
+    logits = embedder.logits([frame[int(y0) : int(y1), int(x0) : int(x1)] for x0, y0, x1, y1 in boxes])
+    score = (references.float() @ embedder.embed_logits(logits).T * logits["objectness"].sigmoid()).numpy()
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    free = np.ones(len(boxes), dtype=bool)
+    chosen: dict[int, int] = {}
+    while len(chosen) < len(score):
+        masked = np.where(free[None], score, -np.inf)
+        masked[list(chosen)] = -np.inf
+        if not np.isfinite(masked).any():  # every window taken: the rest reuse their best window
+            for n in range(len(score)):
+                chosen.setdefault(n, int(score[n].argmax()))
+            break
+        n, w = np.unravel_index(int(masked.argmax()), masked.shape)
+        chosen[int(n)] = int(w)
+        ix = np.clip(np.minimum(boxes[:, 2], boxes[w, 2]) - np.maximum(boxes[:, 0], boxes[w, 0]), 0, None)
+        iy = np.clip(np.minimum(boxes[:, 3], boxes[w, 3]) - np.maximum(boxes[:, 1], boxes[w, 1]), 0, None)
+        inter = ix * iy
+        free &= inter / (area + area[w] - inter) <= max_iou
+    rows = [chosen[n] for n in range(len(score))]
+    return [tuple(int(v) for v in boxes[w]) for w in rows], {k: v[rows] for k, v in logits.items()}
+
+
+def _score_masked(
+    frames: np.ndarray, masks: np.ndarray, clip: ClipData, scorer: Scorer, min_pixels: int, missing_is_miss: bool
+) -> list[dict[str, float | int | None] | None]:
+    crops, crop_masks, owners = [], [], []
+    for s, f in itertools.product(range(clip.num_subjects), range(frames.shape[0])):
+        if masks[s, f].sum() >= min_pixels:
+            crop, crop_mask = scorer.crop_subject(frames[f], masks[s, f])
+            crops.append(crop)
+            crop_masks.append(crop_mask)
+            owners.append(s)
+    rows = _score_crops(crops, crop_masks, owners, clip, scorer)
+    if missing_is_miss:
+        partners = {i for i, _ in clip.same_colour_pairs}
+        rows = [
+            row if row is not None else dict.fromkeys(NOISE_METRICS) | {
+                "id_match": 0.0, "id_match_same_colour": 0.0 if s in partners else None, "crops": 0
+            }
+            for s, row in enumerate(rows)
+        ]  # fmt: skip
+    return rows
+
+
+def routed_pixel_masks(
+    maps: torch.Tensor, num_subjects: int, num_frames: int, height: int, width: int, temporal_compression: int
+) -> np.ndarray:
+    """``(N, F, H, W)`` bool pixel masks of routing maps ``(F_lat, H_tok, W_tok)`` (``-1`` = null): each pixel
+    takes its token's subject, latent frame 0 holding pixel frame 0 and each later one ``temporal_compression``
+    frames (as ``overlay_routing_maps`` draws them)."""
+    maps = maps.detach().cpu().numpy()
+    rows = np.arange(height) * maps.shape[1] // height
+    cols = np.arange(width) * maps.shape[2] // width
+    lat = [min(0 if f == 0 else (f - 1) // temporal_compression + 1, maps.shape[0] - 1) for f in range(num_frames)]
+    labels = maps[lat][:, rows][:, :, cols]  # (F, H, W)
+    return np.stack([labels == s for s in range(num_subjects)])
+
+
+def _score_crops(
+    crops: list[np.ndarray], crop_masks: list[np.ndarray] | None, owners: list[int], clip: ClipData, scorer: Scorer
+) -> list[dict[str, float | int | None] | None]:
+    if not crops:
+        return [None] * clip.num_subjects
+    return _score_logits(scorer.embedder.logits(crops, crop_masks), owners, clip, scorer.embedder)
+
+
+def _score_logits(
+    logits: dict[str, torch.Tensor], owners: list[int], clip: ClipData, embedder: SpriteEmbedder
+) -> list[dict[str, float | int | None] | None]:
+    """:func:`subject_scores` from the embedder's logits of the crops (one forward for embedding and labels)."""
+    sim = (embedder.embed_logits(logits).float() @ clip.ref_embeddings.float().T).numpy()
+    probs = embedder.probabilities(logits)
+    labels = {a: [embedder.labels[a][int(c)] for c in probs[a].argmax(-1)] for a in ("shape", "color", "pattern")}
+    preds = [{a: labels[a][k] for a in labels} for k in range(len(owners))]
+    return subject_scores(sim, preds, owners, clip)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,10 +530,13 @@ class ClaimSettings:
 
     sigmas: tuple[float, ...] = SIGMAS
     steps: int = 8  # steps for σ = 1; a run from σ takes max(1, round(steps * σ)) steps on a linear schedule
-    full_steps: int = 8
+    full_steps: int = 16  # steps of the runs from pure noise (linear schedule from σ = 1)
     guidance_scale: float = 1.0
     methods: tuple[str, ...] = DEFAULT_METHODS
     full_generation: bool = True
+    noise_methods: tuple[str, ...] = NOISE_METHODS
+    noise_guidance_scale: float | None = None  # None: `guidance_scale`
+    located_every: int = 2  # the mask-free search embeds a few hundred windows a frame: every other frame
     seed: int = 0
     resamples: int = 1000
     min_pixels: int = 32
@@ -346,7 +549,7 @@ class ClaimSettings:
         if not self.sigmas or any(not (isinstance(s, float | int) and 0 < s <= 1) for s in self.sigmas):
             raise ValueError(f"`sigmas` must be noise levels in (0, 1], got {self.sigmas!r}")
         for name in ("steps", "full_steps", "resamples", "max_sequence_length", "num_frames", "height", "width",
-                     "min_pixels"):  # fmt: skip
+                     "min_pixels", "located_every"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -355,14 +558,26 @@ class ClaimSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"`methods` must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
-        if not (isinstance(self.guidance_scale, float | int) and math.isfinite(self.guidance_scale)):
-            raise ValueError(f"`guidance_scale` must be a finite number, got {self.guidance_scale!r}")
+        unknown = [m for m in self.noise_methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"`noise_methods` must be a subset of {list(METHODS)}, got {list(self.noise_methods)}")
+        for name in ("guidance_scale", "noise_guidance_scale"):
+            value = getattr(self, name)
+            if name == "noise_guidance_scale" and value is None:
+                continue
+            if isinstance(value, bool) or not (isinstance(value, float | int) and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
 
     def steps_for(self, sigma: float) -> int:
         return max(1, round(self.steps * sigma))
 
 
-def _load_clips(pipe: DiasRPipeline, test_data: str | os.PathLike, clips: int | None, s: ClaimSettings):
+def _load_clips(
+    pipe: DiasRPipeline, test_data: str | os.PathLike, clips: int | None, s: ClaimSettings, multi_subject: bool = False
+):
+    """The dataset and the first ``clips`` held-out clips (``None``: all); with ``multi_subject`` only those of two or
+    more subjects whose layout gives every subject a video token (``routing="masks"`` refuses the others), the
+    others counted in ``dataset.layout_refused``."""
     path = Path(test_data)
     manifest = path / "manifest.jsonl" if path.is_dir() else path
     grid = token_grid_factors(pipe.transformer, pipe.vae)
@@ -371,11 +586,20 @@ def _load_clips(pipe: DiasRPipeline, test_data: str | os.PathLike, clips: int | 
         str(manifest), num_frames=s.num_frames, height=s.height, width=s.width, clip_sampling="start", crop="center",
         ref_augment=None, seed=0, **grid,
     )  # fmt: skip
-    count = len(dataset) if clips is None else min(clips, len(dataset))
+    indices = [i for i in range(len(dataset)) if not multi_subject or len(dataset.records[i].subjects) >= 2]
     out = []
-    for i in range(count):
+    dataset.layout_refused = []
+    for i in indices:
+        if clips is not None and len(out) >= clips:
+            break
         item = dataset[i]
         record = dataset.records[i]
+        if multi_subject:
+            try:
+                layout_labels(masks_to_token_grid(item["masks"][None].float(), **grid))
+            except ValueError:
+                dataset.layout_refused.append(item["clip_id"])
+                continue
         refs = [
             ((r.movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy() for r in item["ref_images"]
         ]
@@ -398,7 +622,7 @@ def _load_clips(pipe: DiasRPipeline, test_data: str | os.PathLike, clips: int | 
 
 def _generate(
     pipe: DiasRPipeline, clip: ClipData, routing: str | None, with_refs: bool, latents: torch.Tensor,
-    sigmas: list[float], s: ClaimSettings,
+    sigmas: list[float], s: ClaimSettings, guidance_scale: float | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:  # fmt: skip
     kwargs: dict[str, Any] = {}
     if with_refs:
@@ -408,7 +632,8 @@ def _generate(
         kwargs["return_routing_maps"] = routing != "dense"
     out = pipe(
         clip.caption, height=s.height, width=s.width, num_frames=s.num_frames, latents=latents.clone(),
-        sigmas=sigmas, guidance_scale=s.guidance_scale, max_sequence_length=s.max_sequence_length,
+        sigmas=sigmas, guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
+        max_sequence_length=s.max_sequence_length,
         output_type="np", **kwargs,
     )  # fmt: skip
     return _to_uint8(out.frames[0]), out.routing_maps[0] if out.routing_maps is not None else None
@@ -456,7 +681,6 @@ def run_claim(
     scorer = scorer if scorer is not None else load_embedder()
     methods = [m for m in s.methods if METHODS[m][0] == "routed" or dense is not None]
     skipped = [m for m in s.methods if m not in methods]
-    full_methods = [m for m in FULL_METHODS if m in methods] if s.full_generation else []
     pipes = {"routed": routed, "dense": dense}
     for p in pipes.values():
         if p is not None:
@@ -476,7 +700,7 @@ def run_claim(
     if progress:
         from tqdm.auto import tqdm
 
-        total = len(data) * (len(s.sigmas) * len(methods) + len(full_methods))
+        total = len(data) * len(s.sigmas) * len(methods)
         bar = tqdm(total=total, desc="toy_claim", file=sys.stderr)
     for clip in data:
         start = time.perf_counter()
@@ -484,12 +708,12 @@ def run_claim(
         x0 = encode_latents(routed.vae, clip.video[None])
         row: dict[str, Any] = {
             "clip_id": clip.clip_id, "num_subjects": clip.num_subjects, "same_colour": bool(clip.same_colour_pairs),
-            "partial": {}, "full": {}, "routing_iou": {},
+            "partial": {}, "routing_iou": {},
         }  # fmt: skip
         gt_frames = _to_uint8((clip.video.movedim(0, -1).numpy() + 1) / 2)
-        row["ground_truth"] = score_frames(gt_frames, clip, scorer, s.min_pixels, presence=bool(full_methods))
+        row["ground_truth"] = score_frames(gt_frames, clip, scorer, s.min_pixels)
         recon = _decode(routed, x0)
-        row["reconstruction"] = score_frames(recon, clip, scorer, s.min_pixels, presence=bool(full_methods))
+        row["reconstruction"] = score_frames(recon, clip, scorer, s.min_pixels)
         tick("encode_and_ceilings", start)
         keep = clip.clip_id in strip_ids
         if keep:
@@ -514,31 +738,17 @@ def run_claim(
                     strips[clip.clip_id]["partial"][method] = (frames, maps)
                 if bar is not None:
                     bar.update()
-        if full_methods:
-            gen = torch.Generator().manual_seed(_seed(s.seed, clip.index, 1_000))
-            noise = torch.randn(x0.shape, generator=gen)
-            schedule = np.linspace(1.0, 0.0, s.full_steps + 1)[:-1].tolist()
-            for method in full_methods:
-                which, routing, with_refs = METHODS[method]
-                start = time.perf_counter()
-                frames, maps = _generate(pipes[which], clip, routing, with_refs, noise, schedule, s)
-                tick(f"full:{method}", start)
-                row["full"][method] = score_frames(frames, clip, scorer, s.min_pixels, presence=True)
-                if keep:
-                    strips[clip.clip_id]["full"][method] = (frames, maps)
-                if bar is not None:
-                    bar.update()
         per_clip.append(row)
     if bar is not None:
         bar.close()
 
-    result = summarize(per_clip, methods, full_methods, s)
+    result = summarize(per_clip, methods, s)
     result["config"] = {
         "clips": len(data), "clip_ids": [c.clip_id for c in data], "skipped_records": dataset.num_skipped,
         "sigmas": list(s.sigmas), "steps_per_sigma": {str(x): s.steps_for(x) for x in s.sigmas},
-        "full_steps": s.full_steps, "schedule": "linear in σ from σ to 0 (DiasRPipeline(sigmas=...))",
+        "schedule": "linear in σ from σ to 0 (DiasRPipeline(sigmas=...))",
         "guidance_scale": s.guidance_scale, "methods": methods, "methods_left_out": skipped,
-        "full_generation_methods": full_methods, "seed": s.seed, "resamples": s.resamples,
+        "seed": s.seed, "resamples": s.resamples,
         "min_pixels": s.min_pixels, "max_sequence_length": s.max_sequence_length,
         "video": [s.num_frames, s.height, s.width],
         "embedder": scorer.name,
@@ -560,7 +770,7 @@ def _pick_strip_clips(data: list[ClipData], count: int) -> list[str]:
     return [c.clip_id for c in ranked[:count]]
 
 
-def summarize(per_clip: list[dict[str, Any]], methods: list[str], full_methods: list[str], s: ClaimSettings) -> dict:
+def summarize(per_clip: list[dict[str, Any]], methods: list[str], s: ClaimSettings) -> dict:
     """Means and bootstrap intervals over clips: per method and σ, pooled over σ (each clip's mean over σ), the
     paired differences to the dense baseline, the from-noise runs and the ceilings."""
 
@@ -596,16 +806,208 @@ def summarize(per_clip: list[dict[str, Any]], methods: list[str], full_methods: 
                     [_mean([v for v in r["routing_iou"][method].values() if v is not None]) for r in per_clip]
                 )
             }
-    full = {
-        method: {m: stats([r["full"][method].get(m) for r in per_clip]) for m in FULL_METRICS}
-        for method in full_methods
-    }
     ceilings = {
-        name: {m: stats([r[name].get(m) for r in per_clip]) for m in FULL_METRICS}
+        name: {m: stats([r[name].get(m) for r in per_clip]) for m in METRICS}
         for name in ("ground_truth", "reconstruction")
     }
-    return {"partial": partial, "paired_vs_dense": paired, "routing_iou_last_step": routing, "full": full,
-            "ceilings": ceilings}  # fmt: skip
+    return {"partial": partial, "paired_vs_dense": paired, "routing_iou_last_step": routing, "ceilings": ceilings}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation from pure noise
+
+# (method, clip, initial noise latents, sigmas) -> (frames (F, H, W, 3) uint8, routing maps or None)
+NoiseGenerator = Callable[[str, ClipData, torch.Tensor, list[float]], tuple[np.ndarray, torch.Tensor | None]]
+
+
+def _check_same_latents(routed: DiasRPipeline, dense: DiasRPipeline) -> None:
+    """Both models start from the same noise, so their latent spaces must have one shape."""
+    keys = ("z_dim", "scale_factor_spatial", "scale_factor_temporal")
+    a = {k: routed.vae.config.get(k) for k in keys} | {"patch_size": tuple(routed.transformer.config.patch_size)}
+    b = {k: dense.vae.config.get(k) for k in keys} | {"patch_size": tuple(dense.transformer.config.patch_size)}
+    if a != b:
+        raise ValueError(
+            f"`dense` must share the routed model's latent space and patching (same noise), got {b} vs {a}"
+        )
+
+
+def run_from_noise(
+    routed: DiasRPipeline,
+    dense: DiasRPipeline | None,
+    test_data: str | os.PathLike,
+    *,
+    clips: int | None = 40,
+    settings: ClaimSettings | None = None,
+    scorer: Scorer | None = None,
+    strip_clips: int = 0,
+    progress: bool = True,
+    generate: NoiseGenerator | None = None,
+) -> dict[str, Any]:
+    """Generate every held-out clip of two or more subjects from pure noise, given its captions, references and (for
+    ``masks``) its layout, with each of ``settings.noise_methods`` and the same seeded noise; score every subject
+    with :func:`score_subjects` (at the layout and located), plus the calibration rows; summarise with
+    clip-resampled bootstrap intervals, the paired differences to ``dense`` and the issue's targets.
+
+    Args:
+        routed, dense: as in :func:`run_claim` (``dense`` may be ``None``: its rows are left out, and said so).
+        clips: the first N held-out clips of two or more subjects (``None``: all of them).
+        generate: replaces the pipelines (``(method, clip, noise, sigmas) -> (frames, maps)``), for tests.
+    """
+    s = settings or ClaimSettings()
+    s.validate()
+    if clips is not None and (isinstance(clips, bool) or not isinstance(clips, int) or clips < 1):
+        raise ValueError(f"`clips` must be a positive integer or None, got {clips!r}")
+    if "router" in s.noise_methods and routed.id_router is None and generate is None:
+        raise ValueError("`routed` has no id_router: leave 'router' out of `noise_methods` or give one with a router")
+    methods = [m for m in s.noise_methods if METHODS[m][0] == "routed" or dense is not None]
+    skipped = [m for m in s.noise_methods if m not in methods]
+    if dense is not None:
+        _check_same_latents(routed, dense)
+    scorer = scorer if scorer is not None else load_embedder()
+    guidance = s.guidance_scale if s.noise_guidance_scale is None else s.noise_guidance_scale
+    pipes = {"routed": routed, "dense": dense}
+    for pipe in pipes.values():
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    if generate is None:
+
+        def generate(method: str, clip: ClipData, noise: torch.Tensor, sigmas: list[float]):
+            which, routing, with_refs = METHODS[method]
+            return _generate(pipes[which], clip, routing, with_refs, noise, sigmas, s, guidance)
+
+    t0 = time.perf_counter()
+    dataset, data = _load_clips(routed, test_data, clips, s, multi_subject=True)
+    if not data:
+        raise ValueError(
+            f"`test_data` {test_data} has no clip of two or more subjects whose layout gives each a video token"
+        )
+    timing: dict[str, float] = {"load_clips": time.perf_counter() - t0}
+    schedule = np.linspace(1.0, 0.0, s.full_steps + 1)[:-1].tolist()
+    temporal_compression = routed.vae_scale_factor_temporal
+    strip_ids = _pick_strip_clips(data, strip_clips)
+    strips: dict[str, dict[str, Any]] = {}
+    per_clip: list[dict[str, Any]] = []
+
+    def tick(key: str, start: float) -> None:
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(data) * len(methods), desc="toy_claim from noise", file=sys.stderr)
+    for k, clip in enumerate(data):
+        start = time.perf_counter()
+        clip.ref_embeddings = embed_references(clip, dataset.records[clip.index].subjects, scorer)
+        x0 = encode_latents(routed.vae, clip.video[None])
+        row: dict[str, Any] = {
+            "clip_id": clip.clip_id, "num_subjects": clip.num_subjects, "same_colour": bool(clip.same_colour_pairs),
+            "subjects": clip.phrases, "scores": {}, "routed_share": {},
+        }  # fmt: skip
+
+        def score(frames: np.ndarray, clip: ClipData = clip, routed_masks: np.ndarray | None = None) -> dict:
+            return score_subjects(frames, clip, scorer, s.min_pixels, s.located_every, routed_masks)
+
+        row["scores"]["ground_truth"] = score(_to_uint8((clip.video.movedim(0, -1).numpy() + 1) / 2))
+        row["scores"]["reconstruction"] = score(_decode(routed, x0))
+        if len(data) > 1:
+            other = data[(k + 1) % len(data)]
+            row["other_clip_id"] = other.clip_id
+            row["scores"]["other_clip"] = score(_to_uint8((other.video.movedim(0, -1).numpy() + 1) / 2))
+        tick("encode_and_calibration", start)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(_seed(s.seed, clip.index, 1_000)))
+        keep = clip.clip_id in strip_ids
+        if keep:
+            strips[clip.clip_id] = {"clip": clip, "partial": {}, "full": {}, "sigma": None}
+        for method in methods:
+            start = time.perf_counter()
+            frames, maps = generate(method, clip, noise, schedule)
+            tick(f"generate:{method}", start)
+            start = time.perf_counter()
+            routed_masks = None
+            if maps is not None:
+                row["routed_share"][method] = [float((maps == i).float().mean()) for i in range(clip.num_subjects)]
+                routed_masks = routed_pixel_masks(maps, clip.num_subjects, *frames.shape[:3], temporal_compression)
+            row["scores"][method] = score(frames, routed_masks=routed_masks)
+            tick("score", start)
+            if keep:
+                strips[clip.clip_id]["full"][method] = (frames, maps)
+            if bar is not None:
+                bar.update()
+        per_clip.append(row)
+    if bar is not None:
+        bar.close()
+
+    result = summarize_noise(per_clip, methods, s)
+    result["config"] = {
+        "clips": len(data), "clip_ids": [c.clip_id for c in data], "layout_refused": dataset.layout_refused,
+        "selection": "first held-out clips of >= 2 subjects whose layout gives every subject a token",
+        "subjects": sum(c.num_subjects for c in data),
+        "same_colour_subjects": sum(len({i for i, _ in c.same_colour_pairs}) for c in data),
+        "steps": s.full_steps, "schedule": "linear in σ from 1 to 0 (DiasRPipeline(sigmas=...))",
+        "guidance_scale": guidance, "methods": methods, "methods_left_out": skipped, "seed": s.seed,
+        "resamples": s.resamples, "min_pixels": s.min_pixels, "located_every": s.located_every,
+        "max_sequence_length": s.max_sequence_length, "video": [s.num_frames, s.height, s.width],
+        "embedder": scorer.name,
+    }  # fmt: skip
+    result["timing_s"] = {k: round(v, 2) for k, v in sorted(timing.items())} | {
+        "total": round(time.perf_counter() - t0, 2)
+    }
+    result["per_clip"] = per_clip
+    result["_strips"] = strips
+    return result
+
+
+def summarize_noise(per_clip: list[dict[str, Any]], methods: list[str], s: ClaimSettings) -> dict[str, Any]:
+    """Pooled per-subject means with clip-resampled intervals (:func:`cluster_bootstrap`) for every method and
+    calibration row, both scorings; the paired per-subject differences to ``dense``; the targets; routed shares."""
+
+    def stats(groups: list[list[float | None]]) -> dict[str, Any]:
+        return cluster_bootstrap(groups, s.resamples, s.seed)
+
+    def values(name: str, scoring: str, metric: str) -> list[list[float | None]]:
+        return [[None if v is None else v[metric] for v in r["scores"][name][scoring]] for r in per_clip]
+
+    names = [*methods, *(c for c in NOISE_CALIBRATION if all(c in r["scores"] for r in per_clip))]
+
+    def scorings(name: str) -> list[str]:
+        return [sc for sc in SCORINGS if all(sc in r["scores"][name] for r in per_clip)]
+
+    table = {
+        name: {sc: {m: stats(values(name, sc, m)) for m in NOISE_METRICS} for sc in scorings(name)} for name in names
+    }
+    paired: dict[str, Any] = {}
+    if "dense" in methods:
+        for method in (m for m in methods if m != "dense"):
+            paired[f"{method} - dense"] = {
+                sc: {
+                    m: stats([
+                        [None if a is None or b is None else a - b for a, b in zip(ga, gb)]
+                        for ga, gb in zip(values(method, sc, m), values("dense", sc, m))
+                    ])
+                    for m in NOISE_METRICS
+                }
+                for sc in scorings(method)
+                if sc in scorings("dense")
+            }  # fmt: skip
+    targets = []
+    for method, scoring, metric, threshold in NOISE_TARGETS:
+        if scoring in table.get(method, {}):
+            st = table[method][scoring][metric]
+            met = st["mean"] is not None and st["mean"] >= threshold
+            targets.append({
+                "method": method, "scoring": scoring, "metric": metric, "threshold": threshold, "value": st,
+                "met": met, "interval_above": st["low"] is not None and st["low"] >= threshold,
+            })  # fmt: skip
+    shares = {}
+    for method in methods:
+        if all(method in r["routed_share"] for r in per_clip):
+            groups = [r["routed_share"][method] for r in per_clip]
+            shares[method] = {
+                "share": stats(groups),
+                "below_1_percent": stats([[float(v < 0.01) for v in g] for g in groups]),
+            }
+    return {"table": table, "paired_vs_dense": paired, "targets": targets, "routed_share": shares}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -703,19 +1105,6 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
             rows.append((f"σ {sigma}: {LABELS[m]}", v["by_sigma"][str(sigma)]))
     sig_iou = {f"σ {sig}: {LABELS[m]}": _cell(v[str(sig)]) for m, v in routing.items() for sig in cfg["sigmas"]}
     lines += [_table(rows, extra=sig_iou), ""]
-    if result["full"]:
-        lines += [
-            f"**From pure noise** ({cfg['full_steps']} steps, linear schedule from σ = 1), scored at the held-out "
-            'clip\'s layout. DiasR is routed by that layout (`routing="masks"`); the dense model has no layout input, '
-            "so at the layout's regions it can only score by chance. The last column is layout-free: for each "
-            "reference, the best-matching window anywhere in the frame (the embedder's mask-free `locate_subject`), "
-            "so it compares what is drawn, not where (ceilings: ground truth "
-            f"{_cell(result['ceilings']['ground_truth']['presence_sim'])}, VAE reconstruction "
-            f"{_cell(result['ceilings']['reconstruction']['presence_sim'])}):",
-            "",
-            _table([(LABELS[m], v) for m, v in result["full"].items()], metrics=FULL_METRICS),
-            "",
-        ]
     if routing:
         lines.append(
             "Routing IoU: the maps each call returns (`return_routing_maps=True`: majority over routed layers at the "
@@ -744,7 +1133,12 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
     if cfg["methods_left_out"]:
         lines += ["", f"Left out (no dense pipeline given): {', '.join(cfg['methods_left_out'])}."]
     if strips:
-        lines += ["", "Examples (references | frames of each method at the highest σ | routing maps):", ""]
+        lines += [
+            "",
+            "Examples (references | ground truth | each method's frames at the highest σ and, when run, from pure "
+            "noise | routing maps):",
+            "",
+        ]
         lines += [f"![toy claim strip]({p})" for p in strips]
     timing = result["timing_s"]
     lines += [
@@ -757,19 +1151,140 @@ def render_markdown(result: dict[str, Any], command: str | None = None, strips: 
     return "\n".join(lines) + "\n"
 
 
-def update_marked_section(path: str | os.PathLike, block: str) -> None:
-    """Replace what lies between the toy_claim markers of ``path`` (appending the markers at the end when absent,
-    creating the file when missing); nothing else of the file changes. Written atomically."""
+def _noise_table(rows: list[tuple[str, dict[str, Any]]], signed: bool = False) -> str:
+    lines = [
+        "| | " + " | ".join(NOISE_HEADERS[m] for m in NOISE_METRICS) + " |",
+        "|---" + "|---:" * len(NOISE_METRICS) + "|",
+    ]
+    for name, cells in rows:
+        lines.append(f"| {name} | " + " | ".join(_cell(cells[m], signed) for m in NOISE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def render_noise_markdown(
+    result: dict[str, Any], command: str | None = None, strips: Sequence[str] = (), label: str | None = None
+) -> str:
+    """The from-noise section for ``docs/toy_model.md``: targets, both scorings and the paired differences."""
+    cfg, env, table = result["config"], result.get("environment", {}), result["table"]
+    lines = []
+    if cfg["embedder"].startswith("STAND-IN"):
+        lines += ["> **STAND-IN EMBEDDER (colour statistics only): these numbers are not a result.**", ""]
+    if label:
+        lines += [f"**Model: {label}**", ""]
+    models = result.get("models", {})
+    methods = cfg["methods"]
+    every = "every frame" if cfg["located_every"] == 1 else f"one frame of every {cfg['located_every']}"
+    lines += [
+        f"**From pure noise.** {cfg['clips']} held-out clips of 2-4 subjects ({cfg['subjects']} subjects, "
+        f"{cfg['same_colour_subjects']} of them sharing their colour with another subject of their clip; subject "
+        "combinations never seen in training"
+        + (
+            f"; {len(cfg['layout_refused'])} clip(s) left out whose layout gives a subject no video token, which "
+            '`routing="masks"` refuses'
+            if cfg.get("layout_refused")
+            else ""
+        )
+        + "), each generated from the same seeded noise by every method, "
+        f"{cfg['steps']} steps on a linear schedule from σ = 1, guidance_scale={cfg['guidance_scale']}, given the "
+        "clip's caption and references. `router` and `similarity` get no layout; `masks` gets the clip's layout "
+        'masks (`routing="masks"`); the dense baseline has no layout input'
+        + (f" (routed model `{models.get('routed')}`, dense `{models.get('dense')}`)" if models else "")
+        + f". Every subject is scored by `{cfg['embedder']}` (trained apart from the generator) over its frames "
+        "pooled, three ways (two for a method without routing maps):",
+        "",
+        f"- **at the layout**: cropped with its layout mask in every frame (≥ {cfg['min_pixels']} pixels): what "
+        "`masks` was asked to draw there (the other methods were not told where, so this is near chance for them);",
+        "- **routed**: cropped with the method's own routing map (the maps the call returns, last step, in pixels): "
+        "where the model put each subject; a subject routed nowhere counts as not matched;",
+        f"- **located**: in {every}, without any mask: every square window of the frame is embedded and the "
+        "references claim windows one at a time, the best (reference, window) pair by cosine x objectness first "
+        "(the score of the embedder's `locate_subject`), and a window overlapping a claimed one is out. It judges "
+        "what was drawn wherever it is, but each window is picked *by* a reference, which flatters every row; the "
+        "*another clip's frames* row (the next held-out clip's real frames, scored against this clip's references) "
+        "shows how much, so located numbers compare methods, not against the targets' absolute levels.",
+        "",
+        "Own ref best: the subject's own reference is strictly the most similar of its clip's references (mean "
+        "cosine over its frames); same-colour: the same for subjects sharing their colour; identity / leakage sim: "
+        "that mean cosine to its own / the best other reference; attribute swaps: crops of a same-colour subject "
+        "whose predicted shape or pattern is its partner's and not its own; shape / colour acc: the predicted shape "
+        "/ colour is its own (chance 0.125 each). Cells: mean over subjects [95% bootstrap interval resampling "
+        f"clips, {cfg['resamples']} resamples].",
+        "",
+    ]
+    if result["targets"]:
+        lines += ["**Targets** (issue 24, set for the retrained model):", ""]
+        for tg in result["targets"]:
+            st = tg["value"]
+            verdict = "met" if tg["met"] else "**not met**"
+            if tg["met"] and not tg["interval_above"]:
+                verdict += " (its interval reaches below)"
+            floor = table.get("other_clip", {}).get(tg["scoring"], {}).get(tg["metric"])
+            if floor is not None and floor["mean"] is not None:
+                verdict += f" (another clip's frames score {floor['mean']:.3f} here)"
+            lines.append(
+                f"- {LABELS[tg['method']]}, {tg['scoring']}: {NOISE_HEADERS[tg['metric']].rstrip(' ↑')} "
+                f"{_cell(st)} against ≥ {tg['threshold']:g}: {verdict}."
+            )
+        lines.append("")
+    calib = [c for c in NOISE_CALIBRATION if c in table]
+    titles = {
+        "layout": "At the layout masks",
+        "routed": "Where each method routed each subject (its own routing map)",
+        "located": "Located without masks (what each method drew, wherever it is)",
+    }
+    for scoring, title in titles.items():
+        names = [n for n in (*methods, *calib) if scoring in table[n]]
+        if not names:
+            continue
+        lines += [f"**{title}:**", "", _noise_table([(NOISE_LABELS[n], table[n][scoring]) for n in names]), ""]
+        diffs = [(k, v[scoring]) for k, v in result["paired_vs_dense"].items() if scoring in v]
+        if diffs:
+            lines += [
+                f"Paired difference to the dense baseline, {scoring} (same clips, subjects and noise):",
+                "",
+                _noise_table([(k.replace(" - dense", "") + " − dense", v) for k, v in diffs], signed=True),
+                "",
+            ]
+    shares = result.get("routed_share", {})
+    if shares:
+        parts = [
+            f"{m} {_cell(v['share'])} of the video tokens a subject, {_cell(v['below_1_percent'])} of subjects "
+            "under 1%"
+            for m, v in shares.items()
+        ]
+        lines += [f"Routing (the maps each call returns, last step): {'; '.join(parts)}.", ""]
+    if cfg["methods_left_out"]:
+        lines += [f"Left out (no dense pipeline given): {', '.join(cfg['methods_left_out'])}.", ""]
+    if strips:
+        lines += ["Examples (references | ground truth | each method from pure noise, with its routing maps):", ""]
+        lines += [f"![toy claim from noise]({p})" for p in strips]
+        lines.append("")
+    timing = result["timing_s"]
+    lines.append(
+        f"Run: {env.get('device', '?')}, torch {env.get('torch', '?')}, diffusers {env.get('diffusers', '?')}, "
+        f"{env.get('date', '?')}; {timing['total']:.0f} s in all."
+    )
+    if command:
+        lines += ["", "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def update_marked_section(
+    path: str | os.PathLike, block: str, markers: tuple[str, str] = (MARK_START, MARK_END)
+) -> None:
+    """Replace what lies between the ``markers`` of ``path`` (the toy_claim ones by default; appending the markers
+    at the end when absent, creating the file when missing); nothing else of the file changes. Written atomically."""
     path = Path(path)
+    mark_start, mark_end = markers
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    section = f"{MARK_START}\n{block.rstrip()}\n{MARK_END}"
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    section = f"{mark_start}\n{block.rstrip()}\n{mark_end}"
+    start, end = text.find(mark_start), text.find(mark_end)
     if (start == -1) != (end == -1) or (start != -1 and end < start):
-        raise ValueError(f"`--out-md` {path} has a broken toy_claim section: one marker without the other")
+        raise ValueError(f"`--out-md` {path} has a broken {mark_start} section: one marker without the other")
     if start == -1:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
     else:
-        text = text[:start] + section + text[end + len(MARK_END) :]
+        text = text[:start] + section + text[end + len(mark_end) :]
     atomic_write_text(path, text)
 
 
@@ -876,17 +1391,28 @@ def _sigma_list(text: str) -> tuple[float, ...]:
     return values
 
 
+# What --quick changes (a smoke test of every path in about a minute); explicit flags still win.
+QUICK = {"clips": 2, "noise_clips": 3, "sigmas": (0.8,), "steps": 2, "full_steps": 2, "resamples": 200}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--routed", required=True, help="the DiasR pipeline folder (with a trained id_router)")
     parser.add_argument("--dense", default=None, help="the dense baseline's pipeline folder (omit: no dense rows)")
     parser.add_argument("--test-data", required=True, help="held-out make-synthetic folder (or its manifest.jsonl)")
     parser.add_argument("--train-data", default=None, help="the training make-synthetic folder (for novelty)")
-    parser.add_argument("--clips", type=_positive_int, default=16, help="the first N held-out clips (default 16)")
-    parser.add_argument("--sigmas", type=_sigma_list, default=SIGMAS, help="comma-separated noise levels")
-    parser.add_argument("--steps", type=_positive_int, default=8, help="steps for σ=1; σ takes round(steps*σ)")
-    parser.add_argument("--full-steps", type=_positive_int, default=8, help="steps of the from-noise runs")
-    parser.add_argument("--no-full", action="store_true", help="skip the from-noise runs")
+    parser.add_argument("--clips", type=_positive_int, default=None, help="the first N held-out clips (default 16)")
+    parser.add_argument("--sigmas", type=_sigma_list, default=None, help="comma-separated noise levels")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="steps for σ=1; σ takes round(steps*σ)")
+    parser.add_argument("--no-partial", action="store_true", help="skip the runs from noised clips (σ < 1)")
+    parser.add_argument("--no-full", action="store_true", help="skip the runs from pure noise")
+    parser.add_argument("--noise-clips", type=_positive_int, default=None,
+                        help="from pure noise: the first N held-out clips of >= 2 subjects (default 40)")  # fmt: skip
+    parser.add_argument("--full-steps", type=_positive_int, default=None, help="steps from pure noise (default 16)")
+    parser.add_argument("--noise-methods", default=",".join(NOISE_METHODS), help="methods run from pure noise")
+    parser.add_argument("--noise-guidance-scale", type=float, default=None,
+                        help="guidance from pure noise (default: --guidance-scale)")  # fmt: skip
+    parser.add_argument("--located-every", type=_positive_int, default=2, help="mask-free search every N-th frame")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="the same for every method (1 = no CFG)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {list(METHODS)}")
     parser.add_argument("--num-frames", type=_positive_int, default=9, help="as the models were trained")
@@ -894,25 +1420,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--width", type=_positive_int, default=64)
     parser.add_argument("--max-sequence-length", type=_positive_int, default=64, help="as the models were trained")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--resamples", type=_positive_int, default=None, help="bootstrap resamples (default 1000)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK} unless given")
     parser.add_argument("--out", default="runs/toy_claim", help="folder for toy_claim.json and toy_claim.md")
-    parser.add_argument("--out-md", default=None, help="update the toy_claim section of this markdown file")
+    parser.add_argument("--out-json", default=None, help="also write the result JSON to this file")
+    parser.add_argument("--out-md", default=None, help="update the toy_claim sections of this markdown file")
+    parser.add_argument("--label", default=None, help="which model this is, printed above the from-noise tables")
     parser.add_argument("--strips", default=None, help="write example strips (PNG) into this folder")
     parser.add_argument("--num-strips", type=_positive_int, default=3)
     args = parser.parse_args(argv)
+    defaults = {"clips": 16, "noise_clips": 40, "sigmas": SIGMAS, "steps": 8, "full_steps": 16, "resamples": 1000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else value)
+    if args.no_partial and args.no_full:
+        parser.error("--no-partial and --no-full together leave nothing to run")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    noise_methods = tuple(m.strip() for m in args.noise_methods.split(",") if m.strip())
     settings = ClaimSettings(
         sigmas=args.sigmas, steps=args.steps, full_steps=args.full_steps, guidance_scale=args.guidance_scale,
         methods=methods, full_generation=not args.no_full, seed=args.seed, resamples=args.resamples,
         num_frames=args.num_frames, height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+        noise_methods=noise_methods, noise_guidance_scale=args.noise_guidance_scale, located_every=args.located_every,
     )  # fmt: skip
     try:
         settings.validate()
     except ValueError as err:
         parser.error(str(err))
+    if not args.no_full and not noise_methods:
+        parser.error("--noise-methods is empty")
     # Local folders only: a missing path must not turn into a Hub download attempt inside from_pretrained.
     for flag, value in (("--routed", args.routed), ("--dense", args.dense)):
         if value is not None and not (Path(value) / "model_index.json").is_file():
@@ -920,34 +1459,67 @@ def main(argv: Sequence[str] | None = None) -> None:
     for flag, value in (("--test-data", args.test_data), ("--train-data", args.train_data)):
         if value is not None and not (Path(value).is_file() or (Path(value) / "manifest.jsonl").is_file()):
             parser.error(f"{flag} {value} is neither a manifest nor a folder with manifest.jsonl")
+    for flag, value in (("--out-md", args.out_md), ("--out-json", args.out_json)):
+        if value is not None and Path(value).is_dir():
+            parser.error(f"{flag} {value} is a folder; expected a file path")
     scorer = load_embedder()
     routed = DiasRPipeline.from_pretrained(args.routed)
     dense = DiasRPipeline.from_pretrained(args.dense) if args.dense else None
-    result = run_claim(
-        routed, dense, args.test_data, args.train_data, clips=args.clips, settings=settings, scorer=scorer,
-        strip_clips=args.num_strips if args.strips else 0,
-    )  # fmt: skip
-    result["environment"] = environment()
-    result["trainer_eval"] = _trainer_eval(args.routed)
-    result["models"] = {"routed": str(args.routed), "dense": args.dense}
+    if dense is not None:
+        try:
+            _check_same_latents(routed, dense)
+        except ValueError as err:
+            parser.error(f"--dense: {err}")
+    strip_count = args.num_strips if args.strips else 0
+    result: dict[str, Any] = {}
+    if not args.no_partial:
+        result = run_claim(
+            routed, dense, args.test_data, args.train_data, clips=args.clips, settings=settings, scorer=scorer,
+            strip_clips=strip_count,
+        )  # fmt: skip
+        result["trainer_eval"] = _trainer_eval(args.routed)
+    strips: dict[str, Any] = result.pop("_strips", {})
+    if not args.no_full:
+        noise = run_from_noise(
+            routed, dense, args.test_data, clips=args.noise_clips, settings=settings, scorer=scorer,
+            strip_clips=strip_count,
+        )  # fmt: skip
+        for clip_id, entry in noise.pop("_strips").items():
+            strips.setdefault(clip_id, entry)["full"] = entry["full"]
+        result["from_noise"] = noise
+    env = environment()
+    result["environment"] = env
+    result["models"] = {"routed": str(args.routed), "dense": args.dense, "label": args.label}
     command = "OMP_NUM_THREADS={} PYTHONPATH=src python benchmarks/toy_claim.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), shlex.join(sys.argv[1:] if argv is None else argv)
     )
     result["command"] = command
-    strip_paths = []
-    if args.strips:
-        strip_paths = write_strips(result, args.strips, routed.vae_scale_factor_temporal)
+    strip_paths = (
+        write_strips({"_strips": strips}, args.strips, routed.vae_scale_factor_temporal) if args.strips else []
+    )
     md_links = []
     if args.out_md:
         md_links = [os.path.relpath(p, Path(args.out_md).resolve().parent) for p in map(Path.resolve, strip_paths)]
-    markdown = render_markdown(result, command, md_links)
+    sections = []
+    if not args.no_partial:
+        sections.append(((MARK_START, MARK_END), render_markdown(result, command, md_links)))
+    if not args.no_full:
+        noise = result["from_noise"] | {"environment": env, "models": result["models"]}
+        links = md_links if args.no_partial else []  # the strips are linked once, from the first section
+        sections.append(((NOISE_MARK_START, NOISE_MARK_END), render_noise_markdown(noise, command, links, args.label)))
+    markdown = "\n".join(block for _, block in sections)
     out = Path(args.out)
-    atomic_write_text(out / "toy_claim.json", json.dumps(_jsonable(result), indent=2) + "\n")
+    text = json.dumps(_jsonable(result), indent=2) + "\n"
+    atomic_write_text(out / "toy_claim.json", text)
+    if args.out_json:
+        atomic_write_text(args.out_json, text)
     atomic_write_text(out / "toy_claim.md", markdown)
     if args.out_md:
-        update_marked_section(args.out_md, markdown)
+        for markers, block in sections:
+            update_marked_section(args.out_md, block, markers)
     print(markdown)
-    print(f"wrote {out / 'toy_claim.json'}, {out / 'toy_claim.md'}" + (f", {args.out_md}" if args.out_md else ""))
+    written = [out / "toy_claim.json", out / "toy_claim.md", args.out_json, args.out_md]
+    print("wrote " + ", ".join(str(w) for w in written if w))
 
 
 if __name__ == "__main__":
