@@ -81,7 +81,11 @@ def assert_all_close(got, want, tol=1e-10):
 def test_batched_cross_attention_is_exact_per_sample(query_range):
     batch, lv = len(LAYOUTS), 12
     lq = lv + sum(REF_LENGTHS)
-    q, k, v = randn(batch, lq, HEADS, DIM, seed=0), randn(batch, LT, HEADS, DIM, seed=1), randn(batch, LT, HEADS, DIM, seed=2)
+    q, k, v = (
+        randn(batch, lq, HEADS, DIM, seed=0),
+        randn(batch, LT, HEADS, DIM, seed=1),
+        randn(batch, LT, HEADS, DIM, seed=2),
+    )
     buckets = torch.randint(-1, 2, (batch, lv), generator=torch.Generator().manual_seed(3))
     rows = slice(*query_range) if query_range else slice(None)
     state = SubjectRoutingState()
@@ -266,3 +270,34 @@ def test_whole_transformer_compiles_without_graph_breaks(wan, mode):
             assert torch.equal(state.buckets[layer], b), layer
         assert mode == "dense" or state.buckets
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_host_read_in_routed_joint_attention_with_text_routing(bias, monkeypatch):
+    """The joint-attention families (CogVideoX here) too: text routing with a different phrase layout per sample."""
+    from diasr_diffusers.processors import CogVideoXSubjectSparseAttnProcessor
+    from diasr_diffusers.utils.tiny import tiny_cogvideox_components
+
+    monkeypatch.setattr(torch_backend_module, "HOST_READS_ON_CPU", False)
+    attn = tiny_cogvideox_components()["transformer"].transformer_blocks[0].attn1
+    g = torch.Generator().manual_seed(0)
+    hidden, text = torch.randn(2, 8 + 12, 32, generator=g), torch.randn(2, 6, 32, generator=g)
+    rope = (torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g))
+    segments = [
+        TextSegments(torch.tensor([0, 3, 5, 1, 2, 4]), [2, 1]),
+        TextSegments(torch.tensor([0, 1, 2, 3, 4]), [1, 2]),
+    ]
+    state = SubjectRoutingState()
+    proc = CogVideoXSubjectSparseAttnProcessor(state, layer_idx=0)
+    routing = {"ref_lengths": [4, 8], "mode": "masks", "mask_buckets": torch.tensor([[0, 1, -1, 0, 1, 1, -1, 0]] * 2),
+               "text_segments": segments}  # fmt: skip
+    if bias:  # the router's straight-through carrier (value 0) as the segment bias: the extra-channel route
+        # with autograd the "torch" backend reads its group sizes (the GPU path is "triton"): the dense reference here
+        routing.update(mode="router", mask_buckets=None, router_gradient="straight_through", backend="dense",
+                       router=IDRouter(hidden_dim=32, text_dim=32, num_layers=1, router_dim=16,
+                                       num_identity_queries=4, num_heads=2))  # fmt: skip
+    with torch.set_grad_enabled(bias), state.activate(**routing):
+        with HostReads(monkeypatch) as rec:
+            video, txt = proc(attn, hidden, text, None, rope)
+    assert rec.reads == []
+    assert torch.isfinite(video).all() and torch.isfinite(txt).all()

@@ -111,7 +111,7 @@ class SubjectRoutingState:
     current_buckets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        # Derived from the inputs once, reused by every layer (see `_text_positions`, `_text_layout`, `_on_device`).
+        # Derived from the inputs once, reused by every layer (`_text_positions`, `_text_layout`, `_mask_buckets_on`).
         self._text_cache: tuple[Any, list[_SampleText]] | None = None
         self._layouts: dict[Any, Any] = {}
         self._device_buckets: tuple[torch.Tensor, torch.device, torch.Tensor] | None = None
@@ -684,7 +684,7 @@ def routed_cross_attention(
     batch = query.shape[0]
     slot_lengths, index, slot_of, _ = _text_layout(state, batch, key.shape[1], key.device, joint=False)
     ref_buckets = subject_of_reference_tokens(state.ref_lengths, batch, query.device)
-    slots = torch.gather(slot_of, 1, torch.cat([buckets, ref_buckets], dim=1) + 1)
+    slots = torch.gather(slot_of, 1, torch.cat([buckets.long(), ref_buckets], dim=1) + 1)
     if query_range is not None:
         slots = slots[:, query_range[0] : query_range[1]]
     keys, values = _gather_tokens(key, index), _gather_tokens(value, index)
@@ -748,7 +748,7 @@ def routed_joint_attention(
     slot_lengths, index, slot_of, biased = _text_layout(state, batch, lt, vq.device, joint=True, text_mask=text_mask)
     key = torch.cat([vk, _gather_tokens(torch.cat([rk, tk], dim=1), index)], dim=1)
     value = torch.cat([vv, _gather_tokens(torch.cat([rv, tv], dim=1), index)], dim=1)
-    video_slots = torch.gather(slot_of, 1, buckets + 1)
+    video_slots = torch.gather(slot_of, 1, buckets.long() + 1)
     ref_slots = torch.gather(slot_of, 1, ref_buckets + 1)
     if segment_bias is None:
         video_out = _attend(vq, key, value, video_slots, slot_lengths, state)
