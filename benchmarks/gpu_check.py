@@ -275,7 +275,8 @@ def part_step(args) -> None:
     if device != "cuda":
         row("syncs", "routed transformer forward", "N/A", "dry run: set_sync_debug_mode needs CUDA")
         return
-    # Expected to fail until the processors call the op's trusted path (check_inputs=False): issue 22, part 1.
+    # The processors call the op's trusted path (check_inputs=False) and check their inputs in `activate`, outside
+    # the forward: zero syncs expected (tests/test_processors_hotpath.py proves it on CPU with a dispatch recorder).
     n = 2
     latents = torch.randn(1, 16, frames + n, h, w, device=device, dtype=dtype)
     torch.cuda.synchronize()
@@ -287,8 +288,8 @@ def part_step(args) -> None:
         torch.cuda.synchronize()
         row("syncs", "routed Wan-1.3B transformer forward (similarity)", "OK: no sync")
     except Exception as err:
-        row("syncs", "routed Wan-1.3B transformer forward (similarity)", "FAIL (known: processors still use the "
-            "checked op path)", f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")  # fmt: skip
+        row("syncs", "routed Wan-1.3B transformer forward (similarity)", "FAIL",
+            f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

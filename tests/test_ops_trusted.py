@@ -2,7 +2,7 @@
 without graph breaks, and the same results as the checked path.
 
 A host read is what stalls a GPU: ``.item()`` / ``.tolist()`` / ``bool(tensor)`` / ops whose output size depends on
-the data (``nonzero``, ``masked_select``, ``unique``). The recorder below sees the dispatcher-level ones
+the data (``nonzero``, ``masked_select``, ``unique``). The recorder (`_host_reads.py`) sees the dispatcher-level ones
 (``aten._local_scalar_dense`` and friends) and, since ``Tensor.tolist`` / ``numpy`` on CPU tensors bypass the
 dispatcher, wraps those Python methods too. It is checked to catch the checked path's bucket-range read. The Triton
 backend's trusted path is checked the same way under the interpreter (``triton_interpret_cases.py``).
@@ -12,41 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _host_reads import HostReads
 
 from diasr_diffusers.ops import _torch_backend as torch_backend_module
 from diasr_diffusers.ops import bucketed_attention
-
-HOST_READ_OPS = {
-    "aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default",
-    "aten.nonzero.default", "aten.masked_select.default", "aten._unique2.default", "aten.unique_dim.default",
-    "aten.unique_consecutive.default", "aten.bincount.default",
-    # a tensor made from host data (torch.tensor(list)): on a GPU a blocking host-to-device copy, which
-    # torch.cuda.set_sync_debug_mode("error") rejects as well
-    "aten.lift_fresh.default", "aten.lift_fresh_copy.default",
-}  # fmt: skip
-
-
-class HostReads(TorchDispatchMode):
-    """Records every device-to-host read (see the module docstring)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads: list[str] = []
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(t, *args, _name=name, _original=original, **kwargs):
-                self.reads.append(f"Tensor.{_name}")
-                return _original(t, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in HOST_READ_OPS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 SEGS = [5, 0, 9, 3]
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .._diffusers_compat import context_parallel_config, functional_collectives, parallel_config_of
-from ..ops import bucketed_attention
-from ..routing.router import buckets_from_logits, chosen_log_prob
+from ..ops import available_backends, bucketed_attention
+from ..routing.router import buckets_from_logits, check_phrase_mask, chosen_log_prob
 
 if TYPE_CHECKING:
     from ..routing.router import IDRouter
@@ -110,6 +110,69 @@ class SubjectRoutingState:
     anchors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     current_buckets: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # Derived from the inputs once, reused by every layer (`_text_positions`, `_text_layout`, `_mask_buckets_on`).
+        self._text_cache: tuple[Any, list[_SampleText]] | None = None
+        self._layouts: dict[Any, Any] = {}
+        self._device_buckets: tuple[torch.Tensor, torch.device, torch.Tensor] | None = None
+        self._checked: dict[str, tuple[Any, tuple]] = {}
+
+    def _text_positions(self) -> list[_SampleText] | None:
+        """The text positions of ``text_segments``, read and checked once per ``text_segments`` object (by
+        :meth:`activate`, or by the first layer when the field was set directly)."""
+        segments = self.text_segments
+        if segments is None:
+            return None
+        if (
+            self._text_cache is None
+            or self._text_cache[0] is not segments
+            or self._layouts.get("refs") != tuple(self.ref_lengths)
+        ):
+            self._set_text_cache(segments, _sample_texts(segments, self.num_subjects))
+        return self._text_cache[1]
+
+    def _set_text_cache(self, segments: list[TextSegments] | None, texts: list[_SampleText] | None) -> None:
+        if (
+            self._text_cache is not None
+            and self._text_cache[0] is segments
+            and self._layouts.get("refs") == tuple(self.ref_lengths)
+        ):
+            return
+        self._text_cache = None if segments is None else (segments, texts)
+        self._layouts = {"refs": tuple(self.ref_lengths)}
+        if texts is not None:  # both kinds (the state does not know its family): small, and built once per step
+            parts = [(list(t.general), [list(p) for p in t.phrases]) for t in texts]
+            for joint in (False, True):
+                self._layouts[joint] = _build_text_layout(parts, self.ref_lengths, joint)
+
+    def _check_once(self, name: str, value: Any, num_subjects: int) -> None:
+        """The value checks of ``mask_buckets`` (range) and ``phrase_masks`` (a valid token per sample), which read
+        the host: run once per tensor (and in-place version), so that no routed layer has to."""
+        if value is None or self._is_checked(name, value, num_subjects):
+            return
+        if name == "mask_buckets":
+            _check_bucket_range(value, num_subjects)
+        else:
+            for s, mask in enumerate(value):
+                if mask is not None:
+                    check_phrase_mask(mask, f"phrase_masks[{s}]")
+        # The value itself is kept: its id cannot then be reused by another object while this entry stands.
+        self._checked[name] = (value, _fingerprint(value, num_subjects))
+
+    def _is_checked(self, name: str, value: Any, num_subjects: int) -> bool:
+        entry = self._checked.get(name)
+        if entry is None or entry[0] is not value:
+            return False
+        # A traced graph cannot read in-place versions; it is guarded on the objects' identity instead.
+        return torch.compiler.is_compiling() or entry[1] == _fingerprint(value, num_subjects)
+
+    def _mask_buckets_on(self, device: torch.device) -> torch.Tensor:
+        """``mask_buckets`` on ``device``, copied once per tensor and device rather than in every layer."""
+        buckets, cached = self.mask_buckets, self._device_buckets
+        if cached is None or cached[0] is not buckets or cached[1] != device:
+            self._device_buckets = cached = (buckets, device, buckets.to(device))
+        return cached[2]
+
     @property
     def active(self) -> bool:
         return len(self.ref_lengths) > 0
@@ -139,10 +202,18 @@ class SubjectRoutingState:
         unknown = set(inputs) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"unknown routing state fields {sorted(unknown)}")
-        _check_state({f.name: inputs.get(f.name, getattr(self, f.name)) for f in fields(self)})
+        values = {f.name: inputs.get(f.name, getattr(self, f.name)) for f in fields(self)}
+        _check_state(values)
+        # Read and checked here, once per call of the transformer (the bucket range once per `mask_buckets` tensor),
+        # so that the routed layers run the op's trusted path and read nothing back to the host.
+        n = len(values["ref_lengths"])
+        texts = None if values["text_segments"] is None else _sample_texts(values["text_segments"], n)
+        self._check_once("mask_buckets", values["mask_buckets"], n)
+        self._check_once("phrase_masks", values["phrase_masks"], n)
         saved = {name: getattr(self, name) for name in inputs}
         for name, value in inputs.items():
             setattr(self, name, value)
+        self._set_text_cache(self.text_segments, texts)
         self.clear_outputs()
         try:
             yield self
@@ -228,6 +299,8 @@ def _check_state(values: dict[str, Any]) -> None:
         not isinstance(grid, (list, tuple)) or len(grid) != 3 or not all(_is_int(g) and g >= 1 for g in grid)
     ):
         raise ValueError(f"`video_grid` must be None or 3 positive ints (F, H, W), got {grid!r}")
+    if values["backend"] not in available_backends():
+        raise ValueError(f"`backend` must be one of {available_backends()}, got {values['backend']!r}")
     if values["router_gradient"] not in ("none", "straight_through"):
         raise ValueError(f"`router_gradient` must be 'none' or 'straight_through', got {values['router_gradient']!r}")
     for name in ("record", "ref_attends_video"):
@@ -248,6 +321,20 @@ def _check_state(values: dict[str, Any]) -> None:
         if values[name] is not None and (not isinstance(values[name], (list, tuple)) or len(values[name]) != n):
             raise ValueError(
                 f"`{name}` must be None or a list with one entry per subject ({n}), got {type(values[name]).__name__}"
+            )
+
+
+def _fingerprint(value: Any, num_subjects: int) -> tuple:
+    tensors = value if isinstance(value, (list, tuple)) else [value]
+    return (num_subjects, *(None if t is None else (id(t), t._version) for t in tensors))
+
+
+def _check_bucket_range(buckets: torch.Tensor, n: int) -> None:
+    if buckets.numel():
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(buckets)).tolist())
+        if lo < -1 or hi >= n:
+            raise ValueError(
+                f"`mask_buckets` must hold subject indices in [-1, {n}) (-1 = no subject), got values in [{lo}, {hi}]"
             )
 
 
@@ -308,7 +395,7 @@ def _router_logits(
 ) -> torch.Tensor:
     anchors, image_anchors, text_anchors = state.router.encode_anchors(
         list(ref_hidden.split(state.ref_lengths, dim=1)), state.phrase_features, state.phrase_masks,
-        return_modalities=True,
+        return_modalities=True, check_masks=not state._is_checked("phrase_masks", state.phrase_masks, state.num_subjects),
     )  # fmt: skip
     if state.record:
         state.anchors[layer_idx] = (image_anchors, text_anchors)
@@ -343,7 +430,8 @@ def route_video_tokens(
     logits = None
     gather = shard.gather if shard is not None else (lambda t: t)
     if state.mode == "masks":
-        buckets = state.mask_buckets.to(video_hidden.device)
+        state._check_once("mask_buckets", state.mask_buckets, state.num_subjects)  # no-op after `activate`
+        buckets = state._mask_buckets_on(video_hidden.device)
         lv = shard.num_video_tokens if shard is not None else video_hidden.shape[1]
         if tuple(buckets.shape) != (video_hidden.shape[0], lv):
             raise ValueError(
@@ -402,17 +490,179 @@ def routed_self_attention(
     subject's reference keys (and the video keys if ``state.ref_attends_video``). Shapes ``(B, L, H, D)``.
     """
     lv = query.shape[1] - sum(state.ref_lengths)
-    video = bucketed_attention(
-        query[:, :lv], key, value, buckets, state.ref_lengths, segment_bias=segment_bias, backend=state.op_backend
-    )
+    video = _attend(query[:, :lv], key, value, buckets, state.ref_lengths, state, segment_bias)
     ref_buckets = subject_of_reference_tokens(state.ref_lengths, query.shape[0], query.device)
     if state.ref_attends_video:
-        refs = bucketed_attention(query[:, lv:], key, value, ref_buckets, state.ref_lengths, backend=state.op_backend)
+        refs = _attend(query[:, lv:], key, value, ref_buckets, state.ref_lengths, state)
     else:
-        refs = bucketed_attention(
-            query[:, lv:], key[:, lv:], value[:, lv:], ref_buckets, state.ref_lengths, backend=state.op_backend
-        )
+        refs = _attend(query[:, lv:], key[:, lv:], value[:, lv:], ref_buckets, state.ref_lengths, state)
     return torch.cat([video, refs], dim=1)
+
+
+def _attend(query, key, value, buckets, lengths, state, segment_bias=None, scale=None) -> torch.Tensor:
+    # The op's trusted path: buckets come from an argmax ([-1, N) by construction), from `mask_buckets` checked by
+    # `activate`, or from a text layout built here; lengths are the state's checked Python ints. No host read.
+    return bucketed_attention(
+        query, key, value, buckets, lengths, scale=scale, segment_bias=segment_bias, backend=state.op_backend,
+        check_inputs=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _SampleText:
+    """One sample's text positions, read once from its :class:`TextSegments` (prompt order within each part)."""
+
+    general: tuple[int, ...]
+    phrases: tuple[tuple[int, ...], ...]
+
+
+def _sample_texts(segments: list[TextSegments], num_subjects: int) -> list[_SampleText]:
+    """Check ``text_segments`` and read their positions to the host, once per routing state (not per layer)."""
+    out = []
+    for b, seg in enumerate(segments):
+        order = seg.order
+        if not isinstance(order, torch.Tensor) or order.ndim != 1 or order.dtype not in (torch.int64, torch.int32):
+            got = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else type(order).__name__
+            raise ValueError(f"`text_segments[{b}].order` must be a 1-D int64 tensor of text positions, got {got}")
+        positions = order.tolist()
+        if len(positions) < sum(seg.lengths):
+            raise ValueError(
+                f"`text_segments[{b}]` has phrases of {sum(seg.lengths)} tokens but orders only {len(positions)}"
+            )
+        if any(p < 0 for p in positions) or len(set(positions)) != len(positions):
+            raise ValueError(f"`text_segments[{b}].order` must list distinct text positions >= 0, got {positions}")
+        general = len(positions) - sum(seg.lengths)
+        phrases, start = [], general
+        for n in seg.lengths:
+            phrases.append(tuple(positions[start : start + n]))
+            start += n
+        out.append(_SampleText(tuple(positions[:general]), tuple(phrases)))
+    if any(len(t.phrases) != num_subjects for t in out):
+        raise ValueError(f"every `text_segments` entry must have {num_subjects} phrase lengths")
+    return out
+
+
+@dataclass
+class _TextLayout:
+    """Keys of a batch gathered into slots of one layout shared by every sample, so that one op call serves samples
+    whose phrases (or text padding) differ.
+
+    Each sample's key sets (null: its general text; subject ``s``: general text + phrase ``s`` (+ ``s``'s
+    references in joint attention)) go to slots of their length; a slot is shared by samples whose sets have the same
+    length (with identical prompt layouts there are ``N + 1`` slots, one per set), and a sample's unused slots hold
+    copies of its first source token that no query of that sample is routed to. So each query sees exactly its own
+    set, as in a per-sample call, with no host read or data-dependent shape in the layer.
+
+    ``index``: ``(B, sum(slot_lengths))`` positions into the gathered source (cross-attention: the text; joint
+    attention: ``[refs | text]``); ``slot_of``: ``(B, N + 1)`` slot of null (column 0) and of each subject;
+    ``biased``: ``(B, sum(slot_lengths))`` 1.0 on the keys a segment bias applies to (phrase and reference keys);
+    ``max_text``: the largest text position (checked against the attention's text length, on the host).
+    """
+
+    slot_lengths: list[int]
+    index: torch.Tensor
+    slot_of: torch.Tensor
+    biased: torch.Tensor
+    max_text: int
+    _devices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(index, slot_of, biased)`` on ``device``, copied once per device (from pinned memory, without blocking)."""
+        if device.type == "cpu":
+            return self.index, self.slot_of, self.biased
+        tensors = self._devices.get(str(device))
+        if tensors is None:
+            pinned = torch.cuda.is_available() and device.type == "cuda"
+            tensors = tuple(
+                (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
+                for t in (self.index, self.slot_of, self.biased)
+            )
+            self._devices[str(device)] = tensors
+        return tensors
+
+
+def _build_text_layout(
+    texts: list[tuple[list[int], list[list[int]]]], ref_lengths: list[int], joint: bool
+) -> _TextLayout:
+    """The layout of ``texts`` (per sample: general positions, each subject's phrase positions), on the CPU."""
+    shift = sum(ref_lengths) if joint else 0  # joint attention gathers from [refs | text]
+    refs = [list(range(sum(ref_lengths[:s]), sum(ref_lengths[: s + 1]))) for s in range(len(ref_lengths))]
+    slot_lengths: list[int] = []
+    assigned, owners = [], []
+    for general, phrases in texts:
+        general = [p + shift for p in general]
+        sets = [(general, [0.0] * len(general))]
+        for s, phrase in enumerate(phrases):
+            mine = [p + shift for p in phrase] + (refs[s] if joint else [])
+            sets.append((general + mine, [0.0] * len(general) + [1.0] * len(mine)))
+        slots, owner = {}, []
+        for positions, flags in sets:
+            slot = next((j for j, n in enumerate(slot_lengths) if n == len(positions) and j not in slots), None)
+            if slot is None:
+                slot = len(slot_lengths)
+                slot_lengths.append(len(positions))
+            slots[slot] = (positions, flags)
+            owner.append(slot)
+        assigned.append(slots)
+        owners.append(owner)
+    index = [[p for j, n in enumerate(slot_lengths) for p in slots.get(j, ([0] * n,))[0]] for slots in assigned]
+    biased = [
+        [f for j, n in enumerate(slot_lengths) for f in slots.get(j, (None, [0.0] * n))[1]] for slots in assigned
+    ]
+    max_text = max(
+        (p for general, phrases in texts for p in (*general, *(q for ph in phrases for q in ph))), default=-1
+    )
+    batch = len(texts)
+    return _TextLayout(
+        slot_lengths=slot_lengths,
+        index=torch.tensor(index, dtype=torch.long).view(batch, -1),
+        slot_of=torch.tensor(owners, dtype=torch.long).view(batch, -1),
+        biased=torch.tensor(biased, dtype=torch.float32).view(batch, -1),
+        max_text=max_text,
+    )
+
+
+def _text_layout(
+    state: SubjectRoutingState,
+    batch: int,
+    num_text: int,
+    device: torch.device,
+    joint: bool,
+    text_mask: torch.Tensor | None = None,
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(slot_lengths, index, slot_of, biased)`` of this call (see :class:`_TextLayout`). Without a ``text_mask`` the
+    layout was built by :meth:`SubjectRoutingState.activate` (the layer only checks sizes on the host and takes the
+    tensors on its device, copied once); a ``text_mask`` (padding: data) is read once per mask tensor (the transformer
+    passes one to all its blocks) and its layout kept for the following layers."""
+    texts = state._text_positions()
+    if texts is not None and len(texts) != batch:
+        raise ValueError(f"`text_segments` has {len(texts)} entries for a batch of {batch}")
+    if text_mask is None:
+        layout = state._layouts[joint]
+    else:
+        cached = state._layouts.get("mask")
+        if cached is not None and cached[0] is text_mask and cached[1] == (text_mask._version, joint, num_text):
+            layout = cached[2]
+        else:
+            if texts is None:
+                texts = [_SampleText(tuple(range(num_text)), ((),) * state.num_subjects)] * batch
+            real = text_mask.tolist()  # once per mask tensor, not per layer
+            kept = [
+                ([p for p in t.general if real[b][p]], [[p for p in ph if real[b][p]] for ph in t.phrases])
+                for b, t in enumerate(texts)
+            ]
+            layout = _build_text_layout(kept, state.ref_lengths, joint)
+            state._layouts["mask"] = (text_mask, (text_mask._version, joint, num_text), layout)
+    if layout.max_text >= num_text:
+        raise ValueError(
+            f"`text_segments` list text position {layout.max_text}, the attention has {num_text} text tokens"
+        )
+    return (layout.slot_lengths, *layout.on(device))
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for ``x (B, L, H, D)`` and ``index (B, M)``: one batched gather, no per-sample loop."""
+    return torch.gather(x, 1, index[:, :, None, None].expand(-1, -1, *x.shape[2:]))
 
 
 def routed_cross_attention(
@@ -428,38 +678,17 @@ def routed_cross_attention(
 
     ``query (B, L, H, D)`` over ``[video | refs]``; ``key``/``value`` ``(B, Lt, H, D)`` in prompt order.
     ``query_range``: context parallelism: ``query`` holds rows ``[start, stop)`` of ``[video | refs]`` only, while
-    ``buckets`` covers all ``Lv`` video tokens.
+    ``buckets`` covers all ``Lv`` video tokens. Prompts of different phrase layouts run in one batched call (see
+    :class:`_TextLayout`); the layout is built once per state, not per layer.
     """
     batch = query.shape[0]
-    if len(state.text_segments) != batch:
-        raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
+    slot_lengths, index, slot_of, _ = _text_layout(state, batch, key.shape[1], key.device, joint=False)
     ref_buckets = subject_of_reference_tokens(state.ref_lengths, batch, query.device)
-    all_buckets = torch.cat([buckets, ref_buckets], dim=1)
+    slots = torch.gather(slot_of, 1, torch.cat([buckets.long(), ref_buckets], dim=1) + 1)
     if query_range is not None:
-        all_buckets = all_buckets[:, query_range[0] : query_range[1]]
-    outs = []
-    # Phrase lengths can differ between prompts, and the op takes one segment layout per call: go per sample.
-    for b, seg in enumerate(state.text_segments):
-        order = seg.order.to(key.device)
-        outs.append(
-            bucketed_attention(
-                query[b : b + 1],
-                key[b : b + 1, order],
-                value[b : b + 1, order],
-                all_buckets[b : b + 1],
-                seg.lengths,
-                backend=state.op_backend,
-            )
-        )
-    return torch.cat(outs, dim=0)
-
-
-def _text_parts(seg: TextSegments, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One sample's general text positions and each subject's phrase positions (prompt order within each)."""
-    order = seg.order.to(device)
-    general = len(order) - sum(seg.lengths)
-    phrases = list(order[general:].split(seg.lengths))
-    return order[:general], phrases
+        slots = slots[:, query_range[0] : query_range[1]]
+    keys, values = _gather_tokens(key, index), _gather_tokens(value, index)
+    return _attend(query, keys, values, slots, slot_lengths, state)
 
 
 def routed_joint_attention(
@@ -486,7 +715,9 @@ def routed_joint_attention(
 
     ``segment_bias`` (router gradients) is added to the logits of the routed subject's keys (its phrase tokens too).
     ``text_mask`` ``(B, Lt)`` bool (True = a real token; HunyuanVideo pads its text): padding tokens are nobody's
-    keys, and their own outputs are zeros (what SDPA gives a fully masked query row).
+    keys, and their own outputs are zeros (what SDPA gives a fully masked query row). The whole batch runs in one
+    call per query kind, whatever each sample's phrases or padding (see :class:`_TextLayout`); a ``text_mask`` is read
+    to the host once per mask tensor (the transformer passes one to all its blocks), not per layer.
     """
     tq, tk, tv = text
     vq, vk, vv = video
@@ -503,53 +734,41 @@ def routed_joint_attention(
     ).transpose(1, 2)
     if text_mask is not None:
         text_out = text_out * text_mask[:, :, None, None]
-    key, value = torch.cat([tk, vk, rk], dim=1), torch.cat([tv, vv, rv], dim=1)
     ref_buckets = subject_of_reference_tokens(lengths, batch, vq.device)
     if state.text_segments is None and text_mask is None:
-        video_out = bucketed_attention(
-            vq, key, value, buckets, lengths, segment_bias=segment_bias, backend=state.op_backend
-        )
+        key, value = torch.cat([tk, vk, rk], dim=1), torch.cat([tv, vv, rv], dim=1)
+        video_out = _attend(vq, key, value, buckets, lengths, state, segment_bias)
         if state.ref_attends_video:
-            ref_out = bucketed_attention(rq, key, value, ref_buckets, lengths, backend=state.op_backend)
+            ref_out = _attend(rq, key, value, ref_buckets, lengths, state)
         else:
             kr, vr = torch.cat([tk, rk], dim=1), torch.cat([tv, rv], dim=1)
-            ref_out = bucketed_attention(rq, kr, vr, ref_buckets, lengths, backend=state.op_backend)
+            ref_out = _attend(rq, kr, vr, ref_buckets, lengths, state)
         return text_out, video_out, ref_out
-    if state.text_segments is not None and len(state.text_segments) != batch:
-        raise ValueError(f"`text_segments` has {len(state.text_segments)} entries for a batch of {batch}")
-    device = vq.device
-    video_pos = torch.arange(lt, lt + lv, device=device)
-    ref_pos = list(torch.arange(lt + lv, lt + lv + sum(lengths), device=device).split(lengths))
-    video_outs, ref_outs = [], []
-    no_phrase = torch.zeros(0, dtype=torch.long, device=device)
-    # Phrase lengths (and text padding) differ between samples and the op takes one segment layout per call: one call
-    # per sample, keys gathered as [shared | phrase_0 + ref_0 | ... | phrase_{N-1} + ref_{N-1}].
-    for b in range(batch):
-        if state.text_segments is None:
-            general, phrases = torch.arange(lt, device=device), [no_phrase] * len(lengths)
-        else:
-            seg = state.text_segments[b]
-            if len(seg.order) != lt:
-                raise ValueError(f"`text_segments[{b}]` orders {len(seg.order)} text tokens, the attention has {lt}")
-            general, phrases = _text_parts(seg, device)
-        if text_mask is not None:
-            real = text_mask[b].to(device)
-            general, phrases = general[real[general]], [p[real[p]] for p in phrases]
-        subject_keys = [torch.cat([p, r]) for p, r in zip(phrases, ref_pos)]
-        seg_lengths = [len(k) for k in subject_keys]
-        idx = torch.cat([general, video_pos, *subject_keys])
-        bias = None if segment_bias is None else segment_bias[b : b + 1]
-        video_outs.append(
-            bucketed_attention(vq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], buckets[b : b + 1],
-                               seg_lengths, segment_bias=bias, backend=state.op_backend)
-        )  # fmt: skip
-        if not state.ref_attends_video:
-            idx = torch.cat([general, *subject_keys])
-        ref_outs.append(
-            bucketed_attention(rq[b : b + 1], key[b : b + 1, idx], value[b : b + 1, idx], ref_buckets[b : b + 1],
-                               seg_lengths, backend=state.op_backend)
-        )  # fmt: skip
-    return text_out, torch.cat(video_outs), torch.cat(ref_outs)
+    # Keys [video | slots], each slot one sample's [general text | phrase_s | ref_s] (or general text for null).
+    slot_lengths, index, slot_of, biased = _text_layout(state, batch, lt, vq.device, joint=True, text_mask=text_mask)
+    key = torch.cat([vk, _gather_tokens(torch.cat([rk, tk], dim=1), index)], dim=1)
+    value = torch.cat([vv, _gather_tokens(torch.cat([rv, tv], dim=1), index)], dim=1)
+    video_slots = torch.gather(slot_of, 1, buckets.long() + 1)
+    ref_slots = torch.gather(slot_of, 1, ref_buckets + 1)
+    if segment_bias is None:
+        video_out = _attend(vq, key, value, video_slots, slot_lengths, state)
+    else:
+        # The bias goes to the phrase and reference keys of a slot, not to its general text: one extra head channel,
+        # q' = [q, bias / scale], k' = [k, 1 on those keys, else 0], v' = [v, 0], gives scale * q'.k' = scale * q.k + bias
+        # on exactly those keys (the op's own torch backend folds its bias the same way).
+        scale = vq.shape[-1] ** -0.5
+        flag = torch.cat([biased.new_zeros(batch, lv), biased], dim=1).to(key.dtype)
+        flag = flag[:, :, None, None].expand(-1, -1, key.shape[2], 1)
+        q_bias = (segment_bias / scale).to(vq.dtype)[:, :, None, None].expand(-1, -1, vq.shape[2], 1)
+        video_out = _attend(
+            torch.cat([vq, q_bias], -1), torch.cat([key, flag], -1), torch.cat([value, torch.zeros_like(flag)], -1),
+            video_slots, slot_lengths, state, scale=scale,
+        )[..., :-1]  # fmt: skip
+    if state.ref_attends_video:
+        ref_out = _attend(rq, key, value, ref_slots, slot_lengths, state)
+    else:
+        ref_out = _attend(rq, key[:, lv:], value[:, lv:], ref_slots, slot_lengths, state)
+    return text_out, video_out, ref_out
 
 
 def heads_group(attn: torch.nn.Module) -> dist.ProcessGroup | None:

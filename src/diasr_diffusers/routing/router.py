@@ -61,6 +61,16 @@ def buckets_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(null, torch.full_like(idx, -1), idx)
 
 
+def check_phrase_mask(mask: torch.Tensor, name: str) -> None:
+    """Refuse a ``(B, T)`` phrase mask with a sample that has no valid token: its text anchor would be NaN. Reads one
+    value back to the host."""
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError(
+            f"`{name}` has a sample with no valid phrase token (its text anchor would be NaN); "
+            "pass `text_tokens[s]=None` for an image-only anchor"
+        )
+
+
 def chosen_log_prob(logits: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
     """Log-probability ``(B, L)`` of the chosen bucket (null included): the carrier of router gradients."""
     idx = torch.where(buckets < 0, torch.full_like(buckets, logits.shape[-1] - 1), buckets)
@@ -306,6 +316,7 @@ class IDRouter(ModelMixin, ConfigMixin):
         text_tokens: Sequence[torch.Tensor | None] | None = None,
         text_masks: Sequence[torch.Tensor | None] | None = None,
         return_modalities: bool = False,
+        check_masks: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Dual-modal anchors, one per subject.
 
@@ -314,6 +325,9 @@ class IDRouter(ModelMixin, ConfigMixin):
             text_tokens: per subject, ``(B, T_s, text_dim)`` phrase features, or ``None`` (image-only anchor).
             text_masks: per subject, ``(B, T_s)`` bool (True = valid) for padded phrase features.
             return_modalities: also return the image-only and text-only anchors (for the alignment loss).
+            check_masks: refuse a ``text_masks`` row with no valid token (its anchor would be NaN). The check reads a
+                value back to the host (a device sync on a GPU); the routing processors, which call this in every
+                routed layer, pass ``False`` because ``SubjectRoutingState.activate`` checked the masks once.
 
         Returns:
             ``(B, N, router_dim)`` anchors (and ``(B, N, router_dim)`` image, ``(B, N, router_dim)`` or ``None``
@@ -328,7 +342,7 @@ class IDRouter(ModelMixin, ConfigMixin):
         text_masks = list(text_masks) if text_masks is not None else [None] * n
         if len(text_tokens) != n or len(text_masks) != n:
             raise ValueError(f"`text_tokens`/`text_masks` need one entry per subject ({n})")
-        self._check_anchor_inputs(image_tokens, text_tokens, text_masks)
+        self._check_anchor_inputs(image_tokens, text_tokens, text_masks, check_masks)
         # The host transformer may run in another dtype (bf16) than the router (float32, or its layerwise-casting
         # compute dtype): compute in the router's, as `forward` does.
         image_tokens = [t.to(self.dtype) for t in image_tokens]
@@ -346,7 +360,7 @@ class IDRouter(ModelMixin, ConfigMixin):
         anchors = self.anchor_norm(img if txt is None else img + txt)
         return (anchors, img, txt) if return_modalities else anchors
 
-    def _check_anchor_inputs(self, image_tokens, text_tokens, text_masks) -> None:
+    def _check_anchor_inputs(self, image_tokens, text_tokens, text_masks, check_masks: bool = True) -> None:
         # Shapes torch would reject deep inside MultiheadAttention, or (an all-padding phrase) turn into NaN anchors.
         cfg = self.config
         batch = None
@@ -373,11 +387,8 @@ class IDRouter(ModelMixin, ConfigMixin):
                 if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != txt.shape[:2]:
                     got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
                     raise ValueError(f"`text_masks[{s}]` must be bool {tuple(txt.shape[:2])}, got {got}")
-                if not mask.any(dim=1).all():
-                    raise ValueError(
-                        f"`text_masks[{s}]` has a sample with no valid phrase token (its text anchor would be NaN); "
-                        "pass `text_tokens[s]=None` for an image-only anchor"
-                    )
+                if check_masks:
+                    check_phrase_mask(mask, f"text_masks[{s}]")
 
     # -- routing ----------------------------------------------------------------------------------------------
 
