@@ -64,8 +64,8 @@ def _panel(name: str, frames: np.ndarray) -> DemoPanel:
 
 
 def test_verdict_finds_real_sprites_and_calls_blobs_blobs():
-    """On frames whose answer is known: rendered sprites are found with their attributes; the same sprites'
-    colours smeared into blob textures are reported as blobs, not as the subjects."""
+    """On frames whose answer is known: rendered sprites are found as sprite-like objects with their colours; the
+    same sprites' colours smeared into blob textures are reported as blobs, not as the subjects."""
     clip = render_clip(7777, 0, num_subjects=2, num_frames=5, height=64, width=64)
     rng = np.random.default_rng(0)
     blobs = np.full(clip.frames.shape, 128.0)
@@ -76,7 +76,7 @@ def test_verdict_finds_real_sprites_and_calls_blobs_blobs():
     scores = score_panels(panels, clip.references, clip.phrases)
     assert sum(s.found for s in scores["real"]) >= 1 and all(s.color_found for s in scores["real"]), scores["real"]
     for s in scores["blobs"]:
-        assert not s.found and not s.shape_recognisable and "blob" in s.verdict, s
+        assert not s.found and not s.sprite_like and "blob" in s.verdict, s
 
 
 def test_routing_tints_stay_far_from_every_subjects_own_colour():

@@ -10,10 +10,10 @@ The panels (:data:`PANELS`), one seed and one prompt for all:
 
 Each subject of each panel is scored by :class:`~diasr_diffusers.eval.sprites.SpriteEmbedder`, which never sees
 the generator: in every frame the window that best matches its reference (mask-free search), the attributes the
-embedder reads there (shape, colour, pattern), and whether a *recognisable shape* is there at all
-(:data:`SHAPE_CONFIDENCE_THRESHOLD`, calibrated by ``benchmarks/demo_calibration.py`` on real sprite frames against
-coloured blob textures and noise). A subject whose colour is found but whose shape is not is reported as a blob,
-because that is what a person sees. In the ``masks`` panel the layout box is also read directly (is the right
+embedder reads there (shape, colour, pattern), and whether a *sprite-like object* is there at all (the embedder's
+objectness against :data:`OBJECTNESS_THRESHOLD`, calibrated by ``benchmarks/demo_calibration.py`` on real sprite
+frames against coloured blob textures and noise). A subject whose colour is found but no sprite-like object is
+reported as a blob, because that is what a person sees. In the ``masks`` panel the layout box is also read directly (is the right
 colour in the right box?).
 
 Usage::
@@ -60,12 +60,13 @@ PANELS: dict[str, tuple[str, str, str]] = {
     "router": ("(b) DiasR, trained router", "router", "routed"),
     "dense": ("(c) dense baseline", "dense", "dense"),
 }
-# The median over frames of the shape head's top probability (in the best-matching window) above which a subject is
-# drawn with a recognisable shape. Calibrated by `benchmarks/demo_calibration.py` (benchmarks/results/
-# demo_calibration.json): real sprite frames reach it, coloured blob textures and noise, where the search
-# cherry-picks the most reference-like window, do not. The embedder's objectness does not separate them (it is
-# about 0.9 on blob textures and on noise too), so it is reported, not used.
-SHAPE_CONFIDENCE_THRESHOLD = 0.8
+# A subject is drawn as a sprite-like object when the embedder's objectness (is a sprite centred in this window?) in
+# its best-matching window, averaged over the frames, reaches this. Calibrated by `benchmarks/demo_calibration.py`
+# (benchmarks/results/demo_calibration.json, 8 clips): the 95th percentile of the same statistic on sprite-coloured
+# blob textures, irregular blobs and noise (n = 48), which 15 of 16 subjects of clean rendered sprite clips reach.
+# Objectness is near 1 on every window the search picks, so only its mean over frames separates (AUC 0.95; the shape
+# head's confidence separates less, AUC 0.88, and is reported beside it).
+OBJECTNESS_THRESHOLD = 0.994
 # The layout's boxes: this fraction of the frame's shorter side (make-synthetic sprites are 26-44% wide).
 LAYOUT_BOX = 0.375
 _TEXT = (240, 240, 240)
@@ -96,9 +97,9 @@ class SubjectScore:
 
     phrase: str
     verdict: str
-    found: bool  # drawn with a recognisable shape and the reference's three attributes
+    found: bool  # a sprite-like object with the reference's three attributes
     color_found: bool
-    shape_recognisable: bool
+    sprite_like: bool  # mean objectness >= OBJECTNESS_THRESHOLD
     shape_confidence: float
     attributes: dict[str, dict[str, Any]]  # attribute -> {"expected", "predicted", "frames", "prob"}
     similarity_to_own_reference: float
@@ -215,8 +216,8 @@ def _labels(embedder: SpriteEmbedder, probs: dict[str, np.ndarray]) -> dict[str,
 
 
 def shape_confidence(shape_probs: np.ndarray) -> float:
-    """How surely one shape is drawn in every frame: the median over frames of the shape head's top probability
-    (``shape_probs`` ``(F, C)``), the statistic compared with :data:`SHAPE_CONFIDENCE_THRESHOLD`."""
+    """How surely one shape is read in every frame: the median over frames of the shape head's top probability
+    (``shape_probs`` ``(F, C)``; reported beside the verdict)."""
     return float(np.median(np.asarray(shape_probs, dtype=np.float64).max(-1)))
 
 
@@ -224,7 +225,7 @@ def search_subjects(frames: np.ndarray, ref_embeddings: torch.Tensor, embedder: 
     """Per subject, the mask-free search over ``frames``: in every frame the window that best matches its reference,
     the attributes read there (``labels``: per attribute, a label per frame; ``probs``: per attribute, ``(F, C)``
     calibrated probabilities), its embedding's cosine to every reference (``sims`` ``(F,
-    N)``) and its objectness."""
+    N)``) and its objectness ``(F,)``."""
     found = [locate_subject(frame, ref_embeddings, embedder) for frame in frames]  # F x N
     results = []
     for i in range(len(ref_embeddings)):
@@ -232,23 +233,23 @@ def search_subjects(frames: np.ndarray, ref_embeddings: torch.Tensor, embedder: 
         probs, emb = _predictions(embedder, crops)
         results.append({
             "labels": _labels(embedder, probs), "probs": probs, "sims": (emb @ ref_embeddings.T).numpy(),
-            "objectness": float(np.mean([loc[i].objectness for loc in found])),
+            "objectness": np.array([loc[i].objectness for loc in found]),
         })  # fmt: skip
     return results
 
 
 def _verdict(
-    expected: dict[str, str], attributes: dict[str, dict[str, Any]], shape_ok: bool
+    expected: dict[str, str], attributes: dict[str, dict[str, Any]], sprite_like: bool
 ) -> tuple[str, bool, bool]:
     colour = attributes["color"]["predicted"]
     colour_found = colour == expected["color"] and attributes["color"]["frames"] >= 0.5
-    if shape_ok:
+    if sprite_like:
         drawn = f"the {attributes['pattern']['predicted']} {colour} {attributes['shape']['predicted']}"
         if all(attributes[k]["predicted"] == expected[k] for k in ATTRIBUTES):
             return f"found: {drawn}", True, colour_found
         return f"a sprite, but {drawn}", False, colour_found
     if colour_found:
-        return f"a {colour} blob: no recognisable shape", False, True
+        return f"a {colour} blob, not a sprite-like object", False, True
     return f"not found: no {expected['color']} object", False, False
 
 
@@ -265,17 +266,17 @@ def score_subject(
     for k in ATTRIBUTES:
         label, share, prob = _modal(search["labels"][k], search["probs"][k].max(-1))
         attributes[k] = {"expected": expected[k], "predicted": label, "frames": share, "prob": prob}
-    confidence = shape_confidence(search["probs"]["shape"])
-    shape_ok = confidence >= SHAPE_CONFIDENCE_THRESHOLD
-    verdict, found, colour_found = _verdict(expected, attributes, shape_ok)
+    objectness = float(search["objectness"].mean())
+    sprite_like = objectness >= OBJECTNESS_THRESHOLD
+    verdict, found, colour_found = _verdict(expected, attributes, sprite_like)
     sims = search["sims"]
     others = np.delete(sims, index, axis=1)
     return SubjectScore(
-        phrase=phrase, verdict=verdict, found=found, color_found=colour_found, shape_recognisable=shape_ok,
-        shape_confidence=confidence, attributes=attributes,
+        phrase=phrase, verdict=verdict, found=found, color_found=colour_found, sprite_like=sprite_like,
+        shape_confidence=shape_confidence(search["probs"]["shape"]), attributes=attributes,
         similarity_to_own_reference=float(sims[:, index].mean()),
         similarity_to_other_references=float(others.mean()) if others.size else float("nan"),
-        own_reference_best=float((sims.argmax(axis=1) == index).mean()), objectness=search["objectness"],
+        own_reference_best=float((sims.argmax(axis=1) == index).mean()), objectness=objectness,
         in_layout_box=in_box or {},
     )  # fmt: skip
 
@@ -374,8 +375,9 @@ def score_lines(score: SubjectScore, color: tuple[int, int, int]) -> list[tuple[
         (score.verdict, _TEXT),
         (f"colour {a['color']['predicted']} {a['color']['frames']:.0%}  pattern {a['pattern']['predicted']} "
          f"{a['pattern']['frames']:.0%}", _DIM_TEXT),
-        (f"shape {a['shape']['predicted']} {a['shape']['frames']:.0%} (conf {score.shape_confidence:.2f}"
-         f"{'>=' if score.shape_recognisable else '<'}{SHAPE_CONFIDENCE_THRESHOLD})", _DIM_TEXT),
+        (f"shape {a['shape']['predicted']} {a['shape']['frames']:.0%} (conf {score.shape_confidence:.2f})", _DIM_TEXT),
+        (f"objectness {score.objectness:.3f} {'>=' if score.sprite_like else '<'} {OBJECTNESS_THRESHOLD} "
+         f"({'sprite-like' if score.sprite_like else 'no sprite'})", _DIM_TEXT),
         (f"cos own {score.similarity_to_own_reference:.2f} other {score.similarity_to_other_references:.2f}", _DIM_TEXT),
     ]  # fmt: skip
     if score.in_layout_box:
@@ -501,7 +503,7 @@ def run_demo(
         "guidance_scale": DEMO_GUIDANCE,
         "prompt": DEMO_PROMPT,
         "seconds": {"load": loaded, **{p.name: p.seconds for p in panels}, "total": seconds},
-        "shape_confidence_threshold": SHAPE_CONFIDENCE_THRESHOLD,
+        "objectness_threshold": OBJECTNESS_THRESHOLD,
         "panels": {
             p.name: {
                 "title": p.title,
@@ -558,23 +560,24 @@ def render_report(
         "",
         "Read by the independent sprite embedder (`diasr_diffusers.eval.sprites`, never sees the generator): in "
         "every frame it finds the window that best matches each reference and reads its shape, colour and pattern. "
-        "A subject counts as *drawn* only if its shape is recognisable: the shape head's median top probability "
-        f"over frames reaches {SHAPE_CONFIDENCE_THRESHOLD}, a threshold calibrated on real sprite frames against "
-        "coloured blob textures and noise (`benchmarks/demo_calibration.py`). Otherwise a right colour is reported "
-        "as a blob, because that is what you see.",
+        "A subject counts as *drawn* only if a sprite-like object is there: the embedder's objectness in that "
+        f"window, averaged over the frames, reaches {OBJECTNESS_THRESHOLD}, a threshold calibrated on clean sprite "
+        "frames against sprite-coloured blobs and noise (`benchmarks/demo_calibration.py`: 15 of 16 sprites reach "
+        "it, at most 5% of blobs and noise). Otherwise a right colour is reported as a blob, because that is what "
+        "you see; the shape read in the window is given either way, with the shape head's confidence.",
         "",
     ]
     for panel in summary["panels"].values():
         lines += [f"**{panel['title']}** (`routing={panel['routing']!r}`)" + (f"; tokens routed: {', '.join(f'{k} {v:.0%}' for k, v in panel['routing_share'].items())}" if panel["routing_share"] else ""), ""]  # fmt: skip
         lines += [
-            "| subject | what is there | colour | pattern | shape (shape confidence) | cosine own / other | own reference best | in its layout box: colour / all three |",
-            "|---|---|---|---|---|---:|---:|---:|",
+            "| subject | what is there | objectness | colour | pattern | shape (shape confidence) | cosine own / other | own reference best | in its layout box: colour / all three |",
+            "|---|---|---:|---|---|---|---:|---:|---:|",
         ]  # fmt: skip
         for s in panel["subjects"]:
             a = s["attributes"]
             box = s["in_layout_box"]
             lines.append(
-                f"| {s['phrase']} | {s['verdict']} | "
+                f"| {s['phrase']} | {s['verdict']} | {s['objectness']:.3f} | "
                 + " | ".join(
                     f"{a[k]['predicted']} ({a[k]['frames']:.0%} of frames)"
                     + ("" if a[k]["predicted"] == a[k]["expected"] else f", reference: {a[k]['expected']}")
