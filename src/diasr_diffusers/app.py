@@ -78,8 +78,14 @@ class AppSettings:
     @classmethod
     def for_sprite_model(cls) -> AppSettings:
         """The embedded sprite model's sizes and ``diasr demo``'s example (two sprites and their references)."""
-        from .commands.generate import DEMO_GUIDANCE, DEMO_PROMPT, DEMO_STEPS, DEMO_SUBJECTS, DEMO_UPSCALE
-        from .utils.toy import SPRITE_MODEL_SIZE
+        from .utils.toy import (
+            DEMO_GUIDANCE,
+            DEMO_PROMPT,
+            DEMO_STEPS,
+            DEMO_SUBJECTS,
+            DEMO_UPSCALE,
+            SPRITE_MODEL_SIZE,
+        )
 
         refs = resources.files("diasr_diffusers") / "assets" / "sprite_refs"
         return cls(

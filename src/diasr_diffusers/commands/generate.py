@@ -14,9 +14,7 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +33,19 @@ from ..pipelines.loading import (  # noqa: F401 (the library's; re-exported here
     load_public_pipeline,
     resolve_checkpoint,
 )
-from ..utils.io import atomic_path, atomic_write_text
+from ..utils.io import write_video_atomic  # noqa: F401 (its old import path)
 from ..utils.output_paths import claim_outputs
+from ..utils.toy import (  # noqa: F401 (the library's; re-exported here for their old import path)
+    DEMO_FILES,
+    DEMO_GUIDANCE,
+    DEMO_PROMPT,
+    DEMO_STEPS,
+    DEMO_SUBJECTS,
+    DEMO_UPSCALE,
+    demo_subjects,
+)
 from . import DefaultsHelpFormatter
 
-# The demo speaks the sprite model's language: a make-synthetic caption, two sprites it never saw together in
-# training, references drawn by the synthetic renderer (diasr_diffusers/assets/sprite_refs).
-DEMO_PROMPT = "A video of the striped red star and the dotted blue circle moving over a radial gradient background."
-DEMO_SUBJECTS = [
-    ("the striped red star", "striped_red_star.png"),
-    ("the dotted blue circle", "dotted_blue_circle.png"),
-]
-DEMO_STEPS = 20
-DEMO_GUIDANCE = 4.0
-DEMO_UPSCALE = 4  # the model makes 64x64 frames; the videos are written 4x larger (nearest) to be watchable
 # The routing modes of `SubjectRoutingState` plus "auto"; spelled out so that `--help` needs no torch import
 # (tests/test_cli.py checks they match `processors.ROUTING_MODES`).
 ROUTING_CHOICES = ("auto", "router", "similarity", "masks", "dense")
@@ -201,11 +198,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="offline two-subject demo on the embedded sprite model (CPU, seconds)",
+        help="offline two-subject demo on the embedded sprite model: moving layout, trained router and the dense "
+        "baseline side by side (CPU, seconds)",
         formatter_class=DefaultsHelpFormatter,
     )
     demo.add_argument("--out", required=True, help="output folder (created if missing)")
     demo.add_argument("--seed", type=_seed, default=0, help="random seed of the generation")
+    demo.add_argument("--steps", type=_int_at_least(1), default=DEMO_STEPS, help="denoising steps of every panel")
+    demo.add_argument(
+        "--dense",
+        default=None,
+        metavar="FOLDER",
+        help="dense baseline pipeline folder for panel (c) (default: the shipped one, assets/sprite_dense)",
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace files in --out that diasr did not write")
     demo.set_defaults(func=run_demo)
 
@@ -469,23 +474,6 @@ def load_pipeline(*args: Any, **kwargs: Any) -> Any:
 # -- outputs ------------------------------------------------------------------------------------------------------
 
 
-def write_video_atomic(frames: Any, path: Path, fps: int) -> None:
-    """``export_to_video`` into a temp file beside ``path``, then rename: never a half-written video."""
-    from diffusers.utils import export_to_video
-
-    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
-        raise ValueError(f"`fps` must be a positive integer, got {fps!r}")
-    frames = list(frames)
-    if not frames:
-        raise ValueError("no frames to write")
-    if isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
-        frames = [f.astype(np.float32) / 255.0 for f in frames]  # export_to_video scales arrays by 255
-    with atomic_path(path) as tmp:
-        export_to_video(frames, str(tmp), fps=fps)
-        if tmp.stat().st_size == 0:  # ffmpeg can fail without raising; never replace a video with nothing
-            raise RuntimeError(f"writing {path} produced an empty file")
-
-
 def save_outputs(
     pipe_out,
     phrases: list[str],
@@ -597,63 +585,6 @@ def write_or_explain(write: Any, *args: Any, **kwargs: Any) -> Any:
         raise UsageError(f"could not write the outputs: {message}") from None
 
 
-def demo_subjects() -> tuple[list[str], list[Any]]:
-    """The demo's subject phrases and reference images (PIL, RGB), shipped in ``assets/sprite_refs``."""
-    from PIL import Image
-
-    assets = resources.files("diasr_diffusers") / "assets" / "sprite_refs"
-    return [p for p, _ in DEMO_SUBJECTS], [Image.open(assets / name).convert("RGB") for _, name in DEMO_SUBJECTS]
-
-
-def generate_demo(pipe: Any, phrases: list[str], images: list[Any], seed: int = 0):
-    """The demo's generation on ``pipe`` (the sprite model, or any pipeline of its architecture) with the subjects of
-    :func:`demo_subjects`."""
-    import torch
-
-    from ..utils.toy import SPRITE_MODEL_SIZE
-
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=DEMO_PROMPT,
-        subject_images=images,
-        subject_phrases=phrases,
-        routing="router",  # the trained router decides, token by token, which sprite each part of the video is
-        num_inference_steps=DEMO_STEPS,
-        guidance_scale=DEMO_GUIDANCE,
-        generator=torch.Generator().manual_seed(seed),
-        return_routing_maps=True,
-        **SPRITE_MODEL_SIZE,
-    )
-
-
-def demo_identity_scores(frames: Any, references: list[Any], phrases: list[str]) -> dict[str, Any]:
-    """Where each subject is and how well it keeps its identity, found by the independent sprite embedder (no
-    routing, no masks): in every frame, the window that best matches each reference, its cosine similarity to that
-    reference, and whether that window resembles its own reference more than the other subjects' references."""
-    import torch
-
-    from ..eval.sprites import load_sprite_embedder, locate_subject
-
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:  # the pipeline's "np" output: float in [0, 1]
-        frames = (frames.clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
-    embedder = load_sprite_embedder()
-    with torch.no_grad():
-        refs = embedder.embed(references)  # (N, D)
-        per_subject: dict[str, dict[str, float]] = {}
-        found = [locate_subject(frame, refs, embedder) for frame in frames]  # F x N locations
-        for i, phrase in enumerate(phrases):
-            crops = [frame[loc[i].box[1] : loc[i].box[3], loc[i].box[0] : loc[i].box[2]] for frame, loc in zip(frames, found)]  # fmt: skip
-            sims = embedder.embed(crops) @ refs.T  # (F, N)
-            per_subject[phrase] = {
-                "similarity_to_own_reference": float(sims[:, i].mean()),
-                "similarity_to_other_references": float(np.delete(sims.numpy(), i, axis=1).mean()) if len(phrases) > 1 else float("nan"),
-                "identity_match": float((sims.argmax(dim=1) == i).float().mean()),
-                "objectness": float(np.mean([loc[i].objectness for loc in found])),
-            }  # fmt: skip
-    return per_subject
-
-
 def run_demo(args: argparse.Namespace) -> int:
     try:
         return _demo(args)
@@ -669,64 +600,26 @@ def _check_out_folder(value: str) -> Path:
     return out_dir
 
 
+def _check_dense_folder(value: str, flag: str) -> str:
+    folder = Path(value).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"{flag} {value!r}: expected a dense baseline pipeline folder (with model_index.json)")
+    return str(folder)
+
+
 def _demo(args: argparse.Namespace) -> int:
     out_dir = _check_out_folder(args.out)
-    demo_files = [("--out", out_dir / name) for name in ("demo.mp4", "routing_maps.mp4", "scores.json", "report.md")]
-    guard_outputs(demo_files, [], args.overwrite)
-    import torch
+    dense = _check_dense_folder(args.dense, "--dense") if args.dense else None
+    demo_files = [("--out", out_dir / name) for name in DEMO_FILES]
+    guard_outputs(demo_files, [("--dense", dense)] if dense else [], args.overwrite)
+    if dense is None:  # the shipped baseline: a broken install is said before any model loads
+        from ..utils.toy import sprite_dense_model_path
 
-    from ..utils.toy import SPRITE_MODEL_SIZE, load_sprite_model
+        _check_dense_folder(sprite_dense_model_path(), "the shipped dense baseline (--dense not given)")
+    from ..eval.demo import run_demo as run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_outputs(p for _, p in demo_files)
-    phrases, images = demo_subjects()
-
-    start = time.perf_counter()
-    pipe = load_sprite_model()
-    result = generate_demo(pipe, phrases, images, args.seed)
-    seconds = time.perf_counter() - start
-    temporal = pipe.vae_scale_factor_temporal
-    summary = save_outputs(
-        result, phrases, out_dir / "demo.mp4", out_dir / "routing_maps.mp4", 8, temporal, upscale=DEMO_UPSCALE
-    )
-    scores = demo_identity_scores(result.frames[0], [np.asarray(im) for im in images], phrases)
-    summary["identity"] = scores
-    atomic_write_text(out_dir / "scores.json", json.dumps(summary, indent=2))
-    size = SPRITE_MODEL_SIZE
-    report = [
-        "# diasr demo",
-        "",
-        "**What the model is:** the embedded sprite model (`diasr_diffusers.utils.toy.load_sprite_model()`): a small "
-        "Wan2.1-architecture DiasR model (4 transformer blocks, width 64, its trained router, a toy UMT5 text encoder "
-        "and the toy sprite VAE) trained from scratch on a 2-core CPU on synthetic sprite clips "
-        "(`docs/toy_model.md`). It knows the sprite world only: shapes, colours and patterns of "
-        "`diasr make-synthetic`, 64x64 pixels, 9 frames. It is a demonstration of the mechanism, not a video model.",
-        "",
-        f"- prompt: `{DEMO_PROMPT}`",
-        *(
-            f"- subject {i}: `{p}` <- `{name}` (shipped in diasr_diffusers/assets/sprite_refs)"
-            for i, (p, name) in enumerate(DEMO_SUBJECTS)
-        ),
-        f"- {size['num_frames']} frames at {size['height']}x{size['width']} (written {DEMO_UPSCALE}x larger), "
-        f"{DEMO_STEPS} steps, guidance {DEMO_GUIDANCE}, routing by the trained router, seed {args.seed}",
-        f"- wall time (model load + generation + export): {seconds:.1f} s on {'CUDA' if torch.cuda.is_available() else 'CPU'}",
-        f"- share of video tokens routed to each subject: {json.dumps(summary.get('routing_share', {}))}",
-        "",
-        "Identity, scored by the independent sprite embedder (`diasr_diffusers.eval.sprites`; it finds each sprite "
-        "by searching every frame for the best-matching window, without the model's routing or any mask):",
-        "",
-        "| subject | cosine to own reference | cosine to the other reference | frames where the own reference matches best |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {p} | {s['similarity_to_own_reference']:.3f} | {s['similarity_to_other_references']:.3f} | "
-            f"{s['identity_match']:.0%} |"
-            for p, s in scores.items()
-        ),
-        "",
-        "Files: `demo.mp4` (the video), `routing_maps.mp4` (each pixel tinted by the subject its token attended to; "
-        "blue = subject 0, orange = subject 1, untinted = null; a legend strip below the frames names them), "
-        "`scores.json` (the numbers above), `report.md` (this file).",
-    ]
-    atomic_write_text(out_dir / "report.md", "\n".join(report) + "\n")
-    print("\n".join(report))
+    summary = write_or_explain(run, out_dir, seed=args.seed, dense_path=dense, num_inference_steps=args.steps)
+    print(summary["report"])
     return 0

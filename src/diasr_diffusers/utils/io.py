@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Temp files of `atomic_path` are named `.<target name>.diasr-tmp-<host>-<pid>-<random><suffix>` so that the ones a
 # killed process left behind (SIGKILL, power loss) can be recognised as ours and removed safely later.
@@ -106,6 +107,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_video_atomic(frames: Any, path: str | os.PathLike, fps: int) -> None:
+    """Diffusers' ``export_to_video`` into a temp file beside ``path``, then rename: never a half-written video.
+    ``frames``: ``(F, H, W, 3)`` uint8 or float in [0, 1], or a list of such frames (or PIL images)."""
+    import numpy as np
+    from diffusers.utils import export_to_video
+
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"`fps` must be a positive integer, got {fps!r}")
+    frames = list(frames)
+    if not frames:
+        raise ValueError("no frames to write")
+    if isinstance(frames[0], np.ndarray) and frames[0].dtype == np.uint8:
+        frames = [f.astype(np.float32) / 255.0 for f in frames]  # export_to_video scales arrays by 255
+    with atomic_path(path) as tmp:
+        export_to_video(frames, str(tmp), fps=fps)
+        if tmp.stat().st_size == 0:  # ffmpeg can fail without raising; never replace a video with nothing
+            raise RuntimeError(f"writing {path} produced an empty file")
 
 
 @contextlib.contextmanager
