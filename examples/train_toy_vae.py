@@ -33,12 +33,20 @@ from diasr_diffusers.training.trainer import optimizer_state_from_safetensors, o
 from diasr_diffusers.utils.io import atomic_dir
 from diasr_diffusers.utils.latents import calibrate_latent_statistics
 
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", required=True, help="a make-synthetic folder (64x64, 9 frames)")
 parser.add_argument("--out", required=True, help="output folder (written atomically); checkpoints go to <out>.ckpt")
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--base-dim", type=int, default=12)
-parser.add_argument("--z-dim", type=int, default=16, help="latent channels")
+parser.add_argument("--z-dim", type=positive_int, default=16, help="latent channels")
 parser.add_argument(
     "--temporal-compression", type=int, default=2, choices=(1, 2), help="1: every latent frame codes one frame"
 )
